@@ -1,0 +1,3 @@
+"""`kiln` commands for doctor."""
+
+from kiln.cli import app  # noqa: F401

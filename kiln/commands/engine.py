@@ -1,0 +1,3 @@
+"""`kiln` commands for engine."""
+
+from kiln.cli import app  # noqa: F401

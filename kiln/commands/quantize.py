@@ -1,0 +1,3 @@
+"""`kiln` commands for quantize."""
+
+from kiln.cli import app  # noqa: F401

@@ -1,0 +1,88 @@
+"""The one small interface every backend implements: compile a checkpoint for a target, run it.
+
+``torch`` (kiln's portable engine) and ``tensorrt_llm`` (NVIDIA's runtime) both sit behind it, so
+validation, the flows and the CLI never branch on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from kiln.profiles import Target
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop"
+    ttft_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+    """Wall time at which each output token was produced, relative to the request's submission."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded engine, ready to serve."""
+
+    engine_dir: Path
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests to completion (batched, in-flight); results in request order."""
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Context logits ``[len(token_ids), vocab]`` in float32, for perplexity and KL."""
+
+    def memory_bytes(self) -> int:
+        """Peak device (or host) memory this engine used so far."""
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Turns a TensorRT-LLM checkpoint into an engine dir for a target, and loads engine dirs."""
+
+    name: str
+
+    def check_available(self, target: Target) -> None:
+        """Raise ``BackendUnavailableError`` (saying where it runs) if this machine cannot build for target."""
+
+    def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict) -> Path:
+        """Build the engine dir (with ``kiln-engine.json``) and return it."""
+
+    def load(self, engine_dir: Path) -> Engine:
+        """Load an engine dir, refusing one built for another SM or toolchain."""
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under ``name`` (``torch`` or ``tensorrt_llm``)."""
+    if name == "torch":
+        from kiln.engine.torch import TorchBackend
+
+        return TorchBackend()
+    if name == "tensorrt_llm":
+        from kiln.engine.trtllm import TensorRTLLMBackend
+
+        return TensorRTLLMBackend()
+    raise ValueError(f"unknown backend {name!r}; known: torch, tensorrt_llm")

@@ -1,0 +1,62 @@
+"""kiln's error hierarchy. Each error says what went wrong and what to do about it.
+
+``KilnInputError`` and its subclasses are the user's to fix (bad profile, bad model, impossible
+recipe x target): the CLI exits with code 2 for them, before any expensive step.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base class of every error kiln raises on purpose."""
+
+    exit_code = 1
+
+
+class KilnInputError(KilnError, ValueError):
+    """A bad input: fix the named file, field or value and run again (exit code 2)."""
+
+    exit_code = 2
+
+
+class ProfileError(KilnInputError):
+    """A profile file is missing, malformed, or fails validation.
+
+    Example: ``ProfileError("profiles/x.yaml: targets[0].limits.max_seq_len: must be >= max_input_len (512)")``
+    """
+
+
+class ModelSourceError(KilnInputError):
+    """The model cannot be used: unknown repo or revision, no safetensors, pickle-only, unsupported architecture."""
+
+
+class CalibrationDataError(KilnInputError):
+    """Calibration or held-out data is missing, too small, or overlaps."""
+
+
+class UnsupportedCombinationError(KilnInputError):
+    """A recipe cannot run on a target (e.g. fp8 below SM 89, nvfp4 without CUDA or below SM 100)."""
+
+
+class BackendUnavailableError(KilnError):
+    """A backend's runtime is not installed here (e.g. ``tensorrt_llm`` on a machine without NVIDIA's image)."""
+
+
+class EngineMismatchError(KilnError):
+    """An engine was built for another GPU SM or toolchain than this machine's."""
+
+
+class GenerationLimitError(KilnInputError):
+    """A generation request exceeds the engine's build limits (input length, batch, sequence length)."""
+
+
+class RegistryError(KilnError):
+    """The artifact store or MLflow registry refused or could not be reached."""
+
+
+class IntegrityError(KilnError):
+    """A downloaded or loaded file does not match its recorded SHA-256."""
+
+
+class GateFailedError(KilnError):
+    """An engine or checkpoint failed an accuracy/performance gate; it is never a candidate."""
