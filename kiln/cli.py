@@ -16,7 +16,7 @@ app.add_typer(profiles_app, name="profiles")
 
 def _register_commands() -> None:
     # Each area registers its commands on `app`; imported here so `kiln --help` lists them all.
-    from kiln.commands import build, doctor, engine, orchestrate, quantize, registry, report  # noqa: F401
+    from kiln.commands import assets, build, doctor, engine, orchestrate, quantize, registry, report  # noqa: F401
 
 
 _register_commands()
