@@ -63,6 +63,12 @@ def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
+def hf_endpoint() -> str | None:
+    """``$HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import); None means its default."""
+    value = os.environ.get("HF_ENDPOINT", "").strip()
+    return value.rstrip("/") or None
+
+
 def profiles_dir() -> Path | None:
     """Optional library of named recipes/targets for profiles outside a ``profiles/`` tree."""
     value = os.environ.get("KILN_PROFILES_DIR")

@@ -42,6 +42,10 @@ class BackendUnavailableError(KilnError):
     """A backend's runtime is not installed here (e.g. ``tensorrt_llm`` on a machine without NVIDIA's image)."""
 
 
+class ContractError(KilnError):
+    """kiln would emit or read something the installed TensorRT-LLM's API contract lacks (kiln/contracts/*.json)."""
+
+
 class EngineMismatchError(KilnError):
     """An engine was built for another GPU SM or toolchain than this machine's."""
 
@@ -60,3 +64,19 @@ class IntegrityError(KilnError):
 
 class GateFailedError(KilnError):
     """An engine or checkpoint failed an accuracy/performance gate; it is never a candidate."""
+
+
+class RegistryConfigError(KilnInputError, RegistryError):
+    """The store or tracking URI cannot work as given: malformed URI, bucket missing, no permission.
+
+    Example: ``RegistryConfigError("s3://engines/kiln: bucket 'engines' does not exist: create it or fix store_uri")``
+    Network failures (endpoint down, timeouts) stay ``RegistryError``: they may pass on a retry.
+    """
+
+
+class VersionNotFoundError(KilnInputError):
+    """A registered model, model version or alias named on the command line does not exist."""
+
+
+class NotPromotableError(KilnInputError):
+    """A version failed its gates or was never completely published, so it cannot become ``production``."""

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kiln import constants
 from kiln.errors import ProfileError
@@ -64,6 +72,9 @@ class Target(_Strict):
     artifact: Literal["engine", "hf_checkpoint"] = "engine"
     work_pool: str = "kiln-cpu"
     optional: bool = Field(False, description="skip (not fail) when the backend is not installed here")
+    tensorrt_llm_version: str | None = Field(
+        None, pattern=r"^\d+\.\d+(\.\d+)?[A-Za-z0-9.+-]*$",
+        description="TensorRT-LLM version of the target's worker image (e.g. 1.2.1); pre-flight checks against its contract")
 
     @model_validator(mode="after")
     def _consistent(self) -> Target:
@@ -168,7 +179,8 @@ class Evaluation(_Strict):
     heldout_tokens: int = Field(2048, ge=64)
     prompts: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1)
-    concurrency: list[int] = Field(default_factory=lambda: [1, 4])
+    prompt_len: int = Field(128, ge=1, description="prompt tokens of each performance request (clipped to the engine's limits)")
+    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4], min_length=1)
     select: Literal["fastest", "smallest"] = "fastest"
 
 

@@ -9,6 +9,9 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.env",
     "tests.fixtures.models",
+    "tests.fixtures.servers",
+    "tests.fixtures.prefect",
+    "tests.fixtures.hub",
 ]
 
 

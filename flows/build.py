@@ -1,0 +1,56 @@
+"""The build flow: one request -> validated, registered engines per recipe x target.
+
+load + preflight -> download -> calibration data -> calibrate + quantize (once per recipe, shared by
+every target) -> per target: compile -> validate -> register -> report. Each target runs as its own
+flow run: on its GPU class's work pool (``run_deployment``) when this build runs from a deployment,
+in this process on the embedded default. Identical inputs reuse every step (``kiln.cache``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from kiln.flows.target import dispatch_targets
+from kiln.profiles import BuildRequest
+from kiln.tasks.build import (
+    BASELINE,
+    Outcome,
+    calibrate_and_quantize,
+    calibration_data,
+    download,
+    load_and_preflight,
+)
+from kiln.tasks.report import report
+
+Dispatch = Literal["auto", "inline", "deployments"]
+
+
+@flow(name="kiln-build", log_prints=True)
+def build(profile: str | dict | None = None, revision: str | None = None, repo_id: str | None = None,
+          dispatch: Dispatch = "auto") -> list[Outcome]:
+    """Build a request (path, mapping, or an event's repo_id + revision over the deployment's profile)."""
+    request = load_and_preflight(_profile_or_default(profile), revision, repo_id)
+    snapshot = download(request)
+    data = calibration_data(request, snapshot)
+    checkpoints = {recipe.name: calibrate_and_quantize(request, snapshot, recipe, data)
+                   for recipe in [BASELINE, *request.recipes]}
+    outcomes = dispatch_targets(request, snapshot, checkpoints, data.heldout, dispatch)
+    report(request, snapshot, outcomes)
+    return outcomes
+
+
+def _profile_or_default(profile: str | dict | BuildRequest | None) -> str | dict | BuildRequest:
+    """An event without a profile builds the deployment's default one."""
+    if profile:
+        return profile
+    from prefect.runtime import deployment
+
+    default = (deployment.parameters or {}).get("profile")
+    if not default:
+        from kiln.errors import KilnInputError
+
+        raise KilnInputError("no profile: pass one (kiln build PROFILE, or the event's payload.profile) "
+                             "or set the build deployment's default `profile` parameter in prefect.yaml")
+    return default

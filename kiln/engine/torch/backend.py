@@ -1,0 +1,234 @@
+"""``TorchBackend``: TensorRT-LLM checkpoint -> engine dir for a target, and engine dir -> running engine.
+
+An engine dir holds ``rank{N}.safetensors`` in the runtime layout (target dtype, fused/re-quantized
+weights), the tokenizer files, ``kiln-engine.json`` (backend, limits, dtype, quant, SM or cpu,
+toolchain, model and checkpoint hashes, the layout and the program) and, for CUDA targets, the
+Inductor cache of the compiled decode step (``program.inductor-cache``), so a load on the same SM and
+toolchain starts warm.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kiln.constants import ENGINE_MANIFEST
+from kiln.engine.torch.model import DecoderModel, KVCache
+from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.runtime import TorchEngine
+from kiln.engine.torch.spec import ModelSpec, read_spec
+from kiln.engine.torch.weights import convert_rank, kv_cache_scales
+from kiln.errors import BackendUnavailableError, EngineMismatchError, ModelSourceError, UnsupportedCombinationError
+from kiln.profiles import Target
+
+FORMAT_VERSION = 1
+INDUCTOR_CACHE = "program.inductor-cache"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _torch_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _toolchain() -> dict[str, str | None]:
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def _device_sm(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def default_program(target: Target) -> dict[str, Any]:
+    """The compiled program per device, chosen by measurement (bench/engine.md): on CUDA the decode step
+    is Inductor-compiled and replayed as CUDA graphs; on CPU eager kernels (Inductor's CPU code
+    compiles for minutes per shape on small hosts for a few % at these sizes)."""
+    if target.device == "cuda":
+        return {"compile": "inductor", "cuda_graphs": True}
+    return {"compile": "none", "cuda_graphs": False}
+
+
+class TorchBackend:
+    """kiln's portable engine (CPU and CUDA, no TensorRT-LLM needed)."""
+
+    name = "torch"
+
+    def check_available(self, target: Target) -> None:
+        if target.backend != "torch":
+            raise UnsupportedCombinationError(f"target {target.name!r} has backend {target.backend!r}, not torch")
+        if target.device != "cuda":
+            return
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"target {target.name!r} needs a CUDA GPU ({target.sm}); this machine has "
+                                          "none: run this step on a worker of the target's work pool "
+                                          f"({target.work_pool})")
+        found = sorted({_device_sm(torch.device("cuda", i)) for i in range(torch.cuda.device_count())})
+        if target.sm not in found:
+            raise BackendUnavailableError(f"target {target.name!r} is {target.sm}; this machine's GPUs are "
+                                          f"{', '.join(found)}: build on a {target.sm} worker ({target.work_pool})")
+
+    def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict,
+                *, tokenizer_dir: Path | None = None) -> Path:
+        """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint; see the module doc."""
+        from kiln.hub import hash_directory
+
+        checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+        spec = read_spec(checkpoint_dir)
+        self._check_fit(spec, target, checkpoint_dir)
+        self.check_available(target)
+        dtype = DTYPES[target.dtype]
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        try:
+            layouts = []
+            for rank in range(spec.tp_size):
+                tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, staging / f"rank{rank}.safetensors")
+                layouts.append(layout)
+            tokenizer_source = self._copy_tokenizer(staging, tokenizer_dir, lineage, checkpoint_dir)
+            sm = target.sm if target.device == "cuda" else None
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "backend": self.name,
+                "target": target.name,
+                "device": target.device,
+                "sm": sm,
+                "gpu": target.gpu,
+                "dtype": target.dtype,
+                "quant_algo": spec.quant_algo,
+                "kv_cache_quant_algo": spec.kv_cache_quant_algo,
+                "limits": target.limits.model_dump(),
+                "toolchain": _toolchain(),
+                "program": default_program(target),
+                "model_sha": lineage.get("model_sha") or lineage.get("sha"),
+                "checkpoint_sha256": hash_directory(checkpoint_dir),
+                "tokenizer": tokenizer_source,
+                "lineage": lineage,
+                "model": spec.to_json(),
+                "layout": layouts,
+            }
+            (staging / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            if target.device == "cuda" and manifest["program"]["compile"] == "inductor":
+                self._precompile(staging)
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            staging.rename(output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return output_dir
+
+    def load(self, engine_dir: Path, *, program: dict[str, Any] | None = None) -> TorchEngine:
+        """Load an engine dir on this machine; ``program`` overrides the built one (benchmarks)."""
+        engine_dir = Path(engine_dir)
+        manifest = read_manifest(engine_dir)
+        check_compatible(manifest, engine_dir)
+        spec = ModelSpec.from_json(manifest["model"])
+        tp = TensorParallel.current()
+        if tp.world_size != spec.tp_size:
+            raise EngineMismatchError(
+                f"{engine_dir}: engine has tp_size {spec.tp_size} but this process group has {tp.world_size} "
+                f"rank(s): launch one process per rank, e.g. `torchrun --nproc-per-node {spec.tp_size} ...`")
+        device = torch.device("cpu")
+        if manifest["device"] == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", tp.rank % torch.cuda.device_count()))
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        program = {**manifest["program"], **(program or {})}
+        cache_file = engine_dir / INDUCTOR_CACHE
+        if program.get("compile") == "inductor" and cache_file.is_file():
+            torch.compiler.load_cache_artifacts(cache_file.read_bytes())
+        dtype = DTYPES[manifest["dtype"]]
+        tensors = load_file(engine_dir / f"rank{tp.rank}.safetensors")
+        scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+        model = DecoderModel(spec, manifest["layout"][tp.rank], tensors, dtype=dtype, device=device, tp=tp,
+                             scaled_mm=scaled_mm)
+        limits = manifest["limits"]
+        cache = KVCache(spec, tp, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
+                        kv_cache_scales(spec, tensors))
+        return TorchEngine(engine_dir, manifest, model, cache, tp, program)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_fit(spec: ModelSpec, target: Target, checkpoint_dir: Path) -> None:
+        limits = target.limits
+        if limits.tp_size != spec.tp_size or limits.pp_size != spec.pp_size:
+            raise UnsupportedCombinationError(
+                f"{checkpoint_dir}: checkpoint is tp{spec.tp_size}pp{spec.pp_size} but target {target.name!r} "
+                f"asks for tp{limits.tp_size}pp{limits.pp_size}: use the checkpoint exported for that layout")
+        if limits.max_seq_len > spec.max_position_embeddings:
+            raise UnsupportedCombinationError(
+                f"target {target.name!r}: limits.max_seq_len {limits.max_seq_len} exceeds the model's "
+                f"max_position_embeddings {spec.max_position_embeddings}: lower limits.max_seq_len")
+
+    @staticmethod
+    def _copy_tokenizer(staging: Path, tokenizer_dir: Path | None, lineage: dict, checkpoint_dir: Path) -> str | None:
+        candidates = [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"), lineage.get("hf_dir"),
+                      checkpoint_dir]
+        for candidate in candidates:
+            if candidate and (Path(candidate) / "tokenizer_config.json").is_file():
+                for name in TOKENIZER_FILES:
+                    if (Path(candidate) / name).is_file():
+                        shutil.copy2(Path(candidate) / name, staging / name)
+                return str(candidate)
+        return None
+
+    def _precompile(self, engine_dir: Path) -> None:
+        """Compile the decode step for the common buckets and keep Inductor's artifacts in the engine dir."""
+        engine = self.load(engine_dir)
+        from kiln.engine.base import GenerationRequest, SamplingParams
+
+        limits = engine.manifest["limits"]
+        for batch in sorted({1, limits["max_batch_size"]}):
+            requests = [GenerationRequest([1] * 4, SamplingParams(max_new_tokens=4))] * batch
+            engine.generate(requests)
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            (engine_dir / INDUCTOR_CACHE).write_bytes(artifacts[0])
+        engine.close()
+
+
+def read_manifest(engine_dir: Path) -> dict[str, Any]:
+    path = Path(engine_dir) / ENGINE_MANIFEST
+    if not path.is_file():
+        raise ModelSourceError(f"{engine_dir}: no {ENGINE_MANIFEST}; not an engine dir (build one with `kiln compile`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{path}: not valid JSON: {exc}") from None
+
+
+def check_compatible(manifest: dict[str, Any], engine_dir: Path) -> None:
+    """Refuse an engine built for another backend, format, torch major.minor or GPU SM, naming both sides."""
+    if manifest.get("backend") != "torch":
+        raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.get('backend')!r}, not torch")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise EngineMismatchError(f"{engine_dir}: engine format {manifest.get('format_version')} but this kiln reads "
+                                  f"format {FORMAT_VERSION}: rebuild it with `kiln compile`")
+    built = manifest["toolchain"]["torch"]
+    if _torch_minor(built) != _torch_minor(torch.__version__):
+        raise EngineMismatchError(f"{engine_dir}: built with torch {built}, this machine has torch {torch.__version__} "
+                                  "(major.minor must match): rebuild the engine here or install that torch")
+    if manifest["device"] != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise EngineMismatchError(f"{engine_dir}: built for CUDA {manifest['sm']} ({manifest.get('gpu')}); this machine "
+                                  "has no CUDA GPU: load it on a worker with that GPU")
+    here = _device_sm(torch.device("cuda", torch.cuda.current_device()))
+    if here != manifest["sm"]:
+        raise EngineMismatchError(f"{engine_dir}: built for {manifest['sm']} ({manifest.get('gpu')}); this GPU is "
+                                  f"{here} ({torch.cuda.get_device_name()}): rebuild for this target")

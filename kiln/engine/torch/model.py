@@ -1,0 +1,202 @@
+"""The Llama-family decoder executed straight from runtime-layout tensors, with a preallocated KV cache.
+
+Two entry points share the layer code: ``prefill`` (one sequence, causal attention over its own tokens,
+K/V written into a cache slot) and ``decode`` (one token for each of the first ``B`` slots, attention
+over the first ``L`` cache positions). Both take and return fixed-shape tensors so ``decode`` can be
+captured in a CUDA graph per (B, L) bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.engine.torch.linear import FP8_MAX, QuantLinear
+from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.spec import ModelSpec, rope_inv_freq
+
+LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+ROW_PARALLEL = ("attention.dense", "mlp.proj")
+
+
+class KVCache:
+    """``[max_batch, kv_heads, max_seq, head]`` K and V per layer, allocated once from the build limits.
+
+    With an FP8 cache the values are stored as ``round_fp8(x / scale)`` with ModelOpt's calibrated
+    per-layer K and V scales.
+    """
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, max_batch: int, max_seq: int, dtype: torch.dtype,
+                 device: torch.device, scales: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        _, kv_heads = spec.local_heads(tp.world_size)
+        shape = (max_batch, kv_heads, max_seq, spec.head_size)
+        store = torch.float8_e4m3fn if scales else dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(spec.num_layers)]
+        self.scales = [(k.to(device), v.to(device)) for k, v in scales] if scales else None
+        self.dtype = dtype
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scales is None:
+            return k, v
+        k_scale, v_scale = self.scales[layer]
+        return ((k / k_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+                (v / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+
+    def dequantize(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scales is None:
+            return k, v
+        k_scale, v_scale = self.scales[layer]
+        return (k.to(self.dtype) * k_scale).to(self.dtype), (v.to(self.dtype) * v_scale).to(self.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, spec: ModelSpec, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, torch.Tensor],
+                 tp: TensorParallel) -> None:
+        super().__init__()
+        self.index, self.eps = index, spec.norm_eps
+        self.heads, self.kv_heads = spec.local_heads(tp.world_size)
+        self.head_size = spec.head_size
+        self.input_norm, self.post_norm = norms
+        self.qkv, self.dense, self.proj = linears["attention.qkv"], linears["attention.dense"], linears["mlp.proj"]
+        # Unquantized gate/fc are fused into one GEMM at build time (runtime layout ``mlp.gate_up``).
+        self.gate_up = linears.get("mlp.gate_up")
+        self.fc, self.gate = linears.get("mlp.fc"), linears.get("mlp.gate")
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n, d = x.shape[0], self.head_size
+        qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
+        q, k, v = qkv.split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
+        q = _rotate(q.view(n, self.heads, d), cos, sin)
+        k = _rotate(k.view(n, self.kv_heads, d), cos, sin)
+        return q, k, v.view(n, self.kv_heads, d)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        x = _rms_norm(h, self.post_norm, self.eps)
+        if self.gate_up is not None:
+            act, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            act, up = self.fc(x), self.gate(x)
+        return h + self.proj(F.silu(act) * up)
+
+    def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                slot: int | None) -> torch.Tensor:
+        q, k, v = self._qkv(h, cos, sin)
+        n = h.shape[0]
+        if cache is not None and cache.scales is not None:
+            kq, vq = cache.quantize(self.index, k, v)
+            k, v = cache.dequantize(self.index, kq, vq)  # attention sees what the cache will hold
+        else:
+            kq, vq = k, v
+        if cache is not None and slot is not None:
+            cache.k[self.index][slot, :, :n] = kq.transpose(0, 1)
+            cache.v[self.index][slot, :, :n] = vq.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                              is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        h = h + self.dense(attn[0].transpose(0, 1).reshape(n, -1))
+        return self._mlp(h)
+
+    def decode(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               cache: KVCache, length: int, key_mask: torch.Tensor) -> torch.Tensor:
+        b, d = h.shape[0], self.head_size
+        q, k, v = self._qkv(h, cos, sin)
+        kq, vq = cache.quantize(self.index, k, v)
+        rows = torch.arange(b, device=h.device)
+        cache.k[self.index][rows, :, positions] = kq
+        cache.v[self.index][rows, :, positions] = vq
+        keys, values = cache.dequantize(self.index, cache.k[self.index][:b, :, :length], cache.v[self.index][:b, :, :length])
+        group = self.heads // self.kv_heads
+        scores = torch.matmul(q.view(b, self.kv_heads, group, d), keys.transpose(-1, -2)).float()
+        scores = scores * (d ** -0.5) + key_mask[:, None, None, :]
+        probs = torch.softmax(scores, dim=-1).to(h.dtype)
+        attn = torch.matmul(probs, values).reshape(b, self.heads * d)
+        h = h + self.dense(attn)
+        return self._mlp(h)
+
+
+class DecoderModel(nn.Module):
+    """Embedding -> decoder layers -> final norm -> lm_head, for one tensor-parallel rank."""
+
+    def __init__(self, spec: ModelSpec, layout: dict[str, str], tensors: dict[str, torch.Tensor], *,
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, scaled_mm: bool) -> None:
+        super().__init__()
+        self.spec, self.tp, self.dtype, self.device = spec, tp, dtype, device
+
+        def linear(name: str, reduce: bool = False) -> QuantLinear:
+            prefix = f"{name}."
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return QuantLinear(layout[name], part, dtype=dtype, device=device, scaled_mm=scaled_mm,
+                               reduce=tp.all_reduce if reduce else None)
+
+        self.embedding = tensors["transformer.vocab_embedding.weight"].to(device)
+        self.vocab_start = tp.rank * self.embedding.shape[0]
+        self.layers = nn.ModuleList()
+        for i in range(spec.num_layers):
+            base = f"transformer.layers.{i}"
+            names = [n for n in (*LINEARS, "mlp.gate_up") if f"{base}.{n}" in layout]
+            linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
+            norms = (tensors[f"{base}.input_layernorm.weight"].to(device), tensors[f"{base}.post_layernorm.weight"].to(device))
+            self.layers.append(DecoderLayer(i, spec, linears, norms, tp))
+        self.final_norm = tensors["transformer.ln_f.weight"].to(device)
+        self.lm_head = linear("lm_head")
+        positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(spec))
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = angles.cos().to(dtype).to(device)
+        self.sin = angles.sin().to(dtype).to(device)
+
+    def weight_bytes(self) -> int:
+        seen = {id(t): t for t in self._tensors()}
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.embedding, self.final_norm]
+        for module in self.modules():
+            out += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        return out
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return F.embedding(tokens, self.embedding)
+        local = tokens - self.vocab_start
+        inside = (local >= 0) & (local < self.embedding.shape[0])
+        h = F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding) * inside[:, None].to(self.dtype)
+        return self.tp.all_reduce(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(_rms_norm(h, self.final_norm, self.spec.norm_eps))
+        return self.tp.all_gather_last(logits)[..., : self.spec.vocab_size]
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache | None, slot: int | None, last_only: bool) -> torch.Tensor:
+        """Logits for one sequence ``tokens [n]`` (``[1, vocab]`` if ``last_only``), writing K/V into ``slot``."""
+        n = tokens.shape[0]
+        cos, sin = self.cos[:n, None, :], self.sin[:n, None, :]
+        h = self._embed(tokens)
+        for layer in self.layers:
+            h = layer.prefill(h, cos, sin, cache, slot)
+        return self._logits(h[-1:] if last_only else h)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor:
+        """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        keys = torch.arange(length, device=tokens.device)
+        key_mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))
+        h = self._embed(tokens)
+        for layer in self.layers:
+            h = layer.decode(h, cos, sin, positions, cache, length, key_mask)
+        return self._logits(h)

@@ -1,0 +1,222 @@
+"""The loaded torch engine: in-flight batching over a preallocated KV cache, per-request sampling.
+
+Scheduling (``generate``): requests queue; whenever a cache slot is free and fewer than ``concurrency``
+requests run, the next one is prefilled into the lowest free slot and joins the running batch; every
+iteration then decodes one token for all running requests at once; a request leaves as soon as it hits
+``max_new_tokens`` or a stop id, freeing its slot for the queue. On CUDA each decode step replays a
+CUDA graph captured per (batch bucket, attended-length bucket); with ``program.compile == "inductor"``
+the captured step is the Inductor-compiled one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams
+from kiln.engine.torch.model import DecoderModel, KVCache
+from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.sampling import new_generator, sample
+from kiln.errors import GenerationLimitError
+
+TokenCallback = Callable[[int, int], None]
+"""``on_token(request_index, token_id)``: called as each token is produced (streaming)."""
+
+
+def buckets(limit: int, start: int) -> list[int]:
+    """Powers of two from ``start`` up to ``limit`` (always ending at ``limit``)."""
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
+@dataclass
+class _Running:
+    index: int
+    request: GenerationRequest
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def position(self) -> int:
+        """Cache position of the last generated token (the one the next decode step feeds)."""
+        return len(self.request.prompt_token_ids) + len(self.tokens) - 1
+
+    def finish_reason(self) -> str | None:
+        if self.tokens and self.tokens[-1] in self.request.sampling.stop_token_ids:
+            return "stop"
+        if len(self.tokens) >= self.request.sampling.max_new_tokens:
+            return "length"
+        return None
+
+
+class TorchEngine:
+    """A loaded engine dir; see ``TorchBackend.load``."""
+
+    def __init__(self, engine_dir: Path, manifest: dict[str, Any], model: DecoderModel, cache: KVCache,
+                 tp: TensorParallel, program: dict[str, Any]) -> None:
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.model, self.cache, self.tp = model, cache, tp
+        limits = manifest["limits"]
+        self.max_batch_size, self.max_input_len, self.max_seq_len = (
+            limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"])
+        self.device = model.device
+        self.cuda_graphs = bool(program.get("cuda_graphs")) and self.device.type == "cuda"
+        self._decode_fn = model.decode
+        if program.get("compile") == "inductor":
+            self._decode_fn = torch.compile(model.decode, dynamic=True)
+        self._batch_buckets = buckets(self.max_batch_size, 1)
+        self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
+        self._tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    # -- Engine protocol -------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest], *, concurrency: int | None = None,
+                 on_token: TokenCallback | None = None) -> list[GenerationResult]:
+        """Run requests to completion, at most ``concurrency`` (default: max_batch_size) at a time."""
+        self._check(requests, concurrency)
+        concurrency = concurrency or self.max_batch_size
+        start = time.perf_counter()
+        pending = deque(range(len(requests)))
+        slots: list[_Running | None] = [None] * self.max_batch_size
+        results: list[GenerationResult | None] = [None] * len(requests)
+
+        def emit(slot: int, running: _Running, token: int) -> None:
+            running.tokens.append(token)
+            running.times.append(time.perf_counter() - start)
+            if on_token is not None:
+                on_token(running.index, token)
+            reason = running.finish_reason()
+            if reason is not None:
+                results[running.index] = GenerationResult(running.tokens, reason, running.times[0], running.times)
+                slots[slot] = None
+
+        with torch.inference_mode():
+            while pending or any(slots):
+                while pending and sum(s is not None for s in slots) < concurrency:
+                    index = pending.popleft()
+                    request = requests[index]
+                    slot = slots.index(None)
+                    running = _Running(index, request, new_generator(request.sampling, self.device))
+                    slots[slot] = running
+                    prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
+                    logits = self.model.prefill(prompt, self.cache, slot, last_only=True)
+                    token = self._sample(logits, [running])[0]
+                    emit(slot, running, token)
+                active = [i for i, s in enumerate(slots) if s is not None]
+                if not active:
+                    continue
+                batch = next(b for b in self._batch_buckets if b > active[-1])
+                length = next(n for n in self._length_buckets if n > max(slots[i].position for i in active))
+                self._tokens.zero_()
+                self._positions.zero_()
+                ids = torch.tensor(active, device=self.device)
+                self._tokens[ids] = torch.tensor([slots[i].tokens[-1] for i in active], device=self.device)
+                self._positions[ids] = torch.tensor([slots[i].position for i in active], device=self.device)
+                logits = self._decode(batch, length)
+                tokens = self._sample(logits[ids], [slots[i] for i in active])
+                for slot, token in zip(active, tokens, strict=True):
+                    emit(slot, slots[slot], token)
+        return results  # type: ignore[return-value]
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Context logits ``[n, vocab]`` (float32) for perplexity; ``n`` may go up to max_seq_len."""
+        if not token_ids:
+            raise GenerationLimitError("logits: token_ids is empty")
+        if len(token_ids) > self.max_seq_len:
+            raise GenerationLimitError(f"logits: {len(token_ids)} tokens exceed this engine's max_seq_len "
+                                       f"{self.max_seq_len}; score the text in windows of at most that many tokens")
+        self._check_vocab(token_ids, "logits")
+        with torch.inference_mode():
+            tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            return self.model.prefill(tokens, self.cache, None, last_only=False).float().cpu()
+
+    def memory_bytes(self) -> int:
+        """Peak CUDA memory allocated by this process, or the engine's weights + KV cache on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return self.model.weight_bytes() + self.cache.nbytes()
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.cache.k.clear()
+        self.cache.v.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, running: list[_Running]) -> list[int]:
+        tokens = sample(logits, [r.request.sampling for r in running], [r.generator for r in running])
+        return self.tp.broadcast(tokens.contiguous()).tolist()
+
+    def _decode(self, batch: int, length: int) -> torch.Tensor:
+        def step() -> torch.Tensor:
+            return self._decode_fn(self._tokens[:batch], self._positions[:batch], self.cache, length)
+
+        if not self.cuda_graphs:
+            return step()
+        key = (batch, length)
+        if key not in self._graphs:
+            # Warm-up runs recompute exactly what the captured step will (same inputs, same cache writes).
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = step()
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    def _check_vocab(self, token_ids: list[int], what: str) -> None:
+        vocab = self.model.spec.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise GenerationLimitError(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def _check(self, requests: list[GenerationRequest], concurrency: int | None) -> None:
+        if concurrency is not None and not 1 <= concurrency <= self.max_batch_size:
+            raise GenerationLimitError(f"concurrency {concurrency} is outside 1..max_batch_size "
+                                       f"({self.max_batch_size}) this engine was built for; rebuild with a larger "
+                                       "limits.max_batch_size or lower the concurrency")
+        for i, request in enumerate(requests):
+            n, p = len(request.prompt_token_ids), request.sampling
+            where = f"request {i}"
+            if n == 0:
+                raise GenerationLimitError(f"{where}: empty prompt")
+            if n > self.max_input_len:
+                raise GenerationLimitError(f"{where}: prompt of {n} tokens exceeds max_input_len {self.max_input_len}; "
+                                           "shorten the prompt or build the engine with a larger limits.max_input_len")
+            if p.max_new_tokens < 1:
+                raise GenerationLimitError(f"{where}: max_new_tokens must be >= 1, got {p.max_new_tokens}")
+            if n + p.max_new_tokens > self.max_seq_len:
+                raise GenerationLimitError(
+                    f"{where}: prompt ({n}) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} exceeds "
+                    f"max_seq_len {self.max_seq_len}; lower max_new_tokens to {self.max_seq_len - n} or rebuild")
+            _check_sampling(where, p)
+            self._check_vocab(request.prompt_token_ids, where)
+
+
+def _check_sampling(where: str, p: SamplingParams) -> None:
+    if p.temperature < 0:
+        raise GenerationLimitError(f"{where}: temperature must be >= 0 (0 = greedy), got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise GenerationLimitError(f"{where}: top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise GenerationLimitError(f"{where}: top_k must be >= 0 (0 = off), got {p.top_k}")

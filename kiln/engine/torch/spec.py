@@ -1,0 +1,181 @@
+"""The model a TensorRT-LLM checkpoint describes, read from its ``config.json`` and checked up front.
+
+Only what the torch engine executes is accepted: the Llama family (Llama, Mistral, Qwen2 with qkv
+bias, GQA, RoPE scaling) and the quant algos kiln's recipes export. Anything else is refused here,
+naming the field and value, before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import ModelSourceError
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+QUANT_ALGOS = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ")
+KV_CACHE_QUANT_ALGOS = (None, "FP8")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes, numerics and layout of one checkpoint (all ranks)."""
+
+    architecture: str
+    dtype: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    intermediate_size: int
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: dict[str, Any] | None = None
+    quant_algo: str | None = None
+    kv_cache_quant_algo: str | None = None
+    group_size: int | None = None
+    exclude_modules: tuple[str, ...] = ()
+    tp_size: int = 1
+    pp_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["exclude_modules"] = list(self.exclude_modules)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**{**data, "exclude_modules": tuple(data.get("exclude_modules", ()))})
+
+    def local_heads(self, tp_size: int) -> tuple[int, int]:
+        """(query heads, kv heads) one tensor-parallel rank holds; kv heads replicate when fewer than ranks."""
+        return self.num_heads // tp_size, max(1, self.num_kv_heads // tp_size)
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        _, kv_local = self.local_heads(self.tp_size)
+        return 2 * self.num_layers * kv_local * self.head_size * element_size
+
+
+def read_spec(checkpoint_dir: Path) -> ModelSpec:
+    """Parse and validate ``checkpoint_dir/config.json`` (TensorRT-LLM checkpoint format)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise ModelSourceError(
+            f"{path}: no such file; a TensorRT-LLM checkpoint dir holds config.json + rank<N>.safetensors "
+            "(made by `kiln quantize` / ModelOpt export_tensorrt_llm_checkpoint)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{path}: not valid JSON: {exc}") from None
+
+    def need(key: str, kind: type = int) -> Any:
+        if key not in config:
+            raise ModelSourceError(f"{path}: missing field {key!r}")
+        try:
+            return kind(config[key])
+        except (TypeError, ValueError):
+            raise ModelSourceError(f"{path}: {key}: {config[key]!r} is not a {kind.__name__}") from None
+
+    architecture = need("architecture", str)
+    if architecture not in ARCHITECTURES:
+        raise ModelSourceError(
+            f"{path}: architecture: {architecture!r} is not supported by the torch engine; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
+    if config.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
+        raise ModelSourceError(f"{path}: position_embedding_type: {config['position_embedding_type']!r}; "
+                               "allowed: rope_gpt_neox")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ModelSourceError(f"{path}: hidden_act: {config['hidden_act']!r}; allowed: silu")
+    if float(config.get("rotary_pct", 1.0)) != 1.0:
+        raise ModelSourceError(f"{path}: rotary_pct: {config['rotary_pct']!r}; allowed: 1.0")
+    window = config.get("sliding_window") or config.get("max_attention_window_size")
+    if window and int(window) < need("max_position_embeddings"):
+        raise ModelSourceError(f"{path}: sliding_window {window} is not supported by the torch engine; "
+                               "use a checkpoint with full attention")
+
+    quant = config.get("quantization") or {}
+    quant_algo = quant.get("quant_algo")
+    if quant_algo not in QUANT_ALGOS:
+        raise ModelSourceError(f"{path}: quantization.quant_algo: {quant_algo!r} is not supported by the torch "
+                               f"engine; supported: {', '.join(str(a) for a in QUANT_ALGOS)}")
+    kv_algo = quant.get("kv_cache_quant_algo")
+    if kv_algo not in KV_CACHE_QUANT_ALGOS:
+        raise ModelSourceError(f"{path}: quantization.kv_cache_quant_algo: {kv_algo!r}; "
+                               f"supported: {', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}")
+    if quant.get("has_zero_point"):
+        raise ModelSourceError(f"{path}: quantization.has_zero_point: true is not supported (ModelOpt AWQ "
+                               "exports symmetric INT4 without zero points)")
+    scaling = config.get("rotary_scaling")
+    if scaling:
+        kind = scaling.get("type") or scaling.get("rope_type")
+        if kind not in ROPE_SCALING_TYPES:
+            raise ModelSourceError(f"{path}: rotary_scaling.type: {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)}")
+        scaling = {**scaling, "type": kind}
+
+    mapping = config.get("mapping") or {}
+    num_heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    spec = ModelSpec(
+        architecture=architecture,
+        dtype=need("dtype", str),
+        num_layers=need("num_hidden_layers"),
+        hidden_size=hidden,
+        num_heads=num_heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+        head_size=int(config.get("head_size") or hidden // num_heads),
+        intermediate_size=need("intermediate_size"),
+        vocab_size=need("vocab_size"),
+        norm_eps=float(config.get("norm_epsilon", 1e-5)),
+        rope_theta=float(config.get("rotary_base", 10000.0)),
+        max_position_embeddings=need("max_position_embeddings"),
+        rope_scaling=scaling or None,
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=kv_algo,
+        group_size=quant.get("group_size") if quant_algo and "W4" in quant_algo else None,
+        exclude_modules=tuple(quant.get("exclude_modules") or ()),
+        tp_size=int(mapping.get("tp_size", 1)),
+        pp_size=int(mapping.get("pp_size", 1)),
+    )
+    if spec.pp_size != 1:
+        raise ModelSourceError(f"{path}: mapping.pp_size: {spec.pp_size}; the torch engine runs pp_size 1 "
+                               "(tensor parallelism only): export with inference_pipeline_parallel=1")
+    if spec.num_heads % spec.tp_size or (spec.num_kv_heads % spec.tp_size and spec.tp_size % spec.num_kv_heads):
+        raise ModelSourceError(f"{path}: mapping.tp_size {spec.tp_size} does not divide {spec.num_heads} heads / "
+                               f"{spec.num_kv_heads} kv heads")
+    missing = [f"rank{r}.safetensors" for r in range(spec.tp_size) if not (path.parent / f"rank{r}.safetensors").is_file()]
+    if missing:
+        raise ModelSourceError(f"{path.parent}: missing {', '.join(missing)} for tp_size {spec.tp_size}")
+    return spec
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """RoPE inverse frequencies (float32), with the checkpoint's scaling applied exactly as HF transformers does."""
+    dim = spec.head_size
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if not scaling:
+        return inv
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv / factor
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)

@@ -1,0 +1,80 @@
+"""Checkpoint rank files -> runtime-layout tensors (what an engine dir stores) and back.
+
+The runtime layout is decided once, at build time: tensors cast to the target dtype, W4A8 re-quantized
+to FP8, unquantized gate/fc fused into one ``mlp.gate_up`` GEMM, FP8 KV scales per layer. ``layout``
+maps each linear to its kind so loading needs no guessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kiln.engine.torch.linear import runtime_tensors
+from kiln.engine.torch.model import LINEARS
+from kiln.engine.torch.spec import ModelSpec
+from kiln.errors import ModelSourceError
+
+
+def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.dtype
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read ``rank{rank}.safetensors`` and return (runtime tensors, linear name -> kind)."""
+    path = Path(checkpoint_dir) / f"rank{rank}.safetensors"
+    source = load_file(path)
+    out: dict[str, torch.Tensor] = {}
+    layout: dict[str, str] = {}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in source:
+            raise ModelSourceError(f"{path}: missing tensor {name!r}; is this a {spec.architecture} checkpoint "
+                                   "exported by ModelOpt export_tensorrt_llm_checkpoint?")
+        return source[name]
+
+    def add_linear(name: str, quant_algo: str | None) -> None:
+        take(f"{name}.weight")
+        try:
+            kind, tensors = runtime_tensors(name, source, quant_algo, dtype)
+        except (KeyError, ValueError) as exc:
+            raise ModelSourceError(f"{path}: {exc}") from None
+        layout[name] = kind
+        out.update({f"{name}.{field}": t for field, t in tensors.items()})
+
+    out["transformer.vocab_embedding.weight"] = take("transformer.vocab_embedding.weight").to(dtype)
+    out["transformer.ln_f.weight"] = take("transformer.ln_f.weight").to(dtype)
+    lm_head = "lm_head" if "lm_head.weight" in source else "transformer.vocab_embedding"
+    add_linear(lm_head, spec.quant_algo)
+    if lm_head != "lm_head":  # tied embeddings without an exported lm_head
+        out["lm_head.weight"] = out.pop(f"{lm_head}.weight")
+        layout["lm_head"] = layout.pop(lm_head)
+    for i in range(spec.num_layers):
+        base = f"transformer.layers.{i}"
+        for norm in ("input_layernorm", "post_layernorm"):
+            out[f"{base}.{norm}.weight"] = take(f"{base}.{norm}.weight").to(dtype)
+        for name in LINEARS:
+            add_linear(f"{base}.{name}", spec.quant_algo)
+        _fuse_gate_up(base, out, layout)
+        if spec.kv_cache_quant_algo:
+            for which in ("k", "v"):
+                scale = source.get(f"{base}.attention.{which}_cache_scaling_factor")
+                if scale is None:
+                    scale = take(f"{base}.attention.kv_cache_scaling_factor")
+                out[f"{base}.attention.{which}_cache_scale"] = scale.float().reshape(())
+    return out, layout
+
+
+def _fuse_gate_up(base: str, tensors: dict[str, torch.Tensor], layout: dict[str, str]) -> None:
+    fc, gate = f"{base}.mlp.fc", f"{base}.mlp.gate"
+    if layout[fc] != "dense" or layout[gate] != "dense" or f"{fc}.bias" in tensors or f"{gate}.bias" in tensors:
+        return
+    tensors[f"{base}.mlp.gate_up.weight"] = torch.cat((tensors.pop(f"{fc}.weight"), tensors.pop(f"{gate}.weight")))
+    del layout[fc], layout[gate]
+    layout[f"{base}.mlp.gate_up"] = "dense"
+
+
+def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    if not spec.kv_cache_quant_algo:
+        return None
+    return [(tensors[f"transformer.layers.{i}.attention.k_cache_scale"], tensors[f"transformer.layers.{i}.attention.v_cache_scale"])
+            for i in range(spec.num_layers)]

@@ -1,0 +1,366 @@
+"""Everything kiln knows about one TensorRT-LLM version, read from its contract file, in one place.
+
+The contract (``kiln/contracts/tensorrt_llm-<series>.json``) lists the real API facts with their evidence
+in the TensorRT-LLM sources. This module turns kiln's intent (a target, a checkpoint) into what that
+version accepts: the ``trtllm-build`` argv, the LLM API keyword arguments, ``SamplingParams`` fields and
+the serving settings of an HF checkpoint. Each builder checks what it emits against the contract, and
+the ``*_USED`` tuples name everything kiln emits or reads, so a contract that drops one fails loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kiln.engine.base import SamplingParams
+from kiln.errors import ContractError
+from kiln.profiles import Target
+
+CONTRACT_SERIES = ("1.2", "1.3")
+"""Contract files shipped with kiln; a TensorRT-LLM version maps to the newest series not above it."""
+
+BUILD_FLAGS_USED = (
+    "--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_tokens",
+    "--max_beam_width", "--kv_cache_type", "--gemm_plugin", "--gpt_attention_plugin", "--context_fmha",
+    "--use_paged_context_fmha", "--remove_input_padding", "--use_fp8_context_fmha", "--gather_context_logits",
+    "--workers", "--log_level",
+)
+LLM_ARGS_USED = ("model", "tokenizer", "skip_tokenizer_init", "tensor_parallel_size", "pipeline_parallel_size",
+                 "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "kv_cache_config")
+KV_CACHE_CONFIG_USED = ("free_gpu_memory_fraction", "enable_block_reuse", "dtype")
+SAMPLING_PARAMS_USED = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "end_id", "pad_id",
+                        "detokenize", "return_context_logits")
+RESULT_FIELDS_USED = ("outputs", "context_logits", "token_ids", "finish_reason")
+HF_QUANT_KEYS_USED = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
+ENGINE_CONFIG_KEYS_USED = ("version", "pretrained_config", "build_config")
+
+END_ID_NONE = -1
+"""``end_id`` that never matches a token: kiln feeds token ids and stops on ``stop_token_ids`` only
+(the value trtllm-bench uses for ``--eos_id``, contract ``bench.throughput.options``)."""
+
+KV_FREE_GPU_MEMORY_FRACTION = 0.9
+"""Share of free GPU memory the paged KV cache may take (TensorRT-LLM's own default, stated explicitly)."""
+
+_FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "W4A8_AWQ"}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The API facts of one TensorRT-LLM series, as read from its contract file."""
+
+    series: str
+    data: dict[str, Any]
+    source: str
+
+    @property
+    def engine_path(self) -> bool:
+        """Whether this series builds TensorRT engines with ``trtllm-build`` (1.2) or only serves HF checkpoints."""
+        return bool(self.data.get("kiln", {}).get("engine_path"))
+
+    def build_flags(self) -> dict[str, dict[str, Any]]:
+        """Every ``trtllm-build`` flag (and alias) this series accepts, with its contract entry."""
+        cli = self.data.get("cli", {}).get("trtllm-build", {})
+        flags: dict[str, dict[str, Any]] = {}
+        for group in ("args", "plugin_args"):
+            for name, entry in cli.get(group, {}).items():
+                if not re.fullmatch(r"--[a-z0-9_]+", name) or not isinstance(entry, dict):
+                    continue
+                if entry.get("exists") is False or entry.get("cli_flag") is False:
+                    continue
+                flags[name] = entry
+                for alias in entry.get("aliases", []):
+                    flags[alias] = entry
+        return flags
+
+    def flag_choices(self, flag: str) -> list[str] | None:
+        choices = self.build_flags().get(flag, {}).get("choices")
+        return choices if isinstance(choices, list) else None
+
+    def _fields(self, *path: str) -> set[str]:
+        node: Any = self.data
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        return set(node) if isinstance(node, list) else set()
+
+    def llm_args_fields(self) -> set[str]:
+        return self._fields("llm_api", "llm_args", "fields")
+
+    def kv_cache_config_fields(self) -> set[str]:
+        return self._fields("llm_api", "KvCacheConfig", "fields")
+
+    def sampling_params_fields(self) -> set[str]:
+        return self._fields("llm_api", "SamplingParams", "fields_verified")
+
+    def result_fields(self) -> set[str]:
+        return (self._fields("llm_api", "result", "request_output_fields")
+                | self._fields("llm_api", "result", "completion_output_fields"))
+
+    def hf_quant_keys(self) -> set[str]:
+        return self._fields("hf_checkpoint", "keys_read", "quantization")
+
+    def engine_config_keys(self) -> set[str]:
+        return self._fields("engine_dir", "config_json_top_level")
+
+    def quant_algos(self) -> set[str]:
+        return set(self.data.get("quant_algo", []))
+
+    def kv_cache_quant_algos(self) -> set[str]:
+        return set(self.data.get("quant_algo_meta", {}).get("KV_CACHE_QUANT_ALGO_LIST", []))
+
+    def pin(self, package: str) -> str | None:
+        """The version specifier this series' package metadata pins ``package`` to (None: unknown)."""
+        pins = self.data.get("pins", {})
+        for key, value in pins.items():
+            if key.split("[")[0] == package and isinstance(value, str) and re.match(r"^[~=<>!]", value):
+                return value
+        return None
+
+    def llm_class(self, artifact: str) -> str:
+        """``module:attr`` of the LLM class that serves ``artifact`` in this series."""
+        path = self.data.get("kiln", {}).get("llm_class", {}).get(artifact)
+        if not path:
+            raise ContractError(f"{self.source}: TensorRT-LLM {self.series} has no LLM class for artifact {artifact!r}")
+        return path
+
+
+def missing_uses(contract: Contract) -> list[str]:
+    """Everything kiln emits or reads that ``contract`` does not list (empty: kiln and the contract agree)."""
+    from kiln.recipes import KV_SCHEMES, SCHEMES
+
+    problems: list[str] = []
+
+    def need(kind: str, used: tuple[str, ...] | set[str], have: set[str]) -> None:
+        problems.extend(f"{kind} {name!r}" for name in sorted(set(used) - have))
+
+    if contract.engine_path:
+        need("trtllm-build flag", BUILD_FLAGS_USED, set(contract.build_flags()))
+        need("engine config.json key", ENGINE_CONFIG_KEYS_USED, contract.engine_config_keys())
+    need("LLM API argument", LLM_ARGS_USED, contract.llm_args_fields())
+    need("KvCacheConfig field", KV_CACHE_CONFIG_USED, contract.kv_cache_config_fields())
+    need("SamplingParams field", SAMPLING_PARAMS_USED, contract.sampling_params_fields())
+    need("RequestOutput/CompletionOutput field", RESULT_FIELDS_USED, contract.result_fields())
+    need("hf_quant_config.json key", HF_QUANT_KEYS_USED, contract.hf_quant_keys())
+    need("QuantAlgo value", {s.quant_algo for s in SCHEMES.values() if s.quant_algo}, contract.quant_algos())
+    need("kv_cache_quant_algo value", {v[1] for v in KV_SCHEMES.values() if v[1]}, contract.kv_cache_quant_algos())
+    return problems
+
+
+def load_contract(series: str, path: Path | None = None) -> Contract:
+    """The contract of ``series`` shipped in ``kiln/contracts`` (or read from ``path``)."""
+    if path is None:
+        if series not in CONTRACT_SERIES:
+            raise ContractError(f"no TensorRT-LLM contract for series {series!r}; kiln ships {', '.join(CONTRACT_SERIES)}")
+        return _packaged_contract(series)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ContractError(f"{path}: not a readable contract file ({exc})") from None
+    return Contract(series=series, data=data, source=str(path))
+
+
+@functools.cache
+def _packaged_contract(series: str) -> Contract:
+    resource = resources.files("kiln") / "contracts" / f"tensorrt_llm-{series}.json"
+    return Contract(series=series, data=json.loads(resource.read_text()), source=f"kiln/contracts/tensorrt_llm-{series}.json")
+
+
+def series_for(version: str) -> str:
+    """The contract series for a TensorRT-LLM version string (``1.2.1`` -> ``1.2``, ``1.4.0rc1`` -> ``1.3``)."""
+    match = re.match(r"^(\d+)\.(\d+)", version.strip())
+    if not match:
+        raise ContractError(f"cannot read TensorRT-LLM version {version!r}; expected e.g. 1.2.1")
+    major_minor = (int(match[1]), int(match[2]))
+    known = [s for s in CONTRACT_SERIES if tuple(int(p) for p in s.split(".")) <= major_minor]
+    if not known:
+        raise ContractError(f"TensorRT-LLM {version} is older than kiln supports ({CONTRACT_SERIES[0]}.x is the oldest); "
+                            "use NVIDIA's TensorRT-LLM 1.2 image or newer")
+    return known[-1]
+
+
+def contract_for(version: str) -> Contract:
+    return load_contract(series_for(version))
+
+
+def default_series(target: Target) -> str:
+    """The series a target is checked against before its worker's version is known."""
+    if target.tensorrt_llm_version:
+        return series_for(target.tensorrt_llm_version)
+    return "1.2" if target.artifact == "engine" else "1.3"
+
+
+# --- engine path (1.2) -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What ``trtllm-build`` reads from a TensorRT-LLM checkpoint's ``config.json`` and kiln builds on."""
+
+    architecture: str
+    dtype: str
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    world_size: int
+    tp_size: int
+    pp_size: int
+    producer: dict[str, str]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> CheckpointFacts:
+        from kiln.errors import ModelSourceError
+
+        mapping = config.get("mapping") or {}
+        quant = config.get("quantization") or {}
+        architecture = config.get("architecture")
+        if not isinstance(architecture, str):
+            raise ModelSourceError(f"{where}: no 'architecture' in config.json; is this a TensorRT-LLM checkpoint "
+                                   "(ModelOpt export_tensorrt_llm_checkpoint) rather than an HF model dir?")
+        tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+        return cls(architecture=architecture, dtype=str(config.get("dtype", "float16")),
+                   quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
+                   world_size=int(mapping.get("world_size", tp * pp)), tp_size=tp, pp_size=pp,
+                   producer=dict(config.get("producer") or {}))
+
+
+def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target, checkpoint: CheckpointFacts,
+                         contract: Contract, *, gather_context_logits: bool = True,
+                         executable: str = "trtllm-build") -> list[str]:
+    """The ``trtllm-build`` argv for ``checkpoint`` on ``target``: pure, and checked against ``contract``.
+
+    Limits come from the target; parallelism from the checkpoint's mapping (trtllm-build has no
+    --tp_size), so the checkpoint must have been exported for the target's tp x pp. Plugins follow
+    NVIDIA's recipes for Llama-family decoders: GEMM and attention plugins in the model dtype, paged
+    KV cache with paged context FMHA (chunked context, KV reuse), and FP8 context FMHA for FP8 models.
+    ``gather_context_logits`` keeps the prompt logits that perplexity/KL validation reads.
+    """
+    limits = target.limits
+    if checkpoint.world_size != limits.tp_size * limits.pp_size:
+        raise ContractError(
+            f"{checkpoint_dir}: checkpoint mapping is tp {checkpoint.tp_size} x pp {checkpoint.pp_size}, target "
+            f"{target.name!r} wants tp {limits.tp_size} x pp {limits.pp_size}; trtllm-build takes parallelism from the "
+            "checkpoint, so export it for the target's layout")
+    args: list[tuple[str, str | None]] = [
+        ("--checkpoint_dir", str(checkpoint_dir)),
+        ("--output_dir", str(output_dir)),
+        ("--max_batch_size", str(limits.max_batch_size)),
+        ("--max_input_len", str(limits.max_input_len)),
+        ("--max_seq_len", str(limits.max_seq_len)),
+        ("--max_num_tokens", str(limits.max_num_tokens)),
+        ("--max_beam_width", "1"),
+        ("--kv_cache_type", "paged"),
+        ("--gemm_plugin", "auto"),
+        ("--gpt_attention_plugin", "auto"),
+        ("--context_fmha", "enable"),
+        ("--use_paged_context_fmha", "enable"),
+        ("--remove_input_padding", "enable"),
+    ]
+    if checkpoint.quant_algo in _FP8_ALGOS or checkpoint.kv_cache_quant_algo == "FP8":
+        args.append(("--use_fp8_context_fmha", "enable"))
+    if gather_context_logits:
+        args.append(("--gather_context_logits", None))
+    args += [("--workers", str(min(checkpoint.world_size, target.gpus_per_worker))), ("--log_level", "info")]
+    _check_flags(args, contract)
+    argv = [executable]
+    for flag, value in args:
+        argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def _check_flags(args: list[tuple[str, str | None]], contract: Contract) -> None:
+    if not contract.engine_path:
+        raise ContractError(f"TensorRT-LLM {contract.series} has no TensorRT engine path in kiln's contract "
+                            f"({contract.source}); use artifact: hf_checkpoint for this target")
+    flags = contract.build_flags()
+    problems = []
+    for flag, value in args:
+        if flag not in flags:
+            problems.append(f"{flag} is not a trtllm-build flag")
+        elif value is not None and (choices := contract.flag_choices(flag)) and value not in choices:
+            problems.append(f"{flag} {value}: allowed {choices}")
+    if problems:
+        raise ContractError(f"kiln's trtllm-build command disagrees with {contract.source} "
+                            f"(TensorRT-LLM {contract.series}): " + "; ".join(problems))
+
+
+# --- LLM API (both paths) -----------------------------------------------------------------------------------
+
+
+def _check_fields(kind: str, names: set[str], allowed: set[str], contract: Contract) -> None:
+    if unknown := sorted(names - allowed):
+        raise ContractError(f"{kind} {unknown} not in {contract.source} (TensorRT-LLM {contract.series})")
+
+
+def kv_cache_config_kwargs(target: Target, kv_cache_quant_algo: str | None, contract: Contract) -> dict[str, Any]:
+    """``KvCacheConfig`` fields for a target; the dtype follows the checkpoint's KV quantization."""
+    kwargs: dict[str, Any] = {"free_gpu_memory_fraction": KV_FREE_GPU_MEMORY_FRACTION, "enable_block_reuse": True}
+    if kv_cache_quant_algo == "FP8":
+        kwargs["dtype"] = "fp8"
+    _check_fields("KvCacheConfig fields", set(kwargs), contract.kv_cache_config_fields(), contract)
+    return kwargs
+
+
+def serving_settings(target: Target, kv_cache_quant_algo: str | None, contract: Contract) -> dict[str, Any]:
+    """The LLM API arguments that serve an HF checkpoint on ``target`` (also a ``--extra_llm_api_options`` file)."""
+    limits = target.limits
+    settings: dict[str, Any] = {
+        "tensor_parallel_size": limits.tp_size,
+        "pipeline_parallel_size": limits.pp_size,
+        "max_batch_size": limits.max_batch_size,
+        "max_input_len": limits.max_input_len,
+        "max_seq_len": limits.max_seq_len,
+        "max_num_tokens": limits.max_num_tokens,
+        "kv_cache_config": kv_cache_config_kwargs(target, kv_cache_quant_algo, contract),
+    }
+    _check_fields("LLM API arguments", set(settings), contract.llm_args_fields(), contract)
+    return settings
+
+
+def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any] | None, contract: Contract) -> dict[str, Any]:
+    """Keyword arguments of the LLM class for ``artifact``; kiln passes token ids, so no tokenizer is loaded."""
+    kwargs: dict[str, Any] = {"model": str(model_dir), "skip_tokenizer_init": True}
+    if artifact == "hf_checkpoint":
+        kwargs.update({k: v for k, v in (settings or {}).items() if k != "kv_cache_config"})
+    _check_fields("LLM API arguments", set(kwargs) | ({"kv_cache_config"} if settings else set()),
+                  contract.llm_args_fields(), contract)
+    return kwargs
+
+
+def sampling_kwargs(params: SamplingParams, contract: Contract, *, context_logits: bool = False) -> dict[str, Any]:
+    """``tensorrt_llm.SamplingParams`` fields for kiln's sampling: greedy is top_k=1 (the LLM API's greedy rule)."""
+    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "end_id": END_ID_NONE, "pad_id": END_ID_NONE,
+                              "detokenize": False}
+    if params.temperature == 0:
+        kwargs["top_k"] = 1
+    else:
+        kwargs["temperature"] = params.temperature
+        kwargs["top_k"] = params.top_k or None
+        kwargs["top_p"] = params.top_p
+    if params.seed is not None:
+        kwargs["seed"] = params.seed
+    if params.stop_token_ids:
+        kwargs["stop_token_ids"] = list(params.stop_token_ids)
+    if context_logits:
+        kwargs["return_context_logits"] = True
+    _check_fields("SamplingParams fields", set(kwargs), contract.sampling_params_fields(), contract)
+    return kwargs
+
+
+def check_hf_quant_config(data: dict[str, Any], where: str, contract: Contract) -> tuple[str | None, str | None]:
+    """``(quant_algo, kv_cache_quant_algo)`` of a ModelOpt ``hf_quant_config.json``, refusing values this series lacks."""
+    from kiln.errors import ModelSourceError
+
+    quant = data.get("quantization")
+    if not isinstance(quant, dict):
+        raise ModelSourceError(f"{where}: no 'quantization' mapping; TensorRT-LLM reads quantization.quant_algo from it")
+    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if algo is not None and algo not in contract.quant_algos():
+        raise ContractError(f"{where}: quant_algo {algo!r} is not a QuantAlgo of TensorRT-LLM {contract.series} "
+                            f"({contract.source}); known: {sorted(contract.quant_algos())}")
+    if kv_algo is not None and kv_algo not in contract.kv_cache_quant_algos():
+        raise ContractError(f"{where}: kv_cache_quant_algo {kv_algo!r} is not supported by TensorRT-LLM "
+                            f"{contract.series}; known: {sorted(contract.kv_cache_quant_algos())}")
+    return algo, kv_algo

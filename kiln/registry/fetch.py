@@ -1,0 +1,134 @@
+"""GPU-aware fetch for serving: resolve ``NAME@ALIAS``, check this machine can run it, download, verify.
+
+The engine record (``kiln-engine.json``, copied into the manifest at publish) says what an engine
+needs: ``sm`` (``sm90``; absent or ``cpu`` for CPU engines), ``backend`` and toolchain versions (a
+``versions`` or ``toolchain`` mapping of package -> version, e.g. ``{"torch": "2.13.0"}``). TensorRT
+engines only run on the SM and the TensorRT-LLM/TensorRT versions they were built with; torch engines on
+their SM and torch major.minor. The check runs on the manifest, before a byte of the engine is fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kiln import constants
+from kiln.errors import EngineMismatchError, IntegrityError, NotPromotableError
+from kiln.registry import mlflow_registry as R
+from kiln.registry import naming as N
+from kiln.registry.store import Manifest, ProgressFn, download_version, open_store
+
+
+class ForcedFetchWarning(UserWarning):
+    """``fetch(force=True)`` downloaded an engine this machine's GPU or toolchain does not match."""
+
+
+def _sm(value: Any) -> str | None:
+    """``sm90`` / ``90`` / ``9.0`` -> ``sm90``; CPU markers -> None."""
+    if value in (None, "", "cpu", "none"):
+        return None
+    text = str(value).lower().removeprefix("sm").removeprefix("_")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        text = f"{major}{minor}"
+    return f"sm{text}" if text.isdigit() else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_profile() -> dict[str, Any]:
+    """This machine's GPU SM (None without CUDA) and the runtime versions engines depend on."""
+    sm = gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            sm, gpu = f"sm{major}{minor}", torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    versions = {p: v for p in ("torch", "tensorrt_llm", "tensorrt") if (v := _version(p))}
+    return {"sm": sm, "gpu": gpu, "versions": versions}
+
+
+def _engine_versions(engine: dict[str, Any]) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for key in ("toolchain", "versions"):
+        if isinstance(engine.get(key), dict):
+            versions.update({str(k): str(v) for k, v in engine[key].items()})
+    for package in ("torch", "tensorrt_llm", "tensorrt"):
+        if isinstance(engine.get(f"{package}_version"), str):
+            versions.setdefault(package, engine[f"{package}_version"])
+    return versions
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def compatibility_problems(engine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    """Why an engine with record ``engine`` cannot run on ``machine`` (empty when it can)."""
+    problems = []
+    need_sm = _sm(engine.get("sm"))
+    if need_sm is not None and need_sm != machine.get("sm"):
+        here = f"{machine['sm']} ({machine.get('gpu')})" if machine.get("sm") else "no CUDA GPU"
+        problems.append(f"built for {need_sm} ({engine.get('gpu') or 'GPU'}), this machine has {here}")
+    built = _engine_versions(engine)
+    have = machine.get("versions", {})
+    if engine.get("backend") == "tensorrt_llm":
+        for package in ("tensorrt_llm", "tensorrt"):
+            if package in built and have.get(package) != built[package]:
+                problems.append(f"built with {package} {built[package]}, this machine has "
+                                f"{have.get(package) or 'no ' + package}")
+    elif "torch" in built:
+        if not have.get("torch") or _major_minor(have["torch"]) != _major_minor(built["torch"]):
+            problems.append(f"built with torch {built['torch']}, this machine has torch {have.get('torch') or 'none'} "
+                            "(major.minor must match)")
+    return problems
+
+
+def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool = False, *,
+          tracking_uri: str | None = None, on_progress: ProgressFn | None = None) -> Path:
+    """Download ``NAME@ALIAS`` (or ``NAME@vN``) of ``target`` into ``output_dir``, every file verified.
+
+    Refuses (EngineMismatchError) when this machine's GPU SM or toolchain differs from the engine's
+    record, unless ``force`` (then warns with ForcedFetchWarning); IntegrityError when a stored file or
+    the manifest does not match what was registered. ``output_dir`` is written only when all files match.
+    """
+    ref = N.parse_ref(name_at_alias)
+    name = N.registered_model_name(ref.name, target)
+    tracking_uri = tracking_uri or constants.default_tracking_uri()
+    selector = ref.alias or ref.version or ""
+    mlflow_client = R.client(tracking_uri)
+    with R.mlflow_errors(tracking_uri, f"fetch {name}@{selector}"):
+        mv = R.get_version(mlflow_client, name, selector)
+    tags = mv.tags or {}
+    if tags.get(N.TAG_GATES) == "failed" and ref.alias:
+        raise NotPromotableError(f"{name}@{selector} points at v{mv.version}, which failed its gates; move the alias")
+    version = open_store(mv.source)
+    raw = version.get_bytes(constants.STORE_MANIFEST)
+    if raw is None:
+        raise IntegrityError(f"{name} v{mv.version}: no manifest at {mv.source}; its files are gone or were never "
+                             "completely uploaded. Rerun the build that published it")
+    expected = tags.get(N.TAG_MANIFEST_SHA256)
+    if expected and hashlib.sha256(raw).hexdigest() != expected:
+        raise IntegrityError(f"{mv.source}/{constants.STORE_MANIFEST}: sha256 differs from the one registered with "
+                             f"{name} v{mv.version} ({expected}); the stored version was modified")
+    manifest = Manifest.from_bytes(raw, f"{mv.source}/{constants.STORE_MANIFEST}")
+    problems = compatibility_problems(manifest.engine, machine_profile())
+    if problems:
+        detail = f"{name} v{mv.version} ({manifest.recipe}): " + "; ".join(problems)
+        if not force:
+            raise EngineMismatchError(f"{detail}. Fetch it on a machine of its target ({manifest.target}), fetch "
+                                      "the version built for this one, or pass --force to download anyway")
+        warnings.warn(f"FORCED fetch of an engine this machine cannot run as built: {detail}",
+                      ForcedFetchWarning, stacklevel=2)
+    return download_version(version, Path(output_dir), manifest, on_progress)

@@ -1,0 +1,147 @@
+"""Validate one engine dir end to end: load it and its baseline, measure accuracy and speed, write the JSON.
+
+This is what the build's ``validate`` task runs per recipe x target. It reads the engine's limits and
+device from its ``kiln-engine.json``, so the windows, prompts and concurrency levels always fit what
+the engine was built for.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kiln.constants import ENGINE_MANIFEST
+from kiln.engine.base import Engine, get_backend
+from kiln.errors import CalibrationDataError, EngineMismatchError
+from kiln.profiles import BuildLimits, Evaluation
+from kiln.validation import plots
+from kiln.validation.accuracy import evaluate_accuracy, prompts_from
+from kiln.validation.perf import decode_cost_from_dir, measure_performance
+from kiln.validation.results import build_document, flat_metrics, validate_document
+
+RESULT_FILE = "validation.json"
+LATENCY_PLOT = "latency_vs_throughput.png"
+
+
+def read_manifest(engine_dir: Path) -> dict[str, Any]:
+    """The engine's ``kiln-engine.json`` (backend, limits, device); refuses a dir without one."""
+    path = Path(engine_dir) / ENGINE_MANIFEST
+    if not path.is_file():
+        raise EngineMismatchError(f"{engine_dir}: no {ENGINE_MANIFEST}; pass an engine dir built by "
+                                  "`kiln compile` or a build (it records the backend and build limits)")
+    return json.loads(path.read_text())
+
+
+def engine_limits(manifest: dict[str, Any]) -> BuildLimits:
+    limits = manifest.get("limits") or (manifest.get("target") or {}).get("limits") or {}
+    return BuildLimits.model_validate(limits)
+
+
+def engine_device(manifest: dict[str, Any]) -> str:
+    device = manifest.get("device") or (manifest.get("target") or {}).get("device")
+    return str(device) if device else "cpu"
+
+
+def heldout_token_ids(heldout: Any) -> tuple[list[list[int]], dict[str, Any]]:
+    """Token ids and provenance of a ``TokenSet`` (or its JSON form, as it crosses deployment runs)."""
+    if isinstance(heldout, dict):
+        ids, sha, source = heldout.get("token_ids"), heldout.get("sha256"), heldout.get("source")
+    elif hasattr(heldout, "token_ids"):
+        ids, sha, source = heldout.token_ids, getattr(heldout, "sha256", None), getattr(heldout, "source", None)
+    else:
+        ids, sha, source = heldout, None, None
+    if not ids or not all(isinstance(seq, Sequence) for seq in ids):
+        raise CalibrationDataError("held-out set is empty or not a list of token-id lists: check evaluation.heldout "
+                                   "and evaluation.heldout_tokens in the profile")
+    token_ids = [list(map(int, seq)) for seq in ids]
+    info = {"sha256": sha, "source": source, "num_sequences": len(token_ids),
+            "num_tokens": sum(len(s) for s in token_ids)}
+    return token_ids, info
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Progress]:
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
+        yield progress
+
+
+def load_engine(engine_dir: Path, manifest: dict[str, Any]) -> Engine:
+    backend = manifest.get("backend")
+    if not backend:
+        raise EngineMismatchError(f"{engine_dir}/{ENGINE_MANIFEST} names no backend; rebuild the engine")
+    return get_backend(str(backend)).load(Path(engine_dir))
+
+
+def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluation: Evaluation, *,
+                   output_dir: Path | None = None, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+    """Accuracy vs the baseline engine and the performance sweep of ``engine_dir``.
+
+    Returns the flat metrics and ``{"validation.json": document}`` (schema-checked); with ``output_dir``
+    the document and the latency-vs-throughput plot are written there too.
+    """
+    started = time.perf_counter()
+    engine_dir, baseline_dir = Path(engine_dir), Path(baseline_dir)
+    token_ids, heldout_info = heldout_token_ids(heldout)
+    manifest = read_manifest(engine_dir)
+    base_manifest = manifest if baseline_dir.resolve() == engine_dir.resolve() else read_manifest(baseline_dir)
+    limits, base_limits = engine_limits(manifest), engine_limits(base_manifest)
+    engine = load_engine(engine_dir, manifest)
+    baseline = engine if base_manifest is manifest else load_engine(baseline_dir, base_manifest)
+    try:
+        loaded = time.perf_counter()
+        window = min(limits.max_seq_len, base_limits.max_seq_len)
+        gen_len = evaluation.max_new_tokens
+        prompt_len = min(evaluation.prompt_len, limits.max_input_len, base_limits.max_input_len,
+                         window - gen_len)
+        if prompt_len < 1:
+            raise CalibrationDataError(f"evaluation.max_new_tokens ({gen_len}) leaves no room for a prompt in the "
+                                       f"engine's max_seq_len ({window}); lower it below {window}")
+        prompts = prompts_from(token_ids, evaluation.prompts, prompt_len)
+        with _progress("accuracy") as progress:
+            task = progress.add_task(f"accuracy {engine_dir.name}", total=None)
+            accuracy = evaluate_accuracy(
+                engine, baseline, token_ids, window=window, prompts=prompts, max_new_tokens=gen_len,
+                batch_size=min(limits.max_batch_size, base_limits.max_batch_size),
+                on_window=lambda done, total: progress.update(task, completed=done, total=total))
+        measured_accuracy = time.perf_counter()
+        with _progress("performance") as progress:
+            task = progress.add_task(f"perf {engine_dir.name}", total=len(set(evaluation.concurrency)))
+            perf = measure_performance(
+                engine, evaluation, prompt_len=prompt_len, gen_len=gen_len, seed=seed, device=engine_device(manifest),
+                vocab_size=None, max_batch_size=limits.max_batch_size, decode_cost=decode_cost_from_dir(engine_dir),
+                on_level=lambda _c: progress.advance(task))
+        finished = time.perf_counter()
+    finally:
+        engine.close()
+        if baseline is not engine:
+            baseline.close()
+    size = dir_size(engine_dir)
+    document = build_document(
+        engine={"engine_dir": str(engine_dir), "backend": manifest.get("backend"), "device": engine_device(manifest),
+                "size_bytes": size, "manifest": manifest},
+        baseline={"engine_dir": str(baseline_dir), "backend": base_manifest.get("backend"),
+                  "device": engine_device(base_manifest), "size_bytes": dir_size(baseline_dir)},
+        heldout=heldout_info, accuracy=accuracy, perf=perf,
+        timings_s={"load": loaded - started, "accuracy": measured_accuracy - loaded,
+                   "performance": finished - measured_accuracy, "total": finished - started})
+    validate_document(document)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESULT_FILE).write_text(json.dumps(document, indent=2))
+        plots.latency_throughput({engine_dir.name: document["performance"]}, output_dir / LATENCY_PLOT)
+    return flat_metrics(accuracy, perf, size), {RESULT_FILE: document}

@@ -1,0 +1,259 @@
+"""The build DAG's steps as Prefect tasks: thin wrappers over ``kiln`` functions plus content-keyed caching.
+
+Every step that produces files (quantize, compile) or costs minutes (validate) runs through
+:class:`kiln.cache.StepCache` under a key of its content inputs, so an identical rebuild reuses it.
+Network steps (download, register) retry with exponential backoff; input errors never retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from kiln import cache
+from kiln.errors import KilnInputError
+from kiln.profiles import BuildRequest, Recipe, Target, load_request
+from kiln.tasks import progress
+
+BASELINE = Recipe(name="baseline", quantization="none")
+"""The unquantized reference every engine is validated against, on its own target."""
+
+
+def _retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures (network, server busy); a bad input fails the same way every time."""
+    try:
+        state.result()
+    except KilnInputError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+NETWORK = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5,
+               retry_condition_fn=_retry_unless_input_error, cache_policy=NO_CACHE)
+LOCAL = dict(cache_policy=NO_CACHE)  # kiln.cache keys steps by content; Prefect's input hashing would re-hash tensors
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The pinned model: where its files are and the identity (commit sha or content hash) keys use."""
+
+    path: Path
+    sha: str
+    source: str
+    repo_id: str | None = None
+    revision: str | None = None
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Token ids for calibration (per recipe) and the held-out text validation scores on; disjoint."""
+
+    calibration: dict[str, Any]
+    heldout: Any
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One recipe's checkpoint, calibrated once and shared by every target."""
+
+    recipe: str
+    key: str
+    trtllm_dirs: dict[str, Path]
+    hf_dir: Path | None
+    calibration_sha256: str | None
+    reused: bool = False
+
+    def dir_for(self, target: Target) -> Path:
+        return self.trtllm_dirs[layout_name(target)]
+
+
+@dataclass(frozen=True)
+class EngineRef:
+    recipe: str
+    target: str
+    key: str
+    engine_dir: Path
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipe x target row of the build: verdict, key metrics and where the version went."""
+
+    recipe: str
+    target: str
+    status: str  # registered | failed-gates | skipped
+    verdict: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    recommended: bool = False
+    model_name: str | None = None
+    version: str | None = None
+    uri: str | None = None
+    reused: bool = False
+    build_key: str | None = None
+
+
+def layout_name(target: Target) -> str:
+    return f"tp{target.limits.tp_size}pp{target.limits.pp_size}"
+
+
+@task(name="load-and-preflight", **LOCAL)
+def load_and_preflight(profile: str | dict | BuildRequest, revision: str | None = None,
+                       repo_id: str | None = None) -> BuildRequest:
+    """Validate the request and every cheap check (recipe x target, registry reachable) before any work."""
+    with progress.step("preflight", str(profile) if not isinstance(profile, dict | BuildRequest) else ""):
+        request = load_request(profile)
+        request = _pin_event_revision(request, revision, repo_id)
+        from kiln.preflight import check_request_static
+        from kiln.registry.publish import check_registry
+
+        check_request_static(request, source=str(profile) if isinstance(profile, str | Path) else request.name)
+        check_registry(request.registry)
+        return request
+
+
+def _pin_event_revision(request: BuildRequest, revision: str | None, repo_id: str | None) -> BuildRequest:
+    """Build the revision an event named (a new commit of the watched repo) instead of the profile's."""
+    if not revision:
+        return request
+    model = request.model
+    if not hasattr(model, "repo_id"):
+        raise KilnInputError(f"revision {revision!r} given, but request {request.name!r} builds a local dir "
+                             f"({model.local_dir}); events can pin revisions of hub models only")
+    if repo_id and repo_id != model.repo_id:
+        raise KilnInputError(f"the event is for {repo_id!r}, but request {request.name!r} builds {model.repo_id!r}: "
+                             "emit it with the matching profile")
+    return request.model_copy(update={"model": model.model_copy(update={"revision": revision})})
+
+
+@task(name="download", timeout_seconds=3 * 3600, **NETWORK)
+def download(request: BuildRequest) -> Snapshot:
+    """Pin the revision to a commit sha and fetch safetensors + config + tokenizer (huggingface_hub caches)."""
+    from kiln.hub import fetch_model
+
+    with progress.step("download", getattr(request.model, "repo_id", None) or str(request.model.local_dir)) as ev:
+        snap = fetch_model(request.model)
+        ev.note = f"sha {snap.sha[:12]}"
+        return Snapshot(path=Path(snap.path), sha=snap.sha, source=str(snap.source),
+                        repo_id=getattr(snap, "repo_id", None), revision=getattr(snap, "revision", None))
+
+
+@task(name="calibration-data", timeout_seconds=3600, **LOCAL)
+def calibration_data(request: BuildRequest, snapshot: Snapshot) -> Datasets:
+    """Tokenise each recipe's calibration samples and the held-out text (checked disjoint from them)."""
+    from kiln.calibration import calibration_set, check_disjoint, heldout_set
+    from kiln.hub import load_tokenizer
+
+    with progress.step("data", f"{len(request.recipes)} recipe(s)"):
+        tokenizer = load_tokenizer(snapshot.path)
+        calibration = {recipe.name: calibration_set(recipe.calibration, tokenizer)
+                       for recipe in request.recipes if _needs_calibration(recipe)}
+        heldout = heldout_set(request.evaluation, tokenizer)
+        for samples in calibration.values():
+            check_disjoint(heldout, samples, tokenizer=tokenizer)
+        return Datasets(calibration=calibration, heldout=heldout)
+
+
+def _needs_calibration(recipe: Recipe) -> bool:
+    from kiln.recipes import scheme
+
+    return scheme(recipe.quantization).needs_activations or recipe.kv_cache_dtype != "auto"
+
+
+def checkpoint_key(snapshot: Snapshot, recipe: Recipe, calibration_sha256: str | None,
+                   layouts: list[str], dtype: str) -> str:
+    """Content key of a checkpoint: only what changes the weights (not the recipe's name, gates, or an
+    unused calibration spec), so a ``none`` recipe shares the baseline's checkpoint."""
+    return cache.build_key(step="quantize", model_sha=snapshot.sha, recipe=_weight_inputs(recipe),
+                           calibration_sha256=calibration_sha256, layouts=sorted(layouts), dtype=dtype,
+                           toolchain=cache.toolchain_versions())
+
+
+def _weight_inputs(recipe: Recipe) -> dict[str, Any]:
+    from kiln.recipes import scheme
+
+    quant = scheme(recipe.quantization)
+    inputs: dict[str, Any] = {"quantization": recipe.quantization, "kv_cache_dtype": recipe.kv_cache_dtype}
+    if quant.group_size:
+        inputs["group_size"] = recipe.group_size
+    if _needs_calibration(recipe):
+        inputs["calibration"] = recipe.calibration.model_dump(mode="json")
+    return inputs
+
+
+@task(name="calibrate-and-quantize", timeout_seconds=6 * 3600, **LOCAL)
+def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Recipe, data: Datasets) -> Checkpoint:
+    """Calibrate once per recipe (ModelOpt) and export a TensorRT-LLM checkpoint per (tp, pp) of the targets."""
+    from kiln.quantize import quantize
+
+    layouts = sorted({layout_name(t) for t in request.targets})
+    calibration = data.calibration.get(recipe.name)
+    cal_sha = getattr(calibration, "sha256", None)
+    dtype = _checkpoint_dtype(request)
+    key = checkpoint_key(snapshot, recipe, cal_sha, layouts, dtype)
+    pairs = [(t.limits.tp_size, t.limits.pp_size) for t in request.targets]
+
+    def compute(output_dir: Path) -> Checkpoint:
+        lineage = {"model_sha": snapshot.sha, "repo_id": snapshot.repo_id, "recipe": recipe.name, "build_key": key}
+        result = quantize(snapshot.path, recipe, layouts=sorted(set(pairs)), output_dir=output_dir, dtype=dtype,
+                          device=_quantize_device(request), lineage=lineage, calibration=calibration)
+        return Checkpoint(recipe.name, key, {k: Path(v) for k, v in result.trtllm_dirs.items()},
+                          Path(result.hf_dir) if getattr(result, "hf_dir", None) else None,
+                          getattr(result, "calibration_sha256", cal_sha))
+
+    with progress.step("quantize", recipe.name) as ev:
+        hit = cache.StepCache("quantize").run(key, compute, Checkpoint)
+        ev.status = "reused" if hit.reused else "done"
+        return _with_reused(hit.value, hit.reused)
+
+
+def _checkpoint_dtype(request: BuildRequest) -> str:
+    # one export serves every target: float32 only when a target computes in it, else the GPUs' dtype
+    dtypes = {t.dtype for t in request.targets}
+    return "float32" if "float32" in dtypes else ("bfloat16" if "bfloat16" in dtypes else "float16")
+
+
+def _quantize_device(request: BuildRequest) -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and any(t.device == "cuda" for t in request.targets) else "cpu"
+
+
+def _with_reused(value: Any, reused: bool) -> Any:
+    from dataclasses import replace
+
+    return replace(value, reused=reused)
+
+
+def engine_key(checkpoint: Checkpoint, target: Target) -> str:
+    """Content key of an engine: its checkpoint's key, the target (minus where it is scheduled), toolchain."""
+    return cache.build_key(step="compile", checkpoint=checkpoint.key,
+                           target=target.model_dump(exclude={"work_pool", "optional"}),
+                           toolchain=cache.toolchain_versions())
+
+
+@task(name="compile", timeout_seconds=4 * 3600, **LOCAL)
+def compile_engine(checkpoint: Checkpoint, target: Target) -> EngineRef:
+    """Build (or reuse) the engine for one checkpoint on one target."""
+    from kiln.engine.base import get_backend
+
+    key = engine_key(checkpoint, target)
+
+    def compute(output_dir: Path) -> EngineRef:
+        backend = get_backend(target.backend)
+        lineage = {"checkpoint_key": checkpoint.key, "recipe": checkpoint.recipe, "build_key": key}
+        engine_dir = backend.compile(checkpoint.dir_for(target), target, output_dir, lineage)
+        return EngineRef(checkpoint.recipe, target.name, key, Path(engine_dir))
+
+    with progress.step("compile", f"{checkpoint.recipe} x {target.name}") as ev:
+        hit = cache.StepCache("compile").run(key, compute, EngineRef)
+        ev.status = "reused" if hit.reused else "done"
+        return _with_reused(hit.value, hit.reused)

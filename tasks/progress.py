@@ -1,0 +1,61 @@
+"""Step progress for whoever is watching in this process (the ``kiln build`` CLI draws it with rich).
+
+Tasks report each step's start and end here; with no listener (a worker, a test) it costs nothing.
+Prefect still records every task run's state, so the server's view is complete either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepEvent:
+    """One step's progress: ``status`` is ``running``, ``done``, ``reused``, ``skipped`` or ``failed``."""
+
+    step: str
+    detail: str
+    status: str = "running"
+    seconds: float = 0.0
+    note: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+
+Listener = Callable[[StepEvent], None]
+_listeners: list[Listener] = []
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Send this process's step events to ``listener`` while the block runs."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _send(event: StepEvent) -> None:
+    for listener in list(_listeners):
+        listener(event)
+
+
+@contextlib.contextmanager
+def step(name: str, detail: str = "") -> Iterator[StepEvent]:
+    """Report a step; the body may set ``event.status = "reused"`` (cache hit) and ``event.note``."""
+    event = StepEvent(name, detail)
+    _send(event)
+    try:
+        yield event
+    except BaseException as exc:
+        event.status, event.note = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        event.seconds = time.perf_counter() - event.started
+        _send(event)
+        raise
+    if event.status == "running":
+        event.status = "done"
+    event.seconds = time.perf_counter() - event.started
+    _send(event)

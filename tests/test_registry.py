@@ -1,0 +1,291 @@
+"""Registry end to end: publish (idempotent, crash-safe), aliases, promote/rollback, GPU-aware fetch, CLI.
+
+Against the embedded default (SQLite + file://) and real servers on 127.0.0.1 (``mlflow server`` with a
+SQLite backend and artifact serving, SeaweedFS for S3).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from kiln.cli import app
+from kiln.errors import (
+    EngineMismatchError,
+    IntegrityError,
+    NotPromotableError,
+    RegistryConfigError,
+    RegistryError,
+    VersionNotFoundError,
+)
+from kiln.profiles import Registry
+from kiln.registry import (
+    ForcedFetchWarning,
+    TransferEvent,
+    check_registry,
+    fetch,
+    list_versions,
+    promote,
+    publish,
+    rollback,
+)
+from kiln.registry.store import list_version_keys, open_store, upload_version
+
+TORCH_VERSION = importlib.metadata.version("torch")
+
+
+def make_engine(root: Path, *, seed: int = 0, files: int = 3, size: int = 20_000, sm: str | None = None) -> Path:
+    """An engine dir of random bytes plus the record fetch checks (this machine's torch, CPU or ``sm``)."""
+    rng = __import__("random").Random(seed)
+    root.mkdir(parents=True)
+    for index in range(files):
+        (root / f"rank{index}.safetensors").write_bytes(rng.randbytes(size))
+    record = {"backend": "torch", "device": "cuda" if sm else "cpu", "sm": sm, "dtype": "bfloat16",
+              "versions": {"torch": TORCH_VERSION}}
+    (root / "kiln-engine.json").write_text(json.dumps(record))
+    return root
+
+
+def key(n: int) -> str:
+    return f"{n:064x}"
+
+
+def do_publish(engine: Path, registry: Registry, build_key: str, *, passed: bool = True, recommended: bool = True,
+               recipe: str = "fp8", target: str = "cpu", report: Path | None = None, on_progress=None):
+    return publish(engine, registry=registry, build_key=build_key,
+                   lineage={"recipe": recipe, "target": target, "model_sha": "f" * 40, "calibration_sha256": "c" * 64},
+                   metrics={"perplexity": 32.5, "tokens_per_s": 120.0},
+                   params={"model_repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "recipe": recipe, "target": target},
+                   artifacts=[report] if report else [], passed_gates=passed, recommended=recommended,
+                   on_progress=on_progress)
+
+
+@pytest.fixture
+def server_registry(kiln_home: Path, s3_env, mlflow_server) -> Registry:
+    """A fresh model name on the shared MLflow server, engines in a fresh SeaweedFS bucket."""
+    return Registry(model_name=f"m-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
+                    store_uri=f"s3://{s3_env.make_bucket()}/engines")
+
+
+# --- embedded default: SQLite + file:// under KILN_HOME -----------------------------------------------------
+
+def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kiln_home: Path, tmp_path: Path) -> None:
+    registry = Registry(model_name="tiny")
+    check_registry(registry)
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    first = do_publish(make_engine(tmp_path / "a"), registry, key(1), report=report)
+    assert (first.name, first.version, first.reused, first.candidate) == ("tiny.cpu", "1", False, True)
+    assert first.uri == (kiln_home / "store" / "tiny" / "cpu" / key(1)).as_uri()
+    again = do_publish(make_engine(tmp_path / "a2"), registry, key(1))
+    assert (again.version, again.reused) == ("1", True)
+    failed = do_publish(make_engine(tmp_path / "b", seed=1), registry, key(2), passed=False, recipe="int4_awq")
+    assert (failed.version, failed.candidate) == ("2", False)
+
+    client = MlflowClient(registry.resolved_tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.data.metrics["perplexity"] == 32.5 and run.data.params["recipe"] == "fp8"
+    assert run.data.tags["kiln.lineage.model_sha"] == "f" * 40 and run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "kiln")} | {
+        a.path for a in client.list_artifacts(first.run_id, "reports")}
+    assert {"kiln/manifest.json", "kiln/lineage.json", "reports/report.md"} <= artifacts
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["versions", "tiny", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["version"]: row for row in json.loads(listed.output)}
+    assert rows["1"]["aliases"] == ["candidate"] and rows["1"]["passed_gates"]
+    assert rows["2"]["aliases"] == [] and not rows["2"]["passed_gates"] and rows["2"]["recipe"] == "int4_awq"
+
+    refused = runner.invoke(app, ["promote", "tiny", "2", "--target", "cpu"])
+    assert refused.exit_code == 2 and "failed its gates" in refused.output
+    promoted = runner.invoke(app, ["promote", "tiny", "candidate", "--target", "cpu", "--reason", "first rollout"])
+    assert promoted.exit_code == 0, promoted.output
+    assert str(client.get_model_version_by_alias("tiny.cpu", "production").version) == "1"
+
+    out = tmp_path / "served"
+    fetched = runner.invoke(app, ["fetch", "tiny@production", "--target", "cpu", "--output", str(out)])
+    assert fetched.exit_code == 0, fetched.output
+    assert (out / "rank0.safetensors").read_bytes() == (tmp_path / "a" / "rank0.safetensors").read_bytes()
+    busy = runner.invoke(app, ["fetch", "tiny@production", "--target", "cpu", "--output", str(out)])
+    assert busy.exit_code == 2 and "not empty" in busy.output
+
+
+# --- real servers: mlflow server + SeaweedFS -----------------------------------------------------------------
+
+_PUBLISHER = """
+import json, os, signal, sys
+from pathlib import Path
+from kiln.profiles import Registry
+from kiln.registry import publish
+
+args = json.loads(sys.argv[1])
+
+def die_after_second_file(event):
+    if event.files_done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash between two file uploads, nothing flushed
+
+publish(Path(args["engine"]), registry=Registry(**args["registry"]), build_key=args["key"],
+        lineage={"recipe": "fp8", "target": "cpu"}, metrics={"perplexity": 30.0}, params={}, artifacts=[],
+        passed_gates=True, recommended=True, on_progress=die_after_second_file)
+"""
+
+
+@pytest.mark.servers
+def test_publisher_killed_between_uploads_leaves_no_version_and_rerun_publishes_exactly_one(
+        server_registry: Registry, tmp_path: Path) -> None:
+    engine = make_engine(tmp_path / "engine", files=4)
+    args = {"engine": str(engine), "registry": server_registry.model_dump(), "key": key(7)}
+    proc = subprocess.run([sys.executable, "-c", _PUBLISHER, json.dumps(args)], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
+    name = f"{server_registry.model_name}.cpu"
+    store = open_store(server_registry.store_uri)
+    assert store.child(f"{server_registry.model_name}/cpu/{key(7)}").stat("files/kiln-engine.json") is not None
+    assert list_version_keys(store, server_registry.model_name, "cpu") == []
+    assert client.search_model_versions(f"name = '{name}'") == []
+
+    events: list[TransferEvent] = []
+    published = do_publish(engine, server_registry, key(7), on_progress=events.append)
+    assert (published.version, published.reused, published.candidate) == ("1", False, True)
+    assert [e.skipped for e in events] == [True, True, False, False, False]  # resumed, not re-uploaded
+    assert do_publish(engine, server_registry, key(7)).reused
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert list_version_keys(store, server_registry.model_name, "cpu") == [key(7)]
+
+
+@pytest.mark.servers
+def test_crash_between_upload_and_registration_is_completed_by_rerun(server_registry: Registry, tmp_path: Path) -> None:
+    """The state such a crash leaves: files + manifest in the store, a RUNNING run, no model version."""
+    model = server_registry.model_name
+    engine = make_engine(tmp_path / "engine")
+    version_store = open_store(server_registry.store_uri).child(f"{model}/cpu/{key(3)}")
+    upload_version(version_store, engine, model=model, target="cpu", recipe="fp8", build_key=key(3),
+                   engine={"backend": "torch"}, lineage={})
+    client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
+    experiment = client.create_experiment(f"kiln/{model}")
+    stale = client.create_run(experiment, tags={"kiln.build_key": key(3)}).info.run_id
+
+    events: list[TransferEvent] = []
+    published = do_publish(engine, server_registry, key(3), on_progress=events.append)
+    assert events == []  # the manifest was there: nothing uploaded again
+    assert published.version == "1" and published.run_id == stale
+    assert client.get_run(stale).info.status == "FINISHED"
+    assert len(client.search_runs([experiment])) == 1
+
+
+@pytest.mark.servers
+def test_promote_and_rollback_move_production_on_mlflow_server(server_registry: Registry, tmp_path: Path) -> None:
+    model, tracking = server_registry.model_name, server_registry.tracking_uri
+    for n in (1, 2, 3):
+        do_publish(make_engine(tmp_path / f"e{n}", seed=n), server_registry, key(n))
+    do_publish(make_engine(tmp_path / "bad", seed=9), server_registry, key(4), passed=False)
+    client = MlflowClient(tracking, tracking)
+    name = f"{model}.cpu"
+    assert client.get_registered_model(name).aliases == {"candidate": "3"}
+
+    def production() -> str | None:
+        return client.get_registered_model(name).aliases.get("production")
+
+    with pytest.raises(VersionNotFoundError, match="no version holds 'production'"):
+        rollback(model, "cpu", tracking_uri=tracking)
+    for n in ("1", "2", "3"):
+        assert promote(model, n, "cpu", reason=f"roll out {n}", tracking_uri=tracking).version == n
+    with pytest.raises(NotPromotableError, match="failed its gates"):
+        promote(model, "4", "cpu", tracking_uri=tracking)
+    with pytest.raises(VersionNotFoundError, match="no version or alias '99'"):
+        promote(model, "99", "cpu", tracking_uri=tracking)
+    assert production() == "3"
+
+    assert rollback(model, "cpu", reason="latency regression", tracking_uri=tracking).version == "2"
+    assert rollback(model, "cpu", tracking_uri=tracking).version == "1"
+    with pytest.raises(VersionNotFoundError, match="no earlier production version"):
+        rollback(model, "cpu", tracking_uri=tracking)
+    assert production() == "1"
+
+    tags = client.get_model_version(name, "2").tags
+    assert tags["kiln.production.action"] == "rollback" and tags["kiln.production.reason"] == "latency regression"
+    assert "@" in tags["kiln.production.by"] and tags["kiln.production.at"].endswith("Z")
+    history = json.loads(client.get_registered_model(name).tags["kiln.history.production"])
+    assert [(h["action"], h["version"], h["previous"]) for h in history] == [
+        ("promote", "1", None), ("promote", "2", "1"), ("promote", "3", "2"),
+        ("rollback", "2", "3"), ("rollback", "1", "2")]
+    listed = {info.version: info for info in list_versions(model, tracking_uri=tracking)}
+    assert listed["1"].aliases == ["production"] and listed["3"].aliases == ["candidate"]
+    assert listed["4"].passed_gates is False and listed["1"].metrics["perplexity"] == 32.5
+
+
+@pytest.mark.servers
+def test_fetch_verifies_checksums_and_refuses_another_gpu(server_registry: Registry, tmp_path: Path) -> None:
+    model, tracking = server_registry.model_name, server_registry.tracking_uri
+    cpu = do_publish(make_engine(tmp_path / "cpu"), server_registry, key(1))
+    gpu = do_publish(make_engine(tmp_path / "gpu", sm="sm90", seed=5), server_registry, key(2), target="h100")
+
+    out = fetch(f"{model}@candidate", "cpu", tmp_path / "ok", tracking_uri=tracking)
+    assert (out / "rank1.safetensors").read_bytes() == (tmp_path / "cpu" / "rank1.safetensors").read_bytes()
+
+    with pytest.raises(EngineMismatchError, match="built for sm90.*this machine has no CUDA GPU"):
+        fetch(f"{model}@candidate", "h100", tmp_path / "refused", tracking_uri=tracking)
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(ForcedFetchWarning, match="sm90"):
+        forced = fetch(f"{model}@v{gpu.version}", "h100", tmp_path / "forced", force=True, tracking_uri=tracking)
+    assert (forced / "kiln-engine.json").is_file()
+
+    bucket, prefix = cpu.uri.removeprefix("s3://").split("/", 1)
+    s3 = open_store(f"s3://{bucket}").client
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/files/rank2.safetensors", Body=b"not the engine")
+    with pytest.raises(IntegrityError, match="rank2.safetensors: checksum mismatch"):
+        fetch(f"{model}@candidate", "cpu", tmp_path / "tampered", tracking_uri=tracking)
+    assert not (tmp_path / "tampered").exists()
+
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+    manifest["files"] = manifest["files"][:1]
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/manifest.json", Body=json.dumps(manifest).encode())
+    with pytest.raises(IntegrityError, match="sha256 differs from the one registered"):
+        fetch(f"{model}@candidate", "cpu", tmp_path / "swapped", tracking_uri=tracking)
+    with pytest.raises(IntegrityError, match="manifest changed"):
+        promote(model, "candidate", "cpu", tracking_uri=tracking)
+
+
+@pytest.mark.servers
+def test_mlflow_down_fails_clearly_before_any_upload_and_rerun_completes(
+        server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    down = server_registry.model_copy(update={"tracking_uri": dead})
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"MLflow tracking server {dead} is unreachable"):
+        check_registry(down)
+    engine = make_engine(tmp_path / "engine")
+    with pytest.raises(RegistryError, match=f"MLflow at {dead}"):
+        do_publish(engine, down, key(5))
+    assert time.monotonic() - started < 30
+    store = open_store(server_registry.store_uri)
+    assert list_version_keys(store, server_registry.model_name, "cpu") == []
+
+    assert do_publish(engine, server_registry, key(5)).version == "1"
+
+
+@pytest.mark.servers
+def test_registry_misconfiguration_is_refused_before_work(server_registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(RegistryConfigError, match="bucket 'kiln-absent-bucket' does not exist"):
+        check_registry(server_registry.model_copy(update={"store_uri": "s3://kiln-absent-bucket/engines"}))
+    with pytest.raises(RegistryConfigError, match="remote MLflow server but the store is file://"):
+        check_registry(server_registry.model_copy(update={"store_uri": (tmp_path / "s").as_uri()}))
+    check_registry(server_registry)
