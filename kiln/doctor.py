@@ -15,7 +15,10 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kiln.profiles import Target
 
@@ -142,8 +145,25 @@ def collect() -> HostReport:
     return report
 
 
-def check_target_here(target: Target, request: Any = None) -> list[Any]:
-    """Pre-flight findings for ``target`` on this machine (its GPUs and toolchain), plus the profile-level ones."""
+def check_target_here(target: Target, recipes: list[Any] | tuple[Any, ...] = (), model_info: Any = None) -> list[Any]:
+    """Pre-flight findings for ``target`` on this machine (its GPUs and toolchain) and for each recipe on it."""
     from kiln import preflight
 
-    return preflight.check_target_on_host(target, collect(), request=request)
+    return preflight.check_target_on_host(target, collect(), recipes=recipes, model_info=model_info)
+
+
+def library_entry(kind: str, name: str, profiles_dir: Path | None = None) -> dict[str, Any]:
+    """A named recipe or target from ``<profiles>/{kind}s.yaml`` (``$KILN_PROFILES_DIR``, else ./profiles)."""
+    from kiln import constants
+    from kiln.errors import ProfileError
+
+    root = profiles_dir or constants.profiles_dir() or Path("profiles")
+    path = root / f"{kind}s.yaml"
+    if not path.is_file():
+        raise ProfileError(f"{path}: no {kind} library here; run from the repo root, set KILN_PROFILES_DIR, or pass a "
+                           f"{kind} YAML file")
+    entries = {e.get("name"): e for e in (yaml.safe_load(path.read_text()) or {}).get(f"{kind}s", [])
+               if isinstance(e, dict)}
+    if name not in entries:
+        raise ProfileError(f"{path}: no {kind} named {name!r}; known: {', '.join(sorted(map(str, entries)))}")
+    return dict(entries[name])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kiln.errors import UnsupportedCombinationError
+from kiln.errors import ContractError, UnsupportedCombinationError
 from kiln.profiles import BuildRequest, LocalModel, Recipe, Target
 from kiln.recipes import KV_SCHEMES, scheme
 
@@ -223,14 +223,14 @@ def backend_findings(target: Target) -> list[Finding]:
     """A TensorRT-LLM target that runs in this process needs TensorRT-LLM here (optional ones are skipped)."""
     if target.backend != "tensorrt_llm":
         return []
-    from kiln.engine.trtllm.backend import unavailable_reason
+    from kiln.engine.trtllm.backend import unavailable_message, unavailable_reason
 
     why = unavailable_reason(target)
     if why is None:
         return []
-    level: Literal["error", "warning"] = "warning" if target.optional else "error"
-    note = " (optional: it will be skipped)" if target.optional else ""
-    return [Finding(level, "backend", _pair(None, target), why + note)]
+    if target.optional:
+        return [Finding("warning", "backend", _pair(None, target), f"{why} (optional: it will be skipped)")]
+    return [Finding("error", "backend", _pair(None, target), unavailable_message(target, why))]
 
 
 def _model_info(request: BuildRequest, model_info: ModelInfo | None) -> ModelInfo | None:
@@ -256,12 +256,18 @@ def request_findings(request: BuildRequest, *, model_info: ModelInfo | None = No
         if local_targets:
             found += backend_findings(target)
         for recipe in request.recipes:
-            if why := recipe_target_problem(recipe, target):
-                found.append(Finding("error", "sm", _pair(recipe, target), why))
-                continue
-            found += contract_findings(recipe, target, modelopt_version=modelopt_version)
-            if info is not None:
-                found += memory_findings(recipe, target, info)
+            found += pair_findings(recipe, target, info, modelopt_version=modelopt_version)
+    return found
+
+
+def pair_findings(recipe: Recipe, target: Target, info: ModelInfo | None, *,
+                  modelopt_version: str | None) -> list[Finding]:
+    """One recipe on one target: SM first (nothing else matters if it fails), then contract and memory."""
+    if why := recipe_target_problem(recipe, target):
+        return [Finding("error", "sm", _pair(recipe, target), why)]
+    found = contract_findings(recipe, target, modelopt_version=modelopt_version)
+    if info is not None:
+        found += memory_findings(recipe, target, info)
     return found
 
 
@@ -321,7 +327,10 @@ def _trtllm_host_findings(target: Target, host: HostReport) -> list[Finding]:
     subject, trt = _pair(None, target), host.tensorrt_llm
     if not trt.importable or not trt.version:
         return [Finding("error", "backend", subject, unavailable_message(target, trt.why))]
-    contract = api.contract_for(trt.version)
+    try:
+        contract = api.contract_for(trt.version)
+    except ContractError as exc:
+        return [Finding("error", "contract", subject, str(exc))]
     found = [Finding("ok", "backend", subject, f"tensorrt_llm {trt.version} (contract {contract.source})")]
     if target.tensorrt_llm_version and api.series_for(target.tensorrt_llm_version) != contract.series:
         found.append(Finding("error", "contract", subject, f"target expects TensorRT-LLM {target.tensorrt_llm_version}, "
@@ -341,10 +350,13 @@ def _trtllm_host_findings(target: Target, host: HostReport) -> list[Finding]:
     return found
 
 
-def check_target_on_host(target: Target, host: HostReport, *, request: BuildRequest | None = None) -> list[Finding]:
-    """Host findings for ``target`` plus, with a request, its recipe x target findings for that target only."""
-    found = host_findings(target, host)
-    if request is not None:
-        narrowed = request.model_copy(update={"targets": [target]})
-        found += [f for f in request_findings(narrowed, local_targets=False)]
+def check_target_on_host(target: Target, host: HostReport, *, recipes: tuple[Recipe, ...] | list[Recipe] = (),
+                         model_info: ModelInfo | None = None) -> list[Finding]:
+    """Everything ``kiln doctor --target`` checks: this machine vs the target, tp x pp, and each recipe on it."""
+    from kiln.doctor import package_version
+
+    found = host_findings(target, host) + parallelism_findings(target, model_info)
+    modelopt_version = package_version("nvidia-modelopt")
+    for recipe in recipes:
+        found += pair_findings(recipe, target, model_info, modelopt_version=modelopt_version)
     return found

@@ -32,12 +32,18 @@ BUILD_FLAGS_USED = (
 )
 LLM_ARGS_USED = ("model", "tokenizer", "skip_tokenizer_init", "tensor_parallel_size", "pipeline_parallel_size",
                  "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "kv_cache_config")
-KV_CACHE_CONFIG_USED = ("free_gpu_memory_fraction", "enable_block_reuse", "dtype")
+KV_CACHE_CONFIG_USED = ("free_gpu_memory_fraction", "enable_block_reuse")
 SAMPLING_PARAMS_USED = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "end_id", "pad_id",
                         "detokenize", "return_context_logits")
 RESULT_FIELDS_USED = ("outputs", "context_logits", "token_ids", "finish_reason")
 HF_QUANT_KEYS_USED = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
 ENGINE_CONFIG_KEYS_USED = ("version", "pretrained_config", "build_config")
+LLMAPI_MODULE = "tensorrt_llm.llmapi"
+"""Where ``SamplingParams`` and ``KvCacheConfig`` are exported (contract ``llm_api.BuildConfig_QuantConfig_...``)."""
+ENGINE_FILE = "rank{rank}.engine"
+"""One serialized engine per rank next to ``config.json`` (contract ``engine_dir.engine_files``); the LLM API
+detects an engine dir by ``config.json`` + ``*.engine`` and only after it found no ``*.safetensors``
+(tensorrt_llm/llmapi/llm_utils.py@7b437aaa ``ModelLoader.get_model_format``), so engine dirs hold none."""
 
 END_ID_NONE = -1
 """``end_id`` that never matches a token: kiln feeds token ids and stops on ``stop_token_ids`` only
@@ -99,6 +105,10 @@ class Contract:
     def result_fields(self) -> set[str]:
         return (self._fields("llm_api", "result", "request_output_fields")
                 | self._fields("llm_api", "result", "completion_output_fields"))
+
+    def hf_quant_config_file(self) -> str:
+        """The file ModelOpt writes next to an HF export and TensorRT-LLM's PyTorch backend reads."""
+        return str(self.data.get("hf_checkpoint", {}).get("quant_config_file") or "hf_quant_config.json")
 
     def hf_quant_keys(self) -> set[str]:
         return self._fields("hf_checkpoint", "keys_read", "quantization")
@@ -294,16 +304,16 @@ def _check_fields(kind: str, names: set[str], allowed: set[str], contract: Contr
         raise ContractError(f"{kind} {unknown} not in {contract.source} (TensorRT-LLM {contract.series})")
 
 
-def kv_cache_config_kwargs(target: Target, kv_cache_quant_algo: str | None, contract: Contract) -> dict[str, Any]:
-    """``KvCacheConfig`` fields for a target; the dtype follows the checkpoint's KV quantization."""
-    kwargs: dict[str, Any] = {"free_gpu_memory_fraction": KV_FREE_GPU_MEMORY_FRACTION, "enable_block_reuse": True}
-    if kv_cache_quant_algo == "FP8":
-        kwargs["dtype"] = "fp8"
+def kv_cache_config_kwargs(contract: Contract, *, enable_block_reuse: bool = True) -> dict[str, Any]:
+    """``KvCacheConfig`` fields kiln sets. The KV dtype is left at its default: an engine has it built in,
+    and the PyTorch backend's ``dtype='auto'`` follows the checkpoint's ``kv_cache_quant_algo``."""
+    kwargs: dict[str, Any] = {"free_gpu_memory_fraction": KV_FREE_GPU_MEMORY_FRACTION,
+                              "enable_block_reuse": enable_block_reuse}
     _check_fields("KvCacheConfig fields", set(kwargs), contract.kv_cache_config_fields(), contract)
     return kwargs
 
 
-def serving_settings(target: Target, kv_cache_quant_algo: str | None, contract: Contract) -> dict[str, Any]:
+def serving_settings(target: Target, contract: Contract) -> dict[str, Any]:
     """The LLM API arguments that serve an HF checkpoint on ``target`` (also a ``--extra_llm_api_options`` file)."""
     limits = target.limits
     settings: dict[str, Any] = {
@@ -313,19 +323,25 @@ def serving_settings(target: Target, kv_cache_quant_algo: str | None, contract: 
         "max_input_len": limits.max_input_len,
         "max_seq_len": limits.max_seq_len,
         "max_num_tokens": limits.max_num_tokens,
-        "kv_cache_config": kv_cache_config_kwargs(target, kv_cache_quant_algo, contract),
+        "kv_cache_config": kv_cache_config_kwargs(contract),
     }
     _check_fields("LLM API arguments", set(settings), contract.llm_args_fields(), contract)
     return settings
 
 
-def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any] | None, contract: Contract) -> dict[str, Any]:
-    """Keyword arguments of the LLM class for ``artifact``; kiln passes token ids, so no tokenizer is loaded."""
+def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any], contract: Contract) -> dict[str, Any]:
+    """Keyword arguments of the LLM class that loads ``artifact`` for validation (kiln passes token ids, so
+    no tokenizer is loaded). ``kv_cache_config`` stays a mapping; the runtime wraps it in ``KvCacheConfig``.
+
+    An engine carries its limits; an HF checkpoint gets the published serving ``settings``. KV block reuse
+    is off: context logits of a prompt whose blocks were reused come back short (TensorRT-LLM's own
+    tests/unittest/_torch/sampler/test_return_logits.py xfails on it, nvbugs 5577178) and reuse would
+    flatter repeated prompts in the speed sweep."""
     kwargs: dict[str, Any] = {"model": str(model_dir), "skip_tokenizer_init": True}
     if artifact == "hf_checkpoint":
-        kwargs.update({k: v for k, v in (settings or {}).items() if k != "kv_cache_config"})
-    _check_fields("LLM API arguments", set(kwargs) | ({"kv_cache_config"} if settings else set()),
-                  contract.llm_args_fields(), contract)
+        kwargs.update({k: v for k, v in settings.items() if k != "kv_cache_config"})
+    kwargs["kv_cache_config"] = kv_cache_config_kwargs(contract, enable_block_reuse=False)
+    _check_fields("LLM API arguments", set(kwargs), contract.llm_args_fields(), contract)
     return kwargs
 
 

@@ -1,0 +1,303 @@
+"""kiln's TensorRT-LLM knowledge vs the API contract files (kiln/contracts/tensorrt_llm-<series>.json).
+
+Everything kiln emits (trtllm-build flags, LLM API arguments, KvCacheConfig and SamplingParams fields) or
+reads (QuantAlgo values, hf_quant_config keys, engine config keys, result fields) must be in the contract of
+the series it targets, and dropping any of them from a copy of the contract must make kiln refuse.
+The checkpoints are real ModelOpt exports of a tiny Llama (CPU), not hand-written configs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.engine.base import SamplingParams
+from kiln.engine.trtllm import api, backend
+from kiln.errors import ContractError
+from kiln.profiles import Target
+from kiln.recipes import KV_SCHEMES, SCHEMES
+from tests.fixtures.models import make_tiny_llama
+
+CONTRACTS = Path(api.__file__).resolve().parents[2] / "contracts"
+H100 = Target(name="h100-trtllm", backend="tensorrt_llm", device="cuda", gpu="h100", sm="sm90", gpu_memory_gib=80,
+              limits={"max_batch_size": 64, "max_input_len": 2048, "max_seq_len": 4096, "max_num_tokens": 8192},
+              work_pool="kiln-h100-trtllm")
+H100_HF = H100.model_copy(update={"name": "h100-trtllm-hf", "artifact": "hf_checkpoint"})
+
+
+def export_checkpoint(out_dir: Path, quantization: str, *, fmt: str = "trtllm", model_dir: Path | None = None) -> Path:
+    """Calibrate a tiny random Llama with ModelOpt on CPU and export it (TensorRT-LLM or HF checkpoint)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = model_dir or make_tiny_llama(out_dir.parent / f"{out_dir.name}-src")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg_name = SCHEMES[quantization].modelopt_cfg
+    if cfg_name:
+        import modelopt.torch.quantization as mtq
+
+        ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        mtq.quantize(model, getattr(mtq, cfg_name), lambda m: m(ids))
+    if fmt == "trtllm":
+        from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+        export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.bfloat16, export_dir=out_dir,
+                                       inference_tensor_parallel=1)
+    else:
+        from modelopt.torch.export import export_hf_checkpoint
+
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_checkpoint(tmp_path_factory.mktemp("ckpt") / "fp8", "fp8")
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_checkpoint(tmp_path_factory.mktemp("ckpt") / "none", "none")
+
+
+def _contract_copy(tmp_path: Path, series: str, edit: Any) -> api.Contract:
+    data = json.loads((CONTRACTS / f"tensorrt_llm-{series}.json").read_text())
+    edit(data)
+    path = tmp_path / f"tensorrt_llm-{series}.json"
+    path.write_text(json.dumps(data))
+    return api.load_contract(series, path)
+
+
+# --- the shipped contracts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("series", api.CONTRACT_SERIES)
+def test_shipped_contract_lists_everything_kiln_uses(series: str) -> None:
+    assert api.missing_uses(api.load_contract(series)) == []
+
+
+_EVIDENCE = re.compile(r"NVIDIA/TensorRT-LLM:[\w/.-]+\.py@[0-9a-f]{7,40}")
+
+
+@pytest.mark.parametrize("flag", api.BUILD_FLAGS_USED)
+def test_every_emitted_build_flag_cites_the_sources(flag: str) -> None:
+    entry = api.load_contract("1.2").build_flags()[flag]
+    assert _EVIDENCE.search(entry["evidence"]), f"{flag}: evidence {entry['evidence']!r} names no file@commit"
+
+
+@pytest.mark.parametrize("section", [("llm_api", "llm_args"), ("llm_api", "KvCacheConfig"), ("llm_api", "result"),
+                                     ("hf_checkpoint",)])
+@pytest.mark.parametrize("series", api.CONTRACT_SERIES)
+def test_every_section_kiln_reads_cites_the_sources(series: str, section: tuple[str, ...]) -> None:
+    node = api.load_contract(series).data
+    for key in section:
+        node = node[key]
+    assert node["evidence"].startswith("NVIDIA/TensorRT-LLM:"), node["evidence"]
+
+
+def test_kiln_recipes_map_to_contract_quant_algos() -> None:
+    contract = api.load_contract("1.2")
+    assert {s.quant_algo for s in SCHEMES.values() if s.quant_algo} <= contract.quant_algos()
+    assert {kv[1] for kv in KV_SCHEMES.values() if kv[1]} <= contract.kv_cache_quant_algos()
+
+
+# --- a contract that drops something kiln uses ----------------------------------------------------------------
+
+
+def _drop_flag(flag: str):
+    def edit(data: dict) -> None:
+        cli = data["cli"]["trtllm-build"]
+        for group in ("args", "plugin_args"):
+            cli[group].pop(flag, None)
+            for entry in cli[group].values():  # also as an alias of another flag
+                if isinstance(entry, dict) and flag in entry.get("aliases", []):
+                    entry["aliases"].remove(flag)
+    return edit
+
+
+@pytest.mark.parametrize("flag", api.BUILD_FLAGS_USED)
+def test_dropping_an_emitted_build_flag_fails(tmp_path: Path, fp8_checkpoint: Path, flag: str) -> None:
+    contract = _contract_copy(tmp_path, "1.2", _drop_flag(flag))
+    assert f"trtllm-build flag {flag!r}" in api.missing_uses(contract)
+    with pytest.raises(ContractError, match=re.escape(flag)):
+        backend.build_command(fp8_checkpoint, tmp_path / "engine", H100, contract)
+
+
+def _drop_list_item(path: tuple[str, ...], item: str):
+    def edit(data: dict) -> None:
+        node = data
+        for key in path:
+            node = node[key]
+        node.remove(item)
+    return edit
+
+
+_LIST_FACTS = [
+    ("LLM API argument", ("llm_api", "llm_args", "fields"), name) for name in api.LLM_ARGS_USED
+] + [
+    ("KvCacheConfig field", ("llm_api", "KvCacheConfig", "fields"), name) for name in api.KV_CACHE_CONFIG_USED
+] + [
+    ("SamplingParams field", ("llm_api", "SamplingParams", "fields_verified"), name) for name in api.SAMPLING_PARAMS_USED
+] + [
+    ("hf_quant_config.json key", ("hf_checkpoint", "keys_read", "quantization"), name) for name in api.HF_QUANT_KEYS_USED
+] + [
+    ("QuantAlgo value", ("quant_algo",), "FP8"),
+    ("kv_cache_quant_algo value", ("quant_algo_meta", "KV_CACHE_QUANT_ALGO_LIST"), "FP8"),
+]
+
+
+@pytest.mark.parametrize("series", api.CONTRACT_SERIES)
+@pytest.mark.parametrize(("kind", "path", "name"), _LIST_FACTS, ids=[f"{k}:{n}" for k, _, n in _LIST_FACTS])
+def test_dropping_a_used_api_fact_fails(tmp_path: Path, series: str, kind: str, path: tuple[str, ...], name: str) -> None:
+    contract = _contract_copy(tmp_path, series, _drop_list_item(path, name))
+    assert f"{kind} {name!r}" in api.missing_uses(contract)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "end_id", "top_k", "return_context_logits"])
+def test_sampling_params_refuse_a_field_the_contract_lacks(tmp_path: Path, field: str) -> None:
+    contract = _contract_copy(tmp_path, "1.2", _drop_list_item(("llm_api", "SamplingParams", "fields_verified"), field))
+    with pytest.raises(ContractError, match=field):
+        api.sampling_kwargs(SamplingParams(max_new_tokens=4), contract, context_logits=True)
+
+
+@pytest.mark.parametrize("field", ["max_batch_size", "kv_cache_config", "tensor_parallel_size"])
+def test_serving_settings_refuse_an_argument_the_contract_lacks(tmp_path: Path, field: str) -> None:
+    contract = _contract_copy(tmp_path, "1.3", _drop_list_item(("llm_api", "llm_args", "fields"), field))
+    with pytest.raises(ContractError, match=field):
+        api.serving_settings(H100_HF, contract)
+
+
+def test_dropping_an_engine_config_key_fails(tmp_path: Path) -> None:
+    contract = _contract_copy(tmp_path, "1.2", _drop_list_item(("engine_dir", "config_json_top_level"), "build_config"))
+    assert "engine config.json key 'build_config'" in api.missing_uses(contract)
+
+
+def test_a_choice_value_the_contract_does_not_allow_fails(tmp_path: Path, fp8_checkpoint: Path) -> None:
+    def edit(data: dict) -> None:
+        data["cli"]["trtllm-build"]["args"]["--kv_cache_type"]["choices"] = ["continuous", "disabled"]
+
+    with pytest.raises(ContractError, match="--kv_cache_type paged"):
+        backend.build_command(fp8_checkpoint, tmp_path / "engine", H100, _contract_copy(tmp_path, "1.2", edit))
+
+
+# --- what kiln emits, for real checkpoints --------------------------------------------------------------------
+
+
+def _flags(argv: list[str]) -> dict[str, str | None]:
+    flags: dict[str, str | None] = {}
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--"):
+            nxt = argv[index + 1] if index + 1 < len(argv) else None
+            flags[arg] = None if nxt is None or nxt.startswith("--") else nxt
+    return flags
+
+
+def test_build_command_for_an_fp8_checkpoint(tmp_path: Path, fp8_checkpoint: Path) -> None:
+    contract = api.load_contract("1.2")
+    argv = backend.build_command(fp8_checkpoint, tmp_path / "engine", H100, contract)
+    flags = _flags(argv)
+    assert argv[0] == "trtllm-build"
+    assert set(flags) <= set(contract.build_flags())
+    assert flags["--checkpoint_dir"] == str(fp8_checkpoint)
+    assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"], flags["--max_num_tokens"]) == (
+        "64", "2048", "4096", "8192")
+    assert flags["--use_fp8_context_fmha"] == "enable"  # FP8 context attention for an FP8 checkpoint
+    assert flags["--kv_cache_type"] == "paged"
+    assert "--gather_context_logits" in flags and flags["--gather_context_logits"] is None  # store_true
+    assert json.loads((fp8_checkpoint / "config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    print(shlex.join(argv))
+
+
+@pytest.mark.slow
+def test_build_command_for_smollm2_fp8(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The real demo model (30 layers, 9/3 heads) calibrated FP8 on CPU: the command the issue note shows."""
+    checkpoint = export_checkpoint(tmp_path / "smollm2-fp8", "fp8", model_dir=smollm2_dir)
+    argv = backend.build_command(checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["quantization"]["quant_algo"]) == (30, "FP8")
+    assert _flags(argv)["--use_fp8_context_fmha"] == "enable" and _flags(argv)["--workers"] == "1"
+    print(shlex.join(argv))
+
+
+def test_build_command_for_an_unquantized_checkpoint_has_no_fp8_attention(tmp_path: Path, plain_checkpoint: Path) -> None:
+    argv = backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
+    assert "--use_fp8_context_fmha" not in argv
+    assert "--gemm_plugin" in argv
+
+
+def test_build_command_without_logits_for_serving_only(tmp_path: Path, plain_checkpoint: Path) -> None:
+    argv = backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"),
+                                 gather_context_logits=False)
+    assert "--gather_context_logits" not in argv
+
+
+def test_build_command_refuses_a_checkpoint_exported_for_another_layout(tmp_path: Path, plain_checkpoint: Path) -> None:
+    tp2 = H100.model_copy(update={"gpus_per_worker": 2, "limits": H100.limits.model_copy(update={"tp_size": 2})})
+    with pytest.raises(ContractError, match="tp 1 x pp 1.*tp 2 x pp 1"):
+        backend.build_command(plain_checkpoint, tmp_path / "engine", tp2, api.load_contract("1.2"))
+
+
+def test_series_without_engine_path_refuses_trtllm_build(tmp_path: Path, plain_checkpoint: Path) -> None:
+    with pytest.raises(ContractError, match="artifact: hf_checkpoint"):
+        backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.3"))
+
+
+def test_build_command_refuses_an_hf_dir(tmp_path: Path) -> None:
+    from kiln.errors import ModelSourceError
+
+    hf = make_tiny_llama(tmp_path / "hf")
+    with pytest.raises(ModelSourceError, match="no 'architecture'"):
+        backend.build_command(hf, tmp_path / "engine", H100, api.load_contract("1.2"))
+
+
+@pytest.mark.parametrize(("version", "series"), [("1.2.1", "1.2"), ("1.2.0rc2", "1.2"), ("1.3.0rc27", "1.3"),
+                                                 ("1.4.0", "1.3")])
+def test_version_maps_to_its_contract(version: str, series: str) -> None:
+    assert api.series_for(version) == series
+
+
+def test_older_versions_are_refused() -> None:
+    with pytest.raises(ContractError, match="older than kiln supports"):
+        api.series_for("1.1.0")
+
+
+def test_greedy_sampling_follows_the_llm_api_rule() -> None:
+    contract = api.load_contract("1.2")
+    greedy = api.sampling_kwargs(SamplingParams(max_new_tokens=8, stop_token_ids=(2,)), contract)
+    # _greedy_decoding: top_k in (None, 1) and top_p in (None, 0.0) (contract llm_api.SamplingParams.greedy_rule)
+    assert greedy["top_k"] == 1 and "top_p" not in greedy and "temperature" not in greedy
+    assert greedy["max_tokens"] == 8 and greedy["stop_token_ids"] == [2] and greedy["detokenize"] is False
+    sampled = api.sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, seed=3), contract, context_logits=True)
+    assert sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9 and sampled["top_k"] is None
+    assert sampled["seed"] == 3 and sampled["return_context_logits"] is True
+
+
+@pytest.mark.parametrize("series", api.CONTRACT_SERIES)
+def test_llm_kwargs_stay_inside_the_contract(series: str) -> None:
+    contract = api.load_contract(series)
+    settings = api.serving_settings(H100_HF, contract)
+    kwargs = api.llm_kwargs("hf_checkpoint", Path("/ckpt"), settings, contract)
+    assert set(kwargs) <= contract.llm_args_fields()
+    assert set(kwargs["kv_cache_config"]) <= contract.kv_cache_config_fields()
+    assert kwargs["kv_cache_config"]["enable_block_reuse"] is False  # validation: full-length context logits
+    assert settings["kv_cache_config"]["enable_block_reuse"] is True  # what is published for serving
+    assert (kwargs["max_batch_size"], kwargs["max_seq_len"], kwargs["tensor_parallel_size"]) == (64, 4096, 1)
+
+
+def test_hf_quant_config_with_an_unknown_algo_is_refused() -> None:
+    contract = api.load_contract("1.3")
+    assert api.check_hf_quant_config({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}, "x",
+                                     contract) == ("FP8", "FP8")
+    with pytest.raises(ContractError, match="FP9"):
+        api.check_hf_quant_config({"quantization": {"quant_algo": "FP9"}}, "x", contract)
+
+
+def test_contract_copy_helper_does_not_touch_the_shipped_file(tmp_path: Path) -> None:
+    before = (CONTRACTS / "tensorrt_llm-1.2.json").read_text()
+    _contract_copy(tmp_path, "1.2", lambda data: data.clear())
+    assert (CONTRACTS / "tensorrt_llm-1.2.json").read_text() == before
