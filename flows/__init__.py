@@ -9,14 +9,21 @@ Importing this package points Prefect at kiln's embedded default before Prefect 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from kiln import constants
 
 
 def configure_prefect() -> None:
     """Set kiln's Prefect defaults in the environment; call before ``prefect`` is first imported."""
-    os.environ.setdefault("PREFECT_HOME", str(constants.prefect_home()))
+    home = os.environ.setdefault("PREFECT_HOME", str(constants.prefect_home()))
+    # Prefect creates its home without parents; a fresh KILN_HOME would leave the ephemeral server
+    # without a database ("unable to open database file") and a 40 s startup timeout
+    Path(home).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # a fresh KILN_HOME migrates the SQLite database first: on a busy 2-core machine that outlasts
+    # Prefect's 20 s default and the build would die before its first step
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

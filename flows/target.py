@@ -8,6 +8,7 @@ their results (persisted as JSON in Prefect's result storage, which a fleet must
 
 from __future__ import annotations
 
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,8 +32,8 @@ def build_target(request: BuildRequest, target: str, snapshot: Snapshot, checkpo
     tgt = next(t for t in request.targets if t.name == target)
     if reason := backend_skip(tgt):
         return _dump([skipped(recipe, tgt, reason) for recipe in request.recipes])
-    baseline = compile_engine(checkpoints["baseline"], tgt)
-    engines = {recipe.name: compile_engine(checkpoints[recipe.name], tgt) for recipe in request.recipes}
+    baseline = compile_engine(checkpoints["baseline"], tgt, snapshot)
+    engines = {recipe.name: compile_engine(checkpoints[recipe.name], tgt, snapshot) for recipe in request.recipes}
     results = {recipe.name: validate(request, recipe, tgt, engines[recipe.name], baseline, heldout)
                for recipe in request.recipes}
     best = choose_recommended(request, results)
@@ -51,17 +52,20 @@ def dispatch_targets(request: BuildRequest, snapshot: Snapshot, checkpoints: dic
         rows = [build_target(request, t.name, snapshot, checkpoints, heldout) for t in request.targets]
     else:
         with ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
-            rows = list(pool.map(lambda t: _run_on_pool(request, t.name, t.work_pool, snapshot, checkpoints, heldout),
-                                 request.targets))
+            # each thread runs in a copy of this flow run's context, so Prefect links every target's run
+            # to this parent as a subflow (a bare thread would start them as unrelated flow runs)
+            futures = [pool.submit(contextvars.copy_context().run, _run_on_pool, request, t.name, t.work_pool,
+                                   snapshot, checkpoints, heldout) for t in request.targets]
+            rows = [future.result() for future in futures]
     return [outcome for target_rows in rows for outcome in _OUTCOMES.validate_python(target_rows)]
 
 
 def _use_deployments(dispatch: str) -> bool:
     if dispatch != "auto":
         return dispatch == "deployments"
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment
 
-    return flow_run.get_deployment_id() is not None  # a deployment run fans out; `kiln build` stays in-process
+    return deployment.id is not None  # a deployment run fans out; `kiln build` stays in-process
 
 
 def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: Snapshot,

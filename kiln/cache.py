@@ -114,6 +114,11 @@ class StepCache:
             shutil.rmtree(self.entry_dir(key), ignore_errors=True)
             output = self.output_dir(key)
             output.mkdir(parents=True)
-            value = compute(output)
-            self.put(key, value)
+            try:
+                value = compute(output)
+                self.put(key, value)
+            except BaseException:
+                # a failed step (disk full, interrupted) must not keep its partial output on disk
+                shutil.rmtree(self.entry_dir(key), ignore_errors=True)
+                raise
             return CacheHit(value, key, reused=False)

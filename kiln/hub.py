@@ -186,6 +186,11 @@ def _hub_errors(model: HubModel, where: str, offline: bool, token: str | None) -
         ) from _scrubbed(exc, token)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            raise ModelSourceError(
+                f"model: {where} is failing or busy (HTTP {status}); the build's download step retries this, "
+                "try again later if it persists"
+            ) from _scrubbed(exc, token)
         raise ModelSourceError(
             f"model: {where} refused the request (HTTP {status}); check HF_TOKEN's permissions and HF_ENDPOINT"
         ) from _scrubbed(exc, token)
@@ -249,6 +254,12 @@ def _list_files(root: Path) -> list[str]:
 
 
 def _local_snapshot(model: LocalModel) -> ModelSnapshot:
+    root = check_local_dir(model)
+    return ModelSnapshot(path=root.resolve(), sha=hash_directory(root), source="local")
+
+
+def check_local_dir(model: LocalModel) -> Path:
+    """A local model dir's checks (pickles, safetensors layout, architecture) without hashing its weights."""
     root = Path(model.local_dir)
     if not root.is_dir():
         raise ModelSourceError(f"model.local_dir: {root} is not a directory; point it at an HF model directory "
@@ -262,7 +273,7 @@ def _local_snapshot(model: LocalModel) -> ModelSnapshot:
         )
     _check_files(files, list(DEFAULT_PATTERNS), model.allow_pickle, f"model.local_dir: {root}")
     check_architecture(_read_json(root / "config.json"), str(root))
-    return ModelSnapshot(path=root.resolve(), sha=hash_directory(root), source="local")
+    return root
 
 
 def hash_directory(root: Path) -> str:

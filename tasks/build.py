@@ -24,19 +24,46 @@ BASELINE = Recipe(name="baseline", quantization="none")
 """The unquantized reference every engine is validated against, on its own target."""
 
 
-def _retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (network, server busy); a bad input fails the same way every time."""
+def transient(exc: BaseException) -> bool:
+    """Whether a network step's failure may pass on a retry: a connection, timeout or server-side error
+    anywhere in its cause chain, or an unreachable registry. Bad input and kiln's own checks fail the same
+    way every time (a missing revision, a refused credential, a bug), so they are never retried."""
+    from kiln.errors import RegistryConfigError, RegistryError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, RegistryConfigError):
+            return False
+        if isinstance(seen, RegistryError) or _network_failure(seen):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _network_failure(exc: BaseException) -> bool:
+    import httpx
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):  # an HTTP answer (the hub's errors are OSErrors too): busy or down only
+        return status >= 500 or status == 429
+    if isinstance(exc, OSError | TimeoutError | httpx.TransportError):  # connection refused/reset, timeouts
+        return True
+    from kiln.constants import hf_offline
+
+    # the hub was unreachable and nothing was cached: transient unless the user asked for offline
+    return type(exc).__name__ in {"LocalEntryNotFoundError", "RevisionResolutionError"} and not hf_offline()
+
+
+def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
-    except KilnInputError:
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return transient(exc)
     return False
 
 
 NETWORK = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5,
-               retry_condition_fn=_retry_unless_input_error, cache_policy=NO_CACHE)
+               retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
 LOCAL = dict(cache_policy=NO_CACHE)  # kiln.cache keys steps by content; Prefect's input hashing would re-hash tensors
 
 
@@ -141,6 +168,11 @@ def download(request: BuildRequest) -> Snapshot:
 
     with progress.step("download", getattr(request.model, "repo_id", None) or str(request.model.local_dir)) as ev:
         snap = fetch_model(request.model)
+        # model-dependent pre-flight (tp vs heads, memory) once the snapshot is known: before any calibration
+        from kiln.hub import inspect_model
+        from kiln.preflight import check_model
+
+        check_model(request, inspect_model(Path(snap.path)), source=request.name)
         ev.note = f"sha {snap.sha[:12]}"
         return Snapshot(path=Path(snap.path), sha=snap.sha, source=str(snap.source),
                         repo_id=getattr(snap, "repo_id", None), revision=getattr(snap, "revision", None))
@@ -163,18 +195,24 @@ def calibration_data(request: BuildRequest, snapshot: Snapshot) -> Datasets:
 
 
 def _needs_calibration(recipe: Recipe) -> bool:
-    from kiln.recipes import scheme
+    from kiln.quantize import needs_calibration
 
-    return scheme(recipe.quantization).needs_activations or recipe.kv_cache_dtype != "auto"
+    return needs_calibration(recipe)
 
 
 def checkpoint_key(snapshot: Snapshot, recipe: Recipe, calibration_sha256: str | None,
-                   layouts: list[str], dtype: str) -> str:
-    """Content key of a checkpoint: only what changes the weights (not the recipe's name, gates, or an
-    unused calibration spec), so a ``none`` recipe shares the baseline's checkpoint."""
+                   layouts: list[str], dtype: str, formats: list[str] | tuple[str, ...] = ("trtllm",)) -> str:
+    """Content key of a checkpoint: only what changes the weights or the exports (not the recipe's name,
+    gates, or an unused calibration spec), so a ``none`` recipe shares the baseline's checkpoint."""
     return cache.build_key(step="quantize", model_sha=snapshot.sha, recipe=_weight_inputs(recipe),
                            calibration_sha256=calibration_sha256, layouts=sorted(layouts), dtype=dtype,
-                           toolchain=cache.toolchain_versions())
+                           formats=sorted(formats), toolchain=cache.toolchain_versions())
+
+
+def export_formats(request: BuildRequest) -> list[str]:
+    """TensorRT-LLM checkpoints always (every backend compiles from them); the HF export only when a target
+    publishes it (``artifact: hf_checkpoint``): it is a second full copy of the weights."""
+    return ["trtllm", "hf"] if any(t.artifact == "hf_checkpoint" for t in request.targets) else ["trtllm"]
 
 
 def _weight_inputs(recipe: Recipe) -> dict[str, Any]:
@@ -198,13 +236,15 @@ def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Re
     calibration = data.calibration.get(recipe.name)
     cal_sha = getattr(calibration, "sha256", None)
     dtype = _checkpoint_dtype(request)
-    key = checkpoint_key(snapshot, recipe, cal_sha, layouts, dtype)
+    formats = export_formats(request)
+    key = checkpoint_key(snapshot, recipe, cal_sha, layouts, dtype, formats)
     pairs = [(t.limits.tp_size, t.limits.pp_size) for t in request.targets]
 
     def compute(output_dir: Path) -> Checkpoint:
         lineage = {"model_sha": snapshot.sha, "repo_id": snapshot.repo_id, "recipe": recipe.name, "build_key": key}
         result = quantize(snapshot.path, recipe, layouts=sorted(set(pairs)), output_dir=output_dir, dtype=dtype,
-                          device=_quantize_device(request), lineage=lineage, calibration=calibration)
+                          device=_quantize_device(request), lineage=lineage, calibration=calibration,
+                          formats=formats)
         return Checkpoint(recipe.name, key, {k: Path(v) for k, v in result.trtllm_dirs.items()},
                           Path(result.hf_dir) if getattr(result, "hf_dir", None) else None,
                           getattr(result, "calibration_sha256", cal_sha))
@@ -212,7 +252,8 @@ def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Re
     with progress.step("quantize", recipe.name) as ev:
         hit = cache.StepCache("quantize").run(key, compute, Checkpoint)
         ev.status = "reused" if hit.reused else "done"
-        return _with_reused(hit.value, hit.reused)
+        # recipes with the same weights (`none` and the baseline) share one entry: name it for this recipe
+        return _with_reused(hit.value, hit.reused, recipe=recipe.name)
 
 
 def _checkpoint_dtype(request: BuildRequest) -> str:
@@ -227,10 +268,10 @@ def _quantize_device(request: BuildRequest) -> str:
     return "cuda" if torch.cuda.is_available() and any(t.device == "cuda" for t in request.targets) else "cpu"
 
 
-def _with_reused(value: Any, reused: bool) -> Any:
+def _with_reused(value: Any, reused: bool, **names: str) -> Any:
     from dataclasses import replace
 
-    return replace(value, reused=reused)
+    return replace(value, reused=reused, **names)
 
 
 def engine_key(checkpoint: Checkpoint, target: Target) -> str:
@@ -241,19 +282,22 @@ def engine_key(checkpoint: Checkpoint, target: Target) -> str:
 
 
 @task(name="compile", timeout_seconds=4 * 3600, **LOCAL)
-def compile_engine(checkpoint: Checkpoint, target: Target) -> EngineRef:
-    """Build (or reuse) the engine for one checkpoint on one target."""
+def compile_engine(checkpoint: Checkpoint, target: Target, snapshot: Snapshot) -> EngineRef:
+    """Build (or reuse) the engine for one checkpoint on one target; it carries the model's tokenizer."""
     from kiln.engine.base import get_backend
 
-    key = engine_key(checkpoint, target)
+    key = engine_key(checkpoint, target)  # the model sha is inside the checkpoint's key
 
     def compute(output_dir: Path) -> EngineRef:
         backend = get_backend(target.backend)
-        lineage = {"checkpoint_key": checkpoint.key, "recipe": checkpoint.recipe, "build_key": key}
+        # model_dir: where backends take the tokenizer from; hf_dir: the HF export `hf_checkpoint` targets publish
+        lineage = {"model_sha": snapshot.sha, "repo_id": snapshot.repo_id, "revision": snapshot.revision,
+                   "checkpoint_key": checkpoint.key, "recipe": checkpoint.recipe, "build_key": key,
+                   "model_dir": str(snapshot.path), "hf_dir": str(checkpoint.hf_dir) if checkpoint.hf_dir else None}
         engine_dir = backend.compile(checkpoint.dir_for(target), target, output_dir, lineage)
         return EngineRef(checkpoint.recipe, target.name, key, Path(engine_dir))
 
     with progress.step("compile", f"{checkpoint.recipe} x {target.name}") as ev:
         hit = cache.StepCache("compile").run(key, compute, EngineRef)
         ev.status = "reused" if hit.reused else "done"
-        return _with_reused(hit.value, hit.reused)
+        return _with_reused(hit.value, hit.reused, recipe=checkpoint.recipe, target=target.name)

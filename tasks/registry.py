@@ -1,4 +1,8 @@
-"""Registry steps outside a build: promote a version to ``production`` (network: retried with backoff)."""
+"""Registry steps outside a build: move ``production`` forward (promote) or back (rollback).
+
+Both talk to the tracking server, so they retry transient failures with backoff; a refused move (the
+version failed its gates, its files are gone, nothing to roll back to) fails once with the reason.
+"""
 
 from __future__ import annotations
 
@@ -16,3 +20,11 @@ def promote_version(model_name: str, version: str, target: str | None, *, reason
     from kiln.registry import promote
 
     return asdict(promote(model_name, version, target, reason=reason, tracking_uri=tracking_uri))
+
+
+@task(name="rollback", timeout_seconds=600, **NETWORK)
+def rollback_version(model_name: str, target: str | None, *, reason: str, tracking_uri: str | None = None) -> dict:
+    """Move ``production`` back to the version it held before the current one (recorded like a promote)."""
+    from kiln.registry import rollback
+
+    return asdict(rollback(model_name, target, reason=reason, tracking_uri=tracking_uri))

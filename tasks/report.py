@@ -1,20 +1,25 @@
-"""The build's last step: the report (recipe x target table, recommended recipe per target) as a Prefect artifact."""
+"""The build's last step: the report (recipe x target table, recommended recipe per target) as Prefect artifacts.
+
+One markdown artifact per build (the table, gate failures, and links to every registered engine and
+its MLflow version) and one link artifact per registered engine, so the Prefect UI points at the files.
+"""
 
 from __future__ import annotations
 
 import re
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from kiln.profiles import BuildRequest
+from kiln.redact import redact
 from kiln.tasks import progress
 from kiln.tasks.build import LOCAL, Outcome, Snapshot
 
 
 @task(name="report", **LOCAL)
 def report(request: BuildRequest, snapshot: Snapshot, outcomes: list[Outcome]) -> str:
-    """Write results.json, report.md and plots under KILN_HOME/reports/<build>; publish the markdown artifact."""
+    """Write results.json, report.md and plots under KILN_HOME/reports/<build>; publish the Prefect artifacts."""
     from kiln.validation.report import BuildResults, rows_from, write_report
 
     with progress.step("report", request.name) as ev:
@@ -22,11 +27,41 @@ def report(request: BuildRequest, snapshot: Snapshot, outcomes: list[Outcome]) -
         results = BuildResults(build=request.name, model=model, select=request.evaluation.select,
                                rows=rows_from(outcomes))
         written = write_report(results)
-        create_markdown_artifact(written.markdown, key=_artifact_key(request.name), description=f"kiln build {request.name}")
+        markdown = written.markdown + links_markdown(request, outcomes, written.results_path.parent.as_uri())
+        markdown = redact(markdown)  # the tracking URI or a path may carry credentials
+        create_markdown_artifact(markdown, key=artifact_key("kiln-build", request.name),
+                                 description=f"kiln build {request.name}")
+        tracking = request.registry.resolved_tracking_uri
+        for o in outcomes:
+            if o.uri and o.version:
+                page = mlflow_link(tracking, o)
+                create_link_artifact(redact(o.uri), link_text=f"{o.model_name} v{o.version}",
+                                     key=artifact_key("kiln-engine", request.name, o.recipe, o.target),
+                                     description=redact(f"{o.recipe} x {o.target}: {o.verdict}" + (f" ({page})" if page else "")))
         ev.note = str(written.results_path.parent)
-        return written.markdown
+        return markdown
 
 
-def _artifact_key(build: str) -> str:
+def links_markdown(request: BuildRequest, outcomes: list[Outcome], report_uri: str) -> str:
+    """The markdown links section: each registered engine's files and (for an HTTP tracking server) its version page."""
+    tracking = request.registry.resolved_tracking_uri
+    lines = ["", "## Links", "", f"- report and plots: [{report_uri}]({report_uri})"]
+    for o in outcomes:
+        if not (o.uri and o.version):
+            continue
+        page = mlflow_link(tracking, o)
+        mlflow = f" · [MLflow]({page})" if page else f" · MLflow `{o.model_name}` v{o.version} at `{tracking}`"
+        lines.append(f"- {o.recipe} x {o.target}: [{o.model_name} v{o.version}]({o.uri}){mlflow}")
+    return "\n".join(lines) + "\n"
+
+
+def mlflow_link(tracking_uri: str, outcome: Outcome) -> str | None:
+    """The MLflow UI page of a model version when the tracking server is HTTP(S); None for a local SQLite store."""
+    if not tracking_uri.startswith(("http://", "https://")) or not outcome.model_name:
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/models/{outcome.model_name}/versions/{outcome.version}"
+
+
+def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "kiln-build-" + re.sub(r"[^a-z0-9-]+", "-", build.lower())
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())).strip("-")

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from kiln import constants
 from kiln.profiles import BuildRequest, Target
 from kiln.tasks.build import LOCAL, NETWORK
+from kiln.tasks.report import artifact_key
 
 DRIFT_METRICS = ("perplexity", "tokens_per_s", "ttft_p90_ms")
 
@@ -55,5 +56,7 @@ def drift_report(request: BuildRequest, rows: list[dict]) -> str:
              "|---|---|---|---|"]
     lines += [f"| {r['target']} | {r.get('version', '-')} | {r['status']} | {r.get('drift_pct') or '-'} |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown, key=f"kiln-revalidate-{request.name}".lower().replace("_", "-").replace(".", "-"))
+    from kiln.redact import redact
+
+    create_markdown_artifact(redact(markdown), key=artifact_key("kiln-revalidate", request.name))
     return markdown

@@ -111,6 +111,7 @@ def test_checkpoint_key_depends_on_weights_inputs_only():
     assert base == checkpoint_key(SNAPSHOT, fp8.model_copy(update={"name": "renamed"}), "cal1", ["tp1pp1"], "bfloat16")
     assert base != checkpoint_key(SNAPSHOT, fp8, "cal2", ["tp1pp1"], "bfloat16")
     assert base != checkpoint_key(SNAPSHOT, fp8, "cal1", ["tp1pp1", "tp2pp1"], "bfloat16")
+    assert base != checkpoint_key(SNAPSHOT, fp8, "cal1", ["tp1pp1"], "bfloat16", ["trtllm", "hf"])
     other_model = Snapshot(path=Path("/m"), sha="b" * 40, source="hub")
     assert base != checkpoint_key(other_model, fp8, "cal1", ["tp1pp1"], "bfloat16")
 

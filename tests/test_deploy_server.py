@@ -61,9 +61,30 @@ def deployed(prefect_server: PrefectServer, tmp_path_factory, _local_hub_server,
 
 def test_prefect_deploy_all_creates_the_four_deployments_and_a_target_deployment_per_pool(prefect_server, deployed):
     listing = prefect_server.cli("deployment", "ls").stdout
-    for name in ("kiln-build/build", "kiln-promote/promote", "kiln-revalidate/revalidate", "kiln-watch/watch",
-                 "kiln-target/kiln-cpu", "kiln-target/kiln-h100"):
+    for name in ("kiln-build/build", "kiln-promote/promote", "kiln-rollback/rollback", "kiln-revalidate/revalidate",
+                 "kiln-watch/watch", "kiln-target/kiln-cpu", "kiln-target/kiln-h100", "kiln-target/kiln-h100-trtllm"):
         assert name in listing, listing
+
+
+async def _pools_and_schedules() -> tuple[dict, dict]:
+    from prefect import get_client
+
+    async with get_client() as client:
+        pools = {p.name: p for p in await client.read_work_pools()}
+        schedules = {}
+        for name in ("kiln-revalidate/revalidate", "kiln-watch/watch"):
+            dep = await client.read_deployment_by_name(name)
+            schedules[name] = [s.schedule.cron for s in dep.schedules if s.active]
+        return pools, schedules
+
+
+def test_pools_per_gpu_class_limit_targets_to_one_run_and_cron_deployments_are_scheduled(prefect_server, deployed):
+    pools, schedules = _run(_pools_and_schedules(), prefect_server.env)
+    assert pools["kiln-cpu"].concurrency_limit == 1 and pools["kiln-h100"].concurrency_limit == 1
+    assert pools["kiln-control"].concurrency_limit is None  # parents wait on targets: a limit could deadlock
+    assert pools["kiln-h100-trtllm"].type == "docker"
+    assert pools["kiln-h100-trtllm"].base_job_template["variables"]["properties"]["image"]["default"]
+    assert all(schedules.values()), schedules
 
 
 async def _deployment_runs(deployment: str) -> list:

@@ -29,7 +29,11 @@ def test_bad_events_are_refused_naming_what_is_allowed(name, repo, revision, mes
 
 
 def test_kiln_emit_without_a_server_exits_2_and_says_how_to_point_at_one(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    result = CliRunner().invoke(app, ["emit", "revision-changed", "--repo-id", "org/m", "--revision", "abc"])
+    # an earlier test's Prefect harness may still point this process at its server: clear that too
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, ["emit", "revision-changed", "--repo-id", "org/m", "--revision", "abc"])
     assert result.exit_code == 2
     assert "PREFECT_API_URL" in result.output

@@ -123,6 +123,57 @@ def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kil
     assert busy.exit_code == 2 and "not empty" in busy.output
 
 
+def test_overrides_lineage_params_plots_and_no_secrets_in_mlflow(kiln_home: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    secret = "hf_secret_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    store_dir, db = tmp_path / "override-store", tmp_path / "override.db"
+    monkeypatch.setenv("KILN_STORE_URI", store_dir.as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    registry = Registry(model_name="sec", store_uri="file:///nonexistent/profile-store",
+                        tracking_uri="sqlite:////nonexistent/profile.db")  # both overridden by the variables
+    fig, ax = plt.subplots()
+    ax.plot([1, 4], [100.0, 300.0])
+    plot = tmp_path / "latency_vs_throughput.png"
+    fig.savefig(plot)
+    plt.close(fig)
+    lineage = {"recipe": "fp8", "target": "cpu", "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+               "model_sha": "f" * 40, "calibration_sha256": "c" * 64, "toolchain": {"torch": TORCH_VERSION},
+               "source": "https://user:hunter2pass@hub.example/models", "hf_token": "also-a-secret",
+               "note": f"downloaded with {secret}"}
+    published = publish(make_engine(tmp_path / "engine"), registry=registry, build_key=key(11), lineage=lineage,
+                        metrics={"perplexity": 31.0}, params={"recipe.name": "fp8", "api_token": "tok-xyz-987",
+                                                              "hub.auth": f"Bearer {secret}"},
+                        artifacts=[plot], passed_gates=True, recommended=True)
+    assert published.uri == (store_dir / "sec" / "cpu" / key(11)).as_uri()
+    assert db.is_file() and not (kiln_home / "mlflow.db").exists()
+
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(published.run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["lineage.model_sha"] == "f" * 40 and params["lineage.calibration_sha256"] == "c" * 64
+    assert params["lineage.repo_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert params["lineage.toolchain.torch"] == TORCH_VERSION and params["recipe.name"] == "fp8"
+    assert params["api_token"] == params["hub.auth"] == params["lineage.hf_token"] == "***"
+    assert params["lineage.source"] == "https://***@hub.example/models"
+    assert params["lineage.note"] == "downloaded with ***"
+    png = Path(client.download_artifacts(published.run_id, "reports/latency_vs_throughput.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    texts = [json.dumps(params), json.dumps(tags),
+             Path(client.download_artifacts(published.run_id, "kiln", str(tmp_path / "dl2"))).joinpath(
+                 "lineage.json").read_text(),
+             (store_dir / "sec" / "cpu" / key(11) / "manifest.json").read_text(),
+             json.dumps(client.get_model_version("sec.cpu", published.version).tags)]
+    for text in texts:
+        for leaked in (secret, "hunter2pass", "also-a-secret", "tok-xyz-987"):
+            assert leaked not in text
+
+
 # --- real servers: mlflow server + SeaweedFS -----------------------------------------------------------------
 
 _PUBLISHER = """
@@ -289,3 +340,152 @@ def test_registry_misconfiguration_is_refused_before_work(server_registry: Regis
     with pytest.raises(RegistryConfigError, match="remote MLflow server but the store is file://"):
         check_registry(server_registry.model_copy(update={"store_uri": (tmp_path / "s").as_uri()}))
     check_registry(server_registry)
+
+
+@pytest.mark.servers
+def test_half_registered_version_is_refused_and_completed_by_rerun(server_registry: Registry, tmp_path: Path) -> None:
+    """A crash after create_model_version: the version exists, ``kiln.state=registering``, no alias yet."""
+    model, tracking = server_registry.model_name, server_registry.tracking_uri
+    engine = make_engine(tmp_path / "engine")
+    first = do_publish(engine, server_registry, key(21))
+    client = MlflowClient(tracking, tracking)
+    name = f"{model}.cpu"
+    client.set_model_version_tag(name, first.version, "kiln.state", "registering")
+    client.delete_registered_model_alias(name, "candidate")
+
+    with pytest.raises(NotPromotableError, match="not completely published"):
+        fetch(f"{model}@v{first.version}", "cpu", tmp_path / "out", tracking_uri=tracking)
+    with pytest.raises(NotPromotableError, match="not completely published"):
+        promote(model, first.version, "cpu", tracking_uri=tracking)
+    assert not (tmp_path / "out").exists()
+    assert "production" not in client.get_registered_model(name).aliases
+
+    events: list[TransferEvent] = []
+    again = do_publish(engine, server_registry, key(21), on_progress=events.append)
+    assert (again.version, again.reused, again.candidate) == (first.version, True, True) and events == []
+    assert client.get_model_version(name, first.version).tags["kiln.state"] == "published"
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == [first.version]
+    assert fetch(f"{model}@candidate", "cpu", tmp_path / "out", tracking_uri=tracking).is_dir()
+
+
+_RACER = """
+import json, sys, time
+from pathlib import Path
+from kiln.profiles import Registry
+from kiln.registry import publish
+
+args = json.loads(sys.argv[1])
+while time.time() < args["start_at"]:  # both publishers leave the starting line together
+    time.sleep(0.005)
+out = publish(Path(args["engine"]), registry=Registry(**args["registry"]), build_key=args["key"],
+              lineage={"recipe": "fp8", "target": "cpu"}, metrics={"perplexity": 30.0}, params={}, artifacts=[],
+              passed_gates=True, recommended=True)
+print(json.dumps({"version": str(out.version), "uri": out.uri}))
+"""
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_two_concurrent_publishers_of_one_build_leave_exactly_one_version(server_registry: Registry,
+                                                                          tmp_path: Path) -> None:
+    engine = make_engine(tmp_path / "engine", files=4, size=200_000)
+    args = {"engine": str(engine), "registry": server_registry.model_dump(), "key": key(31),
+            "start_at": time.time() + 8}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, json.dumps(args)], env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0] == results[1]
+    client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
+    name = f"{server_registry.model_name}.cpu"
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == [results[0]["version"]]
+    assert client.get_registered_model(name).aliases == {"candidate": results[0]["version"]}
+    store = open_store(server_registry.store_uri)
+    assert list_version_keys(store, server_registry.model_name, "cpu") == [key(31)]
+
+
+class _Relay:
+    """A TCP relay to the MLflow server that can be cut: the server 'goes down' for clients using it."""
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        self.cut_off = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.cut_off:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                client.close()
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.cut_off = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.servers
+def test_mlflow_down_after_upload_leaves_nothing_visible_and_rerun_completes(
+        server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    relay = _Relay(server_registry.tracking_uri)
+    via_relay = server_registry.model_copy(update={"tracking_uri": relay.url})
+    engine = make_engine(tmp_path / "engine", files=3)
+
+    def server_dies_after_last_file(event: TransferEvent) -> None:
+        if event.files_done == event.files_total:
+            relay.cut()
+
+    with pytest.raises(RegistryError, match=f"MLflow at {relay.url}"):
+        do_publish(engine, via_relay, key(41), on_progress=server_dies_after_last_file)
+    assert relay.cut_off  # the upload finished; registration is what failed
+    client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
+    name = f"{server_registry.model_name}.cpu"
+    assert client.search_model_versions(f"name = '{name}'") == []
+    with pytest.raises(VersionNotFoundError):
+        fetch(f"{server_registry.model_name}@candidate", "cpu", tmp_path / "out", tracking_uri=server_registry.tracking_uri)
+
+    events: list[TransferEvent] = []
+    published = do_publish(engine, server_registry, key(41), on_progress=events.append)
+    assert (published.version, published.reused, published.candidate) == ("1", False, True) and events == []
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]

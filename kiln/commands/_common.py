@@ -20,5 +20,9 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except KilnError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        from kiln.redact import redact
+
+        err_console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None

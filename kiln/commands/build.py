@@ -7,10 +7,13 @@ import time
 from pathlib import Path
 
 import typer
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kiln import constants
 from kiln.cli import app, profiles_app
 from kiln.commands._common import cli_errors, console
+from kiln.errors import KilnInputError, ModelSourceError
 from kiln.profiles import load_request
 
 
@@ -33,40 +36,83 @@ def profiles_check(files: list[Path] = typer.Argument(..., help="Build request Y
 
 
 _MARKS = {"done": "[green]✓[/]", "reused": "[cyan]↺[/]", "skipped": "[yellow]-[/]", "failed": "[red]✗[/]"}
+DISPATCH = ("auto", "inline", "deployments")
 
 
 @app.command("build")
 def build_command(
     profile: Path = typer.Argument(..., help="build request YAML (e.g. profiles/examples/tiny-cpu.yaml)"),
-    dispatch: str = typer.Option("auto", help="auto | inline | deployments: where per-target subflows run"),
+    dispatch: str = typer.Option("auto", help="auto | inline | deployments: where per-target subflows run "
+                                 "(auto: on their work pools when run from a deployment, else in this process)"),
 ) -> None:
     """Build a request through the Prefect DAG (embedded ephemeral server unless PREFECT_API_URL is set)."""
     with cli_errors():
-        from kiln.preflight import check_request_static
-
-        check_request_static(load_request(profile), source=str(profile))  # bad input: exit 2 before Prefect starts
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the step lines below are the progress
+        request = load_request(profile)
+        _check_before_prefect(request, profile, dispatch)  # bad input: exit 2 before Prefect starts (~15 s)
+        # the step lines below are the progress; a failing step is printed there and as the error
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         import kiln.flows  # noqa: F401  (PREFECT_HOME under KILN_HOME before prefect is imported)
         from kiln.flows.build import build
         from kiln.tasks import progress
 
         started = time.perf_counter()
-        with console.status("starting Prefect (embedded server)...") as status, progress.listening(_printer(status)):
+        with _StepProgress() as display, progress.listening(display.show):
             outcomes = build(profile=str(profile), dispatch=dispatch)
         _print_summary(outcomes, time.perf_counter() - started)
 
 
-def _printer(status):
-    def show(event) -> None:
+def _check_before_prefect(request, profile: Path, dispatch: str) -> None:
+    from kiln.preflight import check_request_static
+    from kiln.profiles import LocalModel
+
+    if dispatch not in DISPATCH:
+        raise KilnInputError(f"--dispatch {dispatch!r}: allowed values are {', '.join(DISPATCH)}")
+    check_request_static(request, source=str(profile))
+    model = request.model
+    if isinstance(model, LocalModel) and not Path(model.local_dir).is_dir():
+        hint = (" (the demo model: run `kiln assets prepare` first, with the same KILN_HOME)"
+                if Path(model.local_dir).parent == constants.assets_dir() else "")
+        raise ModelSourceError(f"{profile}: model.local_dir {model.local_dir} is not a directory; point it at an "
+                               f"HF model directory (config.json, *.safetensors, tokenizer files){hint}")
+    if isinstance(model, LocalModel):
+        # headers only (no weights read): a corrupt file or a tp_size that cannot split the heads fails here
+        from kiln.hub import check_local_dir, inspect_model
+        from kiln.preflight import check_model
+
+        check_model(request, inspect_model(check_local_dir(model)), source=str(profile))
+
+
+class _StepProgress:
+    """A spinner per running step (rich), and one line per finished step: mark, step, note, seconds."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                  console=console, transient=True)
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+
+    def __enter__(self) -> _StepProgress:
+        self._progress.__enter__()
+        self._tasks[("prefect", "")] = self._progress.add_task("starting Prefect (embedded server) ...", total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def show(self, event) -> None:
+        starting = self._tasks.pop(("prefect", ""), None)
+        if starting is not None:
+            self._progress.remove_task(starting)
         label = f"{event.step} [bold]{event.detail}[/]" if event.detail else event.step
+        key = (event.step, event.detail)
         if event.status == "running":
-            status.update(f"{label} ...")
+            self._tasks[key] = self._progress.add_task(f"{label} ...", total=None)
             return
+        if (task := self._tasks.pop(key, None)) is not None:
+            self._progress.remove_task(task)
         note = f" ({event.note})" if event.note else ""
         reused = " reused" if event.status == "reused" else ""
-        console.print(f"{_MARKS.get(event.status, '?')} {label}{reused}{note} [dim]{event.seconds:.1f}s[/]",
-                      highlight=False)
-    return show
+        self._progress.console.print(f"{_MARKS.get(event.status, '?')} {label}{reused}{note} [dim]{event.seconds:.1f}s[/]",
+                                     highlight=False)
 
 
 def _print_summary(outcomes, seconds: float) -> None:
@@ -81,4 +127,7 @@ def _print_summary(outcomes, seconds: float) -> None:
     console.print(table)
     registered = [o for o in outcomes if o.version]
     if registered and all(o.reused for o in registered):
-        console.print("identical inputs: reused every registered version, no new model version created")
+        console.print("identical inputs: reused every step and every registered version; no new model version")
+    elif registered:
+        new = sum(not o.reused for o in registered)
+        console.print(f"{new} new model version(s); {len(registered) - new} reused")

@@ -113,6 +113,11 @@ def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool 
     tags = mv.tags or {}
     if tags.get(N.TAG_GATES) == "failed" and ref.alias:
         raise NotPromotableError(f"{name}@{selector} points at v{mv.version}, which failed its gates; move the alias")
+    if tags.get(N.TAG_STATE) != N.STATE_PUBLISHED:
+        # A publisher crashed after creating the version: its files may be complete but its record is not.
+        raise NotPromotableError(f"{name} v{mv.version} is not completely published ({N.TAG_STATE}="
+                                 f"{tags.get(N.TAG_STATE, 'unset')}); rerun the build that published it "
+                                 "(it completes the same version), then fetch")
     version = open_store(mv.source)
     raw = version.get_bytes(constants.STORE_MANIFEST)
     if raw is None:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from kiln.errors import IntegrityError, RegistryConfigError
+from kiln.errors import IntegrityError, RegistryConfigError, RegistryError
 from kiln.registry.store import ObjectStat, Store, sha256_file
 
 _CHUNK = 8 * 1024 * 1024
@@ -74,6 +74,9 @@ class LocalStore(Store):
                 raise IntegrityError(f"{local}: changed while it was being published (sha256 {digest.hexdigest()}, "
                                      f"expected {sha256}); rebuild the engine and publish again")
             os.replace(tmp, dest)
+        except OSError as exc:  # disk full, permissions: name the store and the file, not just errno 28
+            raise RegistryError(f"store {self.uri}: cannot write {key} ({exc.strerror}); free space or fix "
+                                "permissions there and publish again (files already uploaded are skipped)") from exc
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 from kiln import constants
 from kiln.errors import KilnInputError, RegistryConfigError
 from kiln.profiles import Registry
+from kiln.redact import redact as _redact
+from kiln.redact import scrub as _scrub
 from kiln.registry import mlflow_registry as R
 from kiln.registry import naming as N
 from kiln.registry.store import ProgressFn, open_store, upload_version
@@ -90,13 +91,20 @@ def _engine_record(engine_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _redact(value: str) -> str:
-    """Secret values (tokens, keys) never reach MLflow, whatever field they sneaked into."""
-    for name in constants.SECRET_ENV_VARS:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            value = value.replace(secret, "***")
-    return value
+def _lineage_params(lineage: dict[str, Any]) -> dict[str, str]:
+    """Lineage as flat ``lineage.*`` params (model repo + sha, calibration hash, toolchain...), searchable in MLflow."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif value is not None:
+            flat[prefix] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+    for key, value in lineage.items():
+        walk(f"lineage.{key}", value)
+    return flat
 
 
 def _text(value: Any, limit: int) -> str:
@@ -139,6 +147,9 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
     N.check_name(recipe, "recipe")
     name = N.registered_model_name(model, target)
     metrics = _check_inputs(metrics, params, [Path(p) for p in artifacts])
+    # Secrets are dropped before anything is written: the manifest, run params/tags and artifacts.
+    lineage = _scrub(dict(lineage))
+    params = _scrub({**_lineage_params(lineage), **params})
     engine = _engine_record(engine_dir)
     tracking_uri, store_uri = registry.resolved_tracking_uri, registry.resolved_store_uri
     mlflow_client = R.client(tracking_uri)

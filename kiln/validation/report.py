@@ -147,11 +147,21 @@ def rich_table(results: BuildResults) -> Table:
     table.add_column("version")
     for row in results.rows:
         style = {True: "green", False: "red"}.get(row.passed, "dim")
-        verdict = _verdict(row) if row.passed is not False else row.verdict or "FAIL"
+        verdict = _verdict(row)  # failing gates are listed under the table, with their numbers
         table.add_row(row.recipe + (" ★" if row.recommended else ""), row.target,
                       *[_num(row.metrics, metric, fmt, scale) for _, metric, fmt, scale in _COLUMNS],
                       f"[{style}]{verdict}[/]", _version(row))
     return table
+
+
+def failure_lines(results: BuildResults) -> list[str]:
+    """``recipe x target: gate reason`` for each failing row (what ``kiln report`` prints under the table)."""
+    lines = []
+    for row in results.rows:
+        if row.passed is False:
+            reasons = re.sub(r"^fail:\s*", "", row.verdict).split("; ") if row.verdict else ["failed"]
+            lines += [f"{row.recipe} x {row.target}: {reason}" for reason in reasons]
+    return lines
 
 
 def curve_from_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
@@ -218,3 +228,32 @@ def latest_build() -> str | None:
     """The build whose results were written last, for ``kiln report`` without arguments."""
     found = sorted((constants.kiln_home() / "reports").glob(f"*/{RESULTS_FILE}"), key=lambda p: p.stat().st_mtime)
     return found[-1].parent.name if found else None
+
+
+REPORT_RUN_TAG = "kiln.build_report"
+
+
+def log_to_mlflow(written: WrittenReport, results: BuildResults, tracking_uri: str, model: str) -> str:
+    """Log the report (markdown, results.json, plots) and per-row metrics to one MLflow run per build.
+
+    The run lives in the model's experiment (next to the engines' runs), named and tagged after the build;
+    a rerun of the same build logs into the same run. Returns its run id.
+    """
+    from kiln.registry import mlflow_registry as R
+
+    client = R.client(tracking_uri)
+    with R.mlflow_errors(tracking_uri, f"log report {results.build}"):
+        experiment_id = R.ensure_experiment(client, tracking_uri, model)
+        runs = client.search_runs([experiment_id], f"tags.`{REPORT_RUN_TAG}` = '{results.build}'", max_results=1)
+        run_id = runs[0].info.run_id if runs else client.create_run(
+            experiment_id, run_name=f"report.{results.build}",
+            tags={REPORT_RUN_TAG: results.build, "kiln.model": model}).info.run_id
+        for row in results.rows:
+            client.set_tag(run_id, f"kiln.verdict.{row.recipe}.{row.target}", _verdict(row))
+            for key in ("perplexity", "ppl_increase_pct", "top1_agreement", "tokens_per_s", "size_bytes"):
+                if key in row.metrics:
+                    client.log_metric(run_id, f"{row.recipe}.{row.target}.{key}", row.metrics[key])
+        out = written.results_path.parent
+        for path in [out / REPORT_FILE, written.results_path, *written.plots]:
+            client.log_artifact(run_id, str(path), "report")
+    return run_id

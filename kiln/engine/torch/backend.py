@@ -27,7 +27,12 @@ from kiln.engine.torch.parallel import TensorParallel
 from kiln.engine.torch.runtime import TorchEngine
 from kiln.engine.torch.spec import ModelSpec, read_spec
 from kiln.engine.torch.weights import convert_rank, kv_cache_scales
-from kiln.errors import BackendUnavailableError, EngineMismatchError, ModelSourceError, UnsupportedCombinationError
+from kiln.errors import (
+    BackendUnavailableError,
+    EngineMismatchError,
+    ModelSourceError,
+    UnsupportedCombinationError,
+)
 from kiln.profiles import Target
 
 FORMAT_VERSION = 1
@@ -55,9 +60,11 @@ def _device_sm(device: torch.device) -> str:
 
 
 def default_program(target: Target) -> dict[str, Any]:
-    """The compiled program per device, chosen by measurement (bench/engine.md): on CUDA the decode step
-    is Inductor-compiled and replayed as CUDA graphs; on CPU eager kernels (Inductor's CPU code
-    compiles for minutes per shape on small hosts for a few % at these sizes)."""
+    """The compiled program per device, chosen by measurement (bench/results/engine_gpu.md, H100, 1B
+    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 630 tok/s
+    bf16 / 776 tok/s FP8 vs 390 / 342 tok/s for eager kernels under CUDA graphs (the fusion of the
+    norm/RoPE/quantize elementwise ops is what pays). On CPU: eager kernels (no CUDA graphs; Inductor's
+    CPU compile costs minutes on small hosts and was not measured to pay)."""
     if target.device == "cuda":
         return {"compile": "inductor", "cuda_graphs": True}
     return {"compile": "none", "cuda_graphs": False}
@@ -83,8 +90,11 @@ class TorchBackend:
                                           f"{', '.join(found)}: build on a {target.sm} worker ({target.work_pool})")
 
     def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict,
-                *, tokenizer_dir: Path | None = None) -> Path:
-        """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint; see the module doc."""
+                *, tokenizer_dir: Path | None = None, precompile: bool = True) -> Path:
+        """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint; see the module doc.
+
+        ``precompile=False`` skips warming Inductor for CUDA targets (the first load then compiles).
+        """
         from kiln.hub import hash_directory
 
         checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
@@ -98,7 +108,7 @@ class TorchBackend:
             layouts = []
             for rank in range(spec.tp_size):
                 tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
-                save_file({k: v.contiguous() for k, v in tensors.items()}, staging / f"rank{rank}.safetensors")
+                save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
             tokenizer_source = self._copy_tokenizer(staging, tokenizer_dir, lineage, checkpoint_dir)
             sm = target.sm if target.device == "cuda" else None
@@ -123,7 +133,7 @@ class TorchBackend:
                 "layout": layouts,
             }
             (staging / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            if target.device == "cuda" and manifest["program"]["compile"] == "inductor":
+            if precompile and target.device == "cuda" and manifest["program"]["compile"] == "inductor":
                 self._precompile(staging)
             if output_dir.exists():
                 shutil.rmtree(output_dir)
@@ -135,6 +145,10 @@ class TorchBackend:
     def load(self, engine_dir: Path, *, program: dict[str, Any] | None = None) -> TorchEngine:
         """Load an engine dir on this machine; ``program`` overrides the built one (benchmarks)."""
         engine_dir = Path(engine_dir)
+        from kiln.registry.store import FETCHED_MANIFEST, verify_dir
+
+        if (engine_dir / FETCHED_MANIFEST).is_file():  # fetched from the registry: its bytes must still match
+            verify_dir(engine_dir)
         manifest = read_manifest(engine_dir)
         check_compatible(manifest, engine_dir)
         spec = ModelSpec.from_json(manifest["model"])
@@ -200,6 +214,18 @@ class TorchBackend:
         if artifacts is not None:
             (engine_dir / INDUCTOR_CACHE).write_bytes(artifacts[0])
         engine.close()
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no shared storage (safetensors refuses tied embedding/lm_head views)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def read_manifest(engine_dir: Path) -> dict[str, Any]:

@@ -104,8 +104,8 @@ class QuantLinear(nn.Module):
         if self.kind == "fp8":
             q = _fp8_round(x / self.input_scale)
             return q if self.scaled_mm else (q.to(self.dtype) * self.input_scale).to(self.dtype)
-        # int8_sq: symmetric narrow-range int8, as ModelOpt's fake quant (-127..127)
-        return (torch.round(x.float() / self.input_scale).clamp_(-127, 127) * self.input_scale).to(self.dtype)
+        # int8_sq: scale = amax/127 but the full int8 range -128..127, exactly as ModelOpt's fake quant
+        return (torch.round(x.float() / self.input_scale).clamp_(-128, 127) * self.input_scale).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:

@@ -77,8 +77,8 @@ class TorchEngine:
             self._decode_fn = torch.compile(model.decode, dynamic=True)
         self._batch_buckets = buckets(self.max_batch_size, 1)
         self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
-        self._tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.
+        self._inputs = torch.zeros(2, self.max_batch_size, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -120,13 +120,16 @@ class TorchEngine:
                     continue
                 batch = next(b for b in self._batch_buckets if b > active[-1])
                 length = next(n for n in self._length_buckets if n > max(slots[i].position for i in active))
-                self._tokens.zero_()
-                self._positions.zero_()
-                ids = torch.tensor(active, device=self.device)
-                self._tokens[ids] = torch.tensor([slots[i].tokens[-1] for i in active], device=self.device)
-                self._positions[ids] = torch.tensor([slots[i].position for i in active], device=self.device)
+                # One host->device copy per step; free slots below ``batch`` decode a dummy token at position 0
+                # of their own (free) cache row, which the next prefill into that slot overwrites.
+                staged = [[0] * batch, [0] * batch]
+                for i in active:
+                    staged[0][i], staged[1][i] = slots[i].tokens[-1], slots[i].position
+                self._inputs[:, :batch].copy_(torch.tensor(staged, dtype=torch.long), non_blocking=True)
                 logits = self._decode(batch, length)
-                tokens = self._sample(logits[ids], [slots[i] for i in active])
+                if active != list(range(len(active))):
+                    logits = logits[torch.tensor(active, device=self.device)]
+                tokens = self._sample(logits[: len(active)], [slots[i] for i in active])
                 for slot, token in zip(active, tokens, strict=True):
                     emit(slot, slots[slot], token)
         return results  # type: ignore[return-value]
@@ -163,7 +166,7 @@ class TorchEngine:
 
     def _decode(self, batch: int, length: int) -> torch.Tensor:
         def step() -> torch.Tensor:
-            return self._decode_fn(self._tokens[:batch], self._positions[:batch], self.cache, length)
+            return self._decode_fn(self._inputs[0, :batch], self._inputs[1, :batch], self.cache, length)
 
         if not self.cuda_graphs:
             return step()

@@ -65,12 +65,25 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
 
 
 def _fuse_gate_up(base: str, tensors: dict[str, torch.Tensor], layout: dict[str, str]) -> None:
+    """One ``mlp.gate_up`` GEMM instead of two where that is exact: unquantized, or FP8 with the shared
+    weight/input scales ModelOpt's export gives fused layers (``preprocess_linear_fusion``)."""
     fc, gate = f"{base}.mlp.fc", f"{base}.mlp.gate"
-    if layout[fc] != "dense" or layout[gate] != "dense" or f"{fc}.bias" in tensors or f"{gate}.bias" in tensors:
+    kind = layout[fc]
+    if kind != layout[gate] or kind not in ("dense", "fp8") or f"{fc}.bias" in tensors or f"{gate}.bias" in tensors:
         return
-    tensors[f"{base}.mlp.gate_up.weight"] = torch.cat((tensors.pop(f"{fc}.weight"), tensors.pop(f"{gate}.weight")))
+    shared = ("weight_scale", "input_scale", "pre_quant_scale")
+    for field in shared:
+        a, b = tensors.get(f"{fc}.{field}"), tensors.get(f"{gate}.{field}")
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            return
+    fused = f"{base}.mlp.gate_up"
+    tensors[f"{fused}.weight"] = torch.cat((tensors.pop(f"{fc}.weight"), tensors.pop(f"{gate}.weight")))
+    for field in shared:
+        if f"{fc}.{field}" in tensors:
+            tensors[f"{fused}.{field}"] = tensors.pop(f"{fc}.{field}")
+            del tensors[f"{gate}.{field}"]
     del layout[fc], layout[gate]
-    layout[f"{base}.mlp.gate_up"] = "dense"
+    layout[fused] = kind
 
 
 def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
