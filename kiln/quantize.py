@@ -278,6 +278,7 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
             with torch.no_grad(), _quiet():
                 export_tensorrt_llm_checkpoint(model, decoder_type, dtype=torch_dtype, export_dir=target,
                                                inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
+            restore_rope_config(target, model.config.to_dict())
             _write_lineage(target, {**full_lineage, "format": "tensorrt_llm_checkpoint", "tp_size": tp,
                                     "pp_size": pp})
             trtllm_dirs[layout_key(tp, pp)] = target
@@ -436,6 +437,27 @@ def _written_quantization(trtllm_dirs: dict[str, Path]) -> dict[str, Any]:
     for directory in trtllm_dirs.values():
         return dict(json.loads((directory / "config.json").read_text()).get("quantization") or {})
     return {}
+
+
+def restore_rope_config(checkpoint_dir: Path, hf_config: dict[str, Any]) -> None:
+    """Write ``rotary_base`` / ``rotary_scaling`` into an exported checkpoint's config.json.
+
+    ModelOpt 0.47's TensorRT-LLM export reads ``rope_theta`` / ``rope_scaling``, which transformers 5 moved
+    into ``rope_parameters``: it silently drops both, and TensorRT-LLM (and kiln's engine) would then run
+    SmolLM2's theta 100000 as the default 10000, or Llama 3 without its RoPE scaling.
+    """
+    path = Path(checkpoint_dir) / "config.json"
+    config = json.loads(path.read_text())
+    rope = dict(hf_config.get("rope_parameters") or {})
+    if hf_config.get("rope_scaling"):
+        rope = {**hf_config["rope_scaling"], **rope}
+    theta = rope.pop("rope_theta", None) or hf_config.get("rope_theta")
+    if theta is not None:
+        config["rotary_base"] = float(theta)
+    kind = rope.pop("rope_type", None) or rope.pop("type", None)
+    if kind and kind != "default":
+        config["rotary_scaling"] = {"type": kind, **rope}
+    path.write_text(json.dumps(config, indent=4))
 
 
 def _write_lineage(directory: Path, lineage: dict[str, Any]) -> None:

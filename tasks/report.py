@@ -20,13 +20,14 @@ from kiln.tasks.build import LOCAL, Outcome, Snapshot
 @task(name="report", **LOCAL)
 def report(request: BuildRequest, snapshot: Snapshot, outcomes: list[Outcome]) -> str:
     """Write results.json, report.md and plots under KILN_HOME/reports/<build>; publish the Prefect artifacts."""
-    from kiln.validation.report import BuildResults, rows_from, write_report
+    from kiln.validation.report import BuildResults, log_to_mlflow, rows_from, write_report
 
     with progress.step("report", request.name) as ev:
         model = f"{snapshot.repo_id or snapshot.path} @ {snapshot.sha[:12]}"
         results = BuildResults(build=request.name, model=model, select=request.evaluation.select,
                                rows=rows_from(outcomes))
         written = write_report(results)
+        log_to_mlflow(written, results, request.registry.resolved_tracking_uri, request.registry.model_name)
         markdown = written.markdown + links_markdown(request, outcomes, written.results_path.parent.as_uri())
         markdown = redact(markdown)  # the tracking URI or a path may carry credentials
         create_markdown_artifact(markdown, key=artifact_key("kiln-build", request.name),

@@ -174,12 +174,8 @@ def test_smollm2_greedy_tokens_equal_fake_quant(smollm2_dir: Path, tmp_path: Pat
         assert result.token_ids == expected
 
 
-@pytest.mark.parametrize("rope_theta", [
-    10000.0,
-    pytest.param(500000.0, marks=pytest.mark.xfail(
-        strict=True, reason="ModelOpt 0.47's TRT-LLM export drops rope_theta/rope_scaling under transformers 5 "
-        "(rope_parameters) and kiln.quantize does not restore them yet; see tests.fixtures.engine.complete_rope_config")),
-])
+# 500000: ModelOpt 0.47's export drops rope_parameters under transformers 5; kiln.quantize restores them
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
 def test_kiln_quantize_checkpoint_runs_in_engine(tmp_path: Path, rope_theta: float) -> None:
     """The real pipeline: ``kiln.quantize`` (weight-only INT8, no calibration data) -> compile -> logits."""
     from kiln.profiles import Recipe
