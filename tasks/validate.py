@@ -100,18 +100,10 @@ def choose_recommended(request: BuildRequest, results: dict[str, Validation]) ->
 
 def _params(recipe: Recipe, target: Target) -> dict[str, str]:
     """Recipe and target settings as flat MLflow params (``recipe.quantization``, ``target.limits.max_seq_len``)."""
-    flat: dict[str, str] = {}
+    from kiln.registry.publish import flat_params
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-        elif value is not None:
-            flat[prefix] = str(value)
-
-    walk("recipe", recipe.model_dump(mode="json", exclude={"gates"}))
-    walk("target", target.model_dump(mode="json"))
-    return flat
+    return {**flat_params("recipe", recipe.model_dump(mode="json", exclude={"gates"})),
+            **flat_params("target", target.model_dump(mode="json"))}
 
 
 @task(name="register", timeout_seconds=3600, **NETWORK)

@@ -91,19 +91,18 @@ def _engine_record(engine_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _lineage_params(lineage: dict[str, Any]) -> dict[str, str]:
-    """Lineage as flat ``lineage.*`` params (model repo + sha, calibration hash, toolchain...), searchable in MLflow."""
+def flat_params(prefix: str, value: Any) -> dict[str, str]:
+    """A nested mapping as flat MLflow params (``lineage.model.sha``, ``target.limits.max_seq_len``)."""
     flat: dict[str, str] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-        elif value is not None:
-            flat[prefix] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    def walk(key: str, item: Any) -> None:
+        if isinstance(item, dict):
+            for sub, nested in item.items():
+                walk(f"{key}.{sub}", nested)
+        elif item is not None:
+            flat[key] = item if isinstance(item, str) else json.dumps(item, sort_keys=True, default=str)
 
-    for key, value in lineage.items():
-        walk(f"lineage.{key}", value)
+    walk(prefix, value)
     return flat
 
 
@@ -149,7 +148,7 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
     metrics = _check_inputs(metrics, params, [Path(p) for p in artifacts])
     # Secrets are dropped before anything is written: the manifest, run params/tags and artifacts.
     lineage = _scrub(dict(lineage))
-    params = _scrub({**_lineage_params(lineage), **params})
+    params = _scrub({**flat_params("lineage", lineage), **params})
     engine = _engine_record(engine_dir)
     tracking_uri, store_uri = registry.resolved_tracking_uri, registry.resolved_store_uri
     mlflow_client = R.client(tracking_uri)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kiln.constants import ENGINE_MANIFEST
+from kiln.engine.base import copy_tokenizer
 from kiln.engine.torch.model import DecoderModel, KVCache
 from kiln.engine.torch.parallel import TensorParallel
 from kiln.engine.torch.runtime import TorchEngine
@@ -37,8 +38,6 @@ from kiln.profiles import Target
 
 FORMAT_VERSION = 1
 INDUCTOR_CACHE = "program.inductor-cache"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -110,7 +109,8 @@ class TorchBackend:
                 tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
-            tokenizer_source = self._copy_tokenizer(staging, tokenizer_dir, lineage, checkpoint_dir)
+            tokenizer_source = copy_tokenizer(staging, [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"),
+                                                        lineage.get("hf_dir"), checkpoint_dir])
             sm = target.sm if target.device == "cuda" else None
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -188,18 +188,6 @@ class TorchBackend:
             raise UnsupportedCombinationError(
                 f"target {target.name!r}: limits.max_seq_len {limits.max_seq_len} exceeds the model's "
                 f"max_position_embeddings {spec.max_position_embeddings}: lower limits.max_seq_len")
-
-    @staticmethod
-    def _copy_tokenizer(staging: Path, tokenizer_dir: Path | None, lineage: dict, checkpoint_dir: Path) -> str | None:
-        candidates = [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"), lineage.get("hf_dir"),
-                      checkpoint_dir]
-        for candidate in candidates:
-            if candidate and (Path(candidate) / "tokenizer_config.json").is_file():
-                for name in TOKENIZER_FILES:
-                    if (Path(candidate) / name).is_file():
-                        shutil.copy2(Path(candidate) / name, staging / name)
-                return str(candidate)
-        return None
 
     def _precompile(self, engine_dir: Path) -> None:
         """Compile the decode step for the common buckets and keep Inductor's artifacts in the engine dir."""

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from kiln.constants import ENGINE_MANIFEST
-from kiln.engine.base import GenerationRequest, GenerationResult
+from kiln.engine.base import GenerationRequest, GenerationResult, copy_tokenizer
 from kiln.engine.base import SamplingParams as KilnSampling
 from kiln.engine.trtllm import api
 from kiln.errors import (
@@ -54,8 +54,6 @@ from kiln.profiles import Target
 FORMAT_VERSION = 1
 BUILD_LOG = "trtllm-build.log"
 LLM_API_OPTIONS = "llm_api_options.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 WORK_POOL_TEMPLATE = "deploy/trtllm-work-pool.json"
 
 
@@ -163,7 +161,8 @@ def build_engine(checkpoint_dir: Path, target: Target, output_dir: Path, lineage
             raise KilnError(f"trtllm-build exited with {code} for target {target.name!r} after {seconds:.0f}s; "
                             f"command: {' '.join(argv)}\nlast lines of its log:\n{tail}")
         check_engine_dir(staging, facts.world_size, contract)
-        tokenizer = _copy_tokenizer(staging, lineage, checkpoint_dir)
+        tokenizer = copy_tokenizer(staging, [lineage.get("tokenizer_dir"), lineage.get("model_dir"), lineage.get("hf_dir"),
+                                               checkpoint_dir])
         manifest = _manifest(target, contract, tools, lineage, artifact="engine", quant_algo=facts.quant_algo,
                              kv_cache_quant_algo=facts.kv_cache_quant_algo,
                              checkpoint_sha256=hash_directory(checkpoint_dir), tokenizer=tokenizer)
@@ -297,16 +296,6 @@ def _staging(output_dir: Path) -> Iterator[Path]:
         staging.rename(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _copy_tokenizer(staging: Path, lineage: dict, checkpoint_dir: Path) -> str | None:
-    for candidate in (lineage.get("tokenizer_dir"), lineage.get("model_dir"), lineage.get("hf_dir"), checkpoint_dir):
-        if candidate and (Path(candidate) / "tokenizer_config.json").is_file():
-            for name in TOKENIZER_FILES:
-                if (Path(candidate) / name).is_file():
-                    shutil.copy2(Path(candidate) / name, staging / name)
-            return str(candidate)
-    return None
 
 
 def read_manifest(engine_dir: Path) -> dict[str, Any]:
