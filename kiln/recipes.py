@@ -35,7 +35,9 @@ SCHEMES: dict[str, QuantScheme] = {
     "fp8": QuantScheme("FP8_DEFAULT_CFG", "FP8", needs_activations=True, min_sm=89),
     "int8_sq": QuantScheme("INT8_SMOOTHQUANT_CFG", "W8A8_SQ_PER_CHANNEL", needs_activations=True, min_sm=None),
     "int8_wo": QuantScheme("INT8_WEIGHT_ONLY_CFG", "W8A16", needs_activations=False, min_sm=None),
-    "int4_wo": QuantScheme("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16", needs_activations=False, min_sm=None,
+    # ModelOpt 0.47 exports block-wise INT4 weight-only as W4A16_AWQ (pre_quant_scale: true, no scale
+    # tensors: the engines treat a missing pre-quant scale as ones), not as W4A16
+    "int4_wo": QuantScheme("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A16_AWQ", needs_activations=False, min_sm=None,
                            group_size=True),
     "int4_awq": QuantScheme("INT4_AWQ_CFG", "W4A16_AWQ", needs_activations=True, min_sm=None, group_size=True),
     "w4a8_awq": QuantScheme("W4A8_AWQ_BETA_CFG", "W4A8_AWQ", needs_activations=True, min_sm=89, group_size=True),
