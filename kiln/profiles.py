@@ -262,8 +262,9 @@ def _resolve_refs(path: Path, data: dict[str, Any], kind: str) -> None:
                 library, lib_path = _library(path, kind)
             if item not in library:
                 where = f"in {lib_path}" if lib_path else f"(no {kind}.yaml found above {path.parent})"
-                known = ", ".join(sorted(library)) or "none"
-                raise ProfileError(f"{path}: {kind}[{index}]: unknown {kind[:-1]} {item!r} {where}; known: {known}")
+                known = (f"known: {', '.join(sorted(library))}" if library else
+                         f"define it inline, or set KILN_PROFILES_DIR to a folder with {kind}.yaml")
+                raise ProfileError(f"{path}: {kind}[{index}]: unknown {kind[:-1]} {item!r} {where}; {known}")
             items[index] = library[item]
 
 

@@ -74,12 +74,17 @@ def _check_before_prefect(request, profile: Path, dispatch: str) -> None:
                 if Path(model.local_dir).parent == constants.assets_dir() else "")
         raise ModelSourceError(f"{profile}: model.local_dir {model.local_dir} is not a directory; point it at an "
                                f"HF model directory (config.json, *.safetensors, tokenizer files){hint}")
+    info = None
     if isinstance(model, LocalModel):
         # headers only (no weights read): a corrupt file or a tp_size that cannot split the heads fails here
         from kiln.hub import check_local_dir, inspect_model
-        from kiln.preflight import check_model
 
-        check_model(request, inspect_model(check_local_dir(model)), source=str(profile))
+        info = inspect_model(check_local_dir(model))
+    from kiln.preflight import check_request
+
+    # targets that run in this process (not on their pools) must be buildable here: a required TensorRT-LLM
+    # target without tensorrt_llm fails now, not after download and calibration
+    check_request(request, source=str(profile), model_info=info, local_targets=dispatch != "deployments")
 
 
 class _StepProgress:
