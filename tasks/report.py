@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from kiln.errors import RegistryError
 from kiln.profiles import BuildRequest
 from kiln.redact import redact
 from kiln.tasks import progress
@@ -27,7 +28,13 @@ def report(request: BuildRequest, snapshot: Snapshot, outcomes: list[Outcome]) -
         results = BuildResults(build=request.name, model=model, select=request.evaluation.select,
                                rows=rows_from(outcomes))
         written = write_report(results)
-        log_to_mlflow(written, results, request.registry.resolved_tracking_uri, request.registry.model_name)
+        try:
+            log_to_mlflow(written, results, request.registry.resolved_tracking_uri, request.registry.model_name)
+        except RegistryError as exc:
+            # the report is already on disk and the versions are registered (or their failure reported):
+            # an unreachable tracking server must not turn the build's outcome into a failure
+            get_run_logger().warning("build report not logged to MLflow (%s); it is at %s", redact(str(exc)),
+                                     written.results_path.parent)
         markdown = written.markdown + links_markdown(request, outcomes, written.results_path.parent.as_uri())
         markdown = redact(markdown)  # the tracking URI or a path may carry credentials
         create_markdown_artifact(markdown, key=artifact_key("kiln-build", request.name),

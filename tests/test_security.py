@@ -137,6 +137,10 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
     from kiln.tasks.report import report
 
     monkeypatch.setenv("KILN_PROFILES_DIR", str(REPO / "profiles"))
+    # the tracking host does not resolve: the report's MLflow logging fails (a masked warning) without
+    # MLflow's minutes of default retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     tracking = "https://kiln:tracking-pw-42@mlflow.example"
     request = load_request({"name": "sec-report", "model": {"repo_id": "org/model", "revision": "main"},
                             "recipes": ["none"], "targets": ["cpu"],
