@@ -129,8 +129,12 @@ def test_cli_errors_mask_secrets(fake_secrets, capsys: pytest.CaptureFixture) ->
 def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_secrets, kiln_home: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The real report task publishes its Prefect artifacts; a flow logs through Prefect's API log handler."""
+    from uuid import UUID
+
     from prefect import flow, get_run_logger
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
 
     from kiln.profiles import load_request
     from kiln.tasks.build import Outcome, Snapshot
@@ -151,15 +155,19 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
                       uri=f"s3://engines/sec/cpu/k?X-Amz-Credential={FAKE_AWS_SECRET}", build_key="k" * 64)
 
     @flow(name="kiln-security-probe")
-    def probe() -> str:
-        get_run_logger().warning("using HF token %s and %s", FAKE_HF_TOKEN, tracking)
-        return report(request, snapshot, [outcome])
+    def probe() -> tuple[str, str]:
+        from prefect.runtime import flow_run
 
-    markdown = probe()
+        get_run_logger().warning("using HF token %s and %s", FAKE_HF_TOKEN, tracking)
+        return report(request, snapshot, [outcome]), flow_run.id
+
+    markdown, run_id = probe()
     assert "sec.cpu v1" in markdown
+    APILogHandler().flush()  # logs ship in batches: send this run's before reading them back
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
-        logs = client.read_logs()
+        # this run's logs only: the session's harness holds other tests' logs past the default page size
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])))
     texts = [markdown] + [f"{a.key} {a.data} {a.description}" for a in artifacts] + [lg.message for lg in logs]
     assert any("kiln-build-sec-report" in t for t in texts)  # the artifacts were really read back
     assert any("using HF token ***" in t for t in texts)  # and the log line
