@@ -13,7 +13,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -31,10 +31,10 @@ OUTPUT = "out"
 _TOOLCHAIN_PACKAGES = ("kiln-llm", "torch", "transformers", "nvidia-modelopt", "tensorrt_llm", "safetensors")
 
 
-def toolchain_versions() -> dict[str, str]:
+def toolchain_versions(packages: Sequence[str] = _TOOLCHAIN_PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that shape a checkpoint or an engine (absent ones omitted)."""
     versions = {}
-    for package in _TOOLCHAIN_PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

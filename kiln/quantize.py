@@ -308,15 +308,11 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
 
 
 def toolchain_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    """What a checkpoint's lineage records: Python and the packages that shaped its weights."""
+    from kiln.cache import toolchain_versions as installed
 
-    out = {"python": platform.python_version()}
-    for dist in ("nvidia-modelopt", "torch", "transformers", "kiln-llm"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out
+    return {"python": platform.python_version(),
+            **installed(("nvidia-modelopt", "torch", "transformers", "kiln-llm"))}
 
 
 def _seed_everything(seed: int) -> None:
