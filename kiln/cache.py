@@ -99,17 +99,19 @@ class StepCache:
         tmp.write_text(json.dumps(_jsonable(value), indent=1, sort_keys=True))
         tmp.replace(entry / RECORD)
 
-    def run(self, key: str, compute: Callable[[Path], T], type_: type[T]) -> CacheHit[T]:
+    def run(self, key: str, compute: Callable[[Path], T], type_: type[T],
+            reuse: Callable[[T], bool] | None = None) -> CacheHit[T]:
         """Return the cached result for ``key``, or compute it once and store it.
 
         ``compute(output_dir)`` writes its files into ``output_dir`` and returns a dataclass or pydantic
         model whose paths point there. The record is written last: an entry without one (a crash
-        mid-step) is wiped and recomputed, never reused.
+        mid-step) is wiped and recomputed, never reused. ``reuse(cached)`` False also recomputes it
+        (a stored result that does not answer this run, e.g. a checkpoint refused under another gate).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / f"{key}.lock")):
             cached = self.get(key, type_)
-            if cached is not None:
+            if cached is not None and (reuse is None or reuse(cached)):
                 return CacheHit(cached, key, reused=True)
             shutil.rmtree(self.entry_dir(key), ignore_errors=True)
             output = self.output_dir(key)

@@ -249,11 +249,13 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
         timings["quantized_ppl"] = time.perf_counter() - start
         perplexity = _perplexity(baseline_nll, quant_nll, heldout.sha256)
         if max_ppl_increase_pct is not None and perplexity.increase_pct > max_ppl_increase_pct:
-            raise GateFailedError(
+            refused = GateFailedError(
                 f"recipe {recipe.name!r}: fake-quant perplexity {perplexity.quantized:.3f} vs baseline "
                 f"{perplexity.baseline:.3f} (+{perplexity.increase_pct:.2f}%) is over max_ppl_increase_pct "
                 f"{max_ppl_increase_pct:g} on {perplexity.num_tokens} held-out tokens; no engine is built from it. "
                 "Use a milder recipe (e.g. int8_wo, fp8, int4_awq with a smaller group_size) or relax the gate")
+            refused.perplexity = perplexity  # type: ignore[attr-defined]  # the build reports and caches them
+            raise refused
 
     decoder_type = DECODER_TYPES[info.architecture]
     torch_dtype = getattr(torch, dtype)
@@ -348,11 +350,10 @@ def _load_model(model_dir: Path, *, device: str, dtype: str) -> torch.nn.Module:
     quant_config = getattr(config, "quantization_config", None)
     if quant_config is not None:
         method = quant_config.get("quant_method") if isinstance(quant_config, dict) else getattr(quant_config, "quant_method", None)
-        if str(method) != "gguf":
-            raise KilnInputError(f"{model_dir}/config.json: the model is already quantized ({method}); kiln "
-                                 "calibrates from the unquantized checkpoint: point the profile at it")
-        # a GGUF origin note on plain safetensors (a dequantized conversion): the weights are full precision
-        del config.quantization_config
+        fix = ("if these safetensors are a dequantized GGUF conversion, delete quantization_config from config.json "
+               "(`kiln assets prepare` writes SmolLM2 without it)" if str(method) == "gguf" else "point the profile at it")
+        raise KilnInputError(f"{model_dir}/config.json: the model is already quantized ({method}); kiln "
+                             f"calibrates from the unquantized checkpoint: {fix}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=load_dtype,
                                                  trust_remote_code=False, use_safetensors=True)
     return model.to(device).eval()

@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from kiln import cache
-from kiln.errors import KilnInputError
-from kiln.profiles import BuildRequest, Recipe, Target, load_request
+from kiln.errors import GateFailedError, KilnInputError
+from kiln.profiles import BuildRequest, Gates, Recipe, Target, load_request
+from kiln.quantize import Perplexity
 from kiln.tasks import progress
 
 BASELINE = Recipe(name="baseline", quantization="none")
@@ -89,7 +90,12 @@ class Datasets:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One recipe's checkpoint, calibrated once and shared by every target."""
+    """One recipe's checkpoint, calibrated once and shared by every target.
+
+    ``perplexity`` is the fake-quant perplexity vs the unquantized model on the held-out tokens, measured
+    when the recipe has a ``max_ppl_increase_pct`` gate (cached with the checkpoint); ``gate_failures``
+    is decided from it every run. A recipe refused by that gate has no exports: nothing is compiled from it.
+    """
 
     recipe: str
     key: str
@@ -97,6 +103,24 @@ class Checkpoint:
     hf_dir: Path | None
     calibration_sha256: str | None
     reused: bool = False
+    perplexity: Perplexity | None = None
+    gate_failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.gate_failures
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail: " + "; ".join(self.gate_failures)
+
+    def metrics(self) -> dict[str, float]:
+        """The gate's numbers under the report's metric names (``perplexity``, ``ppl_increase_pct`` ...)."""
+        ppl = self.perplexity
+        if ppl is None:
+            return {}
+        return {"perplexity": ppl.quantized, "baseline_perplexity": ppl.baseline,
+                "ppl_increase_pct": ppl.increase_pct, "heldout_tokens": float(ppl.num_tokens)}
 
     def dir_for(self, target: Target) -> Path:
         return self.trtllm_dirs[layout_name(target)]
@@ -229,7 +253,11 @@ def _weight_inputs(recipe: Recipe) -> dict[str, Any]:
 
 @task(name="calibrate-and-quantize", timeout_seconds=6 * 3600, **LOCAL)
 def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Recipe, data: Datasets) -> Checkpoint:
-    """Calibrate once per recipe (ModelOpt) and export a TensorRT-LLM checkpoint per (tp, pp) of the targets."""
+    """Calibrate once per recipe (ModelOpt) and export a TensorRT-LLM checkpoint per (tp, pp) of the targets.
+
+    With a ``max_ppl_increase_pct`` gate the fake-quant perplexity is checked first: a recipe over it is
+    exported nowhere and comes back with ``gate_failures`` (its targets are reported, never compiled).
+    """
     from kiln.quantize import quantize
 
     layouts = sorted({layout_name(t) for t in request.targets})
@@ -239,21 +267,74 @@ def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Re
     formats = export_formats(request)
     key = checkpoint_key(snapshot, recipe, cal_sha, layouts, dtype, formats)
     pairs = [(t.limits.tp_size, t.limits.pp_size) for t in request.targets]
+    limit = checkpoint_gate(request, recipe)
+    heldout = data.heldout if limit is not None else None  # no gate: no perplexity passes to pay for
 
     def compute(output_dir: Path) -> Checkpoint:
         lineage = {"model_sha": snapshot.sha, "repo_id": snapshot.repo_id, "recipe": recipe.name, "build_key": key}
-        result = quantize(snapshot.path, recipe, layouts=sorted(set(pairs)), output_dir=output_dir, dtype=dtype,
-                          device=_quantize_device(request), lineage=lineage, calibration=calibration,
-                          formats=formats)
+        try:
+            result = quantize(snapshot.path, recipe, layouts=sorted(set(pairs)), output_dir=output_dir, dtype=dtype,
+                              device=_quantize_device(request), lineage=lineage, calibration=calibration,
+                              formats=formats, heldout=heldout, max_ppl_increase_pct=limit)
+        except GateFailedError as exc:
+            measured = getattr(exc, "perplexity", None)
+            if measured is None:
+                raise
+            # cached as a refusal with its numbers: a rerun gives the same verdict without recalibrating
+            return Checkpoint(recipe.name, key, {}, None, cal_sha, perplexity=measured)
         return Checkpoint(recipe.name, key, {k: Path(v) for k, v in result.trtllm_dirs.items()},
                           Path(result.hf_dir) if getattr(result, "hf_dir", None) else None,
-                          getattr(result, "calibration_sha256", cal_sha))
+                          getattr(result, "calibration_sha256", cal_sha), perplexity=result.perplexity)
+
+    def answers(cached: Checkpoint) -> bool:
+        # the key leaves gates out (they do not change weights): a stored entry serves when it holds what
+        # this run's gate needs; a refusal serves only a gate it still fails, or the recipe recalibrates
+        if heldout is None:
+            return bool(cached.trtllm_dirs)
+        ppl = cached.perplexity
+        if ppl is None or ppl.heldout_sha256 != getattr(heldout, "sha256", None):
+            return False
+        return bool(cached.trtllm_dirs) or ppl.increase_pct > limit
 
     with progress.step("quantize", recipe.name) as ev:
-        hit = cache.StepCache("quantize").run(key, compute, Checkpoint)
+        hit = cache.StepCache("quantize").run(key, compute, Checkpoint, reuse=answers)
+        failures = checkpoint_gate_failures(hit.value.perplexity, limit)
         ev.status = "reused" if hit.reused else "done"
+        if hit.value.perplexity is not None:
+            ppl = hit.value.perplexity
+            ev.note = f"fake-quant ppl {ppl.quantized:.2f} ({ppl.increase_pct:+.2f}%), "
+            ev.note += "pass" if not failures else "FAIL: " + "; ".join(failures)
         # recipes with the same weights (`none` and the baseline) share one entry: name it for this recipe
-        return _with_reused(hit.value, hit.reused, recipe=recipe.name)
+        return _with_reused(hit.value, hit.reused, recipe=recipe.name, gate_failures=tuple(failures))
+
+
+def checkpoint_gate(request: BuildRequest, recipe: Recipe) -> float | None:
+    """The recipe's ``max_ppl_increase_pct``, checked on the checkpoint before export; None: no such gate,
+    or nothing to check (a recipe that quantizes neither weights nor KV cache is the baseline itself)."""
+    if recipe.quantization == "none" and recipe.kv_cache_dtype == "auto":
+        return None
+    return request.gates_for(recipe).max_ppl_increase_pct
+
+
+def checkpoint_gate_failures(perplexity: Perplexity | None, limit: float | None) -> list[str]:
+    """The checkpoint gate's verdict as validation words it (``kiln.validation.gates``), marked ``checkpoint``."""
+    if limit is None:
+        return []
+    from kiln.validation.gates import decide
+
+    metrics = {} if perplexity is None else {"ppl_increase_pct": perplexity.increase_pct}
+    verdict = decide(Gates(max_ppl_increase_pct=limit), metrics)
+    if perplexity is None:
+        return [f"checkpoint {m}" for m in verdict.messages]
+    return [f"checkpoint {m}: fake-quant perplexity {perplexity.quantized:.4g} vs unquantized "
+            f"{perplexity.baseline:.4g} on {perplexity.num_tokens} held-out tokens" for m in verdict.messages]
+
+
+def gate_failed(checkpoint: Checkpoint, target: Target) -> Outcome:
+    """The outcome of a recipe its checkpoint gate refused, on one target: reported, nothing compiled."""
+    with progress.step("compile", f"{checkpoint.recipe} x {target.name}") as ev:
+        ev.status, ev.note = "skipped", checkpoint.verdict
+    return Outcome(checkpoint.recipe, target.name, "failed-gates", checkpoint.verdict, checkpoint.metrics())
 
 
 def _checkpoint_dtype(request: BuildRequest) -> str:
@@ -268,7 +349,7 @@ def _quantize_device(request: BuildRequest) -> str:
     return "cuda" if torch.cuda.is_available() and any(t.device == "cuda" for t in request.targets) else "cpu"
 
 
-def _with_reused(value: Any, reused: bool, **names: str) -> Any:
+def _with_reused(value: Any, reused: bool, **names: Any) -> Any:
     from dataclasses import replace
 
     return replace(value, reused=reused, **names)
