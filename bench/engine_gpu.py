@@ -43,8 +43,8 @@ FP8_MAX = 448.0
 
 
 class Run:
-    def __init__(self, out: Path, budget_s: float) -> None:
-        self.out, self.start, self.budget = out, time.perf_counter(), budget_s
+    def __init__(self, out: Path, budget_s: float, name: str = "engine_gpu.json") -> None:
+        self.out, self.start, self.budget, self.name = out, time.perf_counter(), budget_s, name
         self.results: dict = {"stages": {}, "errors": {}}
 
     def stage(self, name: str, fn, *args, **kwargs):
@@ -66,7 +66,7 @@ class Run:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "engine_gpu.json").write_text(json.dumps(self.results, indent=2, default=str))
+        (self.out / self.name).write_text(json.dumps(self.results, indent=2, default=str))
 
 
 def copy_bandwidth() -> float:

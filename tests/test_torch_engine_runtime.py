@@ -83,6 +83,24 @@ def test_in_flight_batching_equals_one_at_a_time(engine) -> None:
     assert order.index(3) > max(i for i, r in enumerate(order) if r == 1)
 
 
+def test_packed_prefill_equals_one_sequence_at_a_time(engine) -> None:
+    """Joining requests share one prefill pass: same last-token logits and the same K/V in each slot."""
+    prompts = [ids(n, 40 + n) for n in (7, 19, 3)]
+    model, cache = engine.model, engine.cache
+    with torch.inference_mode():
+        alone = []
+        for slot, p in enumerate(prompts):
+            alone.append(model.prefill(torch.tensor(p), cache, [slot], last_only=True)[0])
+        kv_alone = [cache.k[1][s, :, : len(p)].clone() for s, p in enumerate(prompts)]
+        for t in (*cache.k, *cache.v):
+            t.zero_()
+        packed = model.prefill(torch.tensor([t for p in prompts for t in p]), cache, [0, 1, 2], last_only=True,
+                               lengths=[len(p) for p in prompts])
+    torch.testing.assert_close(packed, torch.stack(alone), atol=1e-5, rtol=1e-5)
+    for s, p in enumerate(prompts):
+        torch.testing.assert_close(cache.k[1][s, :, : len(p)], kv_alone[s])
+
+
 def test_per_request_sampling(engine) -> None:
     prompt = ids(6, 7)
     base = engine.generate([GenerationRequest(prompt, greedy(12))])[0].token_ids

@@ -124,11 +124,6 @@ class QuantLinear(nn.Module):
 
     def _fp8_gemm(self, xq: torch.Tensor) -> torch.Tensor:
         lead, k = xq.shape[:-1], xq.shape[-1]
-        x2 = xq.reshape(-1, k)
-        rows = x2.shape[0]
-        pad = (-rows) % 16  # cuBLASLt FP8 needs M a multiple of 16
-        if pad:
-            x2 = F.pad(x2.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
-        y = torch._scaled_mm(x2, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+        y = torch._scaled_mm(xq.reshape(-1, k), self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
                              out_dtype=self.dtype)
-        return y[:rows].reshape(*lead, -1)
+        return y.reshape(*lead, -1)

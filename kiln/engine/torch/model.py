@@ -1,9 +1,9 @@
 """The Llama-family decoder executed straight from runtime-layout tensors, with a preallocated KV cache.
 
-Two entry points share the layer code: ``prefill`` (one sequence, causal attention over its own tokens,
-K/V written into a cache slot) and ``decode`` (one token for each of the first ``B`` slots, attention
-over the first ``L`` cache positions). Both take and return fixed-shape tensors so ``decode`` can be
-captured in a CUDA graph per (B, L) bucket.
+Two entry points share the layer code: ``prefill`` (one or more sequences packed into one token row,
+each attending causally to its own tokens, K/V written into its cache slot) and ``decode`` (one token for
+each of the first ``B`` slots, attention over the first ``L`` cache positions). ``decode`` takes and
+returns fixed-shape tensors so it can be captured in a CUDA graph per (B, L) bucket.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class DecoderLayer(nn.Module):
         return h + self.proj(F.silu(act) * up)
 
     def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                slot: int | None) -> torch.Tensor:
+                where: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write;
+        ``mask [T, T]`` keeps each sequence causal and to itself (None: one sequence, plain causal)."""
         q, k, v = self._qkv(h, cos, sin)
         n = h.shape[0]
         if cache is not None and cache.scales is not None:
@@ -103,11 +105,19 @@ class DecoderLayer(nn.Module):
             k, v = cache.dequantize(self.index, kq, vq)  # attention sees what the cache will hold
         else:
             kq, vq = k, v
-        if cache is not None and slot is not None:
-            cache.k[self.index][slot, :, :n] = kq.transpose(0, 1)
-            cache.v[self.index][slot, :, :n] = vq.transpose(0, 1)
-        attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                              is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        if cache is not None and where is not None:
+            slots, positions = where
+            cache.k[self.index][slots, :, positions] = kq
+            cache.v[self.index][slots, :, positions] = vq
+        if mask is None:
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                  is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        else:
+            # K/V repeated to every query head: a few MB, and it keeps the masked call on a fused kernel
+            group = self.heads // self.kv_heads
+            k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                  attn_mask=mask)
         h = h + self.dense(attn[0].transpose(0, 1).reshape(n, -1))
         return self._mlp(h)
 
@@ -120,12 +130,11 @@ class DecoderLayer(nn.Module):
         cache.k[self.index][rows, :, positions] = kq
         cache.v[self.index][rows, :, positions] = vq
         keys, values = cache.dequantize(self.index, cache.k[self.index][:b, :, :length], cache.v[self.index][:b, :, :length])
+        # GQA without copying K/V: a KV head's query group is the "query length" of one fused attention call
         group = self.heads // self.kv_heads
-        scores = torch.matmul(q.view(b, self.kv_heads, group, d), keys.transpose(-1, -2)).float()
-        scores = scores * (d ** -0.5) + key_mask[:, None, None, :]
-        probs = torch.softmax(scores, dim=-1).to(h.dtype)
-        attn = torch.matmul(probs, values).reshape(b, self.heads * d)
-        h = h + self.dense(attn)
+        attn = F.scaled_dot_product_attention(q.view(b, self.kv_heads, group, d), keys, values,
+                                              attn_mask=key_mask[:, None, None, :])
+        h = h + self.dense(attn.reshape(b, self.heads * d))
         return self._mlp(h)
 
 
@@ -182,20 +191,31 @@ class DecoderModel(nn.Module):
         logits = self.lm_head(_rms_norm(h, self.final_norm, self.spec.norm_eps))
         return self.tp.all_gather_last(logits)[..., : self.spec.vocab_size]
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache | None, slot: int | None, last_only: bool) -> torch.Tensor:
-        """Logits for one sequence ``tokens [n]`` (``[1, vocab]`` if ``last_only``), writing K/V into ``slot``."""
-        n = tokens.shape[0]
-        cos, sin = self.cos[:n, None, :], self.sin[:n, None, :]
+    def prefill(self, tokens: torch.Tensor, cache: KVCache | None, slots: list[int] | None, last_only: bool,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """Logits for sequences packed in ``tokens [T]`` (``lengths``; default one sequence), writing each
+        one's K/V into its cache slot. ``last_only``: ``[n_seq, vocab]``, each sequence's last position."""
+        lengths = lengths or [tokens.shape[0]]
+        device = tokens.device
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
+        mask = None
+        if len(lengths) > 1:
+            mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
         h = self._embed(tokens)
         for layer in self.layers:
-            h = layer.prefill(h, cos, sin, cache, slot)
-        return self._logits(h[-1:] if last_only else h)
+            h = layer.prefill(h, cos, sin, cache, where, mask)
+        if last_only:
+            h = h[torch.tensor(lengths, device=device).cumsum(0) - 1]
+        return self._logits(h)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         keys = torch.arange(length, device=tokens.device)
-        key_mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))
+        key_mask = keys[None, :] <= positions[:, None]
         h = self._embed(tokens)
         for layer in self.layers:
             h = layer.decode(h, cos, sin, positions, cache, length, key_mask)

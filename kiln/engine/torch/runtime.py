@@ -1,7 +1,8 @@
 """The loaded torch engine: in-flight batching over a preallocated KV cache, per-request sampling.
 
-Scheduling (``generate``): requests queue; whenever a cache slot is free and fewer than ``concurrency``
-requests run, the next one is prefilled into the lowest free slot and joins the running batch; every
+Scheduling (``generate``): requests queue; whenever cache slots are free and fewer than ``concurrency``
+requests run, the next ones (up to ``max_num_tokens`` prompt tokens together) are prefilled in one packed
+forward pass into the lowest free slots and join the running batch; every
 iteration then decodes one token for all running requests at once; a request leaves as soon as it hits
 ``max_new_tokens`` or a stop id, freeing its slot for the queue. On CUDA each decode step replays a
 CUDA graph captured per (batch bucket, attended-length bucket); with ``program.compile == "inductor"``
@@ -71,10 +72,13 @@ class TorchEngine:
         self.max_batch_size, self.max_input_len, self.max_seq_len = (
             limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"])
         self.device = model.device
+        # prompt tokens prefilled together in one pass (bounds the packed attention mask, T x T)
+        self.max_num_tokens = max(limits.get("max_num_tokens") or 0, self.max_input_len)
         self.cuda_graphs = bool(program.get("cuda_graphs")) and self.device.type == "cuda"
         self._decode_fn = model.decode
         if program.get("compile") == "inductor":
-            self._decode_fn = torch.compile(model.decode, dynamic=True)
+            self._decode_fn = torch.compile(model.decode, dynamic=program.get("dynamic", True),
+                                            options=program.get("inductor_options"))
         self._batch_buckets = buckets(self.max_batch_size, 1)
         self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
         # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.
@@ -105,16 +109,23 @@ class TorchEngine:
 
         with torch.inference_mode():
             while pending or any(slots):
+                joining: list[tuple[int, _Running]] = []
+                budget = self.max_num_tokens
                 while pending and sum(s is not None for s in slots) < concurrency:
-                    index = pending.popleft()
-                    request = requests[index]
+                    request = requests[pending[0]]
+                    if joining and len(request.prompt_token_ids) > budget:
+                        break
+                    budget -= len(request.prompt_token_ids)
                     slot = slots.index(None)
-                    running = _Running(index, request, new_generator(request.sampling, self.device))
-                    slots[slot] = running
-                    prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
-                    logits = self.model.prefill(prompt, self.cache, slot, last_only=True)
-                    token = self._sample(logits, [running])[0]
-                    emit(slot, running, token)
+                    slots[slot] = _Running(pending.popleft(), request, new_generator(request.sampling, self.device))
+                    joining.append((slot, slots[slot]))
+                if joining:
+                    prompt = torch.tensor([t for _, r in joining for t in r.request.prompt_token_ids], dtype=torch.long,
+                                          device=self.device)
+                    logits = self.model.prefill(prompt, self.cache, [slot for slot, _ in joining], last_only=True,
+                                                lengths=[len(r.request.prompt_token_ids) for _, r in joining])
+                    for (slot, running), token in zip(joining, self._sample(logits, [r for _, r in joining]), strict=True):
+                        emit(slot, running, token)
                 active = [i for i, s in enumerate(slots) if s is not None]
                 if not active:
                     continue
