@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kiln.errors import ContractError, UnsupportedCombinationError
+from kiln.errors import ContractError, ProfileError, UnsupportedCombinationError
 from kiln.profiles import BuildRequest, LocalModel, Recipe, Target
 from kiln.recipes import KV_SCHEMES, scheme
 
@@ -73,6 +73,11 @@ def check_request_static(request: BuildRequest, source: str = "<request>") -> No
             f"{source}: {len(problems)} recipe x target pair(s) cannot run:\n  " + "\n  ".join(problems)
             + "\nRemove the pair (split the request) or pick a target with a newer GPU."
         )
+    if request.evaluation.tasks:  # unknown lm-eval task names fail here, before any engine is built
+        from kiln.validation.tasks import task_problems
+
+        if errors := [msg for level, msg in task_problems(request.evaluation) if level == "error"]:
+            raise ProfileError(f"{source}: " + "\n  ".join(errors))
 
 
 # --- memory ----------------------------------------------------------------------------------------------
@@ -251,6 +256,10 @@ def request_findings(request: BuildRequest, *, model_info: ModelInfo | None = No
     info = _model_info(request, model_info)
     modelopt_version = package_version("nvidia-modelopt")
     found: list[Finding] = []
+    if request.evaluation.tasks:  # lm-eval task names: unknown ones fail here, not after the engines are built
+        from kiln.validation.tasks import task_problems
+
+        found += [Finding(level, "tasks", "evaluation", msg) for level, msg in task_problems(request.evaluation)]
     for target in request.targets:
         found += parallelism_findings(target, info)
         if local_targets:

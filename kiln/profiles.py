@@ -115,6 +115,17 @@ class Gates(_Strict):
     max_kl_divergence: float | None = Field(None, ge=0)
     min_tokens_per_s: float | None = Field(None, gt=0)
     max_ttft_p90_ms: float | None = Field(None, gt=0)
+    min_task_score: dict[str, float] | None = Field(
+        None, description="lm-eval task scores, {'TASK/METRIC': minimum}, e.g. {'hellaswag/acc_norm': 0.4}")
+
+    @field_validator("min_task_score")
+    @classmethod
+    def _task_metric_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not re.fullmatch(r"[^/\s]+/[^/\s]+", key):
+                raise ValueError(f"key {key!r} must be TASK/METRIC (e.g. hellaswag/acc_norm), the task as in "
+                                 "evaluation.tasks (a YAML by its file stem)")
+        return value
 
     def merged(self, override: Gates | None) -> Gates:
         if override is None:
@@ -172,8 +183,17 @@ class Registry(_Strict):
         return constants.store_uri_override() or self.store_uri or constants.default_store_uri()
 
 
+TASK_YAML_SUFFIXES = (".yaml", ".yml")
+_TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:*-]{0,127}$"
+
+
+def is_task_yaml(spec: str) -> bool:
+    """Whether an ``evaluation.tasks`` entry is a task YAML path (else an lm-eval task, group or tag name)."""
+    return spec.lower().endswith(TASK_YAML_SUFFIXES)
+
+
 class Evaluation(_Strict):
-    """Held-out data and the performance sweep used by validation."""
+    """Held-out data, the performance sweep and the optional lm-eval tasks used by validation."""
 
     heldout: str = "builtin:fortunes"
     heldout_tokens: int = Field(2048, ge=64)
@@ -181,7 +201,31 @@ class Evaluation(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     prompt_len: int = Field(128, ge=1, description="prompt tokens of each performance request (clipped to the engine's limits)")
     concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4], min_length=1)
+    perf_requests: PositiveInt | None = Field(
+        None, description="timed requests per concurrency level (at least the level); default 8 on cuda, 4 on cpu")
+    perf_max_new_tokens: PositiveInt | None = Field(
+        None, description="output tokens per performance request; default max_new_tokens on cuda, at most 16 on cpu")
     select: Literal["fastest", "smallest"] = "fastest"
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval-harness tasks run on each engine: task/group names or task YAML paths (optional extra)")
+    task_limit: PositiveInt | None = Field(None, description="samples per task (None: the whole task)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_specs(cls, value: list[str]) -> list[str]:
+        for index, spec in enumerate(value):
+            if is_task_yaml(spec):
+                if not Path(spec).is_file():
+                    raise ValueError(f"[{index}]: task YAML {spec!r} does not exist (paths are relative to the "
+                                     "profile file)")
+            elif not re.match(_TASK_NAME, spec):
+                raise ValueError(f"[{index}]: {spec!r} is neither an lm-eval task name (e.g. hellaswag) nor a "
+                                 "task .yaml path")
+        dupes = sorted({s for s in value if value.count(s) > 1})
+        if dupes:
+            raise ValueError(f"duplicate tasks {dupes}")
+        return value
 
 
 class BuildRequest(_Strict):
@@ -274,6 +318,15 @@ def _expand_paths(path: Path, data: dict[str, Any]) -> None:
         raw = os.path.expandvars(model["local_dir"]).replace("${KILN_HOME}", str(constants.kiln_home()))
         local = Path(raw).expanduser()
         model["local_dir"] = str(local if local.is_absolute() else (path.parent / local).resolve())
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("tasks"), list):
+        evaluation["tasks"] = [_task_path(path, spec) if isinstance(spec, str) and is_task_yaml(spec) else spec
+                               for spec in evaluation["tasks"]]
+
+
+def _task_path(path: Path, spec: str) -> str:
+    raw = Path(os.path.expandvars(spec).replace("${KILN_HOME}", str(constants.kiln_home()))).expanduser()
+    return str(raw if raw.is_absolute() else (path.parent / raw).resolve())
 
 
 def load_request(source: str | Path | dict[str, Any] | BuildRequest) -> BuildRequest:

@@ -150,6 +150,7 @@ class Outcome:
     uri: str | None = None
     reused: bool = False
     build_key: str | None = None
+    task_notes: dict[str, str] = field(default_factory=dict)
 
 
 def layout_name(target: Target) -> str:

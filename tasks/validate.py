@@ -26,6 +26,7 @@ class Measurement:
 
     metrics: dict[str, float]
     artifacts: list[Path] = field(default_factory=list)
+    task_notes: dict[str, str] = field(default_factory=dict)  # task evals that did not run, and why
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,11 @@ def skipped(recipe: Recipe, target: Target, reason: str) -> Outcome:
 
 
 def validation_key(engine: EngineRef, baseline: EngineRef, request: BuildRequest, heldout: Any) -> str:
+    from kiln.validation.tasks import cache_inputs
+
     return cache.build_key(step="validate", engine=engine.key, baseline=baseline.key,
                            evaluation=request.evaluation, heldout_sha256=getattr(heldout, "sha256", None),
-                           toolchain=cache.toolchain_versions())
+                           tasks=cache_inputs(request.evaluation), toolchain=cache.toolchain_versions())
 
 
 @task(name="validate", timeout_seconds=4 * 3600, **LOCAL)
@@ -71,14 +74,17 @@ def validate(request: BuildRequest, recipe: Recipe, target: Target, engine: Engi
              heldout: Any) -> Validation:
     """Accuracy vs the baseline engine of the same target, performance, then the recipe's gates."""
     from kiln.validation.gates import decide
-    from kiln.validation.measure import measure_engine
+    from kiln.validation.measure import RESULT_FILE, measure_engine
+    from kiln.validation.tasks import task_notes
 
     key = validation_key(engine, baseline, request, heldout)
 
     def compute(output_dir: Path) -> Measurement:
-        metrics, _ = measure_engine(engine.engine_dir, baseline.engine_dir, heldout, request.evaluation,
-                                    output_dir=output_dir)
-        return Measurement(metrics=metrics, artifacts=sorted(p for p in output_dir.iterdir() if p.is_file()))
+        metrics, documents = measure_engine(engine.engine_dir, baseline.engine_dir, heldout, request.evaluation,
+                                            output_dir=output_dir)
+        accuracy = documents[RESULT_FILE].get("accuracy") or {}
+        return Measurement(metrics=metrics, artifacts=sorted(p for p in output_dir.iterdir() if p.is_file()),
+                           task_notes=task_notes(accuracy.get("task_evals") or {}))
 
     with progress.step("validate", f"{recipe.name} x {target.name}") as ev:
         hit = cache.StepCache("validate").run(key, compute, Measurement)
@@ -115,7 +121,8 @@ def register(request: BuildRequest, snapshot: Snapshot, recipe: Recipe, target: 
     with progress.step("register", f"{recipe.name} x {target.name}") as ev:
         if not validation.passed:
             ev.status, ev.note = "skipped", validation.verdict
-            return Outcome(recipe.name, target.name, "failed-gates", validation.verdict, validation.measurement.metrics)
+            return Outcome(recipe.name, target.name, "failed-gates", validation.verdict, validation.measurement.metrics,
+                           task_notes=validation.measurement.task_notes)
         lineage = {"model_sha": snapshot.sha, "repo_id": snapshot.repo_id, "revision": snapshot.revision,
                    "source": snapshot.source, "recipe": recipe.name, "target": target.name,
                    "checkpoint_key": checkpoint.key, "calibration_sha256": checkpoint.calibration_sha256,
@@ -127,4 +134,5 @@ def register(request: BuildRequest, snapshot: Snapshot, recipe: Recipe, target: 
         ev.status = "reused" if published.reused else "done"
         ev.note = f"{published.name} v{published.version}"
         return Outcome(recipe.name, target.name, "registered", validation.verdict, validation.measurement.metrics,
-                       recommended, published.name, str(published.version), published.uri, published.reused, engine.key)
+                       recommended, published.name, str(published.version), published.uri, published.reused, engine.key,
+                       task_notes=validation.measurement.task_notes)

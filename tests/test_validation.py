@@ -387,3 +387,14 @@ def test_smollm2_int4_vs_baseline(smollm2) -> None:
 def test_engine_protocol_is_satisfied(tiny) -> None:
     model, path = tiny
     assert isinstance(HFEngine(model, path), Engine)
+
+
+def test_sweep_settings_cheaper_on_cpu() -> None:
+    from kiln.validation.perf import sweep_settings
+
+    evaluation = Evaluation(max_new_tokens=32)
+    assert sweep_settings(evaluation, "cuda") == (8, 32)
+    assert sweep_settings(evaluation, "cuda:1") == (8, 32)
+    assert sweep_settings(evaluation, "cpu") == (4, 16)
+    assert sweep_settings(Evaluation(max_new_tokens=8), "cpu") == (4, 8)
+    assert sweep_settings(Evaluation(perf_requests=12, perf_max_new_tokens=24), "cpu") == (12, 24)

@@ -57,6 +57,7 @@ def test_measure_torch_engines(engines: dict[str, Path], heldout: TokenSet, tmp_
     assert written == json.loads(json.dumps(docs[RESULT_FILE]))
     perf = written["performance"]
     assert [p["concurrency"] for p in perf["points"]] == [1, 4]
+    assert [p["requests"] for p in perf["points"]] == [4, 4]  # the cpu default: 4 timed requests per level
     assert perf["skipped"] == [{"concurrency": 8, "reason": "above the engine's max_batch_size (4)"}]
     assert perf["prompt_len"] == 8 and perf["gen_len"] == 4 and perf["peak_memory_bytes"] > 0
     assert written["accuracy"]["window"] == 48 and written["accuracy"]["num_tokens"] == 98

@@ -16,6 +16,7 @@ from kiln.profiles import Gates
 from kiln.validation.accuracy import AccuracyResult
 from kiln.validation.perf import PerfResult
 from kiln.validation.results import flat_metrics
+from kiln.validation.tasks import metric_name
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ GATES: dict[str, GateSpec] = {
     "max_kl_divergence": GateSpec("kl_divergence", "max", "nats", accuracy=True),
     "min_tokens_per_s": GateSpec("tokens_per_s", "min", "tok/s", accuracy=False),
     "max_ttft_p90_ms": GateSpec("ttft_p90_ms", "max", "ms", accuracy=False),
+    "min_task_score": GateSpec("task_<task>_<metric>", "min", "", accuracy=True),
 }
 """Every field of :class:`kiln.profiles.Gates`. ``tokens_per_s`` is the peak output rate over the
-concurrency sweep; ``ttft_p90_ms`` is p90 time to first token at the sweep's lowest concurrency."""
+concurrency sweep; ``ttft_p90_ms`` is p90 time to first token at the sweep's lowest concurrency;
+``min_task_score`` maps ``TASK/METRIC`` to a minimum lm-eval score (a skipped task was not measured: it fails)."""
 
 
 @dataclass(frozen=True)
@@ -86,18 +89,21 @@ def decide(gates: Gates, accuracy: AccuracyResult | Mapping[str, float], perf: P
     """Check every set gate against the measured metrics (an AccuracyResult + PerfResult, or flat metrics)."""
     metrics = accuracy if isinstance(accuracy, Mapping) else flat_metrics(accuracy, perf)
     failures, checked = [], {}
-    for gate, spec in GATES.items():
-        threshold = getattr(gates, gate)
+    thresholds = [(gate, spec.metric, getattr(gates, gate)) for gate, spec in GATES.items() if gate != "min_task_score"]
+    thresholds += [("min_task_score", metric_name(*key.split("/", 1)), value)
+                   for key, value in (gates.min_task_score or {}).items()]
+    for gate, metric, threshold in thresholds:
+        spec = GATES[gate]
         if threshold is None:
             continue
-        checked[gate] = float(threshold)
-        observed = metrics.get(spec.metric)
+        checked[gate if gate != "min_task_score" else metric] = float(threshold)
+        observed = metrics.get(metric)
         if observed is None or (isinstance(observed, float) and math.isnan(observed)):
-            failures.append(GateFailure(gate, spec.metric, float(threshold), None, None))
+            failures.append(GateFailure(gate, metric, float(threshold), None, None))
             continue
         margin = observed - threshold if spec.bound == "max" else threshold - observed
         if margin > 0:
-            failures.append(GateFailure(gate, spec.metric, float(threshold), float(observed), float(margin)))
+            failures.append(GateFailure(gate, metric, float(threshold), float(observed), float(margin)))
     return GateVerdict(passed=not failures, failures=failures, checked=checked)
 
 

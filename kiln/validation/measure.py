@@ -24,7 +24,7 @@ from kiln.errors import CalibrationDataError, EngineMismatchError
 from kiln.profiles import BuildLimits, Evaluation
 from kiln.validation import plots
 from kiln.validation.accuracy import evaluate_accuracy, prompts_from
-from kiln.validation.perf import decode_cost_from_dir, measure_performance
+from kiln.validation.perf import decode_cost_from_dir, measure_performance, sweep_settings
 from kiln.validation.results import build_document, flat_metrics, validate_document
 
 RESULT_FILE = "validation.json"
@@ -86,6 +86,23 @@ def load_engine(engine_dir: Path, manifest: dict[str, Any]) -> Engine:
     return get_backend(str(backend)).load(Path(engine_dir))
 
 
+def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits: BuildLimits) -> dict[str, Any]:
+    """lm-eval tasks of ``evaluation.tasks`` on the engine; skipped ones are said on the console too."""
+    if not evaluation.tasks:
+        return {}
+    from kiln.validation.tasks import run_tasks
+
+    with _progress("tasks") as progress:
+        progress.add_task(f"lm-eval tasks {engine_dir.name}", total=None)
+        evals = run_tasks(engine, engine_dir, evaluation, max_seq_len=limits.max_seq_len,
+                          max_input_len=limits.max_input_len, batch_size=limits.max_batch_size)
+    console = Console(stderr=True)
+    for key, result in evals.items():
+        if result.status != "ran":
+            console.print(f"[yellow]task {key} {result.status}[/]: {result.reason}", highlight=False)
+    return {key: result.to_dict() for key, result in evals.items()}
+
+
 def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluation: Evaluation, *,
                    output_dir: Path | None = None, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
     """Accuracy vs the baseline engine and the performance sweep of ``engine_dir``.
@@ -105,24 +122,29 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
         loaded = time.perf_counter()
         window = min(limits.max_seq_len, base_limits.max_seq_len)
         gen_len = evaluation.max_new_tokens
+        perf_requests, perf_gen_len = sweep_settings(evaluation, engine_device(manifest))
         prompt_len = min(evaluation.prompt_len, limits.max_input_len, base_limits.max_input_len,
-                         window - gen_len)
+                         window - max(gen_len, perf_gen_len))
         if prompt_len < 1:
-            raise CalibrationDataError(f"evaluation.max_new_tokens ({gen_len}) leaves no room for a prompt in the "
-                                       f"engine's max_seq_len ({window}); lower it below {window}")
+            raise CalibrationDataError(f"evaluation.max_new_tokens ({gen_len}) / perf_max_new_tokens ({perf_gen_len}) "
+                                       f"leave no room for a prompt in the engine's max_seq_len ({window}); lower "
+                                       f"them below {window}")
         prompts = prompts_from(token_ids, evaluation.prompts, prompt_len)
+        task_evals = _task_evals(engine, engine_dir, evaluation, limits)
+        measured_tasks = time.perf_counter()
         with _progress("accuracy") as progress:
             task = progress.add_task(f"accuracy {engine_dir.name}", total=None)
             accuracy = evaluate_accuracy(
                 engine, baseline, token_ids, window=window, prompts=prompts, max_new_tokens=gen_len,
-                batch_size=min(limits.max_batch_size, base_limits.max_batch_size),
+                batch_size=min(limits.max_batch_size, base_limits.max_batch_size), task_evals=task_evals,
                 on_window=lambda done, total: progress.update(task, completed=done, total=total))
         measured_accuracy = time.perf_counter()
         with _progress("performance") as progress:
             task = progress.add_task(f"perf {engine_dir.name}", total=len(set(evaluation.concurrency)))
             perf = measure_performance(
-                engine, evaluation, prompt_len=prompt_len, gen_len=gen_len, seed=seed, device=engine_device(manifest),
-                vocab_size=None, max_batch_size=limits.max_batch_size, decode_cost=decode_cost_from_dir(engine_dir),
+                engine, evaluation, prompt_len=prompt_len, gen_len=perf_gen_len, seed=seed,
+                device=engine_device(manifest), vocab_size=None, max_batch_size=limits.max_batch_size,
+                decode_cost=decode_cost_from_dir(engine_dir), min_requests=perf_requests,
                 on_level=lambda _c: progress.advance(task))
         finished = time.perf_counter()
     finally:
@@ -136,7 +158,7 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
         baseline={"engine_dir": str(baseline_dir), "backend": base_manifest.get("backend"),
                   "device": engine_device(base_manifest), "size_bytes": dir_size(baseline_dir)},
         heldout=heldout_info, accuracy=accuracy, perf=perf,
-        timings_s={"load": loaded - started, "accuracy": measured_accuracy - loaded,
+        timings_s={"load": loaded - started, "tasks": measured_tasks - loaded, "accuracy": measured_accuracy - measured_tasks,
                    "performance": finished - measured_accuracy, "total": finished - started})
     validate_document(document)
     if output_dir is not None:

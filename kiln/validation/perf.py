@@ -105,6 +105,25 @@ class PerfResult:
         return data
 
 
+CPU_PERF_REQUESTS = 4
+GPU_PERF_REQUESTS = 8
+CPU_PERF_MAX_NEW_TOKENS = 16
+
+
+def sweep_settings(evaluation: Evaluation, device: str) -> tuple[int, int]:
+    """(timed requests per concurrency level, output tokens per request) of the sweep on ``device``.
+
+    Unset ``perf_requests`` / ``perf_max_new_tokens`` default to a full sweep on GPUs and a cheaper one on
+    CPU (fewer requests, at most 16 output tokens), where decoding is slow and the sweep dominated validation.
+    Prompt lengths and seeds are the same either way.
+    """
+    on_gpu = device.startswith("cuda")
+    requests = evaluation.perf_requests or (GPU_PERF_REQUESTS if on_gpu else CPU_PERF_REQUESTS)
+    gen_len = evaluation.perf_max_new_tokens or (
+        evaluation.max_new_tokens if on_gpu else min(evaluation.max_new_tokens, CPU_PERF_MAX_NEW_TOKENS))
+    return requests, gen_len
+
+
 def seeded_prompts(count: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
     """``count`` prompts of exactly ``prompt_len`` token ids, the same for every engine given the seed."""
     generator = torch.Generator().manual_seed(seed)

@@ -45,6 +45,8 @@ class ReportRow(BaseModel):
     model_name: str | None = None
     version: str | None = None
     uri: str | None = None
+    task_notes: dict[str, str] = Field(default_factory=dict)
+    """lm-eval tasks that did not run on this engine, with why (``skipped: lm-eval is not installed ...``)."""
 
     @model_validator(mode="after")
     def _derive_passed(self) -> ReportRow:
@@ -129,10 +131,23 @@ def markdown(results: BuildResults) -> str:
         for row in failed:
             reasons = re.sub(r"^fail:\s*", "", row.verdict).split("; ") if row.verdict else ["failed"]
             lines += [f"- **{row.recipe} x {row.target}**"] + [f"  - {reason}" for reason in reasons]
+    lines += task_lines(results)
     skipped = [r for r in results.rows if r.status == "skipped"]
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- {r.recipe} x {r.target}: {r.verdict or 'skipped'}" for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def task_lines(results: BuildResults) -> list[str]:
+    """A markdown section of the lm-eval task scores (``task_*`` metrics) and the tasks that did not run."""
+    body = []
+    for row in results.rows:
+        scores = ", ".join(f"{k.removeprefix('task_')} {v:.4g}" for k, v in sorted(row.metrics.items())
+                           if k.startswith("task_"))
+        notes = [f"{task}: {note}" for task, note in sorted(row.task_notes.items())]
+        if scores or notes:
+            body.append(f"- **{row.recipe} x {row.target}**: " + "; ".join(([scores] if scores else []) + notes))
+    return ["", "## Task evals (lm-eval)", "", *body] if body else []
 
 
 def rich_table(results: BuildResults) -> Table:
@@ -250,7 +265,8 @@ def log_to_mlflow(written: WrittenReport, results: BuildResults, tracking_uri: s
             tags={REPORT_RUN_TAG: results.build, "kiln.model": model}).info.run_id
         for row in results.rows:
             client.set_tag(run_id, f"kiln.verdict.{row.recipe}.{row.target}", _verdict(row))
-            for key in ("perplexity", "ppl_increase_pct", "top1_agreement", "tokens_per_s", "size_bytes"):
+            task_keys = sorted(k for k in row.metrics if k.startswith("task_"))
+            for key in ("perplexity", "ppl_increase_pct", "top1_agreement", "tokens_per_s", "size_bytes", *task_keys):
                 if key in row.metrics:
                     client.log_metric(run_id, f"{row.recipe}.{row.target}.{key}", row.metrics[key])
         out = written.results_path.parent

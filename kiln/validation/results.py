@@ -1,7 +1,7 @@
 """The validation result document (JSON, with a JSON Schema in ``kiln/schemas``) and its flat metrics.
 
 The document is what gets stored next to an engine (MLflow artifact, step cache); the flat metrics
-(``perplexity``, ``tokens_per_s``, ``ttft_p90_ms_c4`` ...) are what gates, MLflow metrics and the
+(``perplexity``, ``tokens_per_s``, ``ttft_p90_ms_c4``, ``task_hellaswag_acc`` ...) are what gates, MLflow metrics and the
 report table read.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from kiln.validation.accuracy import AccuracyResult
 from kiln.validation.perf import PerfResult
+from kiln.validation.tasks import task_metrics
 
 SCHEMA_ID = "kiln.validation-result/1"
 SCHEMA_FILE = "validation-result.schema.json"
@@ -34,6 +35,7 @@ def flat_metrics(accuracy: AccuracyResult | None, perf: PerfResult | None,
     metrics: dict[str, float] = {}
     if accuracy is not None:
         metrics.update({name: getattr(accuracy, name) for name in _ACCURACY_METRICS})
+        metrics.update(task_metrics(accuracy.task_evals))
     if perf is not None:
         metrics["tokens_per_s"] = perf.best_tokens_per_s
         metrics["ttft_p90_ms"] = perf.ttft_p90_ms
