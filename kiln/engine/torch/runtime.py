@@ -40,6 +40,21 @@ def buckets(limit: int, start: int) -> list[int]:
 
 
 @dataclass
+class _Step:
+    """A launched greedy decode step: the slots it decoded, who held them, and its tokens (read on demand)."""
+
+    active: list[int]
+    owners: list[_Running | None]
+    out: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return [int(self.out[i]) for i in self.active]
+
+
+@dataclass
 class _Running:
     index: int
     request: GenerationRequest
@@ -83,7 +98,11 @@ class TorchEngine:
         self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
         # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.
         self._inputs = torch.zeros(2, self.max_batch_size, dtype=torch.long, device=self.device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # two pinned buffers: a queued greedy step copies its tokens into one while the other is read
+        pin = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(self.max_batch_size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._host_turn = 0
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # -- Engine protocol -------------------------------------------------------------------------
@@ -107,42 +126,38 @@ class TorchEngine:
                 results[running.index] = GenerationResult(running.tokens, reason, running.times[0], running.times)
                 slots[slot] = None
 
+        ahead: _Step | None = None  # a greedy decode step launched whose tokens are not read yet
         with torch.inference_mode():
-            while pending or any(slots):
-                joining: list[tuple[int, _Running]] = []
-                budget = self.max_num_tokens
-                while pending and sum(s is not None for s in slots) < concurrency:
-                    request = requests[pending[0]]
-                    if joining and len(request.prompt_token_ids) > budget:
-                        break
-                    budget -= len(request.prompt_token_ids)
-                    slot = slots.index(None)
-                    slots[slot] = _Running(pending.popleft(), request, new_generator(request.sampling, self.device))
-                    joining.append((slot, slots[slot]))
-                if joining:
-                    prompt = torch.tensor([t for _, r in joining for t in r.request.prompt_token_ids], dtype=torch.long,
-                                          device=self.device)
-                    logits = self.model.prefill(prompt, self.cache, [slot for slot, _ in joining], last_only=True,
-                                                lengths=[len(r.request.prompt_token_ids) for _, r in joining])
-                    for (slot, running), token in zip(joining, self._sample(logits, [r for _, r in joining]), strict=True):
-                        emit(slot, running, token)
+            while pending or any(slots) or ahead is not None:
+                if ahead is None:
+                    self._admit(requests, pending, slots, concurrency, emit)
                 active = [i for i, s in enumerate(slots) if s is not None]
-                if not active:
+                if ahead is None and not active:
                     continue
-                batch = next(b for b in self._batch_buckets if b > active[-1])
-                length = next(n for n in self._length_buckets if n > max(slots[i].position for i in active))
-                # One host->device copy per step; free slots below ``batch`` decode a dummy token at position 0
-                # of their own (free) cache row, which the next prefill into that slot overwrites.
-                staged = [[0] * batch, [0] * batch]
-                for i in active:
-                    staged[0][i], staged[1][i] = slots[i].tokens[-1], slots[i].position
-                self._inputs[:, :batch].copy_(torch.tensor(staged, dtype=torch.long), non_blocking=True)
-                logits = self._decode(batch, length)
-                if active != list(range(len(active))):
-                    logits = logits[torch.tensor(active, device=self.device)]
-                tokens = self._sample(logits[: len(active)], [slots[i] for i in active])
-                for slot, token in zip(active, tokens, strict=True):
-                    emit(slot, slots[slot], token)
+                if ahead is None and not self._greedy(slots, active):
+                    self._stage(slots, active)
+                    logits = self._decode(self._batch(active), self._length(slots, active, 0))
+                    if active != list(range(len(active))):
+                        logits = logits[torch.tensor(active, device=self.device)]
+                    for slot, token in zip(active, self._sample(logits[: len(active)], [slots[i] for i in active]),
+                                           strict=True):
+                        emit(slot, slots[slot], token)
+                    continue
+                if ahead is None:
+                    self._stage(slots, active)
+                    ahead = self._launch(slots, active, lookahead=0)
+                # Greedy steps feed themselves on the device (argmax -> next input), so the following step
+                # is queued before this one is read and the GPU never waits for Python. It is queued only
+                # when no request can end by length with ``ahead`` and nobody waits to join; a request that
+                # ends on a stop token meanwhile gets one extra token computed, never emitted.
+                following = None
+                if (ahead.active == active and not (pending and len(active) < concurrency)
+                        and all(len(slots[i].tokens) + 1 < slots[i].request.sampling.max_new_tokens for i in active)):
+                    following = self._launch(slots, active, lookahead=1)
+                for slot, token in zip(ahead.active, ahead.tokens(), strict=True):
+                    if slots[slot] is ahead.owners[slot]:
+                        emit(slot, slots[slot], token)
+                ahead = following
         return results  # type: ignore[return-value]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -171,28 +186,98 @@ class TorchEngine:
             torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------------
+    def _admit(self, requests: list[GenerationRequest], pending: deque[int], slots: list[_Running | None],
+               concurrency: int, emit: Callable[[int, _Running, int], None]) -> None:
+        """Move queued requests into free slots (at most ``max_num_tokens`` prompt tokens) and prefill them
+        in one packed pass; each emits its first token."""
+        joining: list[tuple[int, _Running]] = []
+        budget = self.max_num_tokens
+        while pending and sum(s is not None for s in slots) < concurrency:
+            request = requests[pending[0]]
+            if joining and len(request.prompt_token_ids) > budget:
+                break
+            budget -= len(request.prompt_token_ids)
+            slot = slots.index(None)
+            slots[slot] = _Running(pending.popleft(), request, new_generator(request.sampling, self.device))
+            joining.append((slot, slots[slot]))
+        if not joining:
+            return
+        prompt = torch.tensor([t for _, r in joining for t in r.request.prompt_token_ids], dtype=torch.long,
+                              device=self.device)
+        logits = self.model.prefill(prompt, self.cache, [slot for slot, _ in joining], last_only=True,
+                                    lengths=[len(r.request.prompt_token_ids) for _, r in joining])
+        for (slot, running), token in zip(joining, self._sample(logits, [r for _, r in joining]), strict=True):
+            emit(slot, running, token)
+
+    def _batch(self, active: list[int]) -> int:
+        return next(b for b in self._batch_buckets if b > active[-1])
+
+    def _length(self, slots: list[_Running | None], active: list[int], lookahead: int) -> int:
+        return next(n for n in self._length_buckets if n > max(slots[i].position for i in active) + lookahead)
+
+    def _greedy(self, slots: list[_Running | None], active: list[int]) -> bool:
+        # tensor-parallel ranks agree on sampled tokens through a broadcast: they keep the host-side path
+        return not self.tp.enabled and all(slots[i].request.sampling.temperature == 0 for i in active)
+
+    def _stage(self, slots: list[_Running | None], active: list[int]) -> None:
+        """Upload each running request's last token and position; free slots below the batch bucket
+        decode a dummy token at position 0 of their own (free) cache row, which the next prefill overwrites."""
+        batch = self._batch(active)
+        staged = [[0] * batch, [0] * batch]
+        for i in active:
+            staged[0][i], staged[1][i] = slots[i].tokens[-1], slots[i].position
+        self._inputs[:, :batch].copy_(torch.tensor(staged, dtype=torch.long), non_blocking=True)
+
+    def _launch(self, slots: list[_Running | None], active: list[int], lookahead: int) -> _Step:
+        """Queue one greedy decode step over the device-side inputs; its tokens are read later."""
+        batch = self._batch(active)
+        out = self._decode(batch, self._length(slots, active, lookahead), greedy=True)
+        if self.device.type != "cuda":
+            return _Step(active, list(slots), out, None)
+        host = self._host_tokens[self._host_turn][:batch]
+        self._host_turn ^= 1
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Step(active, list(slots), host, done)
+
     def _sample(self, logits: torch.Tensor, running: list[_Running]) -> list[int]:
         tokens = sample(logits, [r.request.sampling for r in running], [r.generator for r in running])
         return self.tp.broadcast(tokens.contiguous()).tolist()
 
-    def _decode(self, batch: int, length: int) -> torch.Tensor:
+    def _decode(self, batch: int, length: int, greedy: bool = False) -> torch.Tensor:
+        """Logits ``[batch, vocab]`` for the staged inputs, or with ``greedy`` the argmax tokens ``[batch]``,
+        written back as the next step's inputs (positions advanced) without leaving the device."""
+        inputs = self._inputs
+
         def step() -> torch.Tensor:
-            return self._decode_fn(self._inputs[0, :batch], self._inputs[1, :batch], self.cache, length)
+            logits = self._decode_fn(inputs[0, :batch], inputs[1, :batch], self.cache, length)
+            if not greedy:
+                return logits
+            tokens = torch.argmax(logits, dim=-1)
+            inputs[0, :batch].copy_(tokens)
+            inputs[1, :batch].add_(1)
+            return tokens
 
         if not self.cuda_graphs:
             return step()
-        key = (batch, length)
+        key = (batch, length, greedy)
         if key not in self._graphs:
-            # Warm-up runs recompute exactly what the captured step will (same inputs, same cache writes).
+            # Warm-up runs on a side stream, as capture requires; the inputs (and the cache rows a greedy
+            # step writes) are restored afterwards so capturing changes nothing.
+            saved = inputs.clone()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
+                    inputs.copy_(saved)
                     step()
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            inputs.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 out = step()
+            inputs.copy_(saved)
             self._graphs[key] = (graph, out)
         graph, out = self._graphs[key]
         graph.replay()
