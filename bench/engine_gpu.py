@@ -246,6 +246,21 @@ def concurrency(engine, conc: int, new_tokens: int) -> dict:
             "wall_s": round(wall, 3)}
 
 
+def overlap_matches_host_path(engine) -> dict:
+    """Greedy tokens of the queued on-device path equal the host-sampled path's (same engine, same requests)."""
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=n, stop_token_ids=stop))
+                for p, n, stop in zip(prompts(6, 24, 5), (40, 7, 64, 13, 64, 30), ([], [], [17], [], [], []), strict=True)]
+    fast = [r.token_ids for r in engine.generate(requests, concurrency=4)]
+    greedy = engine._greedy
+    engine._greedy = lambda *_: False
+    try:
+        host = [r.token_ids for r in engine.generate(requests, concurrency=4)]
+    finally:
+        engine._greedy = greedy
+    return {"requests": len(requests), "identical": fast == host,
+            "first_difference": next((i for i, (a, b) in enumerate(zip(fast, host, strict=True)) if a != b), None)}
+
+
 def nccl_world1() -> dict:
     import torch.distributed as dist
 
@@ -318,6 +333,7 @@ def main() -> None:
     if engine is not None:
         r["program_used"] = name
         r["ttft_512"] = run.stage("ttft_512", ttft, engine, 512)
+        r["overlap_matches_host_path"] = run.stage("overlap_check", overlap_matches_host_path, engine)
         r["concurrency"] = []
         for conc in (1, 8, 32, 64):
             r["concurrency"].append(run.stage(f"concurrency_{conc}", concurrency, engine, conc, 128))
@@ -371,6 +387,10 @@ def write_markdown(r: dict, path: Path) -> None:
         if c:
             lines.append(f"| concurrency {c['concurrency']} ({c['requests']} x {c['new_tokens_each']} new tokens) | "
                          f"{c['end_to_end_tok_s']} tok/s end to end, {c['decode_tok_s']} tok/s decode |")
+    if r.get("overlap_matches_host_path"):
+        o = r["overlap_matches_host_path"]
+        lines.append(f"| queued on-device greedy path == host-sampled path ({o['requests']} requests, concurrency 4) | "
+                     f"{o['identical']} |")
     if r.get("greedy_vs_hf"):
         g = r["greedy_vs_hf"]
         lines.append(f"| greedy tokens identical to HF (bf16, random weights) | first {g['identical_prefix']} of {g['compared']} |")
