@@ -76,3 +76,23 @@ def test_measure_torch_engines(engines: dict[str, Path], heldout: TokenSet, tmp_
 def test_measure_refuses_dir_without_manifest(engines: dict[str, Path], heldout: TokenSet, tmp_path: Path) -> None:
     with pytest.raises(EngineMismatchError, match="no kiln-engine.json"):
         measure_engine(tmp_path, engines["none"], heldout, EVALUATION)
+
+
+def test_decode_cost_of_a_torch_engine_counts_what_a_step_reads(engines: dict[str, Path]) -> None:
+    """The roofline's bytes: every weight a decode step reads (not the embedding table) and the KV per token."""
+    from kiln.engine.torch import TorchBackend
+    from kiln.validation.perf import decode_cost_from_dir
+
+    engine = TorchBackend().load(engines["none"])
+    try:
+        spec, embedding = engine.model.spec, engine.model.embedding
+        cost = decode_cost_from_dir(engines["none"])
+        # every tensor the engine computes with but the embedding table (and the RoPE tables it derives at load)
+        linears = [m for m in engine.model.modules() if hasattr(m, "kind")]
+        norms = [engine.model.final_norm, *(t for layer in engine.model.layers for t in (layer.input_norm, layer.post_norm))]
+        expected = sum(t.numel() * t.element_size() for m in linears for t in (m.weight, m.bias) if t is not None)
+        expected += sum(t.numel() * t.element_size() for t in norms)
+        assert embedding.numel() > 0 and cost.weight_bytes == expected
+        assert cost.kv_bytes_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_size * 4  # float32 cache
+    finally:
+        engine.close()

@@ -19,12 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import Engine, GenerationRequest, SamplingParams
 from kiln.errors import GenerationLimitError
 from kiln.profiles import Evaluation
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                      "I8": 1, "U8": 1, "BOOL": 1}
+EMBEDDING = "transformer.vocab_embedding.weight"  # a decode step reads one row of it, not the table
 
 
 @dataclass(frozen=True)
@@ -157,14 +162,24 @@ def measure_copy_bandwidth(device: str = "cuda", size_mib: int = 1024, iteration
 
 
 def decode_cost_from_dir(engine_dir: Path) -> DecodeCost | None:
-    """Weight bytes (the engine's safetensors) and KV bytes per token (from its TRT-LLM ``config.json``).
+    """Weight bytes read per decode step and KV bytes per token, from a torch engine's ``kiln-engine.json``
+    (its model shape; the embedding table is left out: a step reads one row of it) or else a TRT-LLM
+    ``config.json`` (all safetensors bytes count as weights).
 
-    None when the dir holds no such config: the roofline is then not reported rather than guessed.
+    None when the dir holds neither: the roofline is then not reported rather than guessed.
     """
     engine_dir = Path(engine_dir)
+    weights = sum(p.stat().st_size for p in engine_dir.rglob("*.safetensors"))
+    manifest = engine_dir / ENGINE_MANIFEST
+    if manifest.is_file() and weights:
+        data = json.loads(manifest.read_text())
+        model = data.get("model") or {}
+        if {"num_layers", "num_kv_heads", "head_size"} <= model.keys():
+            kv_bytes = 1 if model.get("kv_cache_quant_algo") else _DTYPE_BYTES.get(str(data.get("dtype")), 2)
+            return DecodeCost(weight_bytes=_tensor_bytes(engine_dir, skip=EMBEDDING),
+                              kv_bytes_per_token=2 * model["num_layers"] * model["num_kv_heads"] * model["head_size"] * kv_bytes)
     config_path = next((p for p in sorted(engine_dir.rglob("config.json"))
                         if "num_hidden_layers" in p.read_text(errors="ignore")), None)
-    weights = sum(p.stat().st_size for p in engine_dir.rglob("*.safetensors"))
     if config_path is None or weights == 0:
         return None
     config = json.loads(config_path.read_text())
@@ -175,6 +190,18 @@ def decode_cost_from_dir(engine_dir: Path) -> DecodeCost | None:
     kv_bytes = _DTYPE_BYTES.get(kv_algo) or _DTYPE_BYTES.get(str(config.get("dtype")), 2)
     return DecodeCost(weight_bytes=weights,
                       kv_bytes_per_token=2 * int(config["num_hidden_layers"]) * kv_heads * head_size * kv_bytes)
+
+
+def _tensor_bytes(engine_dir: Path, skip: str) -> int:
+    """Bytes of every tensor in the dir's rank files but ``skip`` (read from the headers, not the data)."""
+    total = 0
+    for path in sorted(engine_dir.glob("rank*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name != skip:
+                    t = f.get_slice(name)
+                    total += math.prod(t.get_shape()) * _SAFETENSORS_BYTES[t.get_dtype()]
+    return total
 
 
 def _run_round(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[float, list]:
