@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--recipes", help="comma-separated recipe names from the example profile (default: all)")
     parser.add_argument("--heldout-tokens", type=int, default=2048)
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--no-gates", action="store_true", help="drop the profile's gates so every recipe is validated")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "validation_smollm2")
     args = parser.parse_args()
 
@@ -45,6 +46,10 @@ def main() -> None:
     for kind in ("recipes", "targets"):
         library = {e["name"]: e for e in yaml.safe_load((PROFILE.parents[1] / f"{kind}.yaml").read_text())[kind]}
         profile[kind] = [library[e] if isinstance(e, str) else e for e in profile[kind]]
+    if args.no_gates:  # a table of every recipe: gates would stop the over-budget ones before compile
+        profile.pop("gates", None)
+        for recipe in profile["recipes"]:
+            recipe.pop("gates", None)
     profile["evaluation"]["heldout_tokens"] = args.heldout_tokens
     profile["evaluation"]["concurrency"] = [int(c) for c in args.concurrency.split(",")]
 

@@ -60,9 +60,10 @@ def _device_sm(device: torch.device) -> str:
 
 def default_program(target: Target) -> dict[str, Any]:
     """The compiled program per device, chosen by measurement (bench/results/engine_gpu.md, H100, 1B
-    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 630 tok/s
-    bf16 / 776 tok/s FP8 vs 390 / 342 tok/s for eager kernels under CUDA graphs (the fusion of the
-    norm/RoPE/quantize elementwise ops is what pays). On CPU: eager kernels (no CUDA graphs; Inductor's
+    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 685 tok/s
+    bf16 / 850 tok/s FP8 vs 405 / 377 tok/s for eager kernels under CUDA graphs (the fusion of the
+    norm/RoPE/quantize elementwise ops is what pays); static shapes and coordinate-descent tuning did
+    not pay for their compile time (bench/results/engine_gpu_profile.json). On CPU: eager kernels (no CUDA graphs; Inductor's
     CPU compile costs minutes on small hosts and was not measured to pay)."""
     if target.device == "cuda":
         return {"compile": "inductor", "cuda_graphs": True}
