@@ -23,3 +23,19 @@ def _no_network_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def modelopt_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per ``mtq.quantize`` call (a spy: the real ModelOpt calibration still runs)."""
+    import modelopt.torch.quantization as mtq
+
+    calls: list[int] = []
+    real_quantize = mtq.quantize
+
+    def counting_quantize(*args, **kwargs):
+        calls.append(1)
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(mtq, "quantize", counting_quantize)
+    return calls

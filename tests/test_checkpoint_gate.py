@@ -110,24 +110,16 @@ def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_
 
 
 def test_the_cached_gate_verdict_follows_the_threshold_and_recalibrates_only_when_it_must(
-        kiln_home: Path, fitted_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        kiln_home: Path, fitted_model_dir: Path, modelopt_calls: list[int]) -> None:
     """The checkpoint key leaves gates out: a tighter gate re-decides from the cached numbers; a looser one
     than a stored refusal needs the export it never wrote, so that one recalibrates."""
-    import modelopt.torch.quantization as mtq
 
     from kiln.calibration import heldout_set
     from kiln.hub import load_tokenizer
     from kiln.profiles import load_request
     from kiln.tasks.build import Datasets, Snapshot, calibrate_and_quantize
 
-    calls = []
-    real_quantize = mtq.quantize
-
-    def counting_quantize(*args, **kwargs):  # a spy: the real ModelOpt quantization runs
-        calls.append(1)
-        return real_quantize(*args, **kwargs)
-
-    monkeypatch.setattr(mtq, "quantize", counting_quantize)
+    calls = modelopt_calls
     snapshot = Snapshot(path=fitted_model_dir, sha="fitted", source="local")
 
     def run(limit: float | None):

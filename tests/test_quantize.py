@@ -418,21 +418,13 @@ def test_example_profile_lists_every_cpu_recipe() -> None:
 
 
 def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path, kiln_home: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  modelopt_calls: list[int]) -> None:
     """The build step calibrates once per recipe, exports per (tp, pp) of the targets, and caches by content."""
-    import modelopt.torch.quantization as mtq
 
     from kiln.profiles import load_request
     from kiln.tasks.build import Datasets, Snapshot, calibrate_and_quantize
 
-    calls = []
-    real_quantize = mtq.quantize
-
-    def counting_quantize(*args, **kwargs):  # a spy: the real ModelOpt calibration runs
-        calls.append(1)
-        return real_quantize(*args, **kwargs)
-
-    monkeypatch.setattr(mtq, "quantize", counting_quantize)
+    calls = modelopt_calls
     recipe = {"name": "sq", "quantization": "int8_sq"}
     request = load_request({
         "name": "two-targets", "model": {"local_dir": str(tiny_dir)}, "recipes": [recipe],
