@@ -4,6 +4,11 @@ The numerics follow ModelOpt's fake-quant model (what the checkpoint was calibra
 activations are quantized per tensor with the calibrated ``activation_scaling_factor`` after the
 AWQ/SmoothQuant ``pre_quant_scale``; weights dequantize as ``q * scale`` in float32. FP8 runs as a real
 FP8 GEMM (``torch._scaled_mm``) on CUDA SM >= 89 and is dequantized elsewhere.
+
+Activations quantize in float32 as ``round(x * (1 / scale))``, ModelOpt's fake-quant order: in a
+bf16 engine ``x / scale`` would round to bf16 before the FP8/int8 rounding (a double rounding), and
+``x / scale`` vs ``x * (1 / scale)`` differ by one float ulp, which moves a value sitting on a rounding
+midpoint one quantization step.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class QuantLinear(nn.Module):
         self.bias = tensors["bias"].to(device) if "bias" in tensors else None
         self.pre_quant_scale = tensors["pre_quant_scale"].to(device) if "pre_quant_scale" in tensors else None
         self.input_scale = tensors["input_scale"].to(device) if "input_scale" in tensors else None
+        self.inv_input_scale = None if self.input_scale is None else 1.0 / self.input_scale
         weight, scale = tensors["weight"], tensors.get("weight_scale")
         self.scaled_mm = kind == "fp8" and scaled_mm
         if kind == "dense" or self.scaled_mm:
@@ -102,10 +108,10 @@ class QuantLinear(nn.Module):
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8":
-            q = _fp8_round(x / self.input_scale)
-            return q if self.scaled_mm else (q.to(self.dtype) * self.input_scale).to(self.dtype)
+            q = _fp8_round(x.float() * self.inv_input_scale)
+            return q if self.scaled_mm else (q.float() * self.input_scale).to(self.dtype)
         # int8_sq: scale = amax/127 but the full int8 range -128..127, exactly as ModelOpt's fake quant
-        return (torch.round(x.float() / self.input_scale).clamp_(-128, 127) * self.input_scale).to(self.dtype)
+        return (torch.round(x.float() * self.inv_input_scale).clamp_(-128, 127) * self.input_scale).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
