@@ -95,8 +95,9 @@ class DecoderLayer(nn.Module):
         return h + self.proj(F.silu(act) * up)
 
     def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                where: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write;
+                where: tuple[torch.Tensor | int, torch.Tensor | None] | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write
+        (``(slot, None)``: one sequence at positions ``0..T-1``);
         ``mask [T, T]`` keeps each sequence causal and to itself (None: one sequence, plain causal)."""
         q, k, v = self._qkv(h, cos, sin)
         n = h.shape[0]
@@ -107,8 +108,12 @@ class DecoderLayer(nn.Module):
             kq, vq = k, v
         if cache is not None and where is not None:
             slots, positions = where
-            cache.k[self.index][slots, :, positions] = kq
-            cache.v[self.index][slots, :, positions] = vq
+            if positions is None:  # one sequence from position 0: a plain slice write
+                cache.k[self.index][slots, :, :n] = kq.transpose(0, 1)
+                cache.v[self.index][slots, :, :n] = vq.transpose(0, 1)
+            else:
+                cache.k[self.index][slots, :, positions] = kq
+                cache.v[self.index][slots, :, positions] = vq
         if mask is None:
             attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                                   is_causal=True, enable_gqa=self.heads != self.kv_heads)
@@ -197,13 +202,18 @@ class DecoderModel(nn.Module):
         one's K/V into its cache slot. ``last_only``: ``[n_seq, vocab]``, each sequence's last position."""
         lengths = lengths or [tokens.shape[0]]
         device = tokens.device
+        if len(lengths) == 1:  # the common single-prompt case: slices, no index tensors (TTFT)
+            n = tokens.shape[0]
+            h = self._embed(tokens)
+            where1 = None if slots is None else (slots[0], None)
+            for layer in self.layers:
+                h = layer.prefill(h, self.cos[:n, None, :], self.sin[:n, None, :], cache, where1, None)
+            return self._logits(h[-1:] if last_only else h)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
-        mask = None
-        if len(lengths) > 1:
-            mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
+        mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
         h = self._embed(tokens)
         for layer in self.layers:
             h = layer.prefill(h, cos, sin, cache, where, mask)
