@@ -60,8 +60,8 @@ def _device_sm(device: torch.device) -> str:
 
 def default_program(target: Target) -> dict[str, Any]:
     """The compiled program per device, chosen by measurement (bench/results/engine_gpu.md, H100, 1B
-    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 685 tok/s
-    bf16 / 850 tok/s FP8 vs 405 / 377 tok/s for eager kernels under CUDA graphs (the fusion of the
+    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 684 tok/s
+    bf16 / 844 tok/s FP8 vs 406 / 376 tok/s for eager kernels under CUDA graphs (the fusion of the
     norm/RoPE/quantize elementwise ops is what pays); static shapes and coordinate-descent tuning did
     not pay for their compile time (bench/results/engine_gpu_profile.json). On CPU: eager kernels (no CUDA graphs; Inductor's
     CPU compile costs minutes on small hosts and was not measured to pay)."""
