@@ -27,13 +27,15 @@ def main() -> None:
     parser.add_argument("--recipes", help="comma-separated recipe names from the example profile (default: all)")
     parser.add_argument("--heldout-tokens", type=int, default=2048)
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--home", type=Path, help="KILN_HOME to use (default: a fresh one; an earlier run's reuses its steps)")
     parser.add_argument("--no-gates", action="store_true", help="drop the profile's gates so every recipe is validated")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "validation_smollm2")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="kiln-bench-validation-"))
-    (home / "assets").mkdir()
-    (home / "assets" / ASSET.name).symlink_to(ASSET)
+    home = args.home or Path(tempfile.mkdtemp(prefix="kiln-bench-validation-"))
+    (home / "assets").mkdir(parents=True, exist_ok=True)
+    if not (home / "assets" / ASSET.name).exists():
+        (home / "assets" / ASSET.name).symlink_to(ASSET)
     os.environ.update(KILN_HOME=str(home), PREFECT_HOME=str(home / "prefect"), DO_NOT_TRACK="1",
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
                       MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
@@ -66,7 +68,7 @@ def main() -> None:
     results = json.loads((home / "reports" / profile["name"] / "results.json").read_text())
     validate_s = sum(s["seconds"] for s in steps if s["step"] == "validate")
     doc = {"command": "bench/validation_smollm2.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                 vars(args).items() if v and k != "out"),
+                                                                 vars(args).items() if v and k not in ("out", "home")),
            "build_wall_s": round(total, 1), "validate_s": round(validate_s, 1), "steps": steps, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2))

@@ -54,6 +54,14 @@ def recipe_target_problem(recipe: Recipe, target: Target) -> str | None:
     if quant.min_sm is not None and target.device == "cuda" and sm is not None and sm < quant.min_sm:
         return (f"{recipe.quantization} needs SM >= {quant.min_sm}; target {target.name!r} is {target.sm}"
                 f" ({target.gpu or 'unknown GPU'})")
+    kv_algo = KV_SCHEMES[recipe.kv_cache_dtype][1]
+    if target.backend == "torch":
+        from kiln.engine.torch.spec import KV_CACHE_QUANT_ALGOS
+
+        if kv_algo not in KV_CACHE_QUANT_ALGOS:
+            return (f"kv_cache_dtype {recipe.kv_cache_dtype} is not supported by the torch backend of target "
+                    f"{target.name!r} (its KV cache is unquantized or FP8); use kv_cache_dtype fp8 or auto, or a "
+                    "tensorrt_llm target")
     kv_min_sm = KV_SCHEMES[recipe.kv_cache_dtype][2]
     if kv_min_sm is not None and target.device == "cuda" and sm is not None and sm < kv_min_sm:
         return f"kv_cache_dtype {recipe.kv_cache_dtype} needs SM >= {kv_min_sm}; target {target.name!r} is {target.sm}"

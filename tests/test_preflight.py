@@ -77,6 +77,16 @@ def test_fp8_kv_cache_on_sm80_is_refused() -> None:
         preflight.check_request_static(request([FP8_KV], [A100]))
 
 
+def test_int8_kv_cache_is_refused_for_the_torch_backend_only() -> None:
+    """The torch engine runs unquantized or FP8 KV caches: an int8 one is refused before calibration."""
+    int8_kv = Recipe(name="w8-kv8", quantization="int8_wo", kv_cache_dtype="int8")
+    cpu = Target(name="cpu", dtype="float32", limits={"max_batch_size": 2, "max_input_len": 16, "max_seq_len": 32})
+    with pytest.raises(UnsupportedCombinationError, match="kv_cache_dtype int8 is not supported by the torch backend"):
+        preflight.check_request_static(request([int8_kv], [cpu]))
+    preflight.check_request_static(request([int8_kv], [H100]))  # TensorRT-LLM runs INT8 KV caches
+    preflight.check_request_static(request([FP8_KV.model_copy(update={"quantization": "int8_wo"})], [cpu]))
+
+
 def test_every_bad_pair_is_listed_at_once() -> None:
     with pytest.raises(UnsupportedCombinationError) as caught:
         preflight.check_request_static(request([FP8, NVFP4, NONE], [A100, H100]))
