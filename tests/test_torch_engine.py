@@ -228,3 +228,48 @@ def test_kiln_quantize_checkpoint_runs_in_engine(tmp_path: Path, rope_theta: flo
     reference = fake_quant_model(hf_dir, "int8_wo")  # weight-only: no calibration data, same scales
     # the int8_wo tolerance plus kiln.quantize's fp16 load; a wrong RoPE base is ~10x off at 120 positions
     assert (engine.logits(ids) - hf_logits(reference, ids)).abs().max().item() < 2e-3
+
+
+def _tiny_arch(out: Path, architecture: str) -> Path:
+    """A random tiny model of the real HF class (Mistral: full attention; Qwen2: its built-in qkv bias)."""
+    import transformers
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 256,
+             "architectures": [architecture], "sliding_window": None}
+    family = architecture.removesuffix("ForCausalLM")
+    config = getattr(transformers, f"{family}Config")(**shape)
+    model = getattr(transformers, architecture)(config)
+    with torch.no_grad():  # HF initialises biases to zero, which would leave the qkv bias path untested
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_mistral_and_qwen2_run_from_kiln_quantize_like_hf(tmp_path: Path, architecture: str) -> None:
+    """The real pipeline for the other supported families: ``kiln.quantize`` export -> engine -> HF's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from kiln.profiles import Recipe
+    from kiln.quantize import quantize
+
+    hf_dir = _tiny_arch(tmp_path / "hf", architecture)
+    out = quantize(hf_dir, Recipe(name="b"), layouts=[(1, 1)], output_dir=tmp_path / "q", dtype="float32",
+                   device="cpu", lineage={}, calibration=None, formats=("trtllm",))
+    checkpoint = out.trtllm_dirs["tp1pp1"]
+    assert json.loads((checkpoint / "config.json").read_text())["architecture"] == architecture
+    if architecture == "Qwen2ForCausalLM":
+        from safetensors.torch import load_file
+
+        assert load_file(checkpoint / "rank0.safetensors")["transformer.layers.0.attention.qkv.bias"].abs().max() > 0.1
+    engine = build(checkpoint, tmp_path / "engine")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = token_ids(40)
+    assert (engine.logits(ids) - hf_logits(hf, ids)).abs().max().item() < 1e-4
+    prompt = ids[:6]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 6:]
+    assert engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16))])[0].token_ids == expected.tolist()
