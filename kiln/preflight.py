@@ -167,6 +167,19 @@ def parallelism_findings(target: Target, info: ModelInfo | None) -> list[Finding
     return found
 
 
+def _multi_rank_torch_findings(target: Target) -> list[Finding]:
+    """A build validates each torch engine in one process; a tp x pp > 1 torch engine needs one per rank."""
+    ranks = target.limits.tp_size * target.limits.pp_size
+    if target.backend != "torch" or ranks == 1:
+        return []
+    return [Finding("error", "parallelism", _pair(None, target),
+                    f"tp_size {target.limits.tp_size} x pp_size {target.limits.pp_size}: a torch engine of {ranks} ranks "
+                    f"runs one process per rank, which `kiln build` does not launch to validate it; build it with "
+                    f"`kiln quantize --tp {target.limits.tp_size} --pp {target.limits.pp_size}` + `kiln compile` and run it "
+                    f"with `torchrun --nproc-per-node {ranks} kiln generate ENGINE_DIR`, or set tp_size and pp_size to 1 "
+                    "for this target")]
+
+
 def memory_findings(recipe: Recipe, target: Target, info: ModelInfo) -> list[Finding]:
     if target.device != "cuda" or target.gpu_memory_gib is None:
         return []
@@ -269,7 +282,7 @@ def request_findings(request: BuildRequest, *, model_info: ModelInfo | None = No
 
         found += [Finding(level, "tasks", "evaluation", msg) for level, msg in task_problems(request.evaluation)]
     for target in request.targets:
-        found += parallelism_findings(target, info)
+        found += parallelism_findings(target, info) + _multi_rank_torch_findings(target)
         if local_targets:
             found += backend_findings(target)
         for recipe in request.recipes:

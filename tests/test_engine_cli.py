@@ -93,3 +93,31 @@ def test_cli_errors_exit_2(workspace: dict[str, Path]) -> None:
     bad_input = runner.invoke(app, ["generate", str(workspace["engine"]), "--input", str(bad)])
     assert bad_input.exit_code == 2 and "bad.jsonl:1" in _flat(bad_input.output)
     assert not (workspace["root"] / "x").exists()
+
+
+def test_generate_under_a_launcher_runs_a_pipeline_parallel_engine(workspace: dict[str, Path]) -> None:
+    """`torchrun --nproc-per-node 2 kiln generate` on a pp_size 2 engine: every rank joins the process group
+    from the launcher's environment, rank 0 alone prints, and the tokens are the single-rank engine's."""
+    import sys
+
+    from tests.fixtures.parallel import launch_ranks
+
+    root = workspace["root"]
+    checkpoint, _ = export_checkpoint(workspace["hf"], root / "ckpt-pp2", "none", pp_size=2)
+    profile = root / "targets-pp2.yaml"
+    profile.write_text(yaml.safe_dump({"targets": [{
+        "name": "cpu-pp2", "backend": "torch", "device": "cpu", "dtype": "float32",
+        "limits": {"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 64, "pp_size": 2}}]}))
+    engine = root / "engine-pp2"
+    built = runner.invoke(app, ["compile", str(checkpoint), "--profile", str(profile), "--target", "cpu-pp2",
+                                "--output", str(engine), "--tokenizer", str(workspace["hf"])])
+    assert built.exit_code == 0, built.output
+    args = ["generate", str(engine), "--prompt", "Once upon a time", "--prompt", "The capital of France is",
+            "--max-new-tokens", "6", "--json"]
+    outputs = launch_ranks([sys.executable, "-c", "from kiln.cli import app; app()", *args], world=2)
+    rows = [json.loads(line) for line in outputs[0].splitlines() if line.startswith("{")]
+    assert not [line for line in outputs[1].splitlines() if line.startswith("{")]
+    single = runner.invoke(app, ["generate", str(workspace["engine"]), *args[2:]])
+    assert single.exit_code == 0, single.output
+    assert rows == [json.loads(line) for line in single.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(len(r["token_ids"]) == 6 or r["finish_reason"] == "stop" for r in rows)

@@ -236,3 +236,12 @@ def test_host_with_a_tensorrt_llm_older_than_kiln_supports_is_a_finding() -> Non
     trt = TensorRTLLMStatus(True, version="0.18.2", trtllm_build="/usr/local/bin/trtllm-build")
     found = preflight.host_findings(H100, _host(GpuInfo(0, "H100", 90, 79.1), trt=trt))
     assert any(f.level == "error" and "older than kiln supports" in f.message for f in found)
+
+
+def test_a_multi_rank_torch_target_is_refused_by_a_build_and_says_how_to_run_it() -> None:
+    cpu_pp2 = Target(name="cpu-pp2", backend="torch", device="cpu", gpus_per_worker=2, limits={"pp_size": 2})
+    with pytest.raises(UnsupportedCombinationError, match=r"torch engine of 2 ranks.*torchrun --nproc-per-node 2"):
+        preflight.check_request(request([NONE], [cpu_pp2]), local_targets=False)
+    trt_tp2 = H100.model_copy(update={"gpus_per_worker": 2, "limits": H100.limits.model_copy(update={"tp_size": 2})})
+    assert not [f for f in preflight.check_request(request([NONE], [trt_tp2]), local_targets=False)
+                if f.level == "error"]

@@ -122,13 +122,26 @@ def generate_command(
                 top_k=int(item.get("top_k", top_k)), seed=item.get("seed", seed),
                 stop_token_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
             requests.append(GenerationRequest(tokenizer(item["prompt"])["input_ids"], sampling))
-        from kiln.engine.base import get_backend
+        import torch.distributed as dist
 
-        engine = get_backend(manifest["backend"]).load(engine_dir)
-        started = time.perf_counter()
-        results = engine.generate(requests)
-        elapsed = time.perf_counter() - started
-        engine.close()
+        from kiln.engine.base import get_backend
+        from kiln.engine.torch.parallel import init_from_launcher
+
+        # a multi-rank engine runs as one process per rank (`torchrun --nproc-per-node N kiln generate ...`);
+        # every rank generates in lockstep and only the first prints
+        joined = manifest["backend"] == "torch" and init_from_launcher(manifest["device"])
+        rank = dist.get_rank() if joined else 0
+        try:
+            engine = get_backend(manifest["backend"]).load(engine_dir)
+            started = time.perf_counter()
+            results = engine.generate(requests)
+            elapsed = time.perf_counter() - started
+            engine.close()
+        finally:
+            if joined:
+                dist.destroy_process_group()
+        if rank != 0:
+            return
         total = sum(len(r.token_ids) for r in results)
         for item, result in zip(items, results, strict=True):
             text = tokenizer.decode(result.token_ids, skip_special_tokens=True)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import copy_tokenizer
-from kiln.engine.torch.model import DecoderModel, KVCache
-from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.model import DecoderModel, KVCache, layer_count
+from kiln.engine.torch.parallel import TensorParallel, process_layout
 from kiln.engine.torch.runtime import TorchEngine
 from kiln.engine.torch.spec import ModelSpec, read_spec
 from kiln.engine.torch.weights import convert_rank, kv_cache_scales
@@ -106,10 +106,15 @@ class TorchBackend:
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
         try:
             layouts = []
-            for rank in range(spec.tp_size):
+            stage_layers = [0] * spec.pp_size
+            for rank in range(spec.tp_size * spec.pp_size):
                 tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
+                stage_layers[rank // spec.tp_size] = layer_count(layout)
+            if sum(stage_layers) != spec.num_layers:
+                raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {stage_layers} layers, "
+                                       f"{sum(stage_layers)} in all, but config.json says {spec.num_layers}; re-export it")
             tokenizer_source = copy_tokenizer(staging, [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"),
                                                         lineage.get("hf_dir"), checkpoint_dir])
             sm = target.sm if target.device == "cuda" else None
@@ -153,14 +158,16 @@ class TorchBackend:
         manifest = read_manifest(engine_dir)
         check_compatible(manifest, engine_dir)
         spec = ModelSpec.from_json(manifest["model"])
-        tp = TensorParallel.current()
-        if tp.world_size != spec.tp_size:
+        world = TensorParallel.current().world_size
+        ranks = spec.tp_size * spec.pp_size
+        if world != ranks:
             raise EngineMismatchError(
-                f"{engine_dir}: engine has tp_size {spec.tp_size} but this process group has {tp.world_size} "
-                f"rank(s): launch one process per rank, e.g. `torchrun --nproc-per-node {spec.tp_size} ...`")
+                f"{engine_dir}: engine has tp_size {spec.tp_size} x pp_size {spec.pp_size} = {ranks} rank(s) but this "
+                f"process group has {world}: launch one process per rank, e.g. `torchrun --nproc-per-node {ranks} ...`")
+        tp, pp = process_layout(spec.tp_size, spec.pp_size)
         device = torch.device("cpu")
         if manifest["device"] == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", tp.rank % torch.cuda.device_count()))
+            local = int(os.environ.get("LOCAL_RANK", pp.rank % torch.cuda.device_count()))
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         program = {**manifest["program"], **(program or {})}
@@ -168,14 +175,15 @@ class TorchBackend:
         if program.get("compile") == "inductor" and cache_file.is_file():
             torch.compiler.load_cache_artifacts(cache_file.read_bytes())
         dtype = DTYPES[manifest["dtype"]]
-        tensors = load_file(engine_dir / f"rank{tp.rank}.safetensors")
+        tensors = load_file(engine_dir / f"rank{pp.rank}.safetensors")
         scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-        model = DecoderModel(spec, manifest["layout"][tp.rank], tensors, dtype=dtype, device=device, tp=tp,
-                             scaled_mm=scaled_mm)
+        model = DecoderModel(spec, manifest["layout"][pp.rank], tensors, dtype=dtype, device=device, tp=tp,
+                             scaled_mm=scaled_mm, pp=pp)
         limits = manifest["limits"]
-        cache = KVCache(spec, tp, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
-                        kv_cache_scales(spec, tensors))
-        return TorchEngine(engine_dir, manifest, model, cache, tp, program)
+        layers = len(model.layers)
+        cache = KVCache(spec, tp, layers, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
+                        kv_cache_scales(spec, tensors, layers))
+        return TorchEngine(engine_dir, manifest, model, cache, tp, program, pp)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -13,11 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.engine.torch.linear import FP8_MAX, QuantLinear
-from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.spec import ModelSpec, rope_inv_freq
 
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 ROW_PARALLEL = ("attention.dense", "mlp.proj")
+
+
+def layer_count(layout: dict[str, str]) -> int:
+    """Decoder layers in one rank's layout (a pipeline stage holds its own slice, numbered from 0)."""
+    return len({name.split(".")[2] for name in layout if name.startswith("transformer.layers.")})
 
 
 class KVCache:
@@ -27,13 +32,13 @@ class KVCache:
     per-layer K and V scales.
     """
 
-    def __init__(self, spec: ModelSpec, tp: TensorParallel, max_batch: int, max_seq: int, dtype: torch.dtype,
-                 device: torch.device, scales: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, num_layers: int, max_batch: int, max_seq: int,
+                 dtype: torch.dtype, device: torch.device, scales: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         _, kv_heads = spec.local_heads(tp.world_size)
         shape = (max_batch, kv_heads, max_seq, spec.head_size)
         store = torch.float8_e4m3fn if scales else dtype
-        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(spec.num_layers)]
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.scales = [(k.to(device), v.to(device)) for k, v in scales] if scales else None
         self.dtype = dtype
 
@@ -144,12 +149,16 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding -> decoder layers -> final norm -> lm_head, for one tensor-parallel rank."""
+    """Embedding -> decoder layers -> final norm -> lm_head, for one rank: with pipeline parallelism the
+    first stage embeds, every stage runs its own layers, and the last applies the norm and lm_head; the
+    others return ``None`` where logits would be."""
 
     def __init__(self, spec: ModelSpec, layout: dict[str, str], tensors: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, scaled_mm: bool) -> None:
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, scaled_mm: bool,
+                 pp: PipelineParallel | None = None) -> None:
         super().__init__()
         self.spec, self.tp, self.dtype, self.device = spec, tp, dtype, device
+        self.pp = pp or PipelineParallel()
 
         def linear(name: str, reduce: bool = False) -> QuantLinear:
             prefix = f"{name}."
@@ -157,17 +166,17 @@ class DecoderModel(nn.Module):
             return QuantLinear(layout[name], part, dtype=dtype, device=device, scaled_mm=scaled_mm,
                                reduce=tp.all_reduce if reduce else None)
 
-        self.embedding = tensors["transformer.vocab_embedding.weight"].to(device)
-        self.vocab_start = tp.rank * self.embedding.shape[0]
+        self.embedding = tensors["transformer.vocab_embedding.weight"].to(device) if self.pp.first else None
+        self.vocab_start = tp.rank * self.embedding.shape[0] if self.pp.first else 0
         self.layers = nn.ModuleList()
-        for i in range(spec.num_layers):
+        for i in range(layer_count(layout)):
             base = f"transformer.layers.{i}"
             names = [n for n in (*LINEARS, "mlp.gate_up") if f"{base}.{n}" in layout]
             linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
             norms = (tensors[f"{base}.input_layernorm.weight"].to(device), tensors[f"{base}.post_layernorm.weight"].to(device))
             self.layers.append(DecoderLayer(i, spec, linears, norms, tp))
-        self.final_norm = tensors["transformer.ln_f.weight"].to(device)
-        self.lm_head = linear("lm_head")
+        self.final_norm = tensors["transformer.ln_f.weight"].to(device) if self.pp.last else None
+        self.lm_head = linear("lm_head") if self.pp.last else None
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(spec))
         angles = torch.cat((freqs, freqs), dim=-1)
@@ -179,7 +188,7 @@ class DecoderModel(nn.Module):
         return sum(t.numel() * t.element_size() for t in seen.values())
 
     def _tensors(self) -> list[torch.Tensor]:
-        out = [self.embedding, self.final_norm]
+        out = [t for t in (self.embedding, self.final_norm) if t is not None]
         for module in self.modules():
             out += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
         return out
@@ -196,37 +205,51 @@ class DecoderModel(nn.Module):
         logits = self.lm_head(_rms_norm(h, self.final_norm, self.spec.norm_eps))
         return self.tp.all_gather_last(logits)[..., : self.spec.vocab_size]
 
+    def _stage_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The hidden states this stage starts from: embedded tokens, or the previous stage's output."""
+        if self.pp.first:
+            return self._embed(tokens)
+        return self.pp.recv_forward((tokens.shape[0], self.spec.hidden_size), self.dtype, self.device)
+
+    def _last_stage(self, h: torch.Tensor) -> bool:
+        """Hand ``h`` to the next stage unless this is the last one (which goes on to the logits)."""
+        if not self.pp.last:
+            self.pp.send_forward(h)
+        return self.pp.last
+
     def prefill(self, tokens: torch.Tensor, cache: KVCache | None, slots: list[int] | None, last_only: bool,
-                lengths: list[int] | None = None) -> torch.Tensor:
+                lengths: list[int] | None = None) -> torch.Tensor | None:
         """Logits for sequences packed in ``tokens [T]`` (``lengths``; default one sequence), writing each
         one's K/V into its cache slot. ``last_only``: ``[n_seq, vocab]``, each sequence's last position."""
         lengths = lengths or [tokens.shape[0]]
         device = tokens.device
         if len(lengths) == 1:  # the common single-prompt case: slices, no index tensors (TTFT)
             n = tokens.shape[0]
-            h = self._embed(tokens)
+            h = self._stage_input(tokens)
             where1 = None if slots is None else (slots[0], None)
             for layer in self.layers:
                 h = layer.prefill(h, self.cos[:n, None, :], self.sin[:n, None, :], cache, where1, None)
-            return self._logits(h[-1:] if last_only else h)
+            return self._logits(h[-1:] if last_only else h) if self._last_stage(h) else None
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
         mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
-        h = self._embed(tokens)
+        h = self._stage_input(tokens)
         for layer in self.layers:
             h = layer.prefill(h, cos, sin, cache, where, mask)
+        if not self._last_stage(h):
+            return None
         if last_only:
             h = h[torch.tensor(lengths, device=device).cumsum(0) - 1]
         return self._logits(h)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         keys = torch.arange(length, device=tokens.device)
         key_mask = keys[None, :] <= positions[:, None]
-        h = self._embed(tokens)
+        h = self._stage_input(tokens)
         for layer in self.layers:
             h = layer.decode(h, cos, sin, positions, cache, length, key_mask)
-        return self._logits(h)
+        return self._logits(h) if self._last_stage(h) else None

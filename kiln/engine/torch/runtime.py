@@ -22,7 +22,7 @@ import torch
 
 from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams
 from kiln.engine.torch.model import DecoderModel, KVCache
-from kiln.engine.torch.parallel import TensorParallel
+from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.sampling import new_generator, sample
 from kiln.errors import GenerationLimitError
 
@@ -79,19 +79,22 @@ class TorchEngine:
     """A loaded engine dir; see ``TorchBackend.load``."""
 
     def __init__(self, engine_dir: Path, manifest: dict[str, Any], model: DecoderModel, cache: KVCache,
-                 tp: TensorParallel, program: dict[str, Any]) -> None:
+                 tp: TensorParallel, program: dict[str, Any], pp: PipelineParallel | None = None) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.model, self.cache, self.tp = model, cache, tp
+        self.pp = pp or PipelineParallel(tp_size=tp.world_size, rank=tp.rank)
         limits = manifest["limits"]
         self.max_batch_size, self.max_input_len, self.max_seq_len = (
             limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"])
         self.device = model.device
         # prompt tokens prefilled together in one pass (bounds the packed attention mask, T x T)
         self.max_num_tokens = max(limits.get("max_num_tokens") or 0, self.max_input_len)
-        self.cuda_graphs = bool(program.get("cuda_graphs")) and self.device.type == "cuda"
+        # Point-to-point sends between stages are neither captured in CUDA graphs nor compiled here: a
+        # pipeline-parallel engine runs its decode step eagerly (no multi-GPU machine to measure them on).
+        self.cuda_graphs = bool(program.get("cuda_graphs")) and self.device.type == "cuda" and not self.pp.enabled
         self._decode_fn = model.decode
-        if program.get("compile") == "inductor":
+        if program.get("compile") == "inductor" and not self.pp.enabled:
             self._decode_fn = torch.compile(model.decode, dynamic=program.get("dynamic", True),
                                             options=program.get("inductor_options"))
         self._batch_buckets = buckets(self.max_batch_size, 1)
@@ -137,10 +140,10 @@ class TorchEngine:
                 if ahead is None and not self._greedy(slots, active):
                     self._stage(slots, active)
                     logits = self._decode(self._batch(active), self._length(slots, active, 0))
-                    if active != list(range(len(active))):
-                        logits = logits[torch.tensor(active, device=self.device)]
-                    for slot, token in zip(active, self._sample(logits[: len(active)], [slots[i] for i in active]),
-                                           strict=True):
+                    if logits is not None:  # None on a pipeline stage before the last
+                        contiguous = active == list(range(len(active)))
+                        logits = logits[: len(active)] if contiguous else logits[torch.tensor(active, device=self.device)]
+                    for slot, token in zip(active, self._sample(logits, [slots[i] for i in active]), strict=True):
                         emit(slot, slots[slot], token)
                     continue
                 if ahead is None:
@@ -170,7 +173,12 @@ class TorchEngine:
         self._check_vocab(token_ids, "logits")
         with torch.inference_mode():
             tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-            return self.model.prefill(tokens, self.cache, None, last_only=False).float().cpu()
+            logits = self.model.prefill(tokens, self.cache, None, last_only=False)
+            if not self.pp.enabled:
+                return logits.float().cpu()
+            if logits is None:
+                logits = torch.empty(len(token_ids), self.model.spec.vocab_size, dtype=self.model.dtype, device=self.device)
+            return self.pp.broadcast(logits.contiguous()).float().cpu()
 
     def memory_bytes(self) -> int:
         """Peak CUDA memory allocated by this process, or the engine's weights + KV cache on CPU."""
@@ -216,8 +224,8 @@ class TorchEngine:
         return next(n for n in self._length_buckets if n > max(slots[i].position for i in active) + lookahead)
 
     def _greedy(self, slots: list[_Running | None], active: list[int]) -> bool:
-        # tensor-parallel ranks agree on sampled tokens through a broadcast: they keep the host-side path
-        return not self.tp.enabled and all(slots[i].request.sampling.temperature == 0 for i in active)
+        # parallel ranks agree on sampled tokens through a broadcast: they keep the host-side path
+        return not self.pp.distributed and all(slots[i].request.sampling.temperature == 0 for i in active)
 
     def _stage(self, slots: list[_Running | None], active: list[int]) -> None:
         """Upload each running request's last token and position; free slots below the batch bucket
@@ -241,9 +249,14 @@ class TorchEngine:
         done.record()
         return _Step(active, list(slots), host, done)
 
-    def _sample(self, logits: torch.Tensor, running: list[_Running]) -> list[int]:
-        tokens = sample(logits, [r.request.sampling for r in running], [r.generator for r in running])
-        return self.tp.broadcast(tokens.contiguous()).tolist()
+    def _sample(self, logits: torch.Tensor | None, running: list[_Running]) -> list[int]:
+        """Tokens for ``running`` from their logits rows; ranks without logits (earlier pipeline stages)
+        receive them from the sampler."""
+        if logits is None:
+            tokens = torch.empty(len(running), dtype=torch.long, device=self.device)
+        else:
+            tokens = sample(logits, [r.request.sampling for r in running], [r.generator for r in running])
+        return self.pp.broadcast(tokens.contiguous()).tolist()
 
     def _decode(self, batch: int, length: int, greedy: bool = False) -> torch.Tensor:
         """Logits ``[batch, vocab]`` for the staged inputs, or with ``greedy`` the argmax tokens ``[batch]``,

@@ -148,15 +148,17 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
         tp_size=int(mapping.get("tp_size", 1)),
         pp_size=int(mapping.get("pp_size", 1)),
     )
-    if spec.pp_size != 1:
-        raise ModelSourceError(f"{path}: mapping.pp_size: {spec.pp_size}; the torch engine runs pp_size 1 "
-                               "(tensor parallelism only): export with inference_pipeline_parallel=1")
+    if not 1 <= spec.pp_size <= spec.num_layers:
+        raise ModelSourceError(f"{path}: mapping.pp_size {spec.pp_size} must be between 1 and the model's "
+                               f"{spec.num_layers} layers")
     if spec.num_heads % spec.tp_size or (spec.num_kv_heads % spec.tp_size and spec.tp_size % spec.num_kv_heads):
         raise ModelSourceError(f"{path}: mapping.tp_size {spec.tp_size} does not divide {spec.num_heads} heads / "
                                f"{spec.num_kv_heads} kv heads")
-    missing = [f"rank{r}.safetensors" for r in range(spec.tp_size) if not (path.parent / f"rank{r}.safetensors").is_file()]
+    ranks = spec.tp_size * spec.pp_size
+    missing = [f"rank{r}.safetensors" for r in range(ranks) if not (path.parent / f"rank{r}.safetensors").is_file()]
     if missing:
-        raise ModelSourceError(f"{path.parent}: missing {', '.join(missing)} for tp_size {spec.tp_size}")
+        raise ModelSourceError(f"{path.parent}: missing {', '.join(missing)} for tp_size {spec.tp_size} x "
+                               f"pp_size {spec.pp_size}")
     return spec
 
 

@@ -2,7 +2,8 @@
 
 The runtime layout is decided once, at build time: tensors cast to the target dtype, W4A8 re-quantized
 to FP8, unquantized gate/fc fused into one ``mlp.gate_up`` GEMM, FP8 KV scales per layer. ``layout``
-maps each linear to its kind so loading needs no guessing.
+maps each linear to its kind so loading needs no guessing. With pipeline parallelism a rank file holds
+its stage's layers only, the embedding on the first stage and ln_f + lm_head on the last.
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
         layout[name] = kind
         out.update({f"{name}.{field}": t for field, t in tensors.items()})
 
-    out["transformer.vocab_embedding.weight"] = take("transformer.vocab_embedding.weight").to(dtype)
-    out["transformer.ln_f.weight"] = take("transformer.ln_f.weight").to(dtype)
-    lm_head = "lm_head" if "lm_head.weight" in source else "transformer.vocab_embedding"
-    add_linear(lm_head, spec.quant_algo)
-    if lm_head != "lm_head":  # tied embeddings without an exported lm_head
-        out["lm_head.weight"] = out.pop(f"{lm_head}.weight")
-        layout["lm_head"] = layout.pop(lm_head)
-    for i in range(spec.num_layers):
+    stage = rank // spec.tp_size
+    if stage == 0:
+        out["transformer.vocab_embedding.weight"] = take("transformer.vocab_embedding.weight").to(dtype)
+    if stage == spec.pp_size - 1:
+        out["transformer.ln_f.weight"] = take("transformer.ln_f.weight").to(dtype)
+        lm_head = "lm_head" if "lm_head.weight" in source else "transformer.vocab_embedding"
+        add_linear(lm_head, spec.quant_algo)
+        if lm_head != "lm_head":  # tied embeddings without an exported lm_head
+            out["lm_head.weight"] = out.pop(f"{lm_head}.weight")
+            layout["lm_head"] = layout.pop(lm_head)
+    for i in range(stage_layers(source, spec, path)):
         base = f"transformer.layers.{i}"
         for norm in ("input_layernorm", "post_layernorm"):
             out[f"{base}.{norm}.weight"] = take(f"{base}.{norm}.weight").to(dtype)
@@ -62,6 +66,17 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
                     scale = take(f"{base}.attention.kv_cache_scaling_factor")
                 out[f"{base}.attention.{which}_cache_scale"] = scale.float().reshape(())
     return out, layout
+
+
+def stage_layers(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> int:
+    """How many decoder layers a rank file holds: all of them at pp 1; with pipeline parallelism the
+    export writes each stage's slice numbered from 0 (``transformer.layers.0..k-1``)."""
+    found = {int(name.split(".")[2]) for name in tensors if name.startswith("transformer.layers.")}
+    count = len(found)
+    if found != set(range(count)) or (spec.pp_size == 1 and count != spec.num_layers):
+        raise ModelSourceError(f"{path}: holds decoder layers {sorted(found)[:8]}..., expected 0..{spec.num_layers - 1} "
+                               f"of {spec.num_layers} (pp_size {spec.pp_size}); re-export the checkpoint")
+    return count
 
 
 def _fuse_gate_up(base: str, tensors: dict[str, torch.Tensor], layout: dict[str, str]) -> None:
@@ -86,8 +101,10 @@ def _fuse_gate_up(base: str, tensors: dict[str, torch.Tensor], layout: dict[str,
     layout[fused] = kind
 
 
-def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor], num_layers: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per local layer (K scale, V scale) of an FP8 KV cache, or None for an unquantized cache."""
     if not spec.kv_cache_quant_algo:
         return None
     return [(tensors[f"transformer.layers.{i}.attention.k_cache_scale"], tensors[f"transformer.layers.{i}.attention.v_cache_scale"])
-            for i in range(spec.num_layers)]
+            for i in range(num_layers)]
