@@ -61,9 +61,16 @@ def compare(recipe: str, kv: str, work: Path) -> dict:
                                        do_sample=False)[0, len(prompt):].tolist()
         full = prompt + expected
         ref, got = _logits(fake_quant, full)[len(prompt) - 1:], engine.logits(full)[len(prompt) - 1:]
+        # the reference against itself with only its attention kernel changed: how far a last-bit change
+        # inside the fake-quant model alone moves its logits (the noise floor of any second implementation)
+        fake_quant.set_attn_implementation("eager")
+        own = _logits(fake_quant, full)[len(prompt) - 1:]
+        fake_quant.set_attn_implementation("sdpa")
         row = {"prompt": text, "identical": result.token_ids == expected,
                "max_logit_diff": round((got - ref).abs().max().item(), 4),
-               "argmax_agreement": round((got.argmax(-1) == ref.argmax(-1)).float().mean().item(), 3)}
+               "argmax_agreement": round((got.argmax(-1) == ref.argmax(-1)).float().mean().item(), 3),
+               "reference_self_max_logit_diff": round((own - ref).abs().max().item(), 4),
+               "reference_self_argmax_agreement": round((own.argmax(-1) == ref.argmax(-1)).float().mean().item(), 3)}
         if not row["identical"]:
             first = next(i for i, (a, b) in enumerate(zip(result.token_ids, expected, strict=True)) if a != b)
             row["first_divergence"] = first
@@ -79,7 +86,8 @@ def write_markdown(results: list[dict], path: Path) -> None:
              f"{len(PROMPTS)} prompts x {NEW_TOKENS} greedy tokens; logits teacher-forced on the reference's continuation. "
              "Reference: the fake-quant model aligned to the checkpoint's weight codes (export gap in the last column).", "",
              "| recipe | kv | quant_algo | identical greedy | argmax agreement (min) | max logit diff | "
-             "reference margin at divergences | export gap: codes differing |", "|---|---|---|---|---|---|---|---|"]
+             "reference vs itself, eager attention: max logit diff / argmax agreement (min) | "
+             "reference margin at divergences | export gap: codes differing |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         margins = [p["reference_margin_there"] for p in r["prompts"] if "reference_margin_there" in p]
         gap = r["export_gap"]
@@ -87,6 +95,8 @@ def write_markdown(results: list[dict], path: Path) -> None:
         lines.append(f"| {r['recipe']} | {r['kv_cache']} | {r['quant_algo']} | {r['identical']}/{len(r['prompts'])} | "
                      f"{min(p['argmax_agreement'] for p in r['prompts'])} | "
                      f"{max(p['max_logit_diff'] for p in r['prompts'])} | "
+                     f"{max(p['reference_self_max_logit_diff'] for p in r['prompts'])} / "
+                     f"{min(p['reference_self_argmax_agreement'] for p in r['prompts'])} | "
                      f"{', '.join(map(str, margins)) or '-'} | {gap_text} |")
     lines += ["", "Command: `.venv/bin/python bench/engine_smollm2.py`"]
     path.write_text("\n".join(lines) + "\n")
