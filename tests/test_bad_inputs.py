@@ -84,6 +84,8 @@ STATIC_CASES = {
         _body(targets=[{"name": "c", "limits": {"max_input_len": 512, "max_seq_len": 256}}]),
         ["max_seq_len (256) must be greater than max_input_len (512)"]),
     "nvfp4-on-cpu": (_body(recipes=["nvfp4"]), ["nvfp4"]),
+    "unknown-kv-dtype": (_body(recipes=[{"name": "k", "quantization": "fp8", "kv_cache_dtype": "int4"}]),
+                         ["kv_cache_dtype", "'auto', 'fp8' or 'int8'"]),
 }
 
 
