@@ -106,15 +106,15 @@ class TorchBackend:
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
         try:
             layouts = []
-            stage_layers = [0] * spec.pp_size
+            layers_per_stage = [0] * spec.pp_size
             for rank in range(spec.tp_size * spec.pp_size):
                 tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
-                stage_layers[rank // spec.tp_size] = layer_count(layout)
-            if sum(stage_layers) != spec.num_layers:
-                raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {stage_layers} layers, "
-                                       f"{sum(stage_layers)} in all, but config.json says {spec.num_layers}; re-export it")
+                layers_per_stage[rank // spec.tp_size] = layer_count(layout)
+            if sum(layers_per_stage) != spec.num_layers:
+                raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "
+                                       f"{sum(layers_per_stage)} in all, but config.json says {spec.num_layers}; re-export it")
             tokenizer_source = copy_tokenizer(staging, [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"),
                                                         lineage.get("hf_dir"), checkpoint_dir])
             sm = target.sm if target.device == "cuda" else None
@@ -177,13 +177,13 @@ class TorchBackend:
         dtype = DTYPES[manifest["dtype"]]
         tensors = load_file(engine_dir / f"rank{pp.rank}.safetensors")
         scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-        model = DecoderModel(spec, manifest["layout"][pp.rank], tensors, dtype=dtype, device=device, tp=tp,
-                             scaled_mm=scaled_mm, pp=pp)
+        model = DecoderModel(spec, manifest["layout"][pp.rank], tensors, dtype=dtype, device=device, tp=tp, pp=pp,
+                             scaled_mm=scaled_mm)
         limits = manifest["limits"]
         layers = len(model.layers)
         cache = KVCache(spec, tp, layers, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
                         kv_cache_scales(spec, tensors, layers))
-        return TorchEngine(engine_dir, manifest, model, cache, tp, program, pp)
+        return TorchEngine(engine_dir, manifest, model, cache, tp, pp, program)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -154,11 +154,10 @@ class DecoderModel(nn.Module):
     others return ``None`` where logits would be."""
 
     def __init__(self, spec: ModelSpec, layout: dict[str, str], tensors: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, scaled_mm: bool,
-                 pp: PipelineParallel | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, pp: PipelineParallel,
+                 scaled_mm: bool) -> None:
         super().__init__()
-        self.spec, self.tp, self.dtype, self.device = spec, tp, dtype, device
-        self.pp = pp or PipelineParallel()
+        self.spec, self.tp, self.pp, self.dtype, self.device = spec, tp, pp, dtype, device
 
         def linear(name: str, reduce: bool = False) -> QuantLinear:
             prefix = f"{name}."

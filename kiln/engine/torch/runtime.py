@@ -79,11 +79,10 @@ class TorchEngine:
     """A loaded engine dir; see ``TorchBackend.load``."""
 
     def __init__(self, engine_dir: Path, manifest: dict[str, Any], model: DecoderModel, cache: KVCache,
-                 tp: TensorParallel, program: dict[str, Any], pp: PipelineParallel | None = None) -> None:
+                 tp: TensorParallel, pp: PipelineParallel, program: dict[str, Any]) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
-        self.model, self.cache, self.tp = model, cache, tp
-        self.pp = pp or PipelineParallel(tp_size=tp.world_size, rank=tp.rank)
+        self.model, self.cache, self.tp, self.pp = model, cache, tp, pp
         limits = manifest["limits"]
         self.max_batch_size, self.max_input_len, self.max_seq_len = (
             limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"])
