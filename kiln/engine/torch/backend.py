@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import copy_tokenizer
+from kiln.engine.torch import kernels
 from kiln.engine.torch.model import DecoderModel, KVCache, layer_count
 from kiln.engine.torch.parallel import TensorParallel, process_layout
 from kiln.engine.torch.runtime import TorchEngine
@@ -63,10 +64,13 @@ def default_program(target: Target) -> dict[str, Any]:
     Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 684 tok/s
     bf16 / 844 tok/s FP8 vs 406 / 376 tok/s for eager kernels under CUDA graphs (the fusion of the
     norm/RoPE/quantize elementwise ops is what pays); static shapes and coordinate-descent tuning did
-    not pay for their compile time (bench/results/engine_gpu_profile.json). On CPU: eager kernels (no CUDA graphs; Inductor's
-    CPU compile costs minutes on small hosts and was not measured to pay)."""
+    not pay for their compile time (bench/results/engine_gpu_profile.json). On CUDA with Triton, kiln's own
+    decode kernels too (``kernels.py``: fused RoPE + cache write + split-KV attention; the batch-1 GEMV
+    per weight shape where ``TorchBackend.compile`` measures it faster than cuBLAS; numbers in
+    bench/results/engine_gpu_h200.md). On CPU: eager kernels (no CUDA graphs; Inductor's CPU compile
+    costs minutes on small hosts and was not measured to pay)."""
     if target.device == "cuda":
-        return {"compile": "inductor", "cuda_graphs": True}
+        return {"compile": "inductor", "cuda_graphs": True, **({"attention": "triton"} if kernels.triton else {})}
     return {"compile": "none", "cuda_graphs": False}
 
 
@@ -107,10 +111,13 @@ class TorchBackend:
         try:
             layouts = []
             layers_per_stage = [0] * spec.pp_size
+            gemv_shapes: set[tuple[bool, int, int]] = set()
             for rank in range(spec.tp_size * spec.pp_size):
                 tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
+                gemv_shapes |= {(kind == "fp8", *tensors[f"{name}.weight"].shape) for name, kind in layout.items()
+                                if kind in ("dense", "fp8")}
                 layers_per_stage[rank // spec.tp_size] = layer_count(layout)
             if sum(layers_per_stage) != spec.num_layers:
                 raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "
@@ -130,7 +137,7 @@ class TorchBackend:
                 "kv_cache_quant_algo": spec.kv_cache_quant_algo,
                 "limits": target.limits.model_dump(),
                 "toolchain": _toolchain(),
-                "program": default_program(target),
+                "program": self._program(target, dtype, gemv_shapes),
                 "model_sha": lineage.get("model_sha") or lineage.get("sha"),
                 "checkpoint_sha256": hash_directory(checkpoint_dir),
                 "tokenizer": tokenizer_source,
@@ -178,7 +185,7 @@ class TorchBackend:
         tensors = load_file(engine_dir / f"rank{pp.rank}.safetensors")
         scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
         model = DecoderModel(spec, manifest["layout"][pp.rank], tensors, dtype=dtype, device=device, tp=tp, pp=pp,
-                             scaled_mm=scaled_mm)
+                             scaled_mm=scaled_mm, program=program)
         limits = manifest["limits"]
         layers = len(model.layers)
         cache = KVCache(spec, tp, layers, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
@@ -186,6 +193,17 @@ class TorchBackend:
         return TorchEngine(engine_dir, manifest, model, cache, tp, pp, program)
 
     # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple[bool, int, int]]) -> dict[str, Any]:
+        """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this GPU."""
+        program = default_program(target)
+        device = torch.device("cuda", torch.cuda.current_device()) if target.device == "cuda" else None
+        if device is None or not kernels.available(device, dtype):
+            return program
+        if torch.cuda.get_device_capability(device) < (8, 9):  # no FP8 GEMM: those weights run dequantized
+            gemv_shapes = {s for s in gemv_shapes if not s[0]}
+        return {**program, "gemv": kernels.tune_gemv(gemv_shapes, device, dtype)}
+
     @staticmethod
     def _check_fit(spec: ModelSpec, target: Target, checkpoint_dir: Path) -> None:
         limits = target.limits

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.engine.torch import kernels
+
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 KINDS = ("dense", "fp8", "int8_sq", "int8_wo", "int4")
 
@@ -79,7 +81,8 @@ class QuantLinear(nn.Module):
     """``y = reduce(x @ W^T) + b`` for one runtime kind; ``reduce`` is the tensor-parallel all-reduce of row-parallel layers."""
 
     def __init__(self, kind: str, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device,
-                 scaled_mm: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 scaled_mm: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gemv: dict[str, list[int] | None] | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown linear kind {kind!r}; known: {', '.join(KINDS)}")
@@ -97,6 +100,11 @@ class QuantLinear(nn.Module):
             self.weight, self.weight_scale = self._dequantize(weight, scale).to(device), None
         else:
             self.weight, self.weight_scale = weight.to(device), scale.to(device)
+        # batch-1 rows go to the Triton GEMV where the build measured it faster than cuBLAS for this shape
+        self.gemv = None
+        if gemv and (kind == "dense" or self.scaled_mm) and kernels.available(device, dtype):
+            self.gemv = gemv.get(kernels.gemv_key(self.scaled_mm, *self.weight.shape))
+        self.out_scale = self.input_scale * self.weight_scale if self.gemv and self.scaled_mm else None
 
     def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8":
@@ -114,19 +122,23 @@ class QuantLinear(nn.Module):
         return (torch.round(x.float() * self.inv_input_scale).clamp_(-128, 127) * self.input_scale).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x)
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
+            return kernels.gemv(x, self.weight, self.pre_quant_scale, self.inv_input_scale, self.out_scale, self.gemv)
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         if self.kind in ("fp8", "int8_sq"):
             x = self._quantize_input(x)
         if self.scaled_mm:
-            y = self._fp8_gemm(x)
-        elif self.weight_scale is None:
-            y = F.linear(x, self.weight)
-        else:
-            y = F.linear(x, self._dequantize(self.weight, self.weight_scale))
-        if self.reduce is not None:
-            y = self.reduce(y)
-        return y if self.bias is None else y + self.bias
+            return self._fp8_gemm(x)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight)
+        return F.linear(x, self._dequantize(self.weight, self.weight_scale))
 
     def _fp8_gemm(self, xq: torch.Tensor) -> torch.Tensor:
         lead, k = xq.shape[:-1], xq.shape[-1]

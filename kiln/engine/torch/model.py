@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.engine.torch import kernels
 from kiln.engine.torch.linear import FP8_MAX, QuantLinear
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.spec import ModelSpec, rope_inv_freq
@@ -82,6 +83,7 @@ class DecoderLayer(nn.Module):
         # Unquantized gate/fc are fused into one GEMM at build time (runtime layout ``mlp.gate_up``).
         self.gate_up = linears.get("mlp.gate_up")
         self.fc, self.gate = linears.get("mlp.fc"), linears.get("mlp.gate")
+        self.attention_kernel = False  # set by DecoderModel: decode through kernels.decode_attention
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n, d = x.shape[0], self.head_size
@@ -132,7 +134,15 @@ class DecoderLayer(nn.Module):
         return self._mlp(h)
 
     def decode(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               cache: KVCache, length: int, key_mask: torch.Tensor) -> torch.Tensor:
+               cache: KVCache, length: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """One token per row of ``h``; ``cos``/``sin``: rows for ``positions``, or with the attention
+        kernel the whole tables (it gathers them itself and needs no ``key_mask``)."""
+        if self.attention_kernel:
+            qkv = self.qkv(_rms_norm(h, self.input_norm, self.eps))
+            k_scale, v_scale = cache.scales[self.index] if cache.scales else (None, None)
+            attn = kernels.decode_attention(qkv, positions, cos, sin, cache.k[self.index], cache.v[self.index],
+                                            k_scale, v_scale, self.heads, self.kv_heads, length)
+            return self._mlp(h + self.dense(attn))
         b, d = h.shape[0], self.head_size
         q, k, v = self._qkv(h, cos, sin)
         kq, vq = cache.quantize(self.index, k, v)
@@ -155,15 +165,19 @@ class DecoderModel(nn.Module):
 
     def __init__(self, spec: ModelSpec, layout: dict[str, str], tensors: dict[str, torch.Tensor], *,
                  dtype: torch.dtype, device: torch.device, tp: TensorParallel, pp: PipelineParallel,
-                 scaled_mm: bool) -> None:
+                 scaled_mm: bool, program: dict | None = None) -> None:
+        """``program``: the engine's kernel choices (``attention: triton``, ``gemv`` per weight shape);
+        they apply where ``kernels.available`` (CUDA with Triton), the torch path serves elsewhere."""
         super().__init__()
+        program = program or {}
+        gemv = program.get("gemv")
         self.spec, self.tp, self.pp, self.dtype, self.device = spec, tp, pp, dtype, device
 
         def linear(name: str, reduce: bool = False) -> QuantLinear:
             prefix = f"{name}."
             part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             return QuantLinear(layout[name], part, dtype=dtype, device=device, scaled_mm=scaled_mm,
-                               reduce=tp.all_reduce if reduce else None)
+                               reduce=tp.all_reduce if reduce else None, gemv=gemv)
 
         self.embedding = tensors["transformer.vocab_embedding.weight"].to(device) if self.pp.first else None
         self.vocab_start = tp.rank * self.embedding.shape[0] if self.pp.first else 0
@@ -174,6 +188,10 @@ class DecoderModel(nn.Module):
             linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
             norms = (tensors[f"{base}.input_layernorm.weight"].to(device), tensors[f"{base}.post_layernorm.weight"].to(device))
             self.layers.append(DecoderLayer(i, spec, linears, norms, tp))
+        self.attention_kernel = (program.get("attention") == "triton" and kernels.available(device, dtype)
+                                 and kernels.attention_supported(spec.head_size))
+        for layer in self.layers:
+            layer.attention_kernel = self.attention_kernel
         self.final_norm = tensors["transformer.ln_f.weight"].to(device) if self.pp.last else None
         self.lm_head = linear("lm_head") if self.pp.last else None
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
@@ -245,9 +263,11 @@ class DecoderModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        keys = torch.arange(length, device=tokens.device)
-        key_mask = keys[None, :] <= positions[:, None]
+        if self.attention_kernel:
+            cos, sin, key_mask = self.cos, self.sin, None
+        else:
+            cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+            key_mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
         h = self._stage_input(tokens)
         for layer in self.layers:
             h = layer.decode(h, cos, sin, positions, cache, length, key_mask)

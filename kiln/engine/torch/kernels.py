@@ -1,0 +1,335 @@
+"""Triton kernels for the CUDA decode step, each behind a torch custom op so Inductor and CUDA graphs
+call them as single opaque launches.
+
+- ``decode_attention``: one kernel per layer does RoPE on the new token's q and k, writes its K/V
+  (FP8-quantized for an FP8 cache) into the cache at its position, and attends over the cache in
+  split-KV chunks (flash-decoding), the query heads of one KV head sharing each K/V load (GQA); a
+  second small kernel merges the chunks. It replaces the gather of cos/sin, the key mask, two cache
+  writes and cuDNN SDPA (about 11 us of kernels per layer at batch 1 on an H100,
+  ``bench/results/engine_gpu_kernels/``).
+- ``gemv``: ``y = x @ W^T`` for one row (batch-1 decode) over a bf16/fp16 or FP8 weight, the FP8
+  activation quantization (and AWQ ``pre_quant_scale``) done in the kernel's prologue, so the weights
+  stream at the card's bandwidth without a separate quantize kernel.
+
+Numerics follow the torch path in ``model.py``/``linear.py``: float32 accumulation, q/k rounded to the
+engine dtype after RoPE, the FP8 cache value rounded exactly as ``KVCache.quantize``. The kernels run on
+CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests check them against that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves every device
+    triton = None
+
+FP8_MAX = 448.0
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run for this device and engine dtype (CUDA, or the interpreter in tests)."""
+    if triton is None or dtype not in DTYPES:
+        return False
+    return device.type == "cuda" or interpreting()
+
+
+def attention_supported(head_size: int) -> bool:
+    return head_size >= 16 and head_size & (head_size - 1) == 0
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    if index is None:  # the interpreter: a few "SMs" so the split-KV path is exercised
+        return 4
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope(base, offs_d, cos, sin, HALF: tl.constexpr, D: tl.constexpr):
+        x = tl.load(base + offs_d).to(tl.float32)
+        partner = tl.load(base + (offs_d + HALF) % D).to(tl.float32)
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        return x * cos + sign * partner * sin
+
+    @triton.jit
+    def _dot(a, b, F32: tl.constexpr):
+        # The interpreter multiplies bf16 operands wrongly (numpy has no bf16): it gets their exact
+        # float32 values; on the GPU the tensor cores take them as they are (float32 accumulation either way).
+        if F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _decode_attention_kernel(
+        QKV, POS, COS, SIN, KC, VC, K_SCALE, V_SCALE, OUT, ACC, ML,
+        stride_qkv, stride_cb, stride_ch, stride_cs, chunk, splits, sm_scale,
+        H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        dtype = OUT.dtype.element_ty
+        pos = tl.load(POS + b)
+        offs_d = tl.arange(0, D)
+        offs_h = tl.arange(0, BLOCK_H)
+        hmask = offs_h < G
+        cos = tl.load(COS + pos * D + offs_d).to(tl.float32)
+        sin = tl.load(SIN + pos * D + offs_d).to(tl.float32)
+        row = QKV + b * stride_qkv
+        # q for this KV head's query group, rotated, rounded to the engine dtype as the torch path does
+        q_ptr = row + (kvh * G + offs_h)[:, None] * D
+        q = tl.load(q_ptr + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        q_partner = tl.load(q_ptr + ((offs_d + D // 2) % D)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + tl.where(offs_d < D // 2, -1.0, 1.0)[None, :] * q_partner * sin[None, :]).to(dtype)
+        k_new = _rope(row + (H + kvh) * D, offs_d, cos, sin, D // 2, D).to(dtype)
+        v_new = tl.load(row + (H + KVH + kvh) * D + offs_d).to(dtype)
+        cache = b * stride_cb + kvh * stride_ch
+        if FP8_KV:
+            k_scale, v_scale = tl.load(K_SCALE), tl.load(V_SCALE)
+            k_store = tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0).to(KC.dtype.element_ty)
+            v_store = tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0).to(VC.dtype.element_ty)
+            # attention sees what the cache holds, as in the torch path
+            k_new = (k_store.to(tl.float32) * k_scale).to(dtype)
+            v_new = (v_store.to(tl.float32) * v_scale).to(dtype)
+        else:
+            k_store, v_store = k_new, v_new
+        start = s * chunk
+        if (pos >= start) & (pos < start + chunk):  # the one program whose chunk holds pos writes the token
+            tl.store(KC + cache + pos * stride_cs + offs_d, k_store)
+            tl.store(VC + cache + pos * stride_cs + offs_d, v_store)
+        # keys < pos come from the cache; pos itself from registers (no other program reads it this launch)
+        end = tl.minimum(start + chunk, pos + 1)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            old = offs_n < tl.minimum(end, pos)
+            kv_ptr = cache + offs_n[:, None] * stride_cs + offs_d[None, :]
+            k = tl.load(KC + kv_ptr, mask=old[:, None], other=0.0)
+            v = tl.load(VC + kv_ptr, mask=old[:, None], other=0.0)
+            if FP8_KV:
+                k = (k.to(tl.float32) * k_scale).to(dtype)
+                v = (v.to(tl.float32) * v_scale).to(dtype)
+            is_new = (offs_n == pos)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
+            scores = _dot(q, tl.trans(k), DOT_F32) * sm_scale
+            scores = tl.where((offs_n < end)[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(dtype), v, DOT_F32)
+            m_i = m_new
+        if SINGLE:
+            out = OUT + b * (H * D) + (kvh * G + offs_h)[:, None] * D + offs_d[None, :]
+            tl.store(out, (acc / l_i[:, None]).to(dtype), mask=hmask[:, None])
+        else:
+            part = (b * KVH + kvh) * splits + s
+            tl.store(ACC + (part * BLOCK_H + offs_h)[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
+            tl.store(ML + (part * 2) * BLOCK_H + offs_h, m_i, mask=hmask)
+            tl.store(ML + (part * 2 + 1) * BLOCK_H + offs_h, l_i, mask=hmask)
+
+    @triton.jit
+    def _merge_splits_kernel(ACC, ML, OUT, splits, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
+                             D: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+        # one program per query head, every split's partial loaded at once (a loop over splits would
+        # serialize one global-load latency per split)
+        b, head = tl.program_id(0), tl.program_id(1)
+        kvh, h = head // G, head % G
+        offs_s = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, D)
+        smask = offs_s < splits
+        part = (b * KVH + kvh) * splits + offs_s
+        m = tl.load(ML + (part * 2) * BLOCK_H + h, mask=smask, other=float("-inf"))
+        lsum = tl.load(ML + (part * 2 + 1) * BLOCK_H + h, mask=smask, other=0.0)
+        acc = tl.load(ACC + ((part * BLOCK_H + h) * D)[:, None] + offs_d[None, :], mask=smask[:, None], other=0.0)
+        # split 0 always holds key 0, so the max is finite; empty or padded splits weigh exp(-inf) = 0
+        w = tl.exp(m - tl.max(m, axis=0))
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+        tl.store(OUT + b * (H * D) + head * D + offs_d, out.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _gemv_kernel(X, W, Y, PQS, INV_IN_SCALE, OUT_SCALE, N, K, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PQS: tl.constexpr, FP8: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if FP8:
+            inv_in_scale = tl.load(INV_IN_SCALE)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            x = tl.load(X + offs_k, mask=kmask, other=0.0)
+            if HAS_PQS:  # AWQ pre_quant_scale, multiplied in the activation dtype as the torch path does
+                x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            x = x.to(tl.float32)
+            if FP8:
+                x = tl.clamp(x * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+            w = tl.load(W + offs_n[:, None] * stride_w + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if FP8:
+            y = y * tl.load(OUT_SCALE)
+        tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=nmask)
+
+
+# -- decode attention --------------------------------------------------------------------------------
+
+ATTENTION_BLOCK_N = 32
+
+
+def attention_splits(batch: int, kv_heads: int, length: int, sm_count: int) -> tuple[int, int]:
+    """(splits, keys per split) for a (batch, attended length) bucket: enough programs to fill the
+    card twice over at small batch, never a split shorter than one key block."""
+    blocks = -(-length // ATTENTION_BLOCK_N)
+    want = max(1, -(-2 * sm_count // (batch * kv_heads)))
+    per_split = -(-blocks // min(blocks, want))
+    chunk = per_split * ATTENTION_BLOCK_N
+    return -(-length // chunk), chunk
+
+
+@torch.library.custom_op("kiln::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                     v_scale: torch.Tensor | None, heads: int, kv_heads: int, length: int) -> torch.Tensor:
+    """Attention output ``[B, heads * D]`` of one decode token per row of ``qkv [B, (heads + 2 kv_heads) * D]``
+    (pre-RoPE), each at ``positions[b] < length``; writes the new K/V into ``k_cache/v_cache[b, :, pos]``."""
+    batch = qkv.shape[0]
+    d = k_cache.shape[-1]
+    group = heads // kv_heads
+    block_h = max(16, _next_pow2(group))
+    out = torch.empty(batch, heads * d, dtype=qkv.dtype, device=qkv.device)
+    sms = _sm_count(None if interpreting() else qkv.device.index)
+    splits, chunk = attention_splits(batch, kv_heads, length, sms)
+    single = splits == 1
+    acc = out if single else torch.empty(batch * kv_heads * splits * block_h, d, dtype=torch.float32, device=qkv.device)
+    ml = out if single else torch.empty(batch * kv_heads * splits * 2, block_h, dtype=torch.float32, device=qkv.device)
+    fp8 = k_scale is not None
+    _decode_attention_kernel[(batch, kv_heads, splits)](
+        qkv, positions, cos, sin, k_cache, v_cache, k_scale if fp8 else out, v_scale if fp8 else out, out, acc, ml,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, splits, d ** -0.5,
+        H=heads, KVH=kv_heads, G=group, D=d, BLOCK_H=block_h, BLOCK_N=ATTENTION_BLOCK_N, FP8_KV=fp8, SINGLE=single,
+        DOT_F32=interpreting(),
+        num_warps=4, num_stages=2)
+    if not single:
+        _merge_splits_kernel[(batch, heads)](acc, ml, out, splits, H=heads, KVH=kv_heads, G=group, D=d,
+                                             BLOCK_H=block_h, SPLITS=_next_pow2(splits), num_warps=2)
+    return out
+
+
+@decode_attention.register_fake
+def _(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads, length):
+    return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
+
+
+# -- batch-1 GEMV ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("kiln::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, pre_quant_scale: torch.Tensor | None,
+         inv_input_scale: torch.Tensor | None, out_scale: torch.Tensor | None,
+         config: list[int] | None = None) -> torch.Tensor:
+    """``x [1, K] @ weight[N, K]^T`` (``config``: BLOCK_N, BLOCK_K, num_warps) in float32 accumulation, returned in ``x``'s dtype. FP8 ``weight``:
+    ``x`` is quantized as ``fp8(x * inv_input_scale)`` first and the sum scaled by ``out_scale``
+    (input scale x weight scale)."""
+    n, k = weight.shape
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    block_n, block_k, warps = config or GEMV_CANDIDATES[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, pre_quant_scale if pre_quant_scale is not None else x,
+        inv_input_scale if fp8 else x, out_scale if fp8 else x, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_PQS=pre_quant_scale is not None, FP8=fp8, num_warps=warps)
+    return y
+
+
+@gemv.register_fake
+def _(x, weight, pre_quant_scale, inv_input_scale, out_scale, config=None):
+    return x.new_empty(1, weight.shape[0])
+
+
+# -- build-time choice of the GEMV per weight shape ----------------------------------------------------
+
+GEMV_CANDIDATES = ((4, 1024, 8), (4, 512, 4), (8, 1024, 8), (8, 512, 4), (16, 256, 4))
+
+
+def gemv_key(fp8: bool, n: int, k: int) -> str:
+    return f"{'fp8' if fp8 else 'dense'}:{n}x{k}"
+
+
+def graph_ms(step, iters: int = 20) -> float:
+    """Median ms of one replay of ``step()`` captured as a CUDA graph (warm-up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(iters):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _chain_ms(fn, copies: int) -> float:
+    """ms of ``fn(i)`` for every ``i`` in ``range(copies)``, as one graph."""
+    return graph_ms(lambda: [fn(i) for i in range(copies)])
+
+
+def tune_gemv(shapes: set[tuple[bool, int, int]], device: torch.device, dtype: torch.dtype
+              ) -> dict[str, list[int] | None]:
+    """For each (fp8, N, K) weight shape: the fastest batch-1 GEMV on this GPU, a Triton block shape or
+    ``None`` for cuBLAS, each timed over enough distinct weights that none stays in L2 (as a decode step
+    reads them). What a TensorRT build does with its tactics, at the scale of five shapes."""
+    chosen: dict[str, list[int] | None] = {}
+    for fp8, n, k in sorted(shapes):
+        times = _time_gemv(fp8, n, k, device, dtype)
+        best = min(times, key=times.get)
+        chosen[gemv_key(fp8, n, k)] = None if best is None else list(best)
+    return chosen
+
+
+def _time_gemv(fp8: bool, n: int, k: int, device: torch.device, dtype: torch.dtype
+               ) -> dict[tuple[int, int, int] | None, float]:
+    """ms per chain for cuBLAS (key ``None``) and each Triton candidate that fits ``k``."""
+    copies = max(2, min(16, (256 << 20) // (n * k * (1 if fp8 else 2))))
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    one = torch.ones((), device=device)
+    if fp8:
+        weights = [(w.float() * (FP8_MAX / w.float().abs().amax())).to(torch.float8_e4m3fn) for w in weights]
+        xq = x.to(torch.float8_e4m3fn)
+        times = {None: _chain_ms(lambda i: torch._scaled_mm(xq, weights[i].t(), scale_a=one, scale_b=one,
+                                                            out_dtype=dtype), copies)}
+    else:
+        times = {None: _chain_ms(lambda i: torch.nn.functional.linear(x, weights[i]), copies)}
+    scales = (one, one) if fp8 else (None, None)
+    for cfg in GEMV_CANDIDATES:
+        if cfg[1] <= _next_pow2(k):
+            times[cfg] = _chain_ms(lambda i, cfg=cfg: gemv(x, weights[i], None, *scales, list(cfg)), copies)
+    return times

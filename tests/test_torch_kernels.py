@@ -1,0 +1,74 @@
+"""kiln's Triton decode kernels equal the torch path they replace: on CPU by Triton's interpreter, and
+on a CUDA GPU with ``-m gpu``.
+
+Each case runs ``tests/fixtures/kernel_checks.py`` in a fresh process (with ``TRITON_INTERPRET=1``, or
+``KILN_KERNEL_DEVICE=cuda``); see that module for what is compared and why fp16 on CPU. Without Triton
+installed the kernels are never used (``kernels.available`` is false) and these cases skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is not installed: the CUDA kernels are not used here")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+ATTENTION_CASES = [
+    (9, 3, 1, 0),  # SmolLM2's group of 3 (padded to the 16-row tile), split-KV + merge
+    (9, 3, 3, 0),  # one split per program: no merge
+    (8, 2, 5, 1),  # FP8 cache
+    (4, 4, 1, 1),  # MHA, FP8 cache, split-KV
+]
+GEMV_CASES = [(0, 0), (1, 0), (1, 1)]
+
+
+def run_check(*args: str, device: str = "cpu") -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_KERNEL_DEVICE": device}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "tests.fixtures.kernel_checks", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "batch", "fp8"), ATTENTION_CASES)
+def test_decode_attention_matches_torch_path(heads: int, kv_heads: int, batch: int, fp8: int) -> None:
+    out = run_check("attention", str(heads), str(kv_heads), str(batch), str(fp8))
+    assert f"heads={heads}/{kv_heads} batch={batch}" in out
+
+
+@pytest.mark.parametrize(("fp8", "pre_quant_scale"), GEMV_CASES)
+def test_gemv_matches_torch_path(fp8: int, pre_quant_scale: int) -> None:
+    assert "rel_err" in run_check("gemv", str(fp8), str(pre_quant_scale))
+
+
+def test_engine_greedy_tokens_identical_with_kernels(tmp_path: Path) -> None:
+    from kiln.engine.torch import TorchBackend
+    from kiln.profiles import Target
+    from tests.fixtures.engine import export_checkpoint
+    from tests.fixtures.models import make_tiny_llama
+
+    checkpoint, _ = export_checkpoint(make_tiny_llama(tmp_path / "hf"), tmp_path / "ckpt", "none")
+    target = Target(name="cpu-fp16", dtype="float16",
+                    limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64})
+    engine_dir = TorchBackend().compile(checkpoint, target, tmp_path / "engine", {"model_sha": "test"})
+    assert "identical" in run_check("engine", str(engine_dir))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [("attention", *map(str, c)) for c in ATTENTION_CASES]
+                         + [("gemv", *map(str, c)) for c in GEMV_CASES], ids=lambda c: "-".join(c))
+def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    out = run_check(*case, device="cuda")
+    assert "attention" in out or "gemv" in out
