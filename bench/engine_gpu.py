@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kiln.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from kiln.engine.torch import TorchBackend  # noqa: E402
+from kiln.engine.torch.kernels import graph_ms as _graph_ms  # noqa: E402
 from kiln.profiles import Target  # noqa: E402
 
 SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -82,28 +83,6 @@ def copy_bandwidth() -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * src.numel() * 20 / (begin.elapsed_time(end) / 1e3)
-
-
-def _graph_ms(step, iters: int = 20) -> float:
-    """Median ms of one replay of ``step`` captured as a CUDA graph (warm-up on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(iters):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def gemv_ceiling(model) -> dict:
@@ -267,6 +246,37 @@ def hf_eager(model, new_tokens: int) -> dict:
             "token_ids": out[0, 32:].tolist()}
 
 
+def hf_reference_logits(model, token_ids: list[int]) -> torch.Tensor:
+    """HF's logits at each position of prompt + its own greedy tokens (one forward pass), on the GPU."""
+    ids = torch.tensor([prompts(1, 32, 1)[0] + token_ids], device="cuda")
+    with torch.inference_mode():
+        return model(ids).logits[0, 31:-1].float()
+
+
+def teacher_forced(engine, hf_tokens: list[int], hf_logits: torch.Tensor) -> dict:
+    """The engine's decode-step logits (its CUDA-graph path) fed HF's greedy tokens, vs HF's logits at the
+    same positions: top-1 agreement and logit gaps. Random weights make near-ties common, so free-running
+    greedy runs part early; this compares every step on the same inputs instead."""
+    prompt = prompts(1, 32, 1)[0]
+    rows = []
+    with torch.inference_mode():
+        rows.append(engine.model.prefill(torch.tensor(prompt, device="cuda"), engine.cache, [0], last_only=True)[0].float())
+        for i, token in enumerate(hf_tokens[:-1]):
+            position = len(prompt) + i
+            engine._inputs[0, 0], engine._inputs[1, 0] = token, position
+            length = next(n for n in engine._length_buckets if n > position)
+            rows.append(engine._decode(1, length)[0].float().clone())
+    got = torch.stack(rows)
+    ref = hf_logits[: len(rows)]
+    gap = (got - ref).abs()
+    top2 = ref.topk(2, dim=-1).values
+    disagree = got.argmax(-1) != ref.argmax(-1)
+    return {"steps": len(rows), "top1_agreement": round(float((~disagree).float().mean()), 4),
+            "max_abs_logit_gap": round(float(gap.max()), 4), "mean_abs_logit_gap": round(float(gap.mean()), 5),
+            "hf_top2_margin_where_disagree": [round(float(m), 4) for m in (top2[:, 0] - top2[:, 1])[disagree][:8]],
+            "logits": got}
+
+
 def decode_rate(results) -> float:
     """Steady-state decode tokens/s over all requests (first token = prefill excluded)."""
     tokens = sum(len(r.token_ids) - 1 for r in results)
@@ -384,16 +394,24 @@ def main() -> None:
     backend = TorchBackend()
     ck16 = run.stage("checkpoint_bf16", write_checkpoint, model, work / "ck-bf16", False)
     ck8 = run.stage("checkpoint_fp8", write_checkpoint, model, work / "ck-fp8", True) if "fp8" not in skip else None
+    hf_logits = None
     if "hf" not in skip:
         r["hf_eager_batch1"] = run.stage("hf_eager", hf_eager, model, 128)
+        if r["hf_eager_batch1"]:
+            hf_logits = run.stage("hf_reference_logits", hf_reference_logits, model, r["hf_eager_batch1"]["token_ids"])
     del model
     torch.cuda.empty_cache()
     lineage = {"model_sha": "random-llama-3.2-1b-shape"}
     eng_dir = run.stage("compile_bf16", backend.compile, ck16, target(), work / "eng-bf16", lineage, precompile=False)
+    # inductor_graphs is the built program (kiln's Triton kernels where the build chose them);
+    # inductor_graphs_torch_kernels the same with attention and GEMMs on the torch path, for the A/B
     programs = [("eager_graphs", {"compile": "none", "cuda_graphs": True}),
+                ("inductor_graphs_torch_kernels", {"compile": "inductor", "cuda_graphs": True, "attention": "torch",
+                                                   "gemv": {}}),
                 ("inductor_graphs", {"compile": "inductor", "cuda_graphs": True})]
     programs = [(name, program) for name, program in programs if name not in skip]
     r["bf16_batch1"] = {}
+    forced: dict[str, torch.Tensor] = {}
     engine = None
     for name, program in programs:
         if engine is not None:
@@ -401,9 +419,19 @@ def main() -> None:
         engine = run.stage(f"load_bf16_{name}", backend.load, eng_dir, program=program)
         if engine is None:
             continue
+        r.setdefault("program_built", engine.manifest["program"])
         wr = weight_read_bytes(engine)
         r["weight_read_bytes"] = wr
         r["bf16_batch1"][name] = run.stage(f"bf16_batch1_{name}", engine_batch1, engine, args.new_tokens, wr, bw)
+        if hf_logits is not None:
+            tf = run.stage(f"teacher_forced_{name}", teacher_forced, engine, r["hf_eager_batch1"]["token_ids"], hf_logits)
+            if tf:
+                forced[name] = tf.pop("logits")
+                r.setdefault("teacher_forced_vs_hf", {})[name] = tf
+    if len(forced) == 2:  # the two programs against each other, same inputs
+        a, b = forced.values()
+        r["teacher_forced_programs"] = {"top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+                                        "max_abs_logit_gap": round(float((a - b).abs().max()), 4)}
     # the rest runs on the last program that loaded (inductor unless it failed)
     if engine is not None:
         r["program_used"] = name
@@ -427,6 +455,7 @@ def main() -> None:
             engine = run.stage(f"load_fp8_{name}", backend.load, eng8, program=program) if eng8 else None
             if engine is None:
                 continue
+            r.setdefault("program_built_fp8", engine.manifest["program"])
             r["fp8_batch1"][name] = run.stage(f"fp8_batch1_{name}", engine_batch1, engine, args.new_tokens,
                                               weight_read_bytes(engine), bw)
             engine.close()
@@ -475,6 +504,13 @@ def write_markdown(r: dict, path: Path) -> None:
     if r.get("greedy_vs_hf"):
         g = r["greedy_vs_hf"]
         lines.append(f"| greedy tokens identical to HF (bf16, random weights) | first {g['identical_prefix']} of {g['compared']} |")
+    for name, t in (r.get("teacher_forced_vs_hf") or {}).items():
+        lines.append(f"| teacher-forced vs HF bf16 ({name}, {t['steps']} steps) | top-1 agreement {t['top1_agreement']}, "
+                     f"max logit gap {t['max_abs_logit_gap']} (mean {t['mean_abs_logit_gap']}) |")
+    if r.get("teacher_forced_programs"):
+        t = r["teacher_forced_programs"]
+        lines.append(f"| teacher-forced, the two kiln programs against each other | top-1 agreement {t['top1_agreement']}, "
+                     f"max logit gap {t['max_abs_logit_gap']} |")
     if r.get("nccl_world1"):
         lines.append(f"| NCCL init + all_reduce/all_gather/broadcast, world size 1 | {r['nccl_world1']} |")
     lines += _targets(r)
