@@ -2,7 +2,8 @@
 
 An engine dir holds ``rank{N}.safetensors`` in the runtime layout (target dtype, fused/re-quantized
 weights), the tokenizer files, ``kiln-engine.json`` (backend, limits, dtype, quant, SM or cpu,
-toolchain, model and checkpoint hashes, the layout and the program) and, for CUDA targets, the
+toolchain, model and checkpoint hashes, the layout and the program: Inductor, CUDA graphs and, on CUDA,
+the Triton decode kernels with the GEMV chosen per weight shape on the build GPU) and, for CUDA targets, the
 Inductor cache of the compiled decode step (``program.inductor-cache``), so a load on the same SM and
 toolchain starts warm.
 """
