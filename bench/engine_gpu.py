@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kiln.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from kiln.engine.torch import TorchBackend  # noqa: E402
+from kiln.engine.torch.kernels import FP8_MAX  # noqa: E402
 from kiln.engine.torch.kernels import graph_ms as _graph_ms  # noqa: E402
 from kiln.profiles import Target  # noqa: E402
 
@@ -40,7 +41,6 @@ SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32
          "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 8192}}
 LIMITS = {"max_batch_size": 64, "max_input_len": 1024, "max_seq_len": 2048, "max_num_tokens": 8192}
-FP8_MAX = 448.0
 
 
 class Run:

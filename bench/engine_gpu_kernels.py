@@ -32,7 +32,7 @@ from engine_gpu import Run, copy_bandwidth  # noqa: E402
 
 from kiln.engine.torch import kernels  # noqa: E402
 from kiln.engine.torch.kernels import graph_ms as _graph_ms  # noqa: E402
-from kiln.engine.torch.model import _rotate  # noqa: E402
+from tests.fixtures.kernel_checks import torch_path_qkv  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD, FFN, VOCAB, LAYERS = 2048, 32, 8, 64, 8192, 128256, 16
 SHAPES = {"qkv": ((HEADS + 2 * KV_HEADS) * HEAD, HIDDEN), "dense": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN),
@@ -57,13 +57,9 @@ def _attention_case(batch: int, length: int, fp8: bool, seed: int = 0):
 
 
 def _attention_torch(qkv, positions, cos, sin, kc, vc, scales, length):
-    """The torch path of ``DecoderLayer.decode`` (as Inductor computes it: RoPE in float32, one rounding)."""
+    """The torch path of ``DecoderLayer.decode``: RoPE, the cache write, SDPA over the masked cache."""
     b, d = qkv.shape[0], HEAD
-    q, k, v = qkv.split((HEADS * d, KV_HEADS * d, KV_HEADS * d), -1)
-    c, s = cos[positions][:, None, :].float(), sin[positions][:, None, :].float()
-    q = _rotate(q.view(b, HEADS, d).float(), c, s).to(qkv.dtype)
-    k = _rotate(k.view(b, KV_HEADS, d).float(), c, s).to(qkv.dtype)
-    v = v.view(b, KV_HEADS, d)
+    q, k, v = torch_path_qkv(qkv, positions, cos, sin, HEADS, KV_HEADS)
     ks, vs = scales
     if ks is not None:
         k = (k.float() / ks).clamp(-448, 448).to(kc.dtype)

@@ -29,7 +29,7 @@ try:
 except ImportError:  # CPU-only installs: the torch path serves every device
     triton = None
 
-FP8_MAX = 448.0
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.engine.torch import kernels
+from kiln.engine.torch.kernels import FP8_MAX
 
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 KINDS = ("dense", "fp8", "int8_sq", "int8_wo", "int4")
 
 

@@ -73,7 +73,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class DecoderLayer(nn.Module):
     def __init__(self, index: int, spec: ModelSpec, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, torch.Tensor],
-                 tp: TensorParallel) -> None:
+                 tp: TensorParallel, attention_kernel: bool) -> None:
         super().__init__()
         self.index, self.eps = index, spec.norm_eps
         self.heads, self.kv_heads = spec.local_heads(tp.world_size)
@@ -83,7 +83,7 @@ class DecoderLayer(nn.Module):
         # Unquantized gate/fc are fused into one GEMM at build time (runtime layout ``mlp.gate_up``).
         self.gate_up = linears.get("mlp.gate_up")
         self.fc, self.gate = linears.get("mlp.fc"), linears.get("mlp.gate")
-        self.attention_kernel = False  # set by DecoderModel: decode through kernels.decode_attention
+        self.attention_kernel = attention_kernel  # decode through kernels.decode_attention
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n, d = x.shape[0], self.head_size
@@ -181,17 +181,15 @@ class DecoderModel(nn.Module):
 
         self.embedding = tensors["transformer.vocab_embedding.weight"].to(device) if self.pp.first else None
         self.vocab_start = tp.rank * self.embedding.shape[0] if self.pp.first else 0
+        self.attention_kernel = (program.get("attention") == "triton" and kernels.available(device, dtype)
+                                 and kernels.attention_supported(spec.head_size))
         self.layers = nn.ModuleList()
         for i in range(layer_count(layout)):
             base = f"transformer.layers.{i}"
             names = [n for n in (*LINEARS, "mlp.gate_up") if f"{base}.{n}" in layout]
             linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
             norms = (tensors[f"{base}.input_layernorm.weight"].to(device), tensors[f"{base}.post_layernorm.weight"].to(device))
-            self.layers.append(DecoderLayer(i, spec, linears, norms, tp))
-        self.attention_kernel = (program.get("attention") == "triton" and kernels.available(device, dtype)
-                                 and kernels.attention_supported(spec.head_size))
-        for layer in self.layers:
-            layer.attention_kernel = self.attention_kernel
+            self.layers.append(DecoderLayer(i, spec, linears, norms, tp, self.attention_kernel))
         self.final_norm = tensors["transformer.ln_f.weight"].to(device) if self.pp.last else None
         self.lm_head = linear("lm_head") if self.pp.last else None
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
