@@ -167,3 +167,31 @@ def library_entry(kind: str, name: str, profiles_dir: Path | None = None) -> dic
     if name not in entries:
         raise ProfileError(f"{path}: no {kind} named {name!r}; known: {', '.join(sorted(map(str, entries)))}")
     return dict(entries[name])
+
+
+def family_rows() -> list[dict[str, str]]:
+    """Per model family: architectures, the export the torch engine compiles, recipes (and why not the
+    others), and which TensorRT-LLM artifacts load it per kiln's contracts (1.2: engine, 1.3: HF checkpoint)."""
+    from kiln.engine.trtllm import api
+    from kiln.families import FAMILIES
+
+    def trtllm(series: str, artifact: str, architectures: tuple[str, ...]) -> str:
+        facts = (api.load_contract(series).data.get("architectures") or {}).get(artifact) or {}
+        answers = {(facts.get(a) or {}).get("supported") for a in architectures}
+        if answers == {True}:
+            return "yes"
+        return "no" if answers == {False} else "unverified" if None in answers else "partly"
+
+    rows = []
+    for family in FAMILIES:
+        rows.append({
+            "family": family.name, "architectures": ", ".join(family.architectures), "summary": family.summary,
+            "export": "TensorRT-LLM checkpoint + HF" if family.modelopt_decoder else "HF checkpoint only",
+            "recipes": ", ".join(family.recipes),
+            "refused": "; ".join(f"{q}: {why}" for q, why in family.refused.items()),
+            "torch": "yes",
+            "tensorrt_llm engine (1.2)": trtllm("1.2", "engine", family.architectures)
+            if family.modelopt_decoder else "no (no TensorRT-LLM checkpoint export)",
+            "tensorrt_llm hf_checkpoint (>= 1.3)": trtllm("1.3", "hf_checkpoint", family.architectures),
+        })
+    return rows

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 from kiln import constants
 from kiln.errors import IntegrityError, ModelSourceError
+from kiln.families import architectures, family_for
 from kiln.profiles import HubModel, LocalModel
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = architectures()
 
 # transformers' own names for safetensors weights (a single file, or shards plus their index); other
 # *.safetensors in a repo (consolidated.safetensors, onnx/...) are other formats and not downloaded.
@@ -306,13 +307,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def check_architecture(config: dict[str, Any], where: str) -> str:
     """The model's architecture, or a ModelSourceError naming it and the supported list."""
-    architectures = config.get("architectures") or []
-    architecture = architectures[0] if architectures else None
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ModelSourceError(
-            f"{where}: architecture {architecture!r} (model_type {config.get('model_type')!r}) is not supported; "
-            f"kiln supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    names = config.get("architectures") or []
+    architecture = names[0] if names else None
+    family_for(architecture, f"{where}: architecture", config.get("model_type"))
     return architecture
 
 

@@ -292,12 +292,63 @@ def request_findings(request: BuildRequest, *, model_info: ModelInfo | None = No
 
 def pair_findings(recipe: Recipe, target: Target, info: ModelInfo | None, *,
                   modelopt_version: str | None) -> list[Finding]:
-    """One recipe on one target: SM first (nothing else matters if it fails), then contract and memory."""
+    """One recipe on one target: SM first (nothing else matters if it fails), then the model's family,
+    contract and memory."""
     if why := recipe_target_problem(recipe, target):
         return [Finding("error", "sm", _pair(recipe, target), why)]
     found = contract_findings(recipe, target, modelopt_version=modelopt_version)
     if info is not None:
-        found += memory_findings(recipe, target, info)
+        found = family_findings(recipe, target, info) + found + memory_findings(recipe, target, info)
+    return found
+
+
+def family_findings(recipe: Recipe, target: Target, info: ModelInfo) -> list[Finding]:
+    """What the model's family (``kiln.families``) allows: the recipe (what ModelOpt quantizes and exports
+    for it), the artifact (no TensorRT-LLM checkpoint for an HF-export-only family), the layout (an HF
+    export is unsharded) and, for TensorRT-LLM targets, the architectures its contract lists per artifact."""
+    from kiln.families import family_for
+
+    family, subject = family_for(info.architecture), _pair(recipe, target)
+    found = []
+    if why := family.recipe_problem(recipe.quantization):
+        found.append(Finding("error", "family", subject, why))
+    hf_only = "trtllm" not in family.exports
+    if hf_only and target.backend == "tensorrt_llm" and target.artifact == "engine":
+        found.append(Finding("error", "family", subject,
+                             f"{info.architecture} ({family.name}): ModelOpt exports no TensorRT-LLM checkpoint for this "
+                             "family, so trtllm-build has nothing to build; set artifact: hf_checkpoint (TensorRT-LLM's "
+                             "PyTorch backend) or use a torch target"))
+    if hf_only and target.limits.tp_size * target.limits.pp_size > 1:
+        found.append(Finding("error", "family", subject,
+                             f"{family.name} compiles from ModelOpt's unified HF export, which is unsharded: set tp_size "
+                             "and pp_size to 1 for this target"))
+    if target.backend == "tensorrt_llm":
+        found += _contract_architecture_findings(recipe, target, info.architecture, family.moe)
+    return found
+
+
+def _contract_architecture_findings(recipe: Recipe, target: Target, architecture: str, moe: bool) -> list[Finding]:
+    from kiln.engine.trtllm import api
+
+    contract = api.load_contract(api.default_series(target))
+    facts = contract.data.get("architectures") or {}
+    subject, found = _pair(recipe, target), []
+    entry = (facts.get(target.artifact) or {}).get(architecture)
+    where = f"TensorRT-LLM {contract.series} ({contract.source}: architectures.{target.artifact})"
+    if entry is None or entry.get("supported") is None:
+        found.append(Finding("warning", "contract", subject, f"{where} does not confirm {architecture}; "
+                             "UNVERIFIED in kiln's contract, so the build may fail on the TensorRT-LLM worker"))
+    elif not entry["supported"]:
+        found.append(Finding("error", "contract", subject, f"{where} has no {architecture}: {entry.get('note') or ''} "
+                             f"({entry.get('evidence')}); use a torch target or another artifact"))
+    elif (entry.get("modelopt_export") or {}).get("status") == "exports_but_likely_unbuildable":
+        found.append(Finding("warning", "contract", subject, f"{where}: ModelOpt's checkpoint of {architecture} was "
+                             "not seen built by trtllm-build (UNVERIFIED); kiln adds the config keys TensorRT-LLM reads"))
+    quant_algo = scheme(recipe.quantization).quant_algo
+    moe_algos = (facts.get("moe_quant_algos") or {}).get(target.artifact) or {}
+    if moe and quant_algo and quant_algo in moe_algos and moe_algos[quant_algo].get("supported") is False:
+        found.append(Finding("error", "contract", subject, f"{where}: its fused MoE has no {quant_algo} experts "
+                             f"({moe_algos[quant_algo].get('evidence')}); use fp8 for this target"))
     return found
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kiln import constants
 from kiln.errors import CalibrationDataError, GateFailedError, KilnInputError, UnsupportedCombinationError
+from kiln.families import family_for
 from kiln.recipes import KV_SCHEMES, QuantScheme, scheme
 
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
     from kiln.profiles import Recipe
 
 Format = Literal["trtllm", "hf"]
-
-DECODER_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen"}
-"""HF architecture -> ModelOpt ``decoder_type`` of ``export_tensorrt_llm_checkpoint``."""
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_BATCH = 8
@@ -114,9 +112,9 @@ def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Seque
 
         if not torch.cuda.is_available():
             raise UnsupportedCombinationError(f"recipe {recipe.name!r}: device cuda asked, but torch sees no GPU here")
-    if info.architecture not in DECODER_TYPES:  # pragma: no cover - inspect_model refuses them first
-        raise KilnInputError(f"architecture {info.architecture!r} has no ModelOpt decoder type; "
-                             f"supported: {', '.join(DECODER_TYPES)}")
+    family = family_for(info.architecture)  # inspect_model refused unknown architectures already
+    if why := family.recipe_problem(recipe.quantization):
+        raise UnsupportedCombinationError(f"recipe {recipe.name!r}: {why}")
     if quant.group_size:
         sizes = {"hidden_size": info.hidden_size, "intermediate_size": info.intermediate_size}
         bad = {k: v for k, v in sizes.items() if v % recipe.group_size}
@@ -209,6 +207,15 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
     layouts = sorted(set(layouts)) or [(1, 1)]
     info = inspect_model(model_dir)
     quant = check_recipe(recipe, info, device=device, layouts=layouts, calibration=calibration, dtype=dtype)
+    family = family_for(info.architecture)
+    if "trtllm" in formats and family.modelopt_decoder is None:
+        raise UnsupportedCombinationError(
+            f"{info.architecture} ({family.name}): ModelOpt exports no TensorRT-LLM checkpoint for this family, "
+            "only the unified HF checkpoint (--format hf), which the torch engine and TensorRT-LLM's PyTorch "
+            "backend load")
+    if "trtllm" not in formats and layouts != [(1, 1)]:
+        raise UnsupportedCombinationError(f"tp/pp {layouts}: the HF checkpoint export is unsharded (tp 1, pp 1); "
+                                          "sharded exports are TensorRT-LLM checkpoints (--format trtllm)")
     if list(formats) == ["hf"] and (why := hf_export_problem(recipe)):
         raise UnsupportedCombinationError(why)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(constants.torch_extensions_dir()))
@@ -257,7 +264,7 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
             refused.perplexity = perplexity  # type: ignore[attr-defined]  # the build reports and caches them
             raise refused
 
-    decoder_type = DECODER_TYPES[info.architecture]
+    decoder_type = family.modelopt_decoder
     torch_dtype = getattr(torch, dtype)
     versions = toolchain_versions()
     full_lineage = {**lineage, "recipe": lineage.get("recipe", recipe.name), "quantization": recipe.quantization,
@@ -281,6 +288,10 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
                 export_tensorrt_llm_checkpoint(model, decoder_type, dtype=torch_dtype, export_dir=target,
                                                inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
             restore_rope_config(target, model.config.to_dict())
+            if family.trtllm_config:
+                config_path = target / "config.json"
+                config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **family.trtllm_config},
+                                                  indent=4))
             _write_lineage(target, {**full_lineage, "format": "tensorrt_llm_checkpoint", "tp_size": tp,
                                     "pp_size": pp})
             trtllm_dirs[layout_key(tp, pp)] = target

@@ -17,6 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from kiln import cache
 from kiln.errors import GateFailedError, KilnInputError
+from kiln.families import Family
 from kiln.profiles import BuildRequest, Gates, Recipe, Target, load_request
 from kiln.quantize import Perplexity
 from kiln.tasks import progress
@@ -122,8 +123,17 @@ class Checkpoint:
         return {"perplexity": ppl.quantized, "baseline_perplexity": ppl.baseline,
                 "ppl_increase_pct": ppl.increase_pct, "heldout_tokens": float(ppl.num_tokens)}
 
+    @property
+    def exported(self) -> bool:
+        return bool(self.trtllm_dirs) or self.hf_dir is not None
+
     def dir_for(self, target: Target) -> Path:
-        return self.trtllm_dirs[layout_name(target)]
+        """The checkpoint ``target`` compiles from: its layout's TensorRT-LLM checkpoint, or the HF export of a
+        family ModelOpt exports only that way (``kiln.families``)."""
+        found = self.trtllm_dirs.get(layout_name(target)) or self.hf_dir
+        if found is None:
+            raise KeyError(f"recipe {self.recipe!r}: no export for target {target.name!r} ({layout_name(target)})")
+        return found
 
 
 @dataclass(frozen=True)
@@ -234,9 +244,12 @@ def checkpoint_key(snapshot: Snapshot, recipe: Recipe, calibration_sha256: str |
                            formats=sorted(formats), toolchain=cache.toolchain_versions())
 
 
-def export_formats(request: BuildRequest) -> list[str]:
-    """TensorRT-LLM checkpoints always (every backend compiles from them); the HF export only when a target
-    publishes it (``artifact: hf_checkpoint``): it is a second full copy of the weights."""
+def export_formats(request: BuildRequest, family: Family | None = None) -> list[str]:
+    """TensorRT-LLM checkpoints where ModelOpt writes them for the family (every backend compiles from them)
+    and the HF export only when a target publishes it (``artifact: hf_checkpoint``: a second full copy of
+    the weights); for a family ModelOpt exports only as an HF checkpoint, that alone."""
+    if family is not None and "trtllm" not in family.exports:
+        return ["hf"]
     return ["trtllm", "hf"] if any(t.artifact == "hf_checkpoint" for t in request.targets) else ["trtllm"]
 
 
@@ -259,13 +272,15 @@ def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Re
     With a ``max_ppl_increase_pct`` gate the fake-quant perplexity is checked first: a recipe over it is
     exported nowhere and comes back with ``gate_failures`` (its targets are reported, never compiled).
     """
+    from kiln.families import family_for
+    from kiln.hub import inspect_model
     from kiln.quantize import quantize
 
     layouts = sorted({layout_name(t) for t in request.targets})
     calibration = data.calibration.get(recipe.name)
     cal_sha = getattr(calibration, "sha256", None)
     dtype = _checkpoint_dtype(request)
-    formats = export_formats(request)
+    formats = export_formats(request, family_for(inspect_model(snapshot.path).architecture))
     key = checkpoint_key(snapshot, recipe, cal_sha, layouts, dtype, formats)
     pairs = [(t.limits.tp_size, t.limits.pp_size) for t in request.targets]
     limit = checkpoint_gate(request, recipe)
@@ -291,11 +306,11 @@ def calibrate_and_quantize(request: BuildRequest, snapshot: Snapshot, recipe: Re
         # the key leaves gates out (they do not change weights): a stored entry serves when it holds what
         # this run's gate needs; a refusal serves only a gate it still fails, or the recipe recalibrates
         if heldout is None:
-            return bool(cached.trtllm_dirs)
+            return cached.exported
         ppl = cached.perplexity
         if ppl is None or ppl.heldout_sha256 != getattr(heldout, "sha256", None):
             return False
-        return bool(cached.trtllm_dirs) or ppl.increase_pct > limit
+        return cached.exported or ppl.increase_pct > limit
 
     with progress.step("quantize", recipe.name) as ev:
         hit = cache.StepCache("quantize").run(key, compute, Checkpoint, reuse=answers)

@@ -274,10 +274,10 @@ def test_inspect_model_on_smollm2_counts_tied_parameters_once(smollm2_dir: Path)
 def test_inspect_model_refuses_unsupported_and_corrupt(tmp_path: Path):
     path = make_tiny_llama(tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "architectures": ["MixtralForCausalLM"]}))
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["DbrxForCausalLM"]}))
     with pytest.raises(ModelSourceError) as excinfo:
         inspect_model(path)
-    assert "MixtralForCausalLM" in str(excinfo.value)
+    assert "DbrxForCausalLM" in str(excinfo.value)
     assert all(name in str(excinfo.value) for name in SUPPORTED_ARCHITECTURES)
 
     (path / "config.json").write_text(json.dumps(config))

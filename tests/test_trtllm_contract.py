@@ -301,3 +301,28 @@ def test_contract_copy_helper_does_not_touch_the_shipped_file(tmp_path: Path) ->
     before = (CONTRACTS / "tensorrt_llm-1.2.json").read_text()
     _contract_copy(tmp_path, "1.2", lambda data: data.clear())
     assert (CONTRACTS / "tensorrt_llm-1.2.json").read_text() == before
+
+
+# --- which HF architectures each artifact path accepts ---------------------------------------------------------
+
+_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                  "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+
+
+@pytest.mark.parametrize("series", api.CONTRACT_SERIES)
+def test_architecture_facts_cite_evidence_for_both_artifacts(series: str) -> None:
+    arch = json.loads((CONTRACTS / f"tensorrt_llm-{series}.json").read_text())["architectures"]
+    entries = {f"{kind}.{name}": entry for kind in ("engine", "hf_checkpoint") for name, entry in arch[kind].items()}
+    entries |= {f"moe_quant_algos.{kind}.{algo}": entry
+                for kind, algos in arch["moe_quant_algos"].items() for algo, entry in algos.items()}
+    for where, entry in entries.items():
+        assert entry["supported"] is None or isinstance(entry["supported"], bool), where
+        assert isinstance(entry["evidence"], str) and entry["evidence"].strip(), where
+        if entry["supported"] is None:  # a fact not confirmed from a source says so
+            assert "UNVERIFIED" in entry.get("note", ""), where
+    for kind in ("engine", "hf_checkpoint"):
+        assert set(_ARCHITECTURES) <= set(arch[kind]), f"{series} {kind}: missing {set(_ARCHITECTURES) - set(arch[kind])}"
+    assert {"FP8", "W8A16", "W8A8_SQ_PER_CHANNEL"} <= set(arch["moe_quant_algos"]["hf_checkpoint"])
+    assert all(isinstance(item, str) and item for item in arch["unverified"])
+    if series == "1.3":  # no engine path from 1.3 on
+        assert not any(entry["supported"] for entry in arch["engine"].values())

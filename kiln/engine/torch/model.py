@@ -1,4 +1,9 @@
-"""The Llama-family decoder executed straight from runtime-layout tensors, with a preallocated KV cache.
+"""The decoder of every family executed straight from runtime-layout tensors, with a preallocated KV cache.
+
+The layer is the Llama layout; what a family changes is data on ``ModelSpec`` (activation, Gemma's
+``1 + w`` norms and sandwich norms, q/k norms, attention scale and soft-caps, sliding windows per layer
+type with their own RoPE tables, partial rotary, MoE experts) and tensors the layer finds in the layout:
+nothing here branches on a family's name.
 
 Two entry points share the layer code: ``prefill`` (one or more sequences packed into one token row,
 each attending causally to its own tokens, K/V written into its cache slot) and ``decode`` (one token for
@@ -14,6 +19,7 @@ from torch import nn
 
 from kiln.engine.torch import kernels
 from kiln.engine.torch.linear import FP8_MAX, QuantLinear
+from kiln.engine.torch.moe import SLOTS, MoE, StackedExperts
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.spec import ModelSpec, rope_inv_freq
 
@@ -61,52 +67,124 @@ class KVCache:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    """Llama's RMSNorm (``w * normed.to(dtype)``); a float32 weight in a lower-precision engine is Gemma's
+    ``1 + w``, which transformers multiplies in float32 before rounding once."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32:
+        return (normed * weight).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """RoPE over the first ``cos.shape[-1]`` dims of each head (all of them but for partial rotary)."""
+    dim = cos.shape[-1]
+    if dim != x.shape[-1]:
+        return torch.cat((_rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"activation {name!r} is not supported; supported: silu, gelu_tanh")
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+            scale: float | None, softcap: float | None) -> torch.Tensor:
+    """``q [..., H, Tq, d]`` over ``k``/``v [..., Hkv, Tk, d]`` (H a multiple of Hkv); ``mask`` True where a
+    query may attend (None: causal). A soft-cap (Gemma 2) caps the scores before the float32 softmax, as
+    transformers' eager attention does; SDPA has no soft-cap."""
+    group = q.shape[-3] // k.shape[-3]
+    if softcap is None and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    if group > 1:  # K/V repeated to every query head: a few MB, and it keeps the masked call on a fused kernel
+        k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+Rope = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""RoPE kind -> (cos, sin): whole tables, or the rows of the positions being computed."""
+NORMS = ("input_layernorm", "post_layernorm", "post_attention_norm", "post_mlp_norm",
+         "attention.q_layernorm", "attention.k_layernorm")
+OPTIONAL_LINEARS = ("mlp.gate_up", "attention.q", "attention.k", "attention.v")
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, spec: ModelSpec, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, torch.Tensor],
-                 tp: TensorParallel, attention_kernel: bool) -> None:
+    def __init__(self, index: int, spec: ModelSpec, linears: dict[str, QuantLinear], norms: dict[str, torch.Tensor],
+                 tp: TensorParallel, attention_kernel: bool, moe: MoE | None = None) -> None:
         super().__init__()
         self.index, self.eps = index, spec.norm_eps
         self.heads, self.kv_heads = spec.local_heads(tp.world_size)
         self.head_size = spec.head_size
-        self.input_norm, self.post_norm = norms
-        self.qkv, self.dense, self.proj = linears["attention.qkv"], linears["attention.dense"], linears["mlp.proj"]
+        self.input_norm, self.post_norm = norms["input_layernorm"], norms["post_layernorm"]
+        self.post_attention_norm, self.post_mlp_norm = norms.get("post_attention_norm"), norms.get("post_mlp_norm")
+        self.q_norm, self.k_norm = norms.get("attention.q_layernorm"), norms.get("attention.k_layernorm")
+        # one fused qkv GEMM, or q/k/v apart where their HF export scales differ (FP8 per tensor)
+        self.qkv = linears.get("attention.qkv")
+        self.q_k_v = None if self.qkv is not None else tuple(linears[f"attention.{p}"] for p in "qkv")
+        self.dense, self.proj = linears["attention.dense"], linears.get("mlp.proj")
         # Unquantized gate/fc are fused into one GEMM at build time (runtime layout ``mlp.gate_up``).
         self.gate_up = linears.get("mlp.gate_up")
         self.fc, self.gate = linears.get("mlp.fc"), linears.get("mlp.gate")
+        self.moe, self.act = moe, _activation(spec.activation)
+        self.window, self.rope = spec.window(index), spec.rope_kind(index)
+        self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         self.attention_kernel = attention_kernel  # decode through kernels.decode_attention
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n, d = x.shape[0], self.head_size
-        qkv = self.qkv(_rms_norm(x, self.input_norm, self.eps))
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, weight, self.eps)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        x = self._norm(h, self.input_norm)
+        return self.qkv(x) if self.qkv is not None else torch.cat([lin(x) for lin in self.q_k_v], dim=-1)
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v of fused projections, q and k through their norms (Qwen3, Gemma 3) if any."""
+        n, d = qkv.shape[0], self.head_size
         q, k, v = qkv.split((self.heads * d, self.kv_heads * d, self.kv_heads * d), dim=-1)
-        q = _rotate(q.view(n, self.heads, d), cos, sin)
-        k = _rotate(k.view(n, self.kv_heads, d), cos, sin)
-        return q, k, v.view(n, self.kv_heads, d)
+        q, k, v = q.view(n, self.heads, d), k.view(n, self.kv_heads, d), v.view(n, self.kv_heads, d)
+        if self.q_norm is not None:
+            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
+        return q, k, v
 
-    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        x = _rms_norm(h, self.post_norm, self.eps)
-        if self.gate_up is not None:
-            act, up = self.gate_up(x).chunk(2, dim=-1)
+    def _qkv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        q, k, v = self._split(self._project(x))
+        cos, sin = rope[self.rope]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _attention_out(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        out = self.dense(attn)
+        return h + (out if self.post_attention_norm is None else self._norm(out, self.post_attention_norm))
+
+    def _mlp(self, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        x = self._norm(h, self.post_norm)
+        if self.moe is not None:
+            out = self.moe(x, decode)
         else:
-            act, up = self.fc(x), self.gate(x)
-        return h + self.proj(F.silu(act) * up)
+            if self.gate_up is not None:
+                act, up = self.gate_up(x).chunk(2, dim=-1)
+            else:
+                act, up = self.fc(x), self.gate(x)
+            out = self.proj(self.act(act) * up)
+        return h + (out if self.post_mlp_norm is None else self._norm(out, self.post_mlp_norm))
 
-    def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                where: tuple[torch.Tensor | int, torch.Tensor | None] | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def prefill(self, h: torch.Tensor, rope: Rope, cache: KVCache | None,
+                where: tuple[torch.Tensor | int, torch.Tensor | None] | None,
+                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
         """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write
-        (``(slot, None)``: one sequence at positions ``0..T-1``);
-        ``mask [T, T]`` keeps each sequence causal and to itself (None: one sequence, plain causal)."""
-        q, k, v = self._qkv(h, cos, sin)
+        (``(slot, None)``: one sequence at positions ``0..T-1``); ``masks[window]`` ``[T, T]`` keeps each
+        sequence causal, to itself and inside the layer's window (None: one sequence, plain causal)."""
+        q, k, v = self._qkv(h, rope)
         n = h.shape[0]
         if cache is not None and cache.scales is not None:
             kq, vq = cache.quantize(self.index, k, v)
@@ -121,30 +199,26 @@ class DecoderLayer(nn.Module):
             else:
                 cache.k[self.index][slots, :, positions] = kq
                 cache.v[self.index][slots, :, positions] = vq
-        if mask is None:
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                  is_causal=True, enable_gqa=self.heads != self.kv_heads)
-        else:
-            # K/V repeated to every query head: a few MB, and it keeps the masked call on a fused kernel
-            group = self.heads // self.kv_heads
-            k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                  attn_mask=mask)
-        h = h + self.dense(attn[0].transpose(0, 1).reshape(n, -1))
+        attn = _attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       masks[self.window], scale=self.scale, softcap=self.softcap)
+        h = self._attention_out(h, attn[0].transpose(0, 1).reshape(n, -1))
         return self._mlp(h)
 
-    def decode(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               cache: KVCache, length: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """One token per row of ``h``; ``cos``/``sin``: rows for ``positions``, or with the attention
-        kernel the whole tables (it gathers them itself and needs no ``key_mask``)."""
+    def decode(self, h: torch.Tensor, rope: Rope, positions: torch.Tensor, cache: KVCache, length: int,
+               key_masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+        """One token per row of ``h``; ``rope``: rows for ``positions``, or with the attention kernel the
+        whole tables (it gathers them itself and needs no key mask)."""
         if self.attention_kernel:
-            qkv = self.qkv(_rms_norm(h, self.input_norm, self.eps))
+            qkv = self._project(h)
+            if self.q_norm is not None:
+                qkv = torch.cat([t.reshape(h.shape[0], -1) for t in self._split(qkv)], dim=-1)
             k_scale, v_scale = cache.scales[self.index] if cache.scales else (None, None)
+            cos, sin = rope[self.rope]
             attn = kernels.decode_attention(qkv, positions, cos, sin, cache.k[self.index], cache.v[self.index],
                                             k_scale, v_scale, self.heads, self.kv_heads, length)
-            return self._mlp(h + self.dense(attn))
+            return self._mlp(self._attention_out(h, attn), decode=True)
         b, d = h.shape[0], self.head_size
-        q, k, v = self._qkv(h, cos, sin)
+        q, k, v = self._qkv(h, rope)
         kq, vq = cache.quantize(self.index, k, v)
         rows = torch.arange(b, device=h.device)
         cache.k[self.index][rows, :, positions] = kq
@@ -152,10 +226,10 @@ class DecoderLayer(nn.Module):
         keys, values = cache.dequantize(self.index, cache.k[self.index][:b, :, :length], cache.v[self.index][:b, :, :length])
         # GQA without copying K/V: a KV head's query group is the "query length" of one fused attention call
         group = self.heads // self.kv_heads
-        attn = F.scaled_dot_product_attention(q.view(b, self.kv_heads, group, d), keys, values,
-                                              attn_mask=key_mask[:, None, None, :])
-        h = h + self.dense(attn.reshape(b, self.heads * d))
-        return self._mlp(h)
+        attn = _attend(q.view(b, self.kv_heads, group, d), keys, values, key_masks[self.window][:, None, None, :],
+                       scale=self.scale, softcap=self.softcap)
+        h = self._attention_out(h, attn.reshape(b, self.heads * d))
+        return self._mlp(h, decode=True)
 
 
 class DecoderModel(nn.Module):
@@ -181,22 +255,41 @@ class DecoderModel(nn.Module):
 
         self.embedding = tensors["transformer.vocab_embedding.weight"].to(device) if self.pp.first else None
         self.vocab_start = tp.rank * self.embedding.shape[0] if self.pp.first else 0
+        # kiln's decode kernel fuses plain RoPE attention: not windows, soft-caps, other scales or partial rotary
+        plain = (not spec.layer_types and spec.attn_softcap is None and spec.rotary_dim is None
+                 and spec.attn_scale in (None, spec.head_size ** -0.5))
         self.attention_kernel = (program.get("attention") == "triton" and kernels.available(device, dtype)
-                                 and kernels.attention_supported(spec.head_size))
+                                 and kernels.attention_supported(spec.head_size) and plain)
         self.layers = nn.ModuleList()
         for i in range(layer_count(layout)):
             base = f"transformer.layers.{i}"
-            names = [n for n in (*LINEARS, "mlp.gate_up") if f"{base}.{n}" in layout]
+            names = [n for n in (*LINEARS, *OPTIONAL_LINEARS) if f"{base}.{n}" in layout]
             linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
-            norms = (tensors[f"{base}.input_layernorm.weight"].to(device), tensors[f"{base}.post_layernorm.weight"].to(device))
-            self.layers.append(DecoderLayer(i, spec, linears, norms, tp, self.attention_kernel))
+            norms = {n: tensors[f"{base}.{n}.weight"].to(device) for n in NORMS if f"{base}.{n}.weight" in tensors}
+            moe = None
+            if f"{base}.moe.router.weight" in tensors:
+                experts = {}
+                for slot in SLOTS:
+                    prefix = f"{base}.moe.{slot}."
+                    part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    experts[slot] = StackedExperts(layout[f"{base}.moe.{slot}"], part, dtype=dtype, device=device)
+                moe = MoE(tensors[f"{base}.moe.router.weight"].to(device), experts, spec.experts_per_token,
+                          spec.norm_topk_prob, _activation(spec.activation))
+            self.layers.append(DecoderLayer(i, spec, linears, norms, tp, self.attention_kernel, moe))
         self.final_norm = tensors["transformer.ln_f.weight"].to(device) if self.pp.last else None
         self.lm_head = linear("lm_head") if self.pp.last else None
+        self.windows = sorted({layer.window for layer in self.layers} - {None})
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, rope_inv_freq(spec))
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.cos = angles.cos().to(dtype).to(device)
-        self.sin = angles.sin().to(dtype).to(device)
+        tables = {kind: (tensors[f"rope.{kind}.inv_freq"], spec.rope_attention_scaling.get(kind, 1.0))
+                  for kind in spec.rope_tables} or {"default": (rope_inv_freq(spec), 1.0)}
+        self.rope: Rope = {}
+        for kind, (inv_freq, scaling) in tables.items():
+            freqs = torch.outer(positions, inv_freq.float())
+            angles = torch.cat((freqs, freqs), dim=-1)
+            # transformers scales cos/sin (LongRoPE's attention factor) in float32, then rounds
+            self.rope[kind] = ((angles.cos() * scaling).to(dtype).to(device), (angles.sin() * scaling).to(dtype).to(device))
+        self.rope.setdefault("default", next(iter(self.rope.values())))
+        self.cos, self.sin = self.rope["default"]
 
     def weight_bytes(self) -> int:
         seen = {id(t): t for t in self._tensors()}
@@ -216,14 +309,35 @@ class DecoderModel(nn.Module):
         h = F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding) * inside[:, None].to(self.dtype)
         return self.tp.all_reduce(h)
 
+    def _embed_scaled(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self._embed(tokens)
+        if self.spec.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the engine dtype first
+            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
+        return h
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(_rms_norm(h, self.final_norm, self.spec.norm_eps))
-        return self.tp.all_gather_last(logits)[..., : self.spec.vocab_size]
+        logits = self.tp.all_gather_last(logits)[..., : self.spec.vocab_size]
+        if (cap := self.spec.final_softcap) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _rows(self, positions: torch.Tensor) -> Rope:
+        return {kind: (cos[positions][:, None, :], sin[positions][:, None, :]) for kind, (cos, sin) in self.rope.items()}
+
+    def _windowed(self, causal: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, full: torch.Tensor | None
+                  ) -> dict[int | None, torch.Tensor | None]:
+        """The attention masks by window: ``full`` for full layers, ``causal`` cut to the last ``w`` keys
+        (``q - k < w``, transformers' sliding window) for each sliding window."""
+        masks: dict[int | None, torch.Tensor | None] = {None: full}
+        for w in self.windows:
+            masks[w] = causal & (q_pos[:, None] - k_pos[None, :] < w)
+        return masks
 
     def _stage_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """The hidden states this stage starts from: embedded tokens, or the previous stage's output."""
         if self.pp.first:
-            return self._embed(tokens)
+            return self._embed_scaled(tokens)
         return self.pp.recv_forward((tokens.shape[0], self.spec.hidden_size), self.dtype, self.device)
 
     def _last_stage(self, h: torch.Tensor) -> bool:
@@ -242,17 +356,23 @@ class DecoderModel(nn.Module):
             n = tokens.shape[0]
             h = self._stage_input(tokens)
             where1 = None if slots is None else (slots[0], None)
+            rope = {kind: (cos[:n, None, :], sin[:n, None, :]) for kind, (cos, sin) in self.rope.items()}
+            masks: dict[int | None, torch.Tensor | None] = {None: None}
+            if self.windows:
+                pos = torch.arange(n, device=device)
+                masks = self._windowed(pos[:, None] >= pos[None, :], pos, pos, None)
             for layer in self.layers:
-                h = layer.prefill(h, self.cos[:n, None, :], self.sin[:n, None, :], cache, where1, None)
+                h = layer.prefill(h, rope, cache, where1, masks)
             return self._logits(h[-1:] if last_only else h) if self._last_stage(h) else None
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
         mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
+        masks = self._windowed(mask, positions, positions, mask)
         h = self._stage_input(tokens)
+        rope = self._rows(positions)
         for layer in self.layers:
-            h = layer.prefill(h, cos, sin, cache, where, mask)
+            h = layer.prefill(h, rope, cache, where, masks)
         if not self._last_stage(h):
             return None
         if last_only:
@@ -262,11 +382,13 @@ class DecoderModel(nn.Module):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
         if self.attention_kernel:
-            cos, sin, key_mask = self.cos, self.sin, None
+            rope, key_masks = self.rope, {None: None}
         else:
-            cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-            key_mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
+            rope = self._rows(positions)
+            keys = torch.arange(length, device=tokens.device)
+            key_mask = keys[None, :] <= positions[:, None]
+            key_masks = {None: key_mask, **{w: key_mask & (positions[:, None] - keys[None, :] < w) for w in self.windows}}
         h = self._stage_input(tokens)
         for layer in self.layers:
-            h = layer.decode(h, cos, sin, positions, cache, length, key_mask)
+            h = layer.decode(h, rope, positions, cache, length, key_masks)
         return self._logits(h) if self._last_stage(h) else None

@@ -1,8 +1,11 @@
-"""The model a TensorRT-LLM checkpoint describes, read from its ``config.json`` and checked up front.
+"""The model a checkpoint describes, read from its ``config.json`` and checked up front.
 
-Only what the torch engine executes is accepted: the Llama family (Llama, Mistral, Qwen2 with qkv
-bias, GQA, RoPE scaling) and the quant algos kiln's recipes export. Anything else is refused here,
-naming the field and value, before a single weight is read.
+Two sources: a TensorRT-LLM checkpoint (``read_spec``; the families ModelOpt exports that way) and a
+ModelOpt unified HF checkpoint (``kiln.engine.torch.hf_checkpoint``; every family). Only what the torch
+engine executes is accepted: the families of ``kiln.families`` and the quant algos kiln's recipes
+export. Anything else is refused, naming the field and value, before a single weight is read. The
+per-family numerics (activation, norms, soft-caps, sliding windows, experts) are ``ModelSpec`` fields whose
+defaults are the Llama layout, so engines built before they existed load unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Any
 import torch
 
 from kiln.errors import ModelSourceError
+from kiln.families import family_for
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QUANT_ALGOS = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ")
 KV_CACHE_QUANT_ALGOS = (None, "FP8")
 ROPE_SCALING_TYPES = ("linear", "llama3")
@@ -47,15 +50,53 @@ class ModelSpec:
     tp_size: int = 1
     pp_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # family numerics (kiln.families); the defaults are the Llama layout
+    family: str = "llama"
+    activation: str = "silu"
+    """``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU)."""
+    norm_offset: bool = False
+    """Gemma's RMSNorm: ``x * (1 + w)`` in float32 (the engine stores ``1 + w`` as float32)."""
+    embed_scale: float | None = None
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    """Norms after attention and after the MLP too (``post_attention_norm``, ``post_mlp_norm``)."""
+    attn_scale: float | None = None
+    """Softmax scale of attention (None: ``head_size ** -0.5``)."""
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_types: tuple[str, ...] = ()
+    """Per layer ``full_attention`` or ``sliding_attention`` (empty: all full)."""
+    sliding_window: int | None = None
+    rotary_dim: int | None = None
+    """Rotated dims per head (None: all; Phi-4-mini's partial rotary rotates fewer)."""
+    rope_tables: tuple[str, ...] = ()
+    """Layer types whose RoPE inverse frequencies the engine stores (``rope.<type>.inv_freq``), computed at
+    compile time by transformers; empty: computed from ``rope_theta`` / ``rope_scaling``."""
+    rope_attention_scaling: dict[str, float] = field(default_factory=dict)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["exclude_modules"] = list(self.exclude_modules)
+        for key in ("exclude_modules", "layer_types", "rope_tables"):
+            data[key] = list(getattr(self, key))
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{**data, "exclude_modules": tuple(data.get("exclude_modules", ()))})
+        tuples = {key: tuple(data.get(key, ())) for key in ("exclude_modules", "layer_types", "rope_tables")}
+        return cls(**{**data, **tuples})
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer, or None for full attention."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def rope_kind(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types and self.layer_types[layer] in self.rope_tables else "default"
 
     def local_heads(self, tp_size: int) -> tuple[int, int]:
         """(query heads, kv heads) one tensor-parallel rank holds; kv heads replicate when fewer than ranks."""
@@ -88,11 +129,10 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
             raise ModelSourceError(f"{path}: {key}: {config[key]!r} is not a {kind.__name__}") from None
 
     architecture = need("architecture", str)
-    if architecture not in ARCHITECTURES:
-        raise ModelSourceError(
-            f"{path}: architecture: {architecture!r} is not supported by the torch engine; "
-            f"supported: {', '.join(ARCHITECTURES)}"
-        )
+    family = family_for(architecture, f"{path}: architecture")
+    if family.engine_source != "trtllm":
+        raise ModelSourceError(f"{path}: {architecture} ({family.name}) compiles from ModelOpt's unified HF "
+                               "checkpoint, not a TensorRT-LLM checkpoint: pass the HF export dir")
     if config.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
         raise ModelSourceError(f"{path}: position_embedding_type: {config['position_embedding_type']!r}; "
                                "allowed: rope_gpt_neox")
@@ -147,6 +187,8 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
         exclude_modules=tuple(quant.get("exclude_modules") or ()),
         tp_size=int(mapping.get("tp_size", 1)),
         pp_size=int(mapping.get("pp_size", 1)),
+        family=family.name,
+        **family.fixed_numerics,
     )
     if not 1 <= spec.pp_size <= spec.num_layers:
         raise ModelSourceError(f"{path}: mapping.pp_size {spec.pp_size} must be between 1 and the model's "

@@ -56,9 +56,12 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
         base = f"transformer.layers.{i}"
         for norm in ("input_layernorm", "post_layernorm"):
             out[f"{base}.{norm}.weight"] = take(f"{base}.{norm}.weight").to(dtype)
+        if spec.qk_norm:  # Qwen3: ModelOpt's export names its per-head q/k RMSNorms so
+            for norm in ("q_layernorm", "k_layernorm"):
+                out[f"{base}.attention.{norm}.weight"] = take(f"{base}.attention.{norm}.weight").to(dtype)
         for name in LINEARS:
             add_linear(f"{base}.{name}", spec.quant_algo)
-        _fuse_gate_up(base, out, layout)
+        fuse_rows([f"{base}.mlp.fc", f"{base}.mlp.gate"], f"{base}.mlp.gate_up", out, layout, ("dense", "fp8"))
         if spec.kv_cache_quant_algo:
             for which in ("k", "v"):
                 scale = source.get(f"{base}.attention.{which}_cache_scaling_factor")
@@ -79,26 +82,34 @@ def stage_layers(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: Path) 
     return count
 
 
-def _fuse_gate_up(base: str, tensors: dict[str, torch.Tensor], layout: dict[str, str]) -> None:
-    """One ``mlp.gate_up`` GEMM instead of two where that is exact: unquantized, or FP8 with the shared
-    weight/input scales ModelOpt's export gives fused layers (``preprocess_linear_fusion``)."""
-    fc, gate = f"{base}.mlp.fc", f"{base}.mlp.gate"
-    kind = layout[fc]
-    if kind != layout[gate] or kind not in ("dense", "fp8") or f"{fc}.bias" in tensors or f"{gate}.bias" in tensors:
-        return
-    shared = ("weight_scale", "input_scale", "pre_quant_scale")
-    for field in shared:
-        a, b = tensors.get(f"{fc}.{field}"), tensors.get(f"{gate}.{field}")
-        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-            return
-    fused = f"{base}.mlp.gate_up"
-    tensors[f"{fused}.weight"] = torch.cat((tensors.pop(f"{fc}.weight"), tensors.pop(f"{gate}.weight")))
-    for field in shared:
-        if f"{fc}.{field}" in tensors:
-            tensors[f"{fused}.{field}"] = tensors.pop(f"{fc}.{field}")
-            del tensors[f"{gate}.{field}"]
-    del layout[fc], layout[gate]
+def fuse_rows(parts: list[str], fused: str, tensors: dict[str, torch.Tensor], layout: dict[str, str],
+              kinds: tuple[str, ...]) -> bool:
+    """Concatenate linears that read the same input into one GEMM (``fused``) where that is exact: the same
+    kind (one of ``kinds``), per-row tensors (weights, biases, per-channel or per-group scales) stacked, and
+    every shared tensor (per-tensor scales, pre-quant scales) equal across the parts, as ModelOpt's
+    TensorRT-LLM export makes them for fused layers (``preprocess_linear_fusion``). Otherwise nothing changes."""
+    kind = layout[parts[0]]
+    if kind not in kinds or any(layout[p] != kind for p in parts):
+        return False
+    fields = [{k[len(p) + 1:] for k in tensors if k.startswith(f"{p}.")} for p in parts]
+    if any(f != fields[0] for f in fields):
+        return False
+    merged = {}
+    for field in fields[0]:
+        values = [tensors[f"{p}.{field}"] for p in parts]
+        if field in ("weight", "bias") or (field == "weight_scale" and values[0].dim() > 0):
+            merged[field] = torch.cat(values)
+        elif all(torch.equal(values[0], v) for v in values[1:]):
+            merged[field] = values[0]
+        else:
+            return False
+    for p in parts:
+        for field in fields[0]:
+            del tensors[f"{p}.{field}"]
+        del layout[p]
+    tensors.update({f"{fused}.{field}": t for field, t in merged.items()})
     layout[fused] = kind
+    return True
 
 
 def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor], num_layers: int
