@@ -188,10 +188,30 @@ def family_rows() -> list[dict[str, str]]:
             "family": family.name, "architectures": ", ".join(family.architectures), "summary": family.summary,
             "export": "TensorRT-LLM checkpoint + HF" if family.modelopt_decoder else "HF checkpoint only",
             "recipes": ", ".join(family.recipes),
-            "refused": "; ".join(f"{q}: {why}" for q, why in family.refused.items()),
+            "refused": "; ".join(f"{', '.join(q for q, w in family.refused.items() if w == why)}: {why}"
+                                 for why in dict.fromkeys(family.refused.values())),
             "torch": "yes",
             "tensorrt_llm engine (1.2)": trtllm("1.2", "engine", family.architectures)
             if family.modelopt_decoder else "no (no TensorRT-LLM checkpoint export)",
             "tensorrt_llm hf_checkpoint (>= 1.3)": trtllm("1.3", "hf_checkpoint", family.architectures),
         })
     return rows
+
+
+FAMILY_COLUMNS = ("family", "architectures", "export", "recipes", "torch", "tensorrt_llm engine (1.2)",
+                  "tensorrt_llm hf_checkpoint (>= 1.3)")
+
+
+def families_markdown() -> str:
+    """docs/FAMILIES.md: the family table, generated from the registry and the contracts so it cannot drift."""
+    rows = family_rows()
+    lines = ["# Model families", "",
+             "Generated from `kiln.families` and `kiln/contracts/` by `kiln.doctor.families_markdown()` "
+             "(a test keeps this file equal to it). `kiln doctor` prints the same table.", "",
+             "| " + " | ".join(FAMILY_COLUMNS) + " |", "|" + "---|" * len(FAMILY_COLUMNS)]
+    lines += ["| " + " | ".join(row[c] for c in FAMILY_COLUMNS) + " |" for row in rows]
+    lines += ["", "Refused recipes, with the reason pre-flight gives:", ""]
+    lines += [f"- {row['family']}: {row['refused']}" for row in rows if row["refused"]]
+    lines += ["", "What sets each family apart:", ""]
+    lines += [f"- {row['family']}: {row['summary']}" for row in rows]
+    return "\n".join(lines) + "\n"

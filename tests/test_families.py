@@ -255,3 +255,49 @@ def test_family_recipe_and_artifact_refused_at_preflight(tmp_path: Path) -> None
         check_request(_local_request(gemma, ["none"], [trt]))
     with pytest.raises(UnsupportedCombinationError, match="unsharded"):
         check_request(_local_request(gemma, ["none"], [{"name": "cpu-tp2", "limits": {"tp_size": 2}}]))
+
+
+GEMMA_DIR = Path.home() / ".kiln" / "assets" / "gemma-3-270m"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (GEMMA_DIR / "config.json").is_file(),
+                    reason="needs the Gemma-3-270M asset: `kiln assets prepare --model gemma3-270m`")
+def test_gemma3_270m_baseline_engine_perplexity_equals_hf(tmp_path: Path) -> None:
+    """The real trained Gemma 3: the engine compiled from kiln's export scores the held-out tokens as HF does."""
+    import math
+
+    from kiln.calibration import heldout_set
+    from kiln.hub import load_tokenizer
+    from kiln.profiles import Evaluation
+    from kiln.validation.accuracy import rolling_windows
+
+    heldout = heldout_set(Evaluation(heldout_tokens=1024), load_tokenizer(GEMMA_DIR))
+    export = quantize(GEMMA_DIR, Recipe(name="b"), layouts=[(1, 1)], output_dir=tmp_path / "q", dtype="float32",
+                      device="cpu", lineage={}, calibration=None, formats=("hf",))
+    target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 1, "max_input_len": 256, "max_seq_len": 512})
+    backend = TorchBackend()
+    engine = backend.load(backend.compile(export.hf_dir, target, tmp_path / "engine", {"model_sha": "gemma"}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(GEMMA_DIR, dtype=torch.float32).eval()
+    nll = {"engine": 0.0, "hf": 0.0}
+    count = 0
+    for window in (w for seq in heldout.token_ids for w in rolling_windows(seq, 512)):
+        targets = torch.tensor(window[1:])[:, None]
+        with torch.no_grad():
+            hf_logits = hf(torch.tensor([window])).logits[0, :-1].float()
+        for name, logits in (("engine", engine.logits(window)[:-1]), ("hf", hf_logits)):
+            nll[name] -= torch.log_softmax(logits, dim=-1).gather(1, targets).sum().item()
+        count += len(window) - 1
+    ppl = {name: math.exp(value / count) for name, value in nll.items()}
+    print(f"gemma-3-270m held-out perplexity over {count} predicted tokens: {ppl}")
+    assert abs(ppl["engine"] - ppl["hf"]) / ppl["hf"] < 0.005, ppl
+    assert 5 < ppl["hf"] < 60  # a trained model on English prose, not a random one
+
+
+def test_families_doc_is_generated_from_the_registry() -> None:
+    from kiln.doctor import families_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "FAMILIES.md"
+    assert doc.read_text() == families_markdown(), "regenerate docs/FAMILIES.md with kiln.doctor.families_markdown()"
+    for family in FAMILIES:
+        assert all(arch in doc.read_text() for arch in family.architectures)

@@ -99,9 +99,9 @@ def _print_host(host: Any) -> None:
 
 
 def _print_families(rows: list[dict[str, str]]) -> None:
+    from kiln.doctor import FAMILY_COLUMNS as columns
+
     table = Table(title="model families kiln builds (kiln.families)")
-    columns = ("family", "architectures", "export", "recipes", "torch", "tensorrt_llm engine (1.2)",
-               "tensorrt_llm hf_checkpoint (>= 1.3)")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -23,7 +23,8 @@ def quantize_command(
     output: Path = typer.Option(..., "--output", help="directory to write the checkpoint to (new or empty)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks of the TensorRT-LLM checkpoint"),
     pp: int = typer.Option(1, "--pp", help="pipeline-parallel stages of the TensorRT-LLM checkpoint"),
-    fmt: str = typer.Option("trtllm", "--format", help="trtllm (config.json + rank{N}.safetensors) or hf"),
+    fmt: str = typer.Option("auto", "--format", help="trtllm (config.json + rank{N}.safetensors), hf, or auto: "
+                                                   "the export the family's torch engine compiles (kiln doctor)"),
     dtype: str = typer.Option("bfloat16", help="dtype of the unquantized tensors: float32 | float16 | bfloat16"),
     device: str = typer.Option("auto", help="where to calibrate: auto (cuda when available) | cpu | cuda"),
     ppl: bool = typer.Option(None, "--ppl/--no-ppl",
@@ -39,8 +40,8 @@ def quantize_command(
         if recipe is None:
             raise KilnInputError(f"{profile}: --recipe {recipe_name!r} is not one of its recipes: "
                                  f"{', '.join(r.name for r in request.recipes)}")
-        if fmt not in FORMATS:
-            raise KilnInputError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}")
+        if fmt not in (*FORMATS, "auto"):
+            raise KilnInputError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}, or auto (the family's)")
         if device not in DEVICES:
             raise KilnInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
         if tp < 1 or pp < 1:
@@ -71,6 +72,10 @@ def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt:
     with console.status(f"resolving {getattr(request.model, 'repo_id', None) or request.model.local_dir}"):
         snapshot = fetch_model(request.model)
     info = inspect_model(Path(snapshot.path))
+    if fmt == "auto":
+        from kiln.families import family_for
+
+        fmt = family_for(info.architecture).engine_source
     check_recipe(recipe, info, device=device, layouts=[(tp, pp)], calibration=None if not needs_calibration(recipe)
                  else _placeholder(), dtype=dtype)  # cheap checks before tokenizing anything
     gate = request.gates_for(recipe).max_ppl_increase_pct
