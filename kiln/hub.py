@@ -353,6 +353,47 @@ def _config_int(config: dict[str, Any], key: str, where: Path) -> int:
     return value
 
 
+def _check_shapes(config: dict[str, Any], headers: dict[str, tuple[list[int], str]], config_path: Path, *,
+                  hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Refuse a config.json that does not describe its weights (first layer, embedding), naming the first
+    tensor whose shape disagrees: transformers' loader would otherwise crash inside quantization."""
+    from kiln.families import family_for
+
+    family = family_for((config.get("architectures") or [None])[0])
+    names, layer = family.hf_names, "model.layers.0."
+    inter = config.get("intermediate_size")
+    expected: dict[str, list[int]] = {"model.embed_tokens.weight": [config.get("vocab_size"), hidden],
+                                      layer + names.dense + ".weight": [hidden, heads * head_dim]}
+    qkv_rows = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    if len(names.qkv) == 1:
+        expected[layer + names.qkv[0] + ".weight"] = [sum(qkv_rows), hidden]
+    else:
+        expected.update({layer + n + ".weight": [rows, hidden] for n, rows in zip(names.qkv, qkv_rows, strict=True)})
+    if names.router and layer + names.router + ".weight" in headers:
+        moe = family.numerics(config)
+        gate, up, down = (t.format(e=0) for t in names.experts)
+        ffn = moe["moe_intermediate_size"]
+        expected.update({layer + names.router + ".weight": [moe["num_experts"], hidden],
+                         layer + gate + ".weight": [ffn, hidden], layer + up + ".weight": [ffn, hidden],
+                         layer + down + ".weight": [hidden, ffn]})
+    else:
+        if len(names.gate_up) == 1:
+            expected[layer + names.gate_up[0] + ".weight"] = [2 * inter, hidden]
+        else:
+            expected.update({layer + n + ".weight": [inter, hidden] for n in names.gate_up})
+        expected[layer + names.down + ".weight"] = [hidden, inter]
+    for name, shape in expected.items():
+        found = headers.get(name)
+        if found is None or found[1] not in _SAFETENSORS_DTYPES:  # absent (e.g. tied) or already quantized
+            continue
+        if found[0] != shape:
+            raise ModelSourceError(
+                f"{config_path}: does not describe the weights: {name} is {found[0]} but hidden_size {hidden}, "
+                f"num_attention_heads {heads}, num_key_value_heads {kv_heads}, head_dim {head_dim}, intermediate_size "
+                f"{inter}, vocab_size {config.get('vocab_size')} give {shape}; fix config.json or fetch the matching "
+                "weights")
+
+
 def inspect_model(path: Path) -> ModelInfo:
     """Architecture, sizes and parameter count of an HF model dir; unsupported architectures are refused."""
     path = Path(path)
@@ -368,6 +409,9 @@ def inspect_model(path: Path) -> ModelInfo:
     dtype = config.get("dtype") or config.get("torch_dtype")
     if not isinstance(dtype, str):
         dtype = _SAFETENSORS_DTYPES.get(Counter(d for _, d in headers.values()).most_common(1)[0][0], "float32")
+    head_dim = int(config.get("head_dim") or hidden_size // num_heads)
+    _check_shapes(config, headers, config_path, hidden=hidden_size, heads=num_heads, kv_heads=int(num_kv_heads),
+                  head_dim=head_dim)
     param_count = 0
     for shape, _ in headers.values():
         count = 1
@@ -381,7 +425,7 @@ def inspect_model(path: Path) -> ModelInfo:
         hidden_size=hidden_size,
         num_heads=num_heads,
         num_kv_heads=int(num_kv_heads),
-        head_dim=int(config.get("head_dim") or hidden_size // num_heads),
+        head_dim=head_dim,
         intermediate_size=_config_int(config, "intermediate_size", config_path),
         vocab_size=_config_int(config, "vocab_size", config_path),
         torch_dtype=dtype.removeprefix("torch."),

@@ -16,8 +16,13 @@ from kiln import constants
 
 REDACTED = "***"
 _MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
-SECRET_NAME = re.compile(r"token|secret|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth",
-                         re.IGNORECASE)
+# A name is a secret's when its last word is one (HF_TOKEN, aws_secret_access_key, db.password), not when
+# the word merely occurs in it (max_num_tokens, tokenizer_dir, author).
+SECRET_NAME = re.compile(r"(?:^|[._-])(?:token|secret|secret[_-]?key|password|passwd|credentials?|api[_-]?key|apikey|"
+                         r"access[_-]?key|private[_-]?key|auth|authorization)$", re.IGNORECASE)
+# Values that are credentials whatever they are called: Hugging Face, AWS access key ids, OpenAI-style and
+# GitHub tokens.
+SECRET_VALUE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,})\b")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -31,6 +36,7 @@ def redact(text: str) -> str:
     """``text`` with every secret value and every ``scheme://user:pass@`` userinfo masked."""
     for secret in secret_values():
         text = text.replace(secret, REDACTED)
+    text = SECRET_VALUE.sub(REDACTED, text)
     return _URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
 
 

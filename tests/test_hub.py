@@ -294,3 +294,14 @@ def test_load_tokenizer_from_a_fetched_snapshot(local_hub: LocalHub, repo_files,
     assert tokenizer.decode(ids) == "Once upon a time" and len(ids) >= 3
     with pytest.raises(ModelSourceError, match="no usable tokenizer"):
         load_tokenizer(make_tiny_llama(tmp_path / "no-tokenizer"))
+
+
+def test_inspect_model_refuses_a_config_that_disagrees_with_its_weights(tmp_path: Path) -> None:
+    """intermediate_size 256 in config.json with 128-row tensors: refused naming the first mismatching tensor,
+    before transformers' loader would crash inside quantization."""
+    path = make_tiny_llama(tmp_path / "m", intermediate=128)
+    inspect_model(path)  # the honest config passes
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    with pytest.raises(ModelSourceError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \[128, 64\].*intermediate_size 256"):
+        inspect_model(path)

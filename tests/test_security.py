@@ -190,3 +190,19 @@ def test_a_fetched_engine_is_verified_by_checksum_before_the_torch_backend_loads
     weights.write_bytes(b"\0" + weights.read_bytes()[1:])  # one byte flipped after the fetch
     with pytest.raises(IntegrityError, match="rank0.safetensors.*does not match its sha256"):
         TorchBackend().load(out)
+
+
+def test_masking_goes_by_what_is_a_secret_not_by_substrings() -> None:
+    """``max_num_tokens`` is a build limit, not a credential; key-shaped values are masked under any name."""
+    from kiln.redact import REDACTED, redact, scrub
+
+    params = scrub({"target.limits.max_num_tokens": 8192, "evaluation.heldout_tokens": 2048, "tokenizer_dir": "/m",
+                    "HF_TOKEN": "x" * 8, "lineage.aws_secret_access_key": "y" * 8, "db.password": "z" * 8,
+                    "registry.api_key": "k" * 8, "note": f"pushed with {FAKE_HF_TOKEN}", "author": "ana"})
+    assert params["target.limits.max_num_tokens"] == 8192 and params["evaluation.heldout_tokens"] == 2048
+    assert params["tokenizer_dir"] == "/m" and params["author"] == "ana"
+    assert all(params[k] == REDACTED for k in ("HF_TOKEN", "lineage.aws_secret_access_key", "db.password",
+                                               "registry.api_key"))
+    assert FAKE_HF_TOKEN not in params["note"] and REDACTED in params["note"]
+    assert redact("key AKIAABCDEFGHIJKLMNOP used") == f"key {REDACTED} used"
+    assert redact("hf_quant_config.json and max_new_tokens stay") == "hf_quant_config.json and max_new_tokens stay"
