@@ -246,7 +246,20 @@ def _pin_findings(package: str, installed: str, contract: Any, subject: str, *, 
 
 
 def backend_findings(target: Target) -> list[Finding]:
-    """A TensorRT-LLM target that runs in this process needs TensorRT-LLM here (optional ones are skipped)."""
+    """A target that runs in this process must be buildable here: a TensorRT-LLM target needs TensorRT-LLM,
+    a torch cuda target a GPU of its SM (optional ones are skipped)."""
+    if target.backend == "torch" and target.device == "cuda":
+        from kiln.doctor import collect
+
+        problems = [f for f in host_findings(target, collect()) if f.level == "error"]
+        if not problems:
+            return []
+        why = "; ".join(f.message for f in problems)
+        if target.optional:
+            return [Finding("warning", "backend", _pair(None, target), f"{why} (optional: it will be skipped)")]
+        return [Finding("error", "backend", _pair(None, target),
+                        f"{why}; this build runs its targets in this process: run it with --dispatch deployments "
+                        "(each target on its work pool) or on a machine with that GPU")]
     if target.backend != "tensorrt_llm":
         return []
     from kiln.engine.trtllm.backend import unavailable_message, unavailable_reason

@@ -126,14 +126,17 @@ LOCAL_CASES = {
 }
 
 
+@pytest.mark.parametrize("command", ["build", "check"])
 @pytest.mark.parametrize("case", sorted(LOCAL_CASES))
-def test_bad_local_model_is_refused_by_build_before_prefect(case: str, tiny_dir: Path, tmp_path: Path,
+def test_bad_local_model_is_refused_by_build_before_prefect(case: str, command: str, tiny_dir: Path, tmp_path: Path,
                                                              kiln_home: Path) -> None:
+    """``kiln profiles check`` refuses what ``kiln build`` refuses before any work, not only the profile's fields."""
     spoil, needles = LOCAL_CASES[case]
     model = _copy_model(tiny_dir, tmp_path / "model")
     spoil(model)
     path = _profile(tmp_path, _body({"local_dir": str(model)}))
-    _assert_refused(runner.invoke(app, ["build", str(path)]), *needles, home=kiln_home)
+    args = ["build", str(path)] if command == "build" else ["profiles", "check", str(path)]
+    _assert_refused(runner.invoke(app, args), *needles, home=kiln_home)
 
 
 def test_tp_size_not_dividing_the_heads_is_refused_before_prefect(tiny_dir: Path, tmp_path: Path,
@@ -152,3 +155,26 @@ def test_missing_local_dir_and_bad_dispatch_are_refused(tmp_path: Path, kiln_hom
     path = _profile(tmp_path, _body())
     _assert_refused(runner.invoke(app, ["build", "--dispatch", "everywhere", str(path)]), "--dispatch",
                     "inline", home=kiln_home)
+
+
+def test_profiles_check_runs_the_parallelism_rules_build_runs(tiny_dir: Path, tmp_path: Path, kiln_home: Path) -> None:
+    """tp 3 on a cpu target: `kiln build` refused it within a second, `kiln profiles check` said ok."""
+    target = {"name": "cpu-tp3", "limits": {"max_input_len": 64, "max_seq_len": 128, "tp_size": 3}}
+    path = _profile(tmp_path, _body({"local_dir": str(tiny_dir)}, targets=[target]))
+    _assert_refused(runner.invoke(app, ["profiles", "check", str(path)]), "tp_size 3", home=kiln_home)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_cuda_torch_target_built_in_process_without_a_gpu_is_refused_at_preflight(tiny_dir: Path, tmp_path: Path,
+                                                                                   kiln_home: Path) -> None:
+    """It used to download, calibrate and quantize, then fail at compile; with --dispatch deployments the
+    target's pool must have the GPU, so the same request passes pre-flight there."""
+    target = {"name": "h100", "backend": "torch", "device": "cuda", "gpu": "h100", "sm": "sm90",
+              "gpu_memory_gib": 80, "dtype": "bfloat16", "limits": {"max_input_len": 64, "max_seq_len": 128}}
+    path = _profile(tmp_path, _body({"local_dir": str(tiny_dir)}, targets=[target]))
+    _assert_refused(runner.invoke(app, ["build", "--dispatch", "inline", str(path)]), "no CUDA GPU here",
+                    "--dispatch deployments", home=kiln_home)
+    from kiln.preflight import check_request
+    from kiln.profiles import load_request
+
+    check_request(load_request(path), local_targets=False)  # no error: the pool's machines have the GPU

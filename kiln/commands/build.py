@@ -14,7 +14,7 @@ from kiln import constants
 from kiln.cli import app, profiles_app
 from kiln.commands._common import cli_errors, console
 from kiln.errors import KilnInputError, ModelSourceError
-from kiln.profiles import load_request
+from kiln.profiles import LocalModel, load_request
 
 
 @profiles_app.command("check")
@@ -23,9 +23,14 @@ def profiles_check(files: list[Path] = typer.Argument(..., help="Build request Y
     with cli_errors():
         for path in files:
             request = load_request(path)
-            from kiln.preflight import check_request_static
+            model = request.model
+            missing = isinstance(model, LocalModel) and not Path(model.local_dir).is_dir()
+            if missing:  # checked on a machine without the model: the request's own rules still run
+                from kiln.preflight import check_request
 
-            check_request_static(request, source=str(path))
+                check_request(request, source=str(path), local_targets=False)
+            else:
+                _check_before_prefect(request, path, "deployments")  # every rule that needs no download
             table = Table(title=f"{path}: ok")
             table.add_column("recipe")
             table.add_column("target")
@@ -33,6 +38,15 @@ def profiles_check(files: list[Path] = typer.Argument(..., help="Build request Y
                 for target in request.targets:
                     table.add_row(f"{recipe.name} ({recipe.quantization})", f"{target.name} ({target.backend}/{target.sm or target.device})")
             console.print(table)
+            if missing:
+                console.print(f"note: model.local_dir {model.local_dir} is not here, so its checks (architecture, "
+                              "weights format, tp/pp vs heads, memory) did not run; `kiln build` runs them",
+                              highlight=False)
+            elif not isinstance(model, LocalModel):
+                console.print("note: the model checks (architecture and family, tp/pp vs heads, memory) need the hub's "
+                              "config.json: `kiln build` runs them after download, before any calibration", highlight=False)
+            console.print("note: whether a target can be built on this machine is `kiln doctor --target NAME`; "
+                          "`kiln build` checks it for targets it runs in-process", highlight=False)
 
 
 _MARKS = {"done": "[green]✓[/]", "reused": "[cyan]↺[/]", "skipped": "[yellow]-[/]", "failed": "[red]✗[/]"}
@@ -63,7 +77,6 @@ def build_command(
 
 def _check_before_prefect(request, profile: Path, dispatch: str) -> None:
     from kiln.preflight import check_request_static
-    from kiln.profiles import LocalModel
 
     if dispatch not in DISPATCH:
         raise KilnInputError(f"--dispatch {dispatch!r}: allowed values are {', '.join(DISPATCH)}")
