@@ -75,6 +75,17 @@ def profiles_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def packaged_profiles_dir() -> Path | None:
+    """The recipe/target library installed with kiln (the repo's ``profiles/``, shipped as ``kiln.library``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kiln.library")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "recipes.yaml").is_file():
+            return Path(location)
+    return None
+
+
 def prefect_home() -> Path:
     return kiln_home() / "prefect"
 

@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kiln.profiles import Target
 
 GIB = 1024**3
@@ -129,10 +127,14 @@ def collect() -> HostReport:
     """Facts about this machine; never fails (missing things are reported as missing)."""
     import torch
 
-    components = [Component("torch", True, torch.__version__,
+    from kiln import constants
+    from kiln.profiles import library_roots
+
+    components = [Component("kiln", True, package_version("kiln-llm"), f"KILN_HOME {constants.kiln_home()}"),
+                  Component("torch", True, torch.__version__,
                             f"CUDA build {torch.version.cuda}" if torch.version.cuda else "CPU build")]
     for name, dist in (("nvidia-modelopt", "nvidia-modelopt"), ("transformers", "transformers"),
-                       ("tensorrt", "tensorrt")):
+                       ("prefect", "prefect"), ("mlflow", "mlflow"), ("tensorrt", "tensorrt")):
         version = package_version(dist)
         components.append(Component(name, version is not None, version, "" if version else "not installed"))
     trt = tensorrt_llm_status()
@@ -142,6 +144,8 @@ def collect() -> HostReport:
                         gpus=gpus(), cuda_runtime=torch.version.cuda, driver=driver_version(), tensorrt_llm=trt)
     if not report.gpus:
         report.notes.append("no CUDA GPU visible: cuda targets build on a GPU worker, not here")
+    roots = library_roots(Path.cwd() / "profiles" / "_")
+    report.notes.append("recipe/target library: " + (" over ".join(f"{p} ({label})" for label, p in roots) or "none"))
     return report
 
 
@@ -152,20 +156,19 @@ def check_target_here(target: Target, recipes: list[Any] | tuple[Any, ...] = (),
     return preflight.check_target_on_host(target, collect(), recipes=recipes, model_info=model_info)
 
 
-def library_entry(kind: str, name: str, profiles_dir: Path | None = None) -> dict[str, Any]:
-    """A named recipe or target from ``<profiles>/{kind}s.yaml`` (``$KILN_PROFILES_DIR``, else ./profiles)."""
-    from kiln import constants
+def library_entry(kind: str, name: str) -> dict[str, Any]:
+    """A named recipe or target from the library (``kiln.profiles.library_roots``: ./profiles, then
+    ``$KILN_PROFILES_DIR``, then the one installed with kiln)."""
     from kiln.errors import ProfileError
+    from kiln.profiles import library
 
-    root = profiles_dir or constants.profiles_dir() or Path("profiles")
-    path = root / f"{kind}s.yaml"
-    if not path.is_file():
-        raise ProfileError(f"{path}: no {kind} library here; run from the repo root, set KILN_PROFILES_DIR, or pass a "
-                           f"{kind} YAML file")
-    entries = {e.get("name"): e for e in (yaml.safe_load(path.read_text()) or {}).get(f"{kind}s", [])
-               if isinstance(e, dict)}
+    entries, files = library(f"{kind}s", Path.cwd() / "profiles" / "_")
+    if not files:
+        raise ProfileError(f"no {kind} library found (./profiles, KILN_PROFILES_DIR, or kiln's own): pass a {kind} "
+                           "YAML file")
     if name not in entries:
-        raise ProfileError(f"{path}: no {kind} named {name!r}; known: {', '.join(sorted(map(str, entries)))}")
+        raise ProfileError(f"{', '.join(map(str, files))}: no {kind} named {name!r}; known: "
+                           f"{', '.join(sorted(map(str, entries)))}")
     return dict(entries[name])
 
 

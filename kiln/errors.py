@@ -1,7 +1,9 @@
 """kiln's error hierarchy. Each error says what went wrong and what to do about it.
 
 ``KilnInputError`` and its subclasses are the user's to fix (bad profile, bad model, impossible
-recipe x target): the CLI exits with code 2 for them, before any expensive step.
+recipe x target): the CLI exits with code 2 for them, before any expensive step. ``TransientError`` and its
+subclasses may pass on a retry (a hub or store that is down or busy): the CLI exits with 75 (EX_TEMPFAIL),
+so schedulers retry them instead of paging a human for a bad profile.
 """
 
 from __future__ import annotations
@@ -11,6 +13,22 @@ class KilnError(Exception):
     """Base class of every error kiln raises on purpose."""
 
     exit_code = 1
+    retryable = False
+    """Whether the same call may succeed later unchanged (a service down or busy), not the input."""
+
+
+class TransientError(KilnError):
+    """A service kiln needs is down, busy or unreachable; the same command may pass later (exit code 75)."""
+
+    exit_code = 75
+    retryable = True
+
+
+class HubUnavailableError(TransientError):
+    """The Hugging Face hub (``HF_ENDPOINT``) answered 5xx/429 or could not be reached, and nothing is cached.
+
+    Example: ``HubUnavailableError("model: hub repo 'org/m' at http://hub is failing or busy (HTTP 503) ...")``
+    """
 
 
 class KilnInputError(KilnError, ValueError):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln import constants
-from kiln.errors import IntegrityError, ModelSourceError
+from kiln.errors import HubUnavailableError, IntegrityError, ModelSourceError
 from kiln.families import architectures, family_for
 from kiln.profiles import HubModel, LocalModel
 
@@ -181,14 +181,14 @@ def _hub_errors(model: HubModel, where: str, offline: bool, token: str | None) -
                 f"{constants.hf_cache_dir()}: fetch it once online (unset HF_HUB_OFFLINE), or pin "
                 "model.revision to a commit sha that is cached"
             ) from _scrubbed(exc, token)
-        raise ModelSourceError(
+        raise HubUnavailableError(
             f"model: cannot reach {where} and {model.repo_id}@{model.revision} is not cached: check HF_ENDPOINT "
             "and the network, or set HF_HUB_OFFLINE=1 to use a cached snapshot"
         ) from _scrubbed(exc, token)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if isinstance(status, int) and (status >= 500 or status == 429):
-            raise ModelSourceError(
+            raise HubUnavailableError(
                 f"model: {where} is failing or busy (HTTP {status}); the build's download step retries this, "
                 "try again later if it persists"
             ) from _scrubbed(exc, token)

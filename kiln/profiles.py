@@ -275,41 +275,59 @@ def _read_yaml(path: Path) -> Any:
         raise ProfileError(f"{path}: not valid YAML: {exc}") from None
 
 
-def _library(path: Path, kind: str) -> tuple[dict[str, Any], Path | None]:
-    """Named entries of ``recipes.yaml``/``targets.yaml`` in the nearest profiles root."""
-    roots = [p for p in path.resolve().parents if (p / f"{kind}.yaml").is_file()]
-    env_root = constants.profiles_dir()
-    if env_root and (env_root / f"{kind}.yaml").is_file():
-        roots.append(env_root)
-    if not roots:
-        return {}, None
-    lib_path = roots[0] / f"{kind}.yaml"
-    data = _read_yaml(lib_path) or {}
-    if not isinstance(data, dict) or not isinstance(data.get(kind), list):
-        raise ProfileError(f"{lib_path}: expected a mapping with a '{kind}' list")
-    entries = {}
-    for index, entry in enumerate(data[kind]):
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ProfileError(f"{lib_path}: {kind}[{index}]: each entry needs a name")
-        entries[entry["name"]] = entry
-    return entries, lib_path
+def library_roots(start: Path | None = None) -> list[tuple[str, Path]]:
+    """Where named recipes/targets come from, first match winning: the nearest ``profiles/`` tree above
+    ``start`` (a request file), ``$KILN_PROFILES_DIR``, then the library installed with kiln."""
+    roots: list[tuple[str, Path]] = []
+    if start is not None:
+        nearest = next((p for p in Path(start).resolve().parents
+                        if (p / "recipes.yaml").is_file() or (p / "targets.yaml").is_file()), None)
+        if nearest is not None:
+            roots.append(("profiles tree", nearest))
+    if (env_root := constants.profiles_dir()) is not None:
+        roots.append(("KILN_PROFILES_DIR", env_root))
+    if (packaged := constants.packaged_profiles_dir()) is not None:
+        roots.append(("installed with kiln", packaged))
+    unique: dict[Path, tuple[str, Path]] = {}
+    for label, root in roots:
+        unique.setdefault(root.resolve(), (label, root))
+    return list(unique.values())
+
+
+def library(kind: str, start: Path | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """Named entries of ``recipes.yaml``/``targets.yaml`` over every library root (earlier roots win a name)."""
+    entries: dict[str, Any] = {}
+    files: list[Path] = []
+    for _, root in reversed(library_roots(start)):
+        lib_path = root / f"{kind}.yaml"
+        if not lib_path.is_file():
+            continue
+        data = _read_yaml(lib_path) or {}
+        if not isinstance(data, dict) or not isinstance(data.get(kind), list):
+            raise ProfileError(f"{lib_path}: expected a mapping with a '{kind}' list")
+        for index, entry in enumerate(data[kind]):
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ProfileError(f"{lib_path}: {kind}[{index}]: each entry needs a name")
+            entries[entry["name"]] = entry
+        files.insert(0, lib_path)
+    return entries, files
 
 
 def _resolve_refs(path: Path, data: dict[str, Any], kind: str) -> None:
     items = data.get(kind)
     if not isinstance(items, list):
         return
-    library, lib_path = None, None
+    named, files = None, []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            if library is None:
-                library, lib_path = _library(path, kind)
-            if item not in library:
-                where = f"in {lib_path}" if lib_path else f"(no {kind}.yaml found above {path.parent})"
-                known = (f"known: {', '.join(sorted(library))}" if library else
+            if named is None:
+                named, files = library(kind, path)
+            if item not in named:
+                where = f"in {', '.join(map(str, files))}" if files else f"(no {kind}.yaml found above {path.parent})"
+                known = (f"known: {', '.join(sorted(named))}" if named else
                          f"define it inline, or set KILN_PROFILES_DIR to a folder with {kind}.yaml")
                 raise ProfileError(f"{path}: {kind}[{index}]: unknown {kind[:-1]} {item!r} {where}; {known}")
-            items[index] = library[item]
+            items[index] = named[item]
 
 
 def _expand_paths(path: Path, data: dict[str, Any]) -> None:

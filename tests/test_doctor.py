@@ -95,3 +95,22 @@ def test_doctor_command_line(kiln_home: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "pre-flight for target a100-trtllm on this machine" in done.stdout
     assert "fp8 needs SM >= 89" in done.stdout
+
+
+def test_version_short_help_and_doctor_show_what_runs_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import version
+
+    assert runner.invoke(app, ["--version"]).output.strip() == f"kiln {version('kiln-llm')}"
+    assert "Usage" in runner.invoke(app, ["-h"]).output
+    monkeypatch.chdir(tmp_path)  # outside the repo: the installed library still serves `--target cpu`
+    monkeypatch.delenv("KILN_PROFILES_DIR", raising=False)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(app, ["doctor", "--target", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert all(name in text for name in ("kiln", "prefect", "mlflow", "KILN_HOME", str(tmp_path / "home")))
+    assert "recipe/target library:" in text and "installed with kiln" in text, result.output
+    from kiln.families import FAMILIES
+
+    assert all(family.name in text for family in FAMILIES)

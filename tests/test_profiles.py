@@ -116,3 +116,29 @@ def test_malformed_yaml_is_a_profile_error(tmp_path: Path) -> None:
     path.write_text("name: [unclosed\n")
     with pytest.raises(ProfileError, match="not valid YAML"):
         load_request(path)
+
+
+def test_a_profile_outside_the_repo_resolves_the_installed_library_with_kiln_profiles_dir_on_top(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library ships inside the package: a request copied anywhere resolves ``none`` / ``cpu``; a
+    KILN_PROFILES_DIR adds its own names on top (and wins a name both define)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("KILN_PROFILES_DIR", raising=False)
+    path = elsewhere / "req.yaml"
+    path.write_text(yaml.safe_dump({"name": "copied", "model": {"repo_id": "org/m"}, "recipes": ["none", "fp8"],
+                                    "targets": ["cpu"], "registry": {"model_name": "m"}}))
+    request = load_request(path)
+    assert [r.quantization for r in request.recipes] == ["none", "fp8"] and request.targets[0].name == "cpu"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recipes.yaml").write_text(yaml.safe_dump({"recipes": [
+        {"name": "fp8", "quantization": "fp8", "kv_cache_dtype": "fp8"}, {"name": "wo", "quantization": "int8_wo"}]}))
+    monkeypatch.setenv("KILN_PROFILES_DIR", str(mine))
+    path.write_text(yaml.safe_dump({"name": "copied", "model": {"repo_id": "org/m"}, "recipes": ["none", "fp8", "wo"],
+                                    "targets": ["cpu"], "registry": {"model_name": "m"}}))
+    request = load_request(path)
+    assert [(r.quantization, r.kv_cache_dtype) for r in request.recipes] == [("none", "auto"), ("fp8", "fp8"),
+                                                                             ("int8_wo", "auto")]

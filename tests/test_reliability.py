@@ -219,6 +219,37 @@ def test_hub_500s_are_transient_and_the_download_task_retries_into_one_snapshot(
         proxy.close()
 
 
+def test_a_hub_that_keeps_failing_exits_with_the_transient_code_not_the_input_code(
+        local_hub: LocalHub, tiny_hub_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5xx after every retry is the hub's trouble, not a bad profile: exit 75 (EX_TEMPFAIL), so a scheduler
+    retries it later instead of paging someone to fix an input."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+    from kiln.errors import HubUnavailableError
+
+    local_hub.create_repo("org/down", model_repo_files(tiny_hub_model_dir, tiny_hub_model_dir))
+    proxy = _FlakyProxy(local_hub.url, failures=1000)
+    monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+    profile = tmp_path / "down.yaml"
+    profile.write_text(yaml.safe_dump({"name": "down", "model": {"repo_id": "org/down", "revision": "main"},
+                                       "recipes": [{"name": "none", "quantization": "none"}],
+                                       "targets": [{"name": "cpu"}], "registry": {"model_name": "down"}}))
+    try:
+        with pytest.raises(HubUnavailableError) as error:
+            from kiln.hub import fetch_model
+
+            fetch_model(HubModel(repo_id="org/down", revision="main"))
+        assert error.value.retryable and error.value.exit_code == 75
+        result = CliRunner().invoke(app, ["quantize", str(profile), "--recipe", "none", "--output",
+                                          str(tmp_path / "out")])
+        assert result.exit_code == 75, result.output
+        assert "failing or busy" in " ".join(result.output.split()) or "cannot reach" in result.output
+    finally:
+        proxy.close()
+
+
 # --- disk full in KILN_HOME ---------------------------------------------------------------------------------
 
 
