@@ -160,3 +160,16 @@ def test_report_logged_to_mlflow(kiln_home: Path, results: BuildResults) -> None
     assert run.data.metrics["int4.cpu.ppl_increase_pct"] == 12.5 and run.data.tags["kiln.verdict.int4.cpu"] == "FAIL"
     local = Path(client.download_artifacts(run_id, "report/report.md", str(kiln_home)))
     assert local.read_text() == written.markdown
+
+
+def test_piped_report_is_full_width_and_machine_output_stays_clean(kiln_home: Path, results: BuildResults) -> None:
+    """Piped at 80 columns the table used to cut every cell to "rec…"; --json --plots printed "wrote …" first."""
+    write_report(results)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["report"], env={"COLUMNS": "80"})
+    assert shown.exit_code == 0 and "…" not in shown.output
+    assert "int8 ★" in shown.output and "nvfp4" in shown.output
+    both = runner.invoke(app, ["report", "smol-demo", "--json", "--plots", str(kiln_home / "plots")])
+    assert both.exit_code == 0
+    assert BuildResults.model_validate(json.loads(both.stdout)) == results  # stdout: the JSON alone
+    assert "wrote" in both.stderr and (kiln_home / "plots" / "pareto.png").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,3 +27,20 @@ def cli_errors() -> Iterator[None]:
 
         err_console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
+
+
+def print_table(table: Any) -> None:
+    """A table at full width when stdout is not a terminal (piped output is never cut to 80 columns); in a
+    terminal its cells wrap (``overflow="fold"``) instead of ending in "…"."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(100_000)).maximum
+    width = console.width
+    console.width = max(width, natural)  # Console.print caps a width argument at the console's own
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width

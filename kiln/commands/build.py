@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kiln import constants
 from kiln.cli import app, profiles_app
-from kiln.commands._common import cli_errors, console
+from kiln.commands._common import cli_errors, console, print_table
 from kiln.errors import KilnInputError, ModelSourceError
 from kiln.profiles import LocalModel, load_request
 
@@ -134,15 +134,20 @@ class _StepProgress:
 
 
 def _print_summary(outcomes, seconds: float) -> None:
-    table = Table(title=f"kiln build: {len(outcomes)} engine(s) in {seconds:.0f}s")
-    for column in ("recipe", "target", "ppl", "verdict", "model version", "artifact URI"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"kiln build: {len(outcomes)} engine(s) in {seconds:.0f}s",
+                  caption="★ recommended: the fastest engine of its target that passes every gate; Δppl vs the "
+                          "unquantized baseline on the same target; `kiln report` shows every metric")
+    for column in ("recipe", "target", "ppl", "Δppl %", "tok/s", "verdict", "model version", "artifact URI"):
+        table.add_column(column)
     for o in outcomes:
-        ppl = o.metrics.get("perplexity")
+        def num(key: str, fmt: str) -> str:
+            value = o.metrics.get(key)
+            return "-" if value is None else format(value, fmt)
+
         version = f"{o.model_name} v{o.version}" + (" (reused)" if o.reused else "") if o.version else "-"
-        table.add_row(o.recipe + (" ★" if o.recommended else ""), o.target, "-" if ppl is None else f"{ppl:.2f}",
-                      o.verdict, version, o.uri or "-")
-    console.print(table)
+        table.add_row(o.recipe + (" ★" if o.recommended else ""), o.target, num("perplexity", ".2f"),
+                      num("ppl_increase_pct", "+.2f"), num("tokens_per_s", ".1f"), o.verdict, version, o.uri or "-")
+    print_table(table)
     registered = [o for o in outcomes if o.version]
     if registered and all(o.reused for o in registered):
         console.print("identical inputs: reused every step and every registered version; no new model version")

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from kiln.cli import app
-from kiln.commands._common import cli_errors, console, err_console
+from kiln.commands._common import cli_errors, console, err_console, print_table
 
 _KEY_METRICS = ("perplexity", "ppl_increase_pct", "top1_agreement", "kl_divergence", "tokens_per_s",
                 "ttft_p90_ms")
@@ -51,7 +51,7 @@ def versions(name: str = typer.Argument(..., help="Model name (registry.model_na
             gates = "[green]passed[/]" if info.passed_gates else "[red]failed[/]"
             table.add_row(info.name, info.version, info.recipe or "", ", ".join(info.aliases), gates, info.state,
                           _key_metrics(info.metrics), info.created_at, info.uri)
-        console.print(table)
+        print_table(table)
 
 
 @app.command("promote")

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from kiln.cli import app
-from kiln.commands._common import cli_errors, console
+from kiln.commands._common import cli_errors, console, err_console, print_table
 from kiln.errors import KilnInputError
 
 
@@ -42,14 +42,14 @@ def report(build: str = typer.Argument(None, help="Build name (default: the late
         results = load_results(name)
         if write_plots is not None:
             written = write_report(results, write_plots)
-            for path in written.plots:
-                console.print(f"wrote {path}", highlight=False)
+            for path in written.plots:  # messages on stderr: stdout carries only the table / JSON / markdown
+                err_console.print(f"wrote {path}", highlight=False)
         if as_json:
             console.print_json(results.to_json())
         elif as_markdown:
             console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
         else:
-            console.print(rich_table(results))
+            print_table(rich_table(results))
             failures = failure_lines(results)
             if failures:
                 console.print("[bold red]gate failures (not registered):[/]")
