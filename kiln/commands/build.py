@@ -139,14 +139,15 @@ def _print_summary(outcomes, seconds: float) -> None:
                           "unquantized baseline on the same target; `kiln report` shows every metric")
     for column in ("recipe", "target", "ppl", "Δppl %", "tok/s", "verdict", "model version", "artifact URI"):
         table.add_column(column)
-    for o in outcomes:
-        def num(key: str, fmt: str) -> str:
-            value = o.metrics.get(key)
-            return "-" if value is None else format(value, fmt)
+    def num(metrics: dict[str, float], key: str, fmt: str) -> str:
+        value = metrics.get(key)
+        return "-" if value is None else format(value, fmt)
 
+    for o in outcomes:
         version = f"{o.model_name} v{o.version}" + (" (reused)" if o.reused else "") if o.version else "-"
-        table.add_row(o.recipe + (" ★" if o.recommended else ""), o.target, num("perplexity", ".2f"),
-                      num("ppl_increase_pct", "+.2f"), num("tokens_per_s", ".1f"), o.verdict, version, o.uri or "-")
+        table.add_row(o.recipe + (" ★" if o.recommended else ""), o.target, num(o.metrics, "perplexity", ".2f"),
+                      num(o.metrics, "ppl_increase_pct", "+.2f"), num(o.metrics, "tokens_per_s", ".1f"), o.verdict,
+                      version, o.uri or "-")
     print_table(table)
     registered = [o for o in outcomes if o.version]
     if registered and all(o.reused for o in registered):
