@@ -160,6 +160,7 @@ def test_report_logged_to_mlflow(kiln_home: Path, results: BuildResults) -> None
     assert run.data.metrics["int4.cpu.ppl_increase_pct"] == 12.5 and run.data.tags["kiln.verdict.int4.cpu"] == "FAIL"
     local = Path(client.download_artifacts(run_id, "report/report.md", str(kiln_home)))
     assert local.read_text() == written.markdown
+    assert run.info.status == "FINISHED" and run.info.end_time is not None  # not left RUNNING forever
 
 
 def test_piped_report_is_full_width_and_machine_output_stays_clean(kiln_home: Path, results: BuildResults) -> None:

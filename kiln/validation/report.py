@@ -272,4 +272,5 @@ def log_to_mlflow(written: WrittenReport, results: BuildResults, tracking_uri: s
         out = written.results_path.parent
         for path in [out / REPORT_FILE, written.results_path, *written.plots]:
             client.log_artifact(run_id, str(path), "report")
+        client.set_terminated(run_id, "FINISHED")  # a report run is complete once logged, not left RUNNING
     return run_id
