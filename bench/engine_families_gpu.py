@@ -44,6 +44,7 @@ from kiln.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from kiln.engine.torch import TorchBackend  # noqa: E402
 from kiln.profiles import Target  # noqa: E402
 
+REF_TOKENS = 32
 LIMITS = {"max_batch_size": 64, "max_input_len": 512, "max_seq_len": 1024, "max_num_tokens": 8192}
 MIXTRAL_FULL_LAYERS = 32
 SHAPES = {
@@ -84,12 +85,26 @@ def shape_config(key: str, tiny: bool, mixtral_layers: int) -> dict:
     return config
 
 
+def checkpoint_bytes(config: dict) -> int:
+    """bf16 bytes of the model (untied embeddings and lm_head; every expert)."""
+    h, layers, vocab, ffn = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or h // heads
+    experts = config.get("num_local_experts", 1)
+    per_layer = h * d * (heads + 2 * kv) + heads * d * h + 3 * h * ffn * experts + (h * experts if experts > 1 else 0)
+    return 2 * (2 * vocab * h + layers * per_layer)
+
+
+def cost_units(config: dict) -> float:
+    """A rough time model for one shape: its GB (build, save, convert, hash, load) plus its layers (Inductor)."""
+    return checkpoint_bytes(config) / 1e9 + config["num_hidden_layers"]
+
+
 def read_bandwidth() -> dict:
     """Read-only bytes per second: a float32-accumulated sum and an amax over 2 GiB of random bf16 (the
     batch-1 decode limit: weight bytes / this); the median of 20 timed passes after 3 warm-ups each."""
-    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
-    out = {}
-    for name, fn in (("sum", lambda: x.sum(dtype=torch.float32)), ("amax", lambda: x.amax())):
+    def passes(x: torch.Tensor, name: str) -> float:
+        fn = {"sum": lambda: x.sum(dtype=torch.float32), "amax": x.amax}[name]
         for _ in range(3):
             fn()
         times = []
@@ -100,7 +115,10 @@ def read_bandwidth() -> dict:
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end) / 1e3)
-        out[f"{name}_Bps"] = x.numel() * x.element_size() / statistics.median(times)
+        return x.numel() * x.element_size() / statistics.median(times)
+
+    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
+    out = {f"{name}_Bps": passes(x, name) for name in ("sum", "amax")}
     del x
     torch.cuda.empty_cache()
     out["read_Bps"] = max(out["sum_Bps"], out["amax_Bps"])
@@ -126,6 +144,10 @@ def build_and_save(architecture: str, config_kwargs: dict, out_dir: Path, device
         torch.cuda.synchronize()
     built = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
+    # HF's own bf16 logits on a short prompt, to check the engine runs the same model (prefill path)
+    ids = prompts(config.vocab_size, 1, REF_TOKENS, 7)[0]
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids], device=device)).logits[0].float().cpu()
     t0 = time.perf_counter()
     model.save_pretrained(out_dir, max_shard_size="5GB")
     saved = time.perf_counter() - t0
@@ -134,7 +156,7 @@ def build_and_save(architecture: str, config_kwargs: dict, out_dir: Path, device
     if device == "cuda":
         torch.cuda.empty_cache()
     files = [p for p in out_dir.iterdir() if p.suffix == ".safetensors"]
-    return {"dir": str(out_dir), "params": params, "build_s": round(built, 2), "save_pretrained_s": round(saved, 2),
+    return {"reference": (ids, reference), "dir": str(out_dir), "params": params, "build_s": round(built, 2), "save_pretrained_s": round(saved, 2),
             "checkpoint_bytes": sum(p.stat().st_size for p in files), "shards": len(files),
             "config_json": json.loads((out_dir / "config.json").read_text())}
 
@@ -153,6 +175,16 @@ def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def prefill_vs_hf(engine, ids: list[int], reference: torch.Tensor) -> dict:
+    """The engine's prefill logits against HF's on the same random weights (both bf16): top-1 agreement and
+    gaps. Near-ties are common with random weights, so top-1 can differ where HF's margin is tiny."""
+    got = engine.logits(ids)
+    gap = (got - reference).abs()
+    return {"tokens": len(ids), "top1_agreement": round(float((got.argmax(-1) == reference.argmax(-1)).float().mean()), 4),
+            "max_abs_gap": round(float(gap.max()), 4), "mean_abs_gap": round(float(gap.mean()), 5),
+            "reference_max_abs": round(float(reference.abs().max()), 3)}
+
+
 def step_bytes(engine, prompt_len: int, new_tokens: int, batch: int = 1) -> dict:
     """Bytes one decode step must read at ``batch`` (each unique byte once): every weight except the
     embedding table, of which ``batch`` rows; for a MoE layer at batch 1 only the top-k experts' share of
@@ -163,6 +195,9 @@ def step_bytes(engine, prompt_len: int, new_tokens: int, batch: int = 1) -> dict
     emb = model.embedding
     element = emb.element_size()
     weights = model.weight_bytes() - emb.numel() * element + batch * spec.hidden_size * element
+    # weight_bytes() also counts the RoPE cos/sin tables (max_position_embeddings rows): a step reads a row
+    rope = {id(t): t for t in (model.cos, model.sin)}
+    weights -= sum(t.numel() * t.element_size() - batch * t.shape[-1] * t.element_size() for t in rope.values())
     experts_all = experts_read = 0
     for layer in model.layers:
         moe = getattr(layer, "moe", None)
@@ -180,7 +215,7 @@ def step_bytes(engine, prompt_len: int, new_tokens: int, batch: int = 1) -> dict
     return {"batch": batch, "weights_read": weights, "kv_read": kv, "bytes_per_step": weights + kv,
             "experts_all_bytes": experts_all, "experts_read_bytes": experts_read,
             "formula": ("weight_bytes - embedding_table + batch*hidden*2 (embedding rows) "
-                        "- stacked_expert_bytes + stacked_expert_bytes*min(top_k*batch,E)/E (gather path, top_k*batch<E; "
+                        "- RoPE cos/sin tables + batch rows - stacked_expert_bytes + stacked_expert_bytes*min(top_k*batch,E)/E (gather path, top_k*batch<E; "
                         "else all experts) + 2*layers*kv_heads*head_dim*2B*(mean_position+1)*batch (K/V)")}
 
 
@@ -228,6 +263,17 @@ def concurrency(engine, vocab: int, conc: int, n_requests: int, prompt_len: int,
     return out
 
 
+def _cpu_ms(step, iters: int = 20) -> float:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def moe_probe(engine, read_bps: float | None) -> dict:
     """Layer 0's MoE at batch 1, each in a CUDA graph: the engine's decode MoE (``gather``: router, gathered
     top-k weights, batched matmul; eager here, the engine's step runs it Inductor-compiled), against the
@@ -235,13 +281,14 @@ def moe_probe(engine, read_bps: float | None) -> dict:
     once, so no gather) — what reading only the active experts once costs."""
     from kiln.engine.torch.kernels import graph_ms
 
+    timer = graph_ms if engine.device.type == "cuda" else _cpu_ms  # CPU: the --tiny logic check
     moe = engine.model.layers[0].moe
     hidden = engine.model.spec.hidden_size
     x = torch.randn(1, hidden, dtype=engine.model.dtype, device=engine.device) * 0.5
     with torch.inference_mode():
         weights, ids = moe.route(x)
         chosen = [int(e) for e in ids[0]]
-        gather_ms = graph_ms(lambda: moe(x, True))
+        gather_ms = timer(lambda: moe(x, True))
         fc = [moe.fc.weight[e] for e in chosen]
         gate = [moe.gate.weight[e] for e in chosen]
         proj = [moe.proj.weight[e] for e in chosen]
@@ -255,7 +302,7 @@ def moe_probe(engine, read_bps: float | None) -> dict:
                 out = y if out is None else out + y
             return out
 
-        in_place_ms = graph_ms(in_place)
+        in_place_ms = timer(in_place)
         ref = in_place()
         got = moe(x, True)
     active = sum(t.numel() * t.element_size() for t in (*fc, *gate, *proj))
@@ -282,7 +329,10 @@ def bench_shape(run: Run, key: str, args, bandwidth: dict | None, tgt: Target) -
     device = "cuda" if cuda else "cpu"
     config = shape_config(key, args.tiny, args.mixtral_layers)
     r = run.results["shapes"].setdefault(key, {})
-    r["label"] = info["label"] + (" (tiny)" if args.tiny else "")
+    label = info["label"]
+    if key.startswith("mixtral"):
+        label = f"Mixtral-8x7B shape, {config['num_hidden_layers']} of {MIXTRAL_FULL_LAYERS} layers"
+    r["label"] = label + (" (tiny)" if args.tiny else "")
     r["architecture"] = info["architecture"]
     r["config"] = config
     r["weights"] = "random (torch.manual_seed(0), transformers' own init), built on the device"
@@ -290,14 +340,14 @@ def bench_shape(run: Run, key: str, args, bandwidth: dict | None, tgt: Target) -
         r["reduction"] = (f"num_hidden_layers {config['num_hidden_layers']} of the real {MIXTRAL_FULL_LAYERS}; "
                           "every per-layer size as Mixtral-8x7B")
     read_bps = bandwidth["read_Bps"] if bandwidth else None
-    # checkpoint + engine side by side (bf16 ~2 bytes a parameter each), with room
-    params_guess = 2.2e9 * config["num_hidden_layers"] / 8 if key.startswith("mixtral") else 8.5e9
-    root = work_root(int(2 * 2 * params_guess)) if cuda else Path(tempfile.mkdtemp(prefix="kiln-families-"))
+    # checkpoint + engine side by side on /dev/shm if both fit there
+    root = work_root(2 * checkpoint_bytes(config)) if cuda else Path(tempfile.mkdtemp(prefix="kiln-families-"))
     r["work_dir"] = str(root)
     try:
         saved = run.stage(f"{key}/build_save", build_and_save, info["architecture"], config, root / "hf", device)
         if saved is None:
             return
+        reference = saved.pop("reference")
         r["checkpoint"] = {k: v for k, v in saved.items() if k != "config_json"}
         r["checkpoint"]["dtype_in_config"] = saved["config_json"].get("dtype")
         backend = TorchBackend()
@@ -321,7 +371,8 @@ def bench_shape(run: Run, key: str, args, bandwidth: dict | None, tgt: Target) -
             r["kv_cache_bytes"] = engine.cache.nbytes()
             r["attention_kernel"] = bool(engine.model.attention_kernel)
             r["cuda_graphs"] = bool(engine.cuda_graphs)
-            r["compiled"] = engine._decode_fn is not engine.model.decode
+            r["compiled"] = engine._decode_fn != engine.model.decode
+            r["prefill_vs_hf"] = run.stage(f"{key}/prefill_vs_hf", prefill_vs_hf, engine, *reference)
             b1 = step_bytes(engine, args.prompt_tokens, args.new_tokens, batch=1)
             r["batch1_bytes"] = b1
             r["batch1"] = run.stage(f"{key}/batch1", batch1, engine, config["vocab_size"], args.prompt_tokens,
@@ -331,7 +382,7 @@ def bench_shape(run: Run, key: str, args, bandwidth: dict | None, tgt: Target) -
             r["concurrency"] = run.stage(f"{key}/c{args.concurrency}", concurrency, engine, config["vocab_size"],
                                          args.concurrency, args.requests, args.conc_prompt_tokens,
                                          args.conc_new_tokens, read_bps, bc["bytes_per_step"])
-            if cuda and engine.model.layers[0].moe is not None:
+            if engine.model.layers[0].moe is not None:
                 r["moe_probe"] = run.stage(f"{key}/moe_probe", moe_probe, engine, read_bps)
             if cuda:
                 r["peak_gpu_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -375,6 +426,12 @@ def environment(args) -> dict:
         except (OSError, subprocess.SubprocessError) as exc:
             env["nvidia_smi"] = f"unavailable: {exc}"
     env["cpu_count"] = os.cpu_count()
+    # which engine sources ran (other work changes them while benches run): sha256[:12] per file
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    env["engine_sources_sha256"] = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+                                    for f in sorted([*(root / "kiln/engine/torch").glob("*.py"), root / "kiln/engine/base.py"])}
     shm = Path("/dev/shm")
     if shm.is_dir():
         env["dev_shm_free_bytes"] = shutil.disk_usage(shm).free
@@ -421,12 +478,20 @@ def main() -> None:
         bandwidth = run.stage("read_bandwidth", read_bandwidth)
         r["read_bandwidth"] = bandwidth
     tgt = target(args.tiny)
+    rate = None  # seconds per cost unit, from the shapes done so far
     for key in keys:
+        config = shape_config(key, args.tiny, args.mixtral_layers)
         left = args.budget_s - (time.perf_counter() - run.start)
-        if left < args.min_shape_s:
-            run.results["errors"][key] = f"skipped: {left:.0f} s of the budget left (< --min-shape-s {args.min_shape_s})"
+        need = max(args.min_shape_s, 0.8 * rate * cost_units(config)) if rate else args.min_shape_s
+        if left < need:
+            run.results["errors"][key] = (f"skipped: {left:.0f} s of the budget left, about {need:.0f} s needed "
+                                          "(run it alone with --shapes)")
+            run.save()
             continue
+        t0 = time.perf_counter()
         bench_shape(run, key, args, bandwidth, tgt)
+        rate = (time.perf_counter() - t0) / cost_units(config)
+        run.results["shapes"][key]["wall_s"] = round(time.perf_counter() - t0, 1)
     r["total_s"] = round(time.perf_counter() - run.start, 1)
     run.save()
     md = args.out / f"{args.name}.md"
@@ -435,7 +500,9 @@ def main() -> None:
 
 
 def _gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f} GB"
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def write_markdown(r: dict, path: Path) -> None:
@@ -481,7 +548,13 @@ def write_markdown(r: dict, path: Path) -> None:
                          f"{ck.get('save_pretrained_s')} s ({_gb(ck.get('checkpoint_bytes'))}, {ck.get('shards')} shards)")
         stages = {k.split("/", 1)[1]: v for k, v in (r.get("stages") or {}).items() if k.startswith(f"{key}/")}
         if stages:
-            lines.append("- stage seconds: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+            lines.append(f"- stage seconds ({s.get('wall_s', '-')} s for the shape): "
+                         + ", ".join(f"{k} {v}" for k, v in stages.items()))
+        ref = s.get("prefill_vs_hf") or {}
+        if ref:
+            lines.append(f"- engine prefill logits vs HF's (same random weights, bf16, {ref['tokens']} tokens): top-1 "
+                         f"agreement {ref['top1_agreement']}, max gap {ref['max_abs_gap']} (mean {ref['mean_abs_gap']}; "
+                         f"logits up to {ref['reference_max_abs']})")
         if s.get("program") is not None:
             lines.append(f"- program (kiln-engine.json): `{json.dumps(s['program'])}`; decode step compiled: "
                          f"{s.get('compiled')}, CUDA graphs: {s.get('cuda_graphs')}, Triton attention kernel: "

@@ -29,7 +29,20 @@ from kiln.tasks.report import report
 Dispatch = Literal["auto", "inline", "deployments"]
 
 
-@flow(name="kiln-build", log_prints=True)
+def _run_name() -> str:
+    """``<profile>[-<revision>]``: the request's name, and the pinned revision an event brings."""
+    from pathlib import Path
+
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    profile = params.get("profile")
+    name = (profile.get("name") if isinstance(profile, dict) else Path(str(profile)).stem if profile else "default")
+    revision = params.get("revision")
+    return f"{name}-{str(revision)[:8]}" if revision else str(name)
+
+
+@flow(name="kiln-build", log_prints=True, flow_run_name=_run_name)
 def build(profile: str | dict | None = None, revision: str | None = None, repo_id: str | None = None,
           dispatch: Dispatch = "auto") -> list[Outcome]:
     """Build a request (path, mapping, or an event's repo_id + revision over the deployment's profile)."""

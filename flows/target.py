@@ -25,7 +25,18 @@ TARGET_FLOW = "kiln-target"
 _OUTCOMES = TypeAdapter(list[Outcome])
 
 
-@flow(name=TARGET_FLOW, persist_result=True, result_serializer="json")
+def _run_name() -> str:
+    """``<request>-<target>-<model sha>``, so a target's run is found by name on the Prefect UI."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    request, snapshot = params.get("request"), params.get("snapshot")
+    name = getattr(request, "name", None) or (request or {}).get("name", "build")
+    sha = getattr(snapshot, "sha", None) or (snapshot or {}).get("sha", "")
+    return f"{name}-{params.get('target')}-{str(sha)[:8]}"
+
+
+@flow(name=TARGET_FLOW, persist_result=True, result_serializer="json", flow_run_name=_run_name)
 def build_target(request: BuildRequest, target: str, snapshot: Snapshot, checkpoints: dict[str, Checkpoint],
                  heldout: Any) -> list[dict]:
     """Every recipe on one target: compile, validate vs this target's baseline engine, register passing ones."""
@@ -77,7 +88,7 @@ def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: S
                   "heldout": heldout}
     try:
         run = run_deployment(name, parameters=_json(parameters), timeout=None, poll_interval=2,
-                             flow_run_name=f"{request.name}-{target}")
+                             flow_run_name=f"{request.name}-{target}-{snapshot.sha[:8]}")
     except Exception as exc:
         if "not found" in str(exc).lower() or "404" in str(exc):
             raise KilnError(f"no deployment {name!r} for target {target!r}: add it to prefect.yaml (one "

@@ -1,7 +1,7 @@
 """Step progress for whoever is watching in this process (the ``kiln build`` CLI draws it with rich).
 
-Tasks report each step's start and end here; with no listener (a worker, a test) it costs nothing.
-Prefect still records every task run's state, so the server's view is complete either way.
+Tasks report each step's start and end here; every finished step is also a line in the Prefect run's log
+(what the run page shows), a failed one at WARNING.
 """
 
 from __future__ import annotations
@@ -41,6 +41,23 @@ def listening(listener: Listener) -> Iterator[None]:
 def _send(event: StepEvent) -> None:
     for listener in list(_listeners):
         listener(event)
+    if event.status != "running":
+        _log_to_run(event)
+
+
+def _log_to_run(event: StepEvent) -> None:
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called outside a flow or task run: nothing to attach the line to
+        return
+    level = logging.WARNING if event.status == "failed" else logging.INFO
+    logger.log(level, "%s %s %s (%.1fs)%s", event.status, event.step, event.detail, event.seconds,
+               f": {event.note}" if event.note else "")
 
 
 @contextlib.contextmanager

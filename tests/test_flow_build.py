@@ -52,6 +52,9 @@ def test_build_registers_a_validated_version_then_an_identical_rebuild_reuses_ev
     markdown, links = _artifacts("kiln-build-flowtest", "kiln-engine-flowtest-none-cpu")
     assert "| none" in markdown and f"flowtest.cpu v{first[0].version}" in markdown and first[0].uri in markdown
     assert links == f"[flowtest.cpu v{first[0].version}]({first[0].uri})"  # Prefect stores a link as markdown
+    names, lines = _runs_and_logs()
+    assert "flowtest" in names and any(n.startswith("flowtest-cpu-") for n in names), names  # not "thistle-puffin"
+    assert any(line.startswith("done quantize baseline") for line in lines), lines[:20]  # kiln's steps in the run log
 
     steps.clear()
     second = build(profile=_request(tiny_hub_model_dir))
@@ -59,6 +62,21 @@ def test_build_registers_a_validated_version_then_an_identical_rebuild_reuses_ev
     assert len(_versions(kiln_home, "flowtest.cpu")) == 1
     expensive = [(s, d, status) for s, d, status in steps if s in {"quantize", "compile", "validate", "register"}]
     assert expensive and all(status == "reused" for _, _, status in expensive), expensive
+
+
+def _runs_and_logs() -> tuple[list[str], list[str]]:
+    """Every flow run's name, and every log line, as the Prefect API returns them."""
+    import asyncio
+
+    from prefect import get_client
+
+    async def read() -> tuple[list[str], list[str]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            logs = await client.read_logs()
+        return [r.name for r in runs], [log.message for log in logs]
+
+    return asyncio.run(read())
 
 
 def _artifacts(markdown_key: str, link_key: str) -> tuple[str, str]:

@@ -64,7 +64,8 @@ def build_command(
         request = load_request(profile)
         _check_before_prefect(request, profile, dispatch)  # bad input: exit 2 before Prefect starts (~15 s)
         # the step lines below are the progress; a failing step is printed there and as the error
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        # quiet Prefect's console handler only: run logs still reach the server (the run page shows them)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         import kiln.flows  # noqa: F401  (PREFECT_HOME under KILN_HOME before prefect is imported)
         from kiln.flows.build import build
         from kiln.tasks import progress

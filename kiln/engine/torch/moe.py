@@ -5,8 +5,10 @@ weight-only or SmoothQuant; the numerics of ``linear.QuantLinear``, per expert).
 all with static shapes except the first:
 
 - ``grouped`` (prefill): token-expert pairs sorted by expert, one GEMM per expert over its rows;
-- ``gather`` (decode, few pairs): each pair's expert weights gathered and applied with one batched
-  matmul, so a batch-1 step reads only its top-k experts' weights;
+- ``gather`` (decode, few pairs): each token-expert pair through its expert, so a batch-1 step reads only its
+  top-k experts' weights: on CUDA one Triton GEMV (``kiln::expert_gemv``) reads each pair's rows of the
+  stacked weights in place (dequantizing 8-bit ones in registers); elsewhere the weights are gathered for
+  one batched matmul (a copy of the chosen experts, which on a GPU would triple the bytes moved);
 - ``dense`` (decode, pairs >= experts): every expert over the whole batch, weighted by the routing matrix
   (zero for experts a token did not pick); each expert's weights are read once.
 
@@ -21,7 +23,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.engine.torch import kernels
 from kiln.engine.torch.linear import FP8_MAX
+
+if kernels.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _expert_gemv_kernel(X, W, IDS, SCALE, Y, N, K, stride_we, stride_wn, SCALE_ROWS: tl.constexpr,
+                            HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pair = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        expert = tl.load(IDS + pair).to(tl.int64)
+        rows = W + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            x = tl.load(X + pair * K + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # 8-bit experts: per-expert (FP8) or per-row (INT8) weight scale, applied to the sum
+            if SCALE_ROWS:
+                y = y * tl.load(SCALE + expert * N + offs_n, mask=nmask, other=0.0)
+            else:
+                y = y * tl.load(SCALE + expert)
+        tl.store(Y + pair * N + offs_n, y.to(Y.dtype.element_ty), mask=nmask)
+
+
+@torch.library.custom_op("kiln::expert_gemv", mutates_args=())
+def expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, scale: torch.Tensor | None
+                ) -> torch.Tensor:
+    """Row ``p`` of ``x [P, K]`` times ``weight[experts[p]]^T`` (``weight [E, N, K]``, read in place), float32
+    accumulation, in ``x``'s dtype; ``scale`` ``[E]`` or ``[E, N]`` dequantizes 8-bit weights."""
+    pairs, k = x.shape
+    n = weight.shape[1]
+    y = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
+    block_n, block_k = 16, 256
+    _expert_gemv_kernel[(pairs, triton.cdiv(n, block_n))](
+        x.contiguous(), weight, experts.contiguous(), scale if scale is not None else x, y, n, k, weight.stride(0),
+        weight.stride(1), SCALE_ROWS=scale is not None and scale.dim() == 2, HAS_SCALE=scale is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return y
+
+
+@expert_gemv.register_fake
+def _(x, weight, experts, scale):
+    return x.new_empty(x.shape[0], weight.shape[1])
 
 SLOTS = ("fc", "gate", "proj")
 KINDS = ("dense", "fp8", "int8_sq", "int8_wo")
@@ -39,6 +90,7 @@ class StackedExperts(nn.Module):
         self.pre_quant_scale = None if get("pre_quant_scale") is None else tensors["pre_quant_scale"].to(device, dtype)
         self.input_scale = None if get("input_scale") is None else tensors["input_scale"].float().to(device)
         weight, scale = tensors["weight"], get("weight_scale")
+        self.kernel = kernels.available(device, dtype)  # pairs through expert_gemv, weights read in place
         if kind == "dense":
             self.weight, self.weight_scale = weight.to(device, dtype), None
         elif device.type == "cpu":  # no low-precision GEMM here: dequantize once at load
@@ -78,8 +130,10 @@ class StackedExperts(nn.Module):
         return F.linear(self.quantize_input(x, expert), self.weights(expert))
 
     def apply_pairs(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Row ``i`` of ``x`` through expert ``experts[i]`` (one batched matmul over gathered weights)."""
+        """Row ``i`` of ``x`` through expert ``experts[i]``."""
         x = self.quantize_input(x, experts)
+        if self.kernel:
+            return expert_gemv(x, self.weight, experts, self.weight_scale)
         return torch.bmm(self.weights(experts), x[:, :, None])[:, :, 0]
 
 
