@@ -22,6 +22,7 @@ from filelock import FileLock
 from pydantic import BaseModel, TypeAdapter
 
 from kiln import constants
+from kiln.errors import writing
 
 T = TypeVar("T")
 
@@ -117,8 +118,9 @@ class StepCache:
             output = self.output_dir(key)
             output.mkdir(parents=True)
             try:
-                value = compute(output)
-                self.put(key, value)
+                with writing(self.step, output):
+                    value = compute(output)
+                    self.put(key, value)
             except BaseException:
                 # a failed step (disk full, interrupted) must not keep its partial output on disk
                 shutil.rmtree(self.entry_dir(key), ignore_errors=True)

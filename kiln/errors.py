@@ -8,6 +8,11 @@ so schedulers retry them instead of paging a human for a bad profile.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
 
 class KilnError(Exception):
     """Base class of every error kiln raises on purpose."""
@@ -98,3 +103,45 @@ class VersionNotFoundError(KilnInputError):
 
 class NotPromotableError(KilnInputError):
     """A version failed its gates or was never completely published, so it cannot become ``production``."""
+
+
+class DiskFullError(KilnError, OSError):
+    """A step ran out of disk while writing (its partial output is removed); free space and run again.
+
+    Example: ``DiskFullError("compile: cannot write /k/cache/compile/ab12/output (No space left on device) ...")``
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+def disk_full(step: str, path: os.PathLike | str, exc: BaseException) -> DiskFullError | None:
+    """The ``DiskFullError`` for ``exc`` when it (or its cause) is "no space left" from any writer (os,
+    safetensors, torch, ModelOpt), naming the step and the path; None for any other error."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    seen: BaseException | None = exc
+    while seen is not None:
+        # safetensors (Rust) and some C extensions report ENOSPC only in their message
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left on device" in str(seen) \
+                or "os error 28" in str(seen):
+            return DiskFullError(
+                f"{step}: cannot write {path} (No space left on device); free space there, or point KILN_HOME at "
+                "a disk with room, and run again (nothing partial was kept)")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(step: str, path: os.PathLike | str) -> Iterator[None]:
+    """Run a block that writes ``path``; running out of disk there raises one ``DiskFullError``."""
+    try:
+        yield
+    except BaseException as exc:
+        full = disk_full(step, path, exc)
+        if full is None or full is exc:
+            raise
+        raise full from exc

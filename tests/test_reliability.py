@@ -303,6 +303,28 @@ def test_disk_full_during_a_step_leaves_no_entry_and_a_rerun_with_space_computes
     assert cache.run("k" * 64, small, _Out).reused and len(calls) == 2
 
 
+def test_disk_full_inside_safetensors_gets_the_clear_message_naming_the_step_and_path(small_kiln_home: Path) -> None:
+    """safetensors reports ENOSPC only as text ("No space left on device (os error 28)"); the step says what
+    to do, names the path, and keeps nothing partial."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kiln.errors import DiskFullError
+
+    cache = StepCache("compile")
+
+    def compute(out: Path) -> _Out:
+        save_file({"w": torch.zeros(1024, 1024)}, str(out / "rank0.safetensors"))  # 4 MiB into a 1 MiB disk
+        return _Out(str(out), 0)
+
+    with pytest.raises(DiskFullError) as error:
+        cache.run("d" * 64, compute, _Out)
+    message = str(error.value)
+    assert message.startswith("compile: cannot write ") and str(cache.output_dir("d" * 64)) in message
+    assert "No space left on device" in message and "free space" in message
+    assert error.value.errno == errno.ENOSPC and not cache.entry_dir("d" * 64).exists()
+
+
 def test_disk_full_in_the_store_leaves_no_version_and_rerun_publishes_one(small_kiln_home: Path,
                                                                             tmp_path: Path) -> None:
     """The embedded registry (file:// store + SQLite under KILN_HOME) on a full disk."""
