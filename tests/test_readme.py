@@ -6,7 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import typer
 
 from kiln.cli import app
@@ -26,9 +25,9 @@ def test_every_kiln_command_in_the_readme_parses() -> None:
     root = typer.main.get_command(app)
     for line in lines:
         args = shlex.split(line.split("&&")[0])[1:]
-        command, group = root, root
-        while isinstance(command, click.Group):
-            group, name = command, args.pop(0)
-            command = group.get_command(click.Context(group), name)
+        command = root
+        while hasattr(command, "get_command"):  # a group: descend to the subcommand the line names
+            name = args.pop(0)
+            command = command.get_command(command.make_context(command.name, [name]), name)
             assert command is not None, f"README: `{line}`: no command {name!r}"
-        command.make_context(command.name, list(args))  # raises UsageError on a missing or unknown argument
+        command.make_context(command.name, list(args))  # raises on a missing or unknown argument

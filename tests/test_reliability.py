@@ -437,3 +437,19 @@ def test_process_killed_during_calibration_leaves_no_checkpoint_and_rerun_comput
     again = json.loads(run(kill=False).stdout.strip().splitlines()[-1])
     assert again == {"reused": True, "trtllm": result["trtllm"]}
     assert [p.name for p in (kiln_home / "cache" / "quantize").iterdir() if p.is_dir()] == ["c" * 64]
+
+
+def test_concurrent_first_uses_of_a_fresh_mlflow_store_all_succeed(tmp_path: Path) -> None:
+    """Two `kiln build`s on a fresh KILN_HOME raced in MLflow's schema migration (alembic "Online migration
+    expected to match one row" / "duplicate column name"): four real processes at once all check it."""
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from kiln.registry.mlflow_registry import check_tracking; check_tracking(sys.argv[1], 'm')"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=tmp_path, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(outputs)[-3000:]
+    from kiln.registry.naming import experiment_name
+
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment_name("m")) is not None

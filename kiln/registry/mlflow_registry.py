@@ -78,7 +78,16 @@ def mlflow_errors(tracking_uri: str, action: str) -> Iterator[None]:
 def client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # creating the first client of a new SQLite store creates and migrates its schema (the tracking store
+    # in the constructor, the registry store on first use): two builds starting at once on a fresh
+    # KILN_HOME raced there (alembic "Online migration expected to match one row", "duplicate column
+    # name"); one process at a time
+    with _schema_lock(tracking_uri):
+        mlflow_client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        mlflow_client.search_registered_models(max_results=1)
+    return mlflow_client
 
 
 def is_remote(tracking_uri: str) -> bool:
@@ -102,6 +111,14 @@ def check_tracking(tracking_uri: str, model: str) -> None:
     with mlflow_errors(tracking_uri, "registry check"):
         ensure_experiment(mlflow_client, tracking_uri, model)
         mlflow_client.search_registered_models(max_results=1)
+
+
+def _schema_lock(tracking_uri: str) -> Any:
+    from filelock import FileLock
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.kiln-schema.lock", timeout=600)
 
 
 def _local_artifact_root(tracking_uri: str) -> str | None:
