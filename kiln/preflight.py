@@ -1,6 +1,7 @@
 """Pre-flight checks that run before any expensive step, for every recipe x target pair.
 
-Profile-only checks (``check_request_static``): recipe vs the target's SM. ``check_request`` adds what
+Profile-only checks (``check_request_static``): recipe vs the target's SM (for TensorRT-LLM targets: the
+contract's per-SM, per-artifact support facts, ``kiln.engine.trtllm.support``). ``check_request`` adds what
 needs the model's shape and the TensorRT-LLM contract: tp/pp vs GPUs per worker and vs the attention
 heads, estimated GPU memory (weights + KV cache at the build limits) vs the target's memory, the
 recipe's QuantAlgo and the target's artifact vs the contract of the target's TensorRT-LLM series, the
@@ -46,22 +47,30 @@ class Finding:
 
 
 def recipe_target_problem(recipe: Recipe, target: Target) -> str | None:
-    """Why ``recipe`` cannot run on ``target``, or None when it can."""
+    """Why ``recipe`` cannot run on ``target``, or None when it can.
+
+    A ``tensorrt_llm`` target is checked against the contract's per-SM, per-artifact support facts
+    (:func:`kiln.engine.trtllm.support.recipe_problem`: SM ranges with a minimum and a maximum, e.g. no INT8/INT4
+    engines on SM100); a torch target against kiln's own rules (``min_sm`` and the KV caches its engine runs).
+    """
     quant = scheme(recipe.quantization)
     sm = target.sm_number
     if quant.needs_cuda_to_calibrate and target.device != "cuda":
         return f"{recipe.quantization} needs CUDA to calibrate and run; target {target.name!r} is a cpu target"
+    if target.backend == "tensorrt_llm":
+        from kiln.engine.trtllm.support import recipe_problem
+
+        return recipe_problem(recipe, target)
     if quant.min_sm is not None and target.device == "cuda" and sm is not None and sm < quant.min_sm:
         return (f"{recipe.quantization} needs SM >= {quant.min_sm}; target {target.name!r} is {target.sm}"
                 f" ({target.gpu or 'unknown GPU'})")
     kv_algo = KV_SCHEMES[recipe.kv_cache_dtype][1]
-    if target.backend == "torch":
-        from kiln.engine.torch.spec import KV_CACHE_QUANT_ALGOS
+    from kiln.engine.torch.spec import KV_CACHE_QUANT_ALGOS
 
-        if kv_algo not in KV_CACHE_QUANT_ALGOS:
-            return (f"kv_cache_dtype {recipe.kv_cache_dtype} is not supported by the torch backend of target "
-                    f"{target.name!r} (its KV cache is unquantized or FP8); use kv_cache_dtype fp8 or auto, or a "
-                    "tensorrt_llm target")
+    if kv_algo not in KV_CACHE_QUANT_ALGOS:
+        return (f"kv_cache_dtype {recipe.kv_cache_dtype} is not supported by the torch backend of target "
+                f"{target.name!r} (its KV cache is unquantized or FP8); use kv_cache_dtype fp8 or auto, or a "
+                "tensorrt_llm target")
     kv_min_sm = KV_SCHEMES[recipe.kv_cache_dtype][2]
     if kv_min_sm is not None and target.device == "cuda" and sm is not None and sm < kv_min_sm:
         return f"kv_cache_dtype {recipe.kv_cache_dtype} needs SM >= {kv_min_sm}; target {target.name!r} is {target.sm}"
@@ -79,7 +88,8 @@ def check_request_static(request: BuildRequest, source: str = "<request>") -> No
     if problems:
         raise UnsupportedCombinationError(
             f"{source}: {len(problems)} recipe x target pair(s) cannot run:\n  " + "\n  ".join(problems)
-            + "\nRemove the pair (split the request) or pick a target with a newer GPU."
+            + "\nRemove the pair (split the request) or pick a target whose GPU (and, for TensorRT-LLM, artifact) runs "
+            "the recipe: docs/TRTLLM_SUPPORT.md lists them."
         )
     if request.evaluation.tasks:  # unknown lm-eval task names fail here, before any engine is built
         from kiln.validation.tasks import task_problems
@@ -196,7 +206,8 @@ def memory_findings(recipe: Recipe, target: Target, info: ModelInfo) -> list[Fin
 
 def contract_findings(recipe: Recipe, target: Target, *, modelopt_version: str | None) -> list[Finding]:
     """The recipe's QuantAlgo and the target's artifact vs the contract of the target's TensorRT-LLM series,
-    and the exporting ModelOpt vs that series' pin."""
+    and the exporting ModelOpt vs that series' pin. Being a QuantAlgo name says nothing about where it runs: that
+    is ``recipe_target_problem``'s check, from the contract's per-artifact, per-SM ``support`` facts."""
     if target.backend != "tensorrt_llm":
         return []
     from kiln.engine.trtllm import api

@@ -10,8 +10,9 @@ model and refuses a recipe over its budget, and exports:
   was removed in modelopt 0.49, hence the pin in pyproject);
 - a quantized HF checkpoint (``export_hf_checkpoint``) for TensorRT-LLM >= 1.3 and other runtimes.
 
-Every export carries kiln's lineage file. Tensor names and config fields are ModelOpt's, untouched:
-kiln's torch engine and TensorRT-LLM both read them as ModelOpt writes them.
+Every export carries kiln's lineage file. Tensor names and config fields are ModelOpt's: kiln's torch engine
+and TensorRT-LLM both read them as ModelOpt writes them, except what kiln fixes (``restore_rope_config``;
+``fix_pre_quant_scale``: ``int4_wo``'s pre-quant scale flag and tensors made to agree for TensorRT-LLM).
 """
 
 from __future__ import annotations
@@ -288,6 +289,8 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
                 export_tensorrt_llm_checkpoint(model, decoder_type, dtype=torch_dtype, export_dir=target,
                                                inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
             restore_rope_config(target, model.config.to_dict())
+            if identity_pre_quant_scale(quant):
+                fix_pre_quant_scale(target, "trtllm")
             if family.trtllm_config:
                 config_path = target / "config.json"
                 config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **family.trtllm_config},
@@ -303,6 +306,8 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
         start = time.perf_counter()
         hf_dir = output_dir / "hf"
         _export_hf(model, model_dir, hf_dir, torch_dtype, quantized=cfg is not None)
+        if identity_pre_quant_scale(quant):
+            fix_pre_quant_scale(hf_dir, "hf")
         _write_lineage(hf_dir, {**full_lineage, "format": "hf_checkpoint"})
         timings["export_hf"] = time.perf_counter() - start
 
@@ -445,6 +450,73 @@ def _written_quantization(trtllm_dirs: dict[str, Path]) -> dict[str, Any]:
     for directory in trtllm_dirs.values():
         return dict(json.loads((directory / "config.json").read_text()).get("quantization") or {})
     return {}
+
+
+def identity_pre_quant_scale(quant: QuantScheme) -> bool:
+    """Whether the recipe exports as W4A16_AWQ without AWQ calibration (block-wise INT4 weight-only: ``int4_wo``),
+    so its pre-quant scale is identically one."""
+    return quant.quant_algo == "W4A16_AWQ" and not quant.needs_activations
+
+
+def fix_pre_quant_scale(directory: Path, fmt: Format) -> str | None:
+    """Make a W4A16_AWQ export's ``pre_quant_scale`` flag and its tensors agree; return what changed (None: nothing).
+
+    ModelOpt 0.47 exports block-wise INT4 weight-only as ``quant_algo: W4A16_AWQ`` with ``pre_quant_scale: true``
+    but writes no pre-quant scale tensor. The two TensorRT-LLM paths differ (contract ``support.sources``):
+
+    - trtllm-build (``groupwise_prequant``) creates a ``prequant_scaling_factor`` parameter on every groupwise
+      linear only when the config says ``pre_quant_scale`` and fails with 'Required but not provided tensors'
+      otherwise; its preprocess needs no pre-quant scale. So the TensorRT-LLM checkpoint gets the flag the
+      tensors have: ``pre_quant_scale: false`` (``fmt="trtllm"``).
+    - the PyTorch backend's W4A16_AWQ loader (``torch_w4a16_awq``) reads ``pre_quant_scale`` for every unfused
+      linear whatever the flag says. So the HF export gets the tensors the flag announces: ``pre_quant_scale``
+      of ones (the exact value: no activation smoothing happened) on every INT4 linear, in the checkpoint dtype,
+      ``[in_features]`` as ModelOpt writes AWQ's (``fmt="hf"``).
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    if fmt == "trtllm":
+        path = directory / "config.json"
+        config = json.loads(path.read_text())
+        quant = config.get("quantization") or {}
+        if quant.get("quant_algo") != "W4A16_AWQ" or not quant.get("pre_quant_scale"):
+            return None
+        for rank_file in sorted(directory.glob("rank*.safetensors")):
+            with safe_open(str(rank_file), framework="pt") as handle:
+                if any(name.endswith(".prequant_scaling_factor") for name in handle.keys()):
+                    return None  # AWQ scales are there: the flag is right
+        config["quantization"] = {**quant, "pre_quant_scale": False}
+        path.write_text(json.dumps(config, indent=4))
+        return "pre_quant_scale: false (no prequant_scaling_factor tensors)"
+    quant = json.loads((directory / "hf_quant_config.json").read_text()).get("quantization") or {}
+    if quant.get("quant_algo") != "W4A16_AWQ" or not quant.get("pre_quant_scale"):
+        return None
+    config = json.loads((directory / "config.json").read_text())
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float16"))
+    added: dict[str, str] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+        new = {}
+        for name, weight in tensors.items():
+            prefix = name.removesuffix(".weight")
+            if (prefix == name or weight.dtype != torch.uint8 or f"{prefix}.weight_scale" not in tensors
+                    or f"{prefix}.pre_quant_scale" in tensors):
+                continue
+            new[f"{prefix}.pre_quant_scale"] = torch.ones(weight.shape[1], dtype=dtype)  # packed (out / 2, in)
+        if new:
+            save_file({**tensors, **new}, str(path), metadata=metadata)
+            added.update(dict.fromkeys(new, path.name))
+    index = directory / "model.safetensors.index.json"
+    if added and index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("weight_map", {}).update(added)
+        index.write_text(json.dumps(data, indent=2))
+    return f"{len(added)} pre_quant_scale tensors of ones" if added else None
 
 
 def restore_rope_config(checkpoint_dir: Path, hf_config: dict[str, Any]) -> None:

@@ -72,19 +72,94 @@ def test_fp8_runs_from_sm89() -> None:
     preflight.check_request_static(request([FP8], [H100, target("l40s-trtllm", "sm89")]))
 
 
-def test_fp8_kv_cache_on_sm80_is_refused() -> None:
+def test_fp8_kv_cache_runs_on_an_sm80_trtllm_target_but_not_on_the_torch_backend() -> None:
+    """Issue 18 item 4: TensorRT-LLM's matrix lists an FP8 KV cache on Ampere (its builder only turns FP8 context
+    FMHA off there); kiln's torch engine keeps its own rule (FP8 KV from SM89)."""
+    preflight.check_request_static(request([FP8_KV], [A100]))
+    awq_kv = Recipe(name="awq-kv", quantization="int4_awq", kv_cache_dtype="fp8", group_size=64)
+    preflight.check_request_static(request([awq_kv], [A100.model_copy(update={"artifact": "hf_checkpoint"})]))
+    torch_a100 = Target(name="a100-torch", backend="torch", device="cuda", gpu="a100", sm="sm80")
     with pytest.raises(UnsupportedCombinationError, match="kv_cache_dtype fp8 needs SM >= 89"):
-        preflight.check_request_static(request([FP8_KV], [A100]))
+        preflight.check_request_static(request([FP8_KV], [torch_a100]))
 
 
-def test_int8_kv_cache_is_refused_for_the_torch_backend_only() -> None:
+def test_int8_kv_cache_is_refused_for_the_torch_backend_and_runs_on_a_trtllm_engine() -> None:
     """The torch engine runs unquantized or FP8 KV caches: an int8 one is refused before calibration."""
     int8_kv = Recipe(name="w8-kv8", quantization="int8_wo", kv_cache_dtype="int8")
     cpu = Target(name="cpu", dtype="float32", limits={"max_batch_size": 2, "max_input_len": 16, "max_seq_len": 32})
     with pytest.raises(UnsupportedCombinationError, match="kv_cache_dtype int8 is not supported by the torch backend"):
         preflight.check_request_static(request([int8_kv], [cpu]))
-    preflight.check_request_static(request([int8_kv], [H100]))  # TensorRT-LLM runs INT8 KV caches
+    sq_kv8 = Recipe(name="sq-kv8", quantization="int8_sq", kv_cache_dtype="int8")
+    preflight.check_request_static(request([sq_kv8], [H100]))  # TensorRT-LLM engines run INT8 KV caches up to SM90
     preflight.check_request_static(request([FP8_KV.model_copy(update={"quantization": "int8_wo"})], [cpu]))
+
+
+# --- TensorRT-LLM's per-SM, per-artifact support (issue 18) -------------------------------------------------------------
+
+B200_HF = B200.model_copy(update={"name": "b200-trtllm-hf", "artifact": "hf_checkpoint"})
+H100_HF = H100.model_copy(update={"name": "h100-trtllm-hf", "artifact": "hf_checkpoint"})
+
+
+def _refusal(recipe: Recipe, on: Target) -> str:
+    with pytest.raises(UnsupportedCombinationError) as caught:
+        preflight.check_request_static(request([recipe], [on]))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("quantization", "kv", "raised"), [
+    ("int8_wo", "auto", "INT8/INT4 quantization is not supported on SM>=100."),
+    ("int4_wo", "auto", "INT8/INT4 quantization is not supported on SM>=100."),
+    ("int4_awq", "auto", "INT8/INT4 quantization is not supported on SM>=100."),
+    ("w4a8_awq", "auto", "INT8/INT4 quantization is not supported on SM>=100."),
+    ("int8_sq", "auto", "SmoothQuant is not supported on SM>=100."),
+    ("fp8", "int8", "INT8/INT4 quantization is not supported on SM>=100."),
+])
+def test_what_trtllm_build_raises_for_on_sm100_is_refused_before_calibration(quantization: str, kv: str,
+                                                                            raised: str) -> None:
+    """Issue 18 item 2: trtllm-build's SM gate (100 <= SM < 120) raises after calibration; pre-flight refuses first."""
+    recipe = Recipe(name="r", quantization=quantization, kv_cache_dtype=kv, group_size=64)
+    message = _refusal(recipe, B200)
+    assert "recipe 'r' x target 'b200-trtllm'" in message and raised in message
+    assert "is sm100 (b200)" in message and "support.engine." in message
+    preflight.check_request_static(request([recipe.model_copy(update={"quantization": "int8_sq"})
+                                            if quantization == "int8_wo" else recipe], [H100]))
+
+
+def test_sm_ranges_have_a_maximum_per_artifact() -> None:
+    """INT4 engines stop at SM90 (the builder gate), FP8 and NVFP4 keep going."""
+    int4 = Recipe(name="int4", quantization="int4_awq", group_size=64)
+    assert "int4_awq needs SM 80-90; target 'b200-trtllm' is sm100" in _refusal(int4, B200)
+    assert "int4_awq needs SM 80-90; target 'b200-trtllm-hf' is sm100" in _refusal(int4, B200_HF)
+    w4a8 = Recipe(name="w4a8", quantization="w4a8_awq", group_size=64)
+    assert "w4a8_awq needs SM 89-90; target 'a100-trtllm' is sm80" in _refusal(w4a8, A100)
+    preflight.check_request_static(request([FP8, NVFP4, NONE], [B200, B200_HF]))
+
+
+@pytest.mark.parametrize("on", [H100_HF, B200_HF, A100.model_copy(update={"artifact": "hf_checkpoint"})],
+                         ids=lambda t: t.name)
+def test_int8_smoothquant_has_no_pytorch_backend_loader(on: Target) -> None:
+    """Issue 18 item 3: the PyTorch backend's get_quant_method ends in 'unsupported quant mode' for W8A8_SQ_PER_CHANNEL,
+    although it is a QuantAlgo name; the engine path (1.2, up to SM90) builds it."""
+    message = _refusal(Recipe(name="sq", quantization="int8_sq"), on)
+    assert "not supported by TensorRT-LLM 1.3 HF checkpoint (PyTorch backend) on any SM" in message
+    assert "unsupported quant mode" in message
+    preflight.check_request_static(request([Recipe(name="sq", quantization="int8_sq")], [H100]))
+
+
+def test_a_pair_the_contract_does_not_confirm_is_refused_as_unverified() -> None:
+    sm120 = target("rtx6000-trtllm", "sm120")
+    message = _refusal(Recipe(name="sq", quantization="int8_sq"), sm120)
+    assert "on sm120 is not confirmed for TensorRT-LLM 1.2 engine" in message and "UNVERIFIED" in message
+    assert "it runs on SM 80-90" in message
+    preflight.check_request_static(request([FP8, NVFP4, NONE], [sm120]))
+    unknown = target("orin-trtllm", "sm87")
+    assert "records no fact for sm87" in _refusal(NONE, unknown)
+
+
+def test_a_1_2_hf_checkpoint_target_is_checked_against_the_1_2_contract() -> None:
+    v12_hf = H100_HF.model_copy(update={"tensorrt_llm_version": "1.2.1"})
+    assert "TensorRT-LLM 1.2 HF checkpoint (PyTorch backend)" in _refusal(Recipe(name="sq", quantization="int8_sq"), v12_hf)
+    preflight.check_request_static(request([FP8], [v12_hf]))
 
 
 def test_every_bad_pair_is_listed_at_once() -> None:

@@ -439,3 +439,68 @@ def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path,
     assert set(first.trtllm_dirs) == {"tp1pp1", "tp2pp1"} and first.calibration_sha256 == CAL.sha256
     again = calibrate_and_quantize.fn(request, snapshot, request.recipes[0], data)
     assert len(calls) == 1 and again.reused and again.trtllm_dirs == first.trtllm_dirs
+
+
+# --- int4_wo: pre-quant scale flag and tensors agree for TensorRT-LLM (issue 18 item 1) -----------------------------
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_int4_wo_export_config_and_tensors_agree(tiny_dir: Path, tmp_path: Path, tp: int) -> None:
+    """ModelOpt 0.47 writes int4_wo as W4A16_AWQ with pre_quant_scale: true and no pre-quant scale tensor. The
+    TensorRT-LLM checkpoint now says false (trtllm-build's groupwise layer requires the tensor exactly when the flag
+    is true); the HF export keeps true and carries ones (TensorRT-LLM's PyTorch W4A16_AWQ loader reads them)."""
+    from kiln.engine.trtllm import api
+
+    result = _run(tiny_dir, tmp_path, Recipe(name="r", quantization="int4_wo", group_size=32), layouts=[(tp, 1)],
+                  calibration=None)
+    trt = result.trtllm_dirs[f"tp{tp}pp1"]
+    config = json.loads((trt / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W4A16_AWQ" and config["quantization"]["pre_quant_scale"] is False
+    for rank in range(tp):
+        with safe_open(str(trt / f"rank{rank}.safetensors"), framework="pt") as handle:
+            names = set(handle.keys())
+            tensors = {n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in names}
+        assert not any(n.endswith("prequant_scaling_factor") for n in names)
+        assert api.checkpoint_problems(config, tensors, api.load_contract("1.2")) == []
+    hf = result.hf_dir
+    assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"]["pre_quant_scale"] is True
+    tensors = load_file(str(hf / "model.safetensors"))
+    linears = [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and t.dtype == torch.uint8]
+    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for name in linears:
+        pqs = tensors[f"{name}.pre_quant_scale"]
+        assert pqs.dtype == torch.float16 and pqs.shape == (tensors[f"{name}.weight"].shape[1],)  # in_features
+        assert torch.equal(pqs, torch.ones_like(pqs))
+    assert set(json.loads((trt / "kiln-lineage.json").read_text())) and result.quant_algo == "W4A16_AWQ"
+
+
+def test_int4_awq_exports_are_left_as_modelopt_writes_them(tiny_dir: Path, tmp_path: Path) -> None:
+    result = _run(tiny_dir, tmp_path, Recipe(name="r", quantization="int4_awq", group_size=32))
+    config = json.loads((result.trtllm_dirs["tp1pp1"] / "config.json").read_text())
+    assert config["quantization"]["pre_quant_scale"] is True
+    hf = load_file(str(result.hf_dir / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.pre_quant_scale" not in hf  # folded into the norm by ModelOpt
+
+
+def test_int4_wo_engines_compute_as_before_the_pre_quant_scale_fix(tiny_dir: Path, tmp_path: Path) -> None:
+    """kiln's torch engine treats a missing pre-quant scale as ones: the ones written into the HF export and the
+    flag set in the TensorRT-LLM checkpoint change no logit."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from kiln.engine.torch import TorchBackend
+    from kiln.profiles import Target
+
+    result = _run(tiny_dir, tmp_path / "q", Recipe(name="r", quantization="int4_wo", group_size=32), calibration=None)
+    before = shutil.copytree(result.hf_dir, tmp_path / "hf-before")
+    tensors = load_file(str(before / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".pre_quant_scale")}, str(before / "model.safetensors"))
+    target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 1, "max_input_len": 32, "max_seq_len": 64})
+    backend = TorchBackend()
+    ids = list(range(5, 29))
+    logits = {}
+    for name, source in (("trtllm", result.trtllm_dirs["tp1pp1"]), ("hf", result.hf_dir), ("hf-before", before)):
+        logits[name] = backend.load(backend.compile(source, target, tmp_path / f"engine-{name}", {"model_sha": "t"})).logits(ids)
+    assert torch.equal(logits["hf"], logits["hf-before"])
+    assert (logits["trtllm"] - logits["hf"]).abs().max().item() < 1e-3

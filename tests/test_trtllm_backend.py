@@ -170,3 +170,106 @@ def test_build_generate_and_logits_on_this_worker(tmp_path: Path, smollm2_dir: P
         assert engine.memory_bytes() > 0
     finally:
         engine.close()
+
+
+# --- kiln-engine.json describes the engine really built (issue 18 item 5) ------------------------------------------
+
+
+def test_engine_manifest_records_the_attention_plugins_trtllm_build_keeps(tmp_path: Path, monkeypatch) -> None:
+    """trtllm-build turns FP8 context FMHA off for an FP8 checkpoint without an FP8 KV cache (paged context FMHA on):
+    the argv says so and kiln-engine.json records it, instead of claiming `--use_fp8_context_fmha enable`."""
+    import subprocess
+
+    checkpoint = export_checkpoint(tmp_path / "fp8", "fp8")
+    ran: list[list[str]] = []
+
+    def fake_trtllm_build(argv, **kwargs):  # what a successful build leaves: config.json + one engine per rank
+        ran.append(argv)
+        out = Path(argv[argv.index("--output_dir") + 1])
+        (out / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": {}, "build_config": {}}))
+        (out / "rank0.engine").write_bytes(b"engine")
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(backend.subprocess, "run", fake_trtllm_build)
+    contract = api.load_contract("1.2")
+    out = backend.build_engine(checkpoint, H100, tmp_path / "engine", {"model_sha": "x"}, contract,
+                               {"tensorrt_llm": "1.2.1", "gpu_sm": "sm90"})
+    manifest = json.loads((out / ENGINE_MANIFEST).read_text())
+    plugins = manifest["build"]["plugins"]
+    assert (plugins["use_fp8_context_fmha"], plugins["use_paged_context_fmha"]) == (False, True)
+    assert any("needs an FP8 KV cache" in note for note in plugins["notes"])
+    command = manifest["build"]["command"]
+    assert command[command.index("--use_fp8_context_fmha") + 1] == "disable"
+    assert command[command.index("--use_paged_context_fmha") + 1] == "enable"
+    assert ran and ran[0][ran[0].index("--use_fp8_context_fmha") + 1] == "disable"
+
+
+# --- token ids agree with kiln's torch engine (issue 18 item 6) ------------------------------------------------------
+
+
+class _FakeTrtLLM:
+    """TensorRT-LLM's LLM API as far as generation goes: a fixed greedy continuation, stopped at stop_token_ids, and
+    the stop token trimmed from token_ids unless include_stop_str_in_output (executor/result.py _handle_sequence,
+    contract llm_api.result.stop_token_trimming)."""
+
+    def __init__(self, continuation: list[int]) -> None:
+        self.continuation = continuation
+
+    def generate_async(self, inputs, sampling_params, streaming):
+        import types
+
+        async def stream():
+            produced: list[int] = []
+            for token in self.continuation[: sampling_params.max_tokens]:
+                produced.append(token)
+                stopped = token in (sampling_params.stop_token_ids or [])
+                ids = produced[:-1] if stopped and not getattr(sampling_params, "include_stop_str_in_output", False) \
+                    else list(produced)
+                finish = "stop" if stopped else ("length" if len(produced) == sampling_params.max_tokens else None)
+                yield types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, finish_reason=finish)])
+                if stopped:
+                    return
+        return stream()
+
+
+def test_stop_tokens_are_kept_as_kiln_s_torch_engine_keeps_them(tmp_path: Path) -> None:
+    import types
+
+    from kiln.engine.torch import TorchBackend
+    from kiln.profiles import Target
+
+    checkpoint = export_checkpoint(tmp_path / "plain", "none")
+    cpu = Target(name="cpu-test", dtype="float32", limits={"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128})
+    torch_backend = TorchBackend()
+    torch_engine = torch_backend.load(torch_backend.compile(checkpoint, cpu, tmp_path / "torch", {"model_sha": "t"}))
+    prompt = list(range(10, 26))
+    free = torch_engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=8))])[0].token_ids
+    index = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    stopped = SamplingParams(max_new_tokens=8, stop_token_ids=(free[index],))
+    expected = torch_engine.generate([GenerationRequest(prompt, stopped)])[0]
+    assert expected.finish_reason == "stop" and expected.token_ids == free[: index + 1]  # the torch engine keeps it
+
+    manifest = {"limits": cpu.limits.model_dump()}
+    trt = backend.TensorRTLLMEngine(tmp_path, manifest, _FakeTrtLLM(free), api.load_contract("1.2"),
+                                    lambda **kw: types.SimpleNamespace(**kw))
+    trt._sample_memory = lambda: None  # no CUDA device here
+    got = trt.generate([GenerationRequest(prompt, stopped)])[0]
+    assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason)
+    assert len(got.token_times_s) == len(expected.token_ids)
+
+
+def test_compile_refuses_a_checkpoint_the_worker_s_gpu_cannot_run(tmp_path: Path, monkeypatch) -> None:
+    """The support facts pre-flight reads are checked again where a checkpoint meets a worker (`kiln compile`)."""
+    def never(*args, **kwargs):
+        raise AssertionError("trtllm-build must not run")
+
+    monkeypatch.setattr(backend.subprocess, "run", never)
+    fp8 = export_checkpoint(tmp_path / "fp8", "fp8")
+    a100 = H100.model_copy(update={"name": "a100-trtllm", "sm": "sm80", "gpu": "a100"})
+    with pytest.raises(UnsupportedCombinationError, match="FP8 on sm80 is not supported for TensorRT-LLM 1.2 engine"):
+        backend.build_engine(fp8, a100, tmp_path / "engine", {}, api.load_contract("1.2"), {"gpu_sm": "sm80"})
+    assert not (tmp_path / "engine").exists()
+    sq = export_checkpoint(tmp_path / "sq-hf", "int8_sq", fmt="hf")
+    with pytest.raises(UnsupportedCombinationError, match="unsupported quant mode"):
+        backend.package_hf_checkpoint(sq, TINY_HF, tmp_path / "artifact", {}, api.load_contract("1.3"),
+                                      tools={"gpu_sm": "sm90"})

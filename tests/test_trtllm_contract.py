@@ -20,6 +20,7 @@ from kiln.engine.base import SamplingParams
 from kiln.engine.trtllm import api, backend
 from kiln.errors import ContractError
 from kiln.profiles import Target
+from kiln.quantize import restore_rope_config
 from kiln.recipes import KV_SCHEMES, SCHEMES
 from tests.fixtures.models import make_tiny_llama
 
@@ -48,6 +49,7 @@ def export_checkpoint(out_dir: Path, quantization: str, *, fmt: str = "trtllm", 
 
         export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.bfloat16, export_dir=out_dir,
                                        inference_tensor_parallel=1)
+        restore_rope_config(out_dir, model.config.to_dict())  # as kiln.quantize does (ModelOpt drops rotary_base)
     else:
         from modelopt.torch.export import export_hf_checkpoint
 
@@ -206,7 +208,8 @@ def test_build_command_for_an_fp8_checkpoint(tmp_path: Path, fp8_checkpoint: Pat
     assert flags["--checkpoint_dir"] == str(fp8_checkpoint)
     assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"], flags["--max_num_tokens"]) == (
         "64", "2048", "4096", "8192")
-    assert flags["--use_fp8_context_fmha"] == "enable"  # FP8 context attention for an FP8 checkpoint
+    # trtllm-build keeps FP8 context FMHA with paged context FMHA only for an FP8 KV cache (contract build_logic)
+    assert (flags["--use_fp8_context_fmha"], flags["--use_paged_context_fmha"]) == ("disable", "enable")
     assert flags["--kv_cache_type"] == "paged"
     assert "--gather_context_logits" in flags and flags["--gather_context_logits"] is None  # store_true
     assert json.loads((fp8_checkpoint / "config.json").read_text())["quantization"]["quant_algo"] == "FP8"
@@ -220,13 +223,13 @@ def test_build_command_for_smollm2_fp8(tmp_path: Path, smollm2_dir: Path) -> Non
     argv = backend.build_command(checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
     config = json.loads((checkpoint / "config.json").read_text())
     assert (config["num_hidden_layers"], config["quantization"]["quant_algo"]) == (30, "FP8")
-    assert _flags(argv)["--use_fp8_context_fmha"] == "enable" and _flags(argv)["--workers"] == "1"
+    assert _flags(argv)["--use_fp8_context_fmha"] == "disable" and _flags(argv)["--workers"] == "1"
     print(shlex.join(argv))
 
 
 def test_build_command_for_an_unquantized_checkpoint_has_no_fp8_attention(tmp_path: Path, plain_checkpoint: Path) -> None:
     argv = backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
-    assert "--use_fp8_context_fmha" not in argv
+    assert _flags(argv)["--use_fp8_context_fmha"] == "disable"  # stated: trtllm-build's default is enable
     assert "--gemm_plugin" in argv
 
 
@@ -272,6 +275,7 @@ def test_greedy_sampling_follows_the_llm_api_rule() -> None:
     # _greedy_decoding: top_k in (None, 1) and top_p in (None, 0.0) (contract llm_api.SamplingParams.greedy_rule)
     assert greedy["top_k"] == 1 and "top_p" not in greedy and "temperature" not in greedy
     assert greedy["max_tokens"] == 8 and greedy["stop_token_ids"] == [2] and greedy["detokenize"] is False
+    assert greedy["include_stop_str_in_output"] is True  # TensorRT-LLM keeps the stop token, as kiln's torch engine
     sampled = api.sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, seed=3), contract, context_logits=True)
     assert sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9 and sampled["top_k"] is None
     assert sampled["seed"] == 3 and sampled["return_context_logits"] is True
@@ -326,3 +330,125 @@ def test_architecture_facts_cite_evidence_for_both_artifacts(series: str) -> Non
     assert all(isinstance(item, str) and item for item in arch["unverified"])
     if series == "1.3":  # no engine path from 1.3 on
         assert not any(entry["supported"] for entry in arch["engine"].values())
+
+
+# --- what trtllm-build really builds: FP8 context FMHA and paged context FMHA (issue 18 item 5) ------------------------
+
+
+def _facts(quant_algo: str | None, kv: str | None) -> api.CheckpointFacts:
+    return api.CheckpointFacts(architecture="LlamaForCausalLM", dtype="bfloat16", quant_algo=quant_algo,
+                               kv_cache_quant_algo=kv, world_size=1, tp_size=1, pp_size=1, producer={})
+
+
+@pytest.mark.parametrize(("quant_algo", "kv", "sm", "paged", "fp8"), [
+    ("FP8", None, 90, True, False),  # paged context FMHA keeps FP8 context FMHA only with an FP8 KV cache
+    ("FP8", "FP8", 90, True, True),
+    ("FP8", "FP8", 80, False, False),  # below SM89 FP8 context FMHA is off, and then so is paged context FMHA
+    ("W4A8_AWQ", "FP8", 89, True, True),
+    ("NVFP4", "FP8", 100, True, True),
+    ("W4A16_AWQ", "FP8", 90, False, False),  # not an FP8 workflow: an FP8 KV cache switches paged context FMHA off
+    ("W8A8_SQ_PER_CHANNEL", None, 90, True, False),
+    (None, "FP8", 80, False, False),
+    ("W4A16_AWQ", "INT8", 90, False, False),  # INT8 KV cache: no paged context FMHA
+    ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", 90, False, False),  # not in the builder's list (kiln's old one had it)
+])
+def test_attention_plugins_are_what_trtllm_build_keeps(tmp_path: Path, quant_algo: str | None, kv: str | None, sm: int,
+                                                       paged: bool, fp8: bool) -> None:
+    contract = api.load_contract("1.2")
+    plugins = api.attention_plugins(_facts(quant_algo, kv), sm, contract)
+    assert (plugins.use_paged_context_fmha, plugins.use_fp8_context_fmha) == (paged, fp8)
+    assert plugins.notes or (paged and fp8)  # every switch-off is explained
+    target = H100.model_copy(update={"sm": f"sm{sm}"})
+    flags = _flags(api.trtllm_build_command(tmp_path, tmp_path / "engine", target, _facts(quant_algo, kv), contract))
+    onoff = {True: "enable", False: "disable"}
+    assert (flags["--use_paged_context_fmha"], flags["--use_fp8_context_fmha"]) == (onoff[paged], onoff[fp8])
+
+
+def test_build_logic_cites_the_builder() -> None:
+    logic = api.load_contract("1.2").data["build_logic"]["fp8_context_fmha"]
+    assert set(logic["quant_algos"]) == {"FP8", "W4A8_AWQ", "NVFP4"} and logic["min_sm"] == 89
+    assert _EVIDENCE.search(logic["evidence"]) and "builder.py" in logic["evidence"]
+    with pytest.raises(ContractError, match="build_logic"):
+        api.attention_plugins(_facts("FP8", None), 90, api.Contract("1.2", {"kiln": {"engine_path": True}}, "x"))
+
+
+# --- kiln's own exports vs what 1.2's trtllm-build loads (issue 18 items 1 and 8) -------------------------------------
+
+
+def _kiln_export(tmp_path: Path, quantization: str, kv: str = "auto", tp: int = 1) -> Path:
+    import random
+
+    from kiln.calibration import TokenSet, token_sha256
+    from kiln.profiles import Recipe
+    from kiln.quantize import quantize
+
+    model_dir = make_tiny_llama(tmp_path / "src")
+    rng = random.Random(1)
+    ids = [[rng.randrange(256) for _ in range(32)] for _ in range(4)]
+    result = quantize(model_dir, Recipe(name="r", quantization=quantization, kv_cache_dtype=kv, group_size=32),
+                      layouts=[(tp, 1)], output_dir=tmp_path / "out", dtype="bfloat16", device="cpu", lineage={},
+                      calibration=TokenSet(ids, token_sha256(ids), "random"), formats=("trtllm",))
+    return result.trtllm_dirs[f"tp{tp}pp1"]
+
+
+def test_an_fp8_kv_export_builds_with_fp8_context_fmha(tmp_path: Path) -> None:
+    argv = backend.build_command(_kiln_export(tmp_path, "fp8", kv="fp8"), tmp_path / "engine", H100, api.load_contract("1.2"))
+    assert (_flags(argv)["--use_fp8_context_fmha"], _flags(argv)["--use_paged_context_fmha"]) == ("enable", "enable")
+
+
+def test_a_modelopt_w8a16_checkpoint_is_refused_before_trtllm_build(tmp_path: Path) -> None:
+    """ModelOpt's W8A16 checkpoint has int8 weights + weights_scaling_factor; trtllm-build's W8A16 layer wants
+    per_channel_scale and quantizes only float weights itself: refused with the reason (pre-flight refuses the pair)."""
+    checkpoint = _kiln_export(tmp_path, "int8_wo")
+    with pytest.raises(ContractError, match=r"lack 'per_channel_scale'.*Required but not provided tensors"):
+        backend.build_command(checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
+
+
+def test_kiln_int4_wo_checkpoint_loads_where_modelopt_s_own_does_not(tmp_path: Path) -> None:
+    import shutil
+
+    contract = api.load_contract("1.2")
+    raw = shutil.copytree(_kiln_export(tmp_path / "raw", "int4_wo"), tmp_path / "raw-int4")
+    config = json.loads((raw / "config.json").read_text())
+    config["quantization"]["pre_quant_scale"] = True  # what ModelOpt 0.47 writes, with no prequant_scaling_factor
+    (raw / "config.json").write_text(json.dumps(config))
+    assert not any(k.endswith("prequant_scaling_factor") for k in backend.checkpoint_tensors(raw, 0))
+    with pytest.raises(ContractError, match="lack 'prequant_scaling_factor'"):
+        backend.build_command(raw, tmp_path / "engine", H100, contract)
+    for tp in (1, 2):
+        checkpoint = _kiln_export(tmp_path / f"tp{tp}", "int4_wo", tp=tp)
+        assert json.loads((checkpoint / "config.json").read_text())["quantization"]["pre_quant_scale"] is False
+        target = H100.model_copy(update={"gpus_per_worker": tp, "limits": H100.limits.model_copy(update={"tp_size": tp})})
+        backend.build_command(checkpoint, tmp_path / f"engine{tp}", target, contract)  # readable
+
+
+def test_checkpoint_reader_refuses_what_trtllm_build_would_misread(tmp_path: Path, plain_checkpoint: Path) -> None:
+    import shutil
+
+    contract = api.load_contract("1.2")
+    for edit, message in [(lambda c: c.pop("rotary_base"), "no rotary_base"),
+                          (lambda c: c["quantization"].update(sparsity=0.5), "not QuantConfig fields"),
+                          (lambda c: c.pop("num_attention_heads"), "lacks 'num_attention_heads'")]:
+        copy = tmp_path / "copy"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(plain_checkpoint, copy)
+        config = json.loads((copy / "config.json").read_text())
+        edit(config)
+        (copy / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ContractError, match=message):
+            backend.check_readable(copy, backend.read_checkpoint(copy), contract)
+
+
+def test_checkpoint_reader_facts_cite_the_sources() -> None:
+    reader = api.load_contract("1.2").data["checkpoint_reader"]
+    assert _EVIDENCE.search(reader["evidence"]) and "modeling_utils.py" in reader["evidence"]
+    assert {"quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale",
+            "exclude_modules"} <= set(reader["quantization_fields"])  # what ModelOpt 0.47 writes
+    assert reader["linear_tensors"]["W8A16"] == ["weight", "per_channel_scale"]
+    assert "UNVERIFIED" in reader["verdict"] and reader["unverified"]
+
+
+def test_stop_token_trimming_is_in_the_contract() -> None:
+    for series in api.CONTRACT_SERIES:
+        fact = api.load_contract(series).data["llm_api"]["result"]["stop_token_trimming"]
+        assert _EVIDENCE.search(fact["evidence"]) and "include_stop_str_in_output" in fact["rule"]

@@ -34,7 +34,7 @@ LLM_ARGS_USED = ("model", "tokenizer", "skip_tokenizer_init", "tensor_parallel_s
                  "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "kv_cache_config")
 KV_CACHE_CONFIG_USED = ("free_gpu_memory_fraction", "enable_block_reuse")
 SAMPLING_PARAMS_USED = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "end_id", "pad_id",
-                        "detokenize", "return_context_logits")
+                        "detokenize", "return_context_logits", "include_stop_str_in_output")
 RESULT_FIELDS_USED = ("outputs", "context_logits", "token_ids", "finish_reason")
 HF_QUANT_KEYS_USED = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
 ENGINE_CONFIG_KEYS_USED = ("version", "pretrained_config", "build_config")
@@ -52,7 +52,9 @@ END_ID_NONE = -1
 KV_FREE_GPU_MEMORY_FRACTION = 0.9
 """Share of free GPU memory the paged KV cache may take (TensorRT-LLM's own default, stated explicitly)."""
 
-_FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "W4A8_AWQ"}
+LINEAR_NAMES = ("qkv", "dense", "fc", "gate", "proj")
+"""Last name component of a decoder linear in a TensorRT-LLM checkpoint (``transformer.layers.N.attention.qkv``)."""
+_FLOAT_DTYPES = {"F16", "BF16", "F32"}
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,16 @@ def missing_uses(contract: Contract) -> list[str]:
     need("hf_quant_config.json key", HF_QUANT_KEYS_USED, contract.hf_quant_keys())
     need("QuantAlgo value", {s.quant_algo for s in SCHEMES.values() if s.quant_algo}, contract.quant_algos())
     need("kv_cache_quant_algo value", {v[1] for v in KV_SCHEMES.values() if v[1]}, contract.kv_cache_quant_algos())
+    # where each recipe runs (kiln.engine.trtllm.support): a fact per artifact kiln serves, per algo it emits
+    support = contract.data.get("support") or {}
+    for artifact in (("engine",) if contract.engine_path else ()) + ("hf_checkpoint",):
+        facts = support.get(artifact) or {}
+        need(f"support fact {artifact}.quant_algo", {s.quant_algo or "NO_QUANT" for s in SCHEMES.values()},
+             set(facts.get("quant_algo") or {}))
+        need(f"support fact {artifact}.kv_cache_quant_algo", {v[1] for v in KV_SCHEMES.values() if v[1]},
+             set(facts.get("kv_cache_quant_algo") or {}))
+    if contract.engine_path:
+        need("build_logic", ("fp8_context_fmha",), set(contract.data.get("build_logic") or {}))
     return problems
 
 
@@ -236,6 +248,91 @@ class CheckpointFacts:
                    producer=dict(config.get("producer") or {}))
 
 
+@dataclass(frozen=True)
+class AttentionPlugins:
+    """The context-attention plugin settings trtllm-build really builds with (it overrides what it is given)."""
+
+    context_fmha: bool
+    use_paged_context_fmha: bool
+    use_fp8_context_fmha: bool
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"context_fmha": self.context_fmha, "use_paged_context_fmha": self.use_paged_context_fmha,
+                "use_fp8_context_fmha": self.use_fp8_context_fmha, "notes": list(self.notes)}
+
+
+def attention_plugins(checkpoint: CheckpointFacts, sm: int | None, contract: Contract) -> AttentionPlugins:
+    """What trtllm-build's ``build()`` makes of kiln's request (context FMHA + paged context FMHA, FP8 context FMHA
+    wherever it applies) for this checkpoint on this SM: the contract's ``build_logic.fp8_context_fmha`` rules.
+
+    FP8 context FMHA applies only to FP8 / W4A8_AWQ / NVFP4 checkpoints from SM89 on, and with paged context
+    FMHA only together with an FP8 KV cache; an FP8 KV cache without it, or an INT8 KV cache, turns paged context
+    FMHA off. kiln passes the result explicitly, so the argv and kiln-engine.json describe the engine built."""
+    rules = (contract.data.get("build_logic") or {}).get("fp8_context_fmha")
+    if not rules:
+        raise ContractError(f"{contract.source} lacks build_logic.fp8_context_fmha (what trtllm-build does with FP8 "
+                            "context FMHA); kiln cannot say which attention kernels the engine gets")
+    algos, min_sm = set(rules["quant_algos"]), int(rules["min_sm"])
+    fp8_kv, int8_kv = checkpoint.kv_cache_quant_algo == "FP8", checkpoint.kv_cache_quant_algo == "INT8"
+    paged, fp8, notes = True, True, []
+    if checkpoint.quant_algo not in algos:
+        fp8 = False
+        notes.append(f"FP8 context FMHA off: it applies only to {', '.join(sorted(algos))} checkpoints "
+                     f"(quant_algo {checkpoint.quant_algo})")
+        if fp8_kv:
+            paged = False
+            notes.append("paged context FMHA off: an FP8 KV cache without FP8 context FMHA")
+    elif sm is not None and sm < min_sm:
+        fp8 = False
+        notes.append(f"FP8 context FMHA off: it needs SM >= {min_sm} (sm{sm})")
+        if fp8_kv:
+            paged = False
+            notes.append("paged context FMHA off: an FP8 KV cache without FP8 context FMHA")
+    elif not fp8_kv:
+        fp8 = False
+        notes.append("FP8 context FMHA off: with paged context FMHA it needs an FP8 KV cache")
+    if int8_kv and paged:
+        paged = False
+        notes.append("paged context FMHA off: it does not run with an INT8 KV cache")
+    return AttentionPlugins(context_fmha=True, use_paged_context_fmha=paged, use_fp8_context_fmha=fp8, notes=tuple(notes))
+
+
+def checkpoint_problems(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]],
+                        contract: Contract) -> list[str]:
+    """What keeps trtllm-build from loading this checkpoint (``tensors``: name -> (safetensors dtype, shape) of one
+    rank), per the contract's ``checkpoint_reader`` facts: config keys, QuantConfig fields, RoPE base, and the
+    tensors each quantized linear's TensorRT-LLM layer requires ('Required but not provided tensors')."""
+    reader = contract.data.get("checkpoint_reader")
+    if not reader:
+        return []
+    problems = [f"config.json lacks {key!r}" for key in reader.get("config_required", []) if key not in config]
+    quant = config.get("quantization") or {}
+    if unknown := sorted(set(quant) - set(reader.get("quantization_fields", []))):
+        problems.append(f"quantization keys {unknown} are not QuantConfig fields (QuantConfig(**config) raises TypeError)")
+    if str(config.get("position_embedding_type", "")).startswith("rope") and "rotary_base" not in config:
+        problems.append(f"no rotary_base: trtllm-build would use {reader.get('rotary_base_default')} "
+                        "(re-export with kiln quantize, which restores the model's RoPE base)")
+    algo = quant.get("quant_algo")
+    expected = list((reader.get("linear_tensors") or {}).get(algo) or [])
+    if quant.get("pre_quant_scale") and algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        expected += reader.get("linear_tensors_with_pre_quant_scale", [])
+    if not expected:
+        return problems
+    missing: dict[str, list[str]] = {}
+    for name, (dtype, _) in sorted(tensors.items()):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf != "weight" or prefix.rpartition(".")[2] not in LINEAR_NAMES or dtype in _FLOAT_DTYPES:
+            continue  # not a decoder linear, or an unquantized one (excluded; or W8A16/W4A16 that trtllm-build quantizes)
+        for field in expected:
+            if f"{prefix}.{field}" not in tensors:
+                missing.setdefault(field, []).append(prefix)
+    for field, prefixes in missing.items():
+        problems.append(f"{len(prefixes)} {algo} linear(s) lack {field!r} (e.g. {prefixes[0]}.{field}), which TensorRT-LLM's "
+                        "layer requires: load() raises 'Required but not provided tensors'")
+    return problems
+
+
 def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target, checkpoint: CheckpointFacts,
                          contract: Contract, *, gather_context_logits: bool = True,
                          executable: str = "trtllm-build") -> list[str]:
@@ -244,15 +341,19 @@ def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target,
     Limits come from the target; parallelism from the checkpoint's mapping (trtllm-build has no
     --tp_size), so the checkpoint must have been exported for the target's tp x pp. Plugins follow
     NVIDIA's recipes for Llama-family decoders: GEMM and attention plugins in the model dtype, paged
-    KV cache with paged context FMHA (chunked context, KV reuse), and FP8 context FMHA for FP8 models.
+    KV cache with paged context FMHA (chunked context, KV reuse), and FP8 context FMHA where trtllm-build
+    keeps it (:func:`attention_plugins`: the effective values are passed, so the argv is the engine built).
     ``gather_context_logits`` keeps the prompt logits that perplexity/KL validation reads.
     """
+    _require_engine_path(contract)
     limits = target.limits
     if checkpoint.world_size != limits.tp_size * limits.pp_size:
         raise ContractError(
             f"{checkpoint_dir}: checkpoint mapping is tp {checkpoint.tp_size} x pp {checkpoint.pp_size}, target "
             f"{target.name!r} wants tp {limits.tp_size} x pp {limits.pp_size}; trtllm-build takes parallelism from the "
             "checkpoint, so export it for the target's layout")
+    plugins = attention_plugins(checkpoint, target.sm_number, contract)
+    onoff = {True: "enable", False: "disable"}
     args: list[tuple[str, str | None]] = [
         ("--checkpoint_dir", str(checkpoint_dir)),
         ("--output_dir", str(output_dir)),
@@ -264,12 +365,11 @@ def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target,
         ("--kv_cache_type", "paged"),
         ("--gemm_plugin", "auto"),
         ("--gpt_attention_plugin", "auto"),
-        ("--context_fmha", "enable"),
-        ("--use_paged_context_fmha", "enable"),
+        ("--context_fmha", onoff[plugins.context_fmha]),
+        ("--use_paged_context_fmha", onoff[plugins.use_paged_context_fmha]),
+        ("--use_fp8_context_fmha", onoff[plugins.use_fp8_context_fmha]),
         ("--remove_input_padding", "enable"),
     ]
-    if checkpoint.quant_algo in _FP8_ALGOS or checkpoint.kv_cache_quant_algo == "FP8":
-        args.append(("--use_fp8_context_fmha", "enable"))
     if gather_context_logits:
         args.append(("--gather_context_logits", None))
     args += [("--workers", str(min(checkpoint.world_size, target.gpus_per_worker))), ("--log_level", "info")]
@@ -280,10 +380,14 @@ def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target,
     return argv
 
 
-def _check_flags(args: list[tuple[str, str | None]], contract: Contract) -> None:
+def _require_engine_path(contract: Contract) -> None:
     if not contract.engine_path:
         raise ContractError(f"TensorRT-LLM {contract.series} has no TensorRT engine path in kiln's contract "
                             f"({contract.source}); use artifact: hf_checkpoint for this target")
+
+
+def _check_flags(args: list[tuple[str, str | None]], contract: Contract) -> None:
+    _require_engine_path(contract)
     flags = contract.build_flags()
     problems = []
     for flag, value in args:
@@ -347,8 +451,10 @@ def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any], contrac
 
 def sampling_kwargs(params: SamplingParams, contract: Contract, *, context_logits: bool = False) -> dict[str, Any]:
     """``tensorrt_llm.SamplingParams`` fields for kiln's sampling: greedy is top_k=1 (the LLM API's greedy rule)."""
+    # include_stop_str_in_output: TensorRT-LLM otherwise trims a matched stop token from token_ids
+    # (contract llm_api.result.stop_token_trimming); kiln's torch engine keeps it, and so must this one
     kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "end_id": END_ID_NONE, "pad_id": END_ID_NONE,
-                              "detokenize": False}
+                              "detokenize": False, "include_stop_str_in_output": True}
     if params.temperature == 0:
         kwargs["top_k"] = 1
     else:

@@ -131,6 +131,28 @@ def read_checkpoint(checkpoint_dir: Path) -> api.CheckpointFacts:
     return facts
 
 
+def checkpoint_tensors(checkpoint_dir: Path, rank: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of one rank file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(checkpoint_dir) / f"rank{rank}.safetensors"), framework="pt") as handle:
+        return {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                for name in handle.keys()}
+
+
+def check_readable(checkpoint_dir: Path, facts: api.CheckpointFacts, contract: api.Contract) -> None:
+    """Refuse a checkpoint that trtllm-build of ``contract``'s series would fail to load (contract ``checkpoint_reader``)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    problems = []
+    for rank in range(facts.world_size):
+        problems += [f"rank{rank}: {p}" if facts.world_size > 1 else p
+                     for p in api.checkpoint_problems(config, checkpoint_tensors(checkpoint_dir, rank), contract)]
+    if problems:
+        raise ContractError(f"{checkpoint_dir}: trtllm-build of TensorRT-LLM {contract.series} cannot load this checkpoint "
+                            f"({contract.source}: checkpoint_reader): " + "; ".join(dict.fromkeys(problems)))
+
+
 def build_command(checkpoint_dir: Path, output_dir: Path, target: Target, contract: api.Contract, *,
                   gather_context_logits: bool = True) -> list[str]:
     """The ``trtllm-build`` argv for a checkpoint on ``target``, checked against ``contract``."""
@@ -138,17 +160,24 @@ def build_command(checkpoint_dir: Path, output_dir: Path, target: Target, contra
     if facts.quant_algo and facts.quant_algo not in contract.quant_algos():
         raise ContractError(f"{checkpoint_dir}/config.json: quant_algo {facts.quant_algo!r} is not a QuantAlgo of "
                             f"TensorRT-LLM {contract.series} ({contract.source})")
-    return api.trtllm_build_command(Path(checkpoint_dir), Path(output_dir), target, facts, contract,
+    argv = api.trtllm_build_command(Path(checkpoint_dir), Path(output_dir), target, facts, contract,
                                     gather_context_logits=gather_context_logits)
+    check_readable(checkpoint_dir, facts, contract)
+    return argv
 
 
 def build_engine(checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict, contract: api.Contract,
                  tools: dict[str, Any]) -> Path:
     """Run ``trtllm-build`` into a staging dir, check what it wrote, add tokenizer + manifest, rename into place."""
+    from kiln.engine.trtllm.support import artifact_problem
     from kiln.hub import hash_directory
+    from kiln.recipes import sm_number
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     facts = read_checkpoint(checkpoint_dir)
+    if why := artifact_problem(contract, "engine", facts.quant_algo, facts.kv_cache_quant_algo,
+                               sm_number(tools.get("gpu_sm") or target.sm)):
+        raise UnsupportedCombinationError(f"{checkpoint_dir}: trtllm-build would fail for target {target.name!r}: {why}")
     with _staging(output_dir) as staging:
         argv = build_command(checkpoint_dir, staging, target, contract)
         log_path = staging / BUILD_LOG
@@ -168,6 +197,8 @@ def build_engine(checkpoint_dir: Path, target: Target, output_dir: Path, lineage
                              checkpoint_sha256=hash_directory(checkpoint_dir), tokenizer=tokenizer)
         manifest["build"] = {"command": [str(a) for a in argv], "seconds": round(seconds, 1),
                              "gather_context_logits": "--gather_context_logits" in argv,
+                             # what trtllm-build builds, which the argv states explicitly (contract build_logic)
+                             "plugins": api.attention_plugins(facts, target.sm_number, contract).to_dict(),
                              "checkpoint_dir": str(checkpoint_dir),
                              "checkpoint": {"architecture": facts.architecture, "dtype": facts.dtype,
                                             "tp_size": facts.tp_size, "pp_size": facts.pp_size,
@@ -228,6 +259,13 @@ def package_hf_checkpoint(hf_dir: Path, target: Target, output_dir: Path, lineag
         raise UnsupportedCombinationError(f"target {target.name!r}: tp_size {limits.tp_size} does not divide the "
                                           f"model's {info.num_heads} attention heads")
     quant_algo, kv_algo = read_hf_quantization(hf_dir, contract)
+    from kiln.engine.trtllm.support import artifact_problem
+    from kiln.recipes import sm_number
+
+    if why := artifact_problem(contract, "hf_checkpoint", quant_algo, kv_algo,
+                               sm_number((tools or {}).get("gpu_sm") or target.sm)):
+        raise UnsupportedCombinationError(f"{hf_dir}: TensorRT-LLM's PyTorch backend cannot serve it on target "
+                                          f"{target.name!r}: {why}")
     settings = api.serving_settings(target, contract)
     with _staging(output_dir) as staging:
         for item in hf_dir.iterdir():
