@@ -27,4 +27,29 @@ def configure_prefect() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def embedded_server_in_its_own_session() -> None:
+    """Start Prefect's ephemeral server in a session of its own, so the terminal's Ctrl-C (sent to the whole
+    foreground process group) reaches kiln but not the server: the interrupted build can still record its
+    runs as Cancelled, and Prefect stops the server at exit. (Without it the server died first and the
+    build hung for minutes retrying it, then printed hundreds of lines of connection tracebacks.)"""
+    import subprocess
+
+    from prefect.server.api import server
+
+    original = server.SubprocessASGIServer._run_uvicorn_command
+    if getattr(original, "_kiln_own_session", False):
+        return
+
+    def run_in_own_session(self: server.SubprocessASGIServer) -> subprocess.Popen:
+        popen = server.subprocess.Popen
+        server.subprocess.Popen = lambda *args, **kwargs: popen(*args, start_new_session=True, **kwargs)
+        try:
+            return original(self)
+        finally:
+            server.subprocess.Popen = popen
+
+    run_in_own_session._kiln_own_session = True  # type: ignore[attr-defined]
+    server.SubprocessASGIServer._run_uvicorn_command = run_in_own_session
+
+
 configure_prefect()

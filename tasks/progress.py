@@ -26,6 +26,9 @@ class StepEvent:
 
 Listener = Callable[[StepEvent], None]
 _listeners: list[Listener] = []
+started_runs: dict[str, str] = {}
+"""Prefect flow and task run ids that ran a step in this process -> ``flow`` | ``task`` (what an interrupted
+``kiln build`` marks Cancelled)."""
 
 
 @contextlib.contextmanager
@@ -45,6 +48,14 @@ def _send(event: StepEvent) -> None:
         _log_to_run(event)
 
 
+def _remember_runs() -> None:
+    from prefect.runtime import flow_run, task_run
+
+    for kind, run_id in (("flow", flow_run.id), ("task", task_run.id)):
+        if run_id:
+            started_runs[str(run_id)] = kind
+
+
 def _log_to_run(event: StepEvent) -> None:
     import logging
 
@@ -55,7 +66,7 @@ def _log_to_run(event: StepEvent) -> None:
         logger = get_run_logger()
     except MissingContextError:  # called outside a flow or task run: nothing to attach the line to
         return
-    level = logging.WARNING if event.status == "failed" else logging.INFO
+    level = logging.WARNING if event.status in ("failed", "cancelled") else logging.INFO
     logger.log(level, "%s %s %s (%.1fs)%s", event.status, event.step, event.detail, event.seconds,
                f": {event.note}" if event.note else "")
 
@@ -64,11 +75,14 @@ def _log_to_run(event: StepEvent) -> None:
 def step(name: str, detail: str = "") -> Iterator[StepEvent]:
     """Report a step; the body may set ``event.status = "reused"`` (cache hit) and ``event.note``."""
     event = StepEvent(name, detail)
+    _remember_runs()
     _send(event)
     try:
         yield event
     except BaseException as exc:
-        event.status, event.note = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        event.status = "cancelled" if interrupted else "failed"
+        event.note = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         event.seconds = time.perf_counter() - event.started
         _send(event)
         raise

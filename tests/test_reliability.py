@@ -453,3 +453,60 @@ def test_concurrent_first_uses_of_a_fresh_mlflow_store_all_succeed(tmp_path: Pat
     from kiln.registry.naming import experiment_name
 
     assert MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment_name("m")) is not None
+
+
+# --- Ctrl-C / SIGTERM during a real build ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_build_stops_in_seconds_with_one_line_exit_130_and_cancelled_runs(
+        tiny_hub_model_dir: Path, tmp_path: Path, signum: str) -> None:
+    """Ctrl-C used to print a KeyboardInterrupt step line, hang minutes retrying the embedded server (which
+    the terminal's Ctrl-C had killed too) and dump ~350 lines of tracebacks, leaving the runs Running. The
+    signal goes to the whole process group, as a terminal sends Ctrl-C."""
+    import signal
+    import sqlite3
+    import sys
+    import time
+
+    import yaml
+    from filelock import FileLock
+
+    home = tmp_path / "home"
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "interrupted", "model": {"local_dir": str(tiny_hub_model_dir)},
+        "recipes": [{"name": "none", "quantization": "none"}, {"name": "wo", "quantization": "int8_wo"}],
+        "targets": [{"name": "cpu", "dtype": "float32",
+                     "limits": {"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128}}],
+        "evaluation": {"heldout_tokens": 2048, "prompts": 2, "max_new_tokens": 4, "concurrency": [1]},
+        "registry": {"model_name": "interrupted"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(KILN_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS="200")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "kiln"), "build", str(profile)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # interrupt once a step has finished: the flow is mid-way
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "quantize" in line and ("✓" in line or "↺" in line) or not line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        os.killpg(proc.pid, getattr(signal, signum))
+        start = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert elapsed < 30, f"took {elapsed:.0f}s to stop"
+    assert "interrupted after" in rest and "Traceback" not in rest and len(rest.splitlines()) <= 6, rest
+    db = sqlite3.connect(home / "prefect" / "prefect.db")
+    flows = db.execute("select state_type from flow_run").fetchall()
+    assert ("CANCELLED",) in flows and ("RUNNING",) not in flows, flows
+    assert ("RUNNING",) not in db.execute("select state_type from task_run").fetchall()
+    for lock in (home / "cache").rglob("*.lock"):  # the step-cache locks are free for the rerun
+        FileLock(str(lock), timeout=0).acquire()

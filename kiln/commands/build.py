@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -66,14 +67,63 @@ def build_command(
         # the step lines below are the progress; a failing step is printed there and as the error
         # quiet Prefect's console handler only: run logs still reach the server (the run page shows them)
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        import kiln.flows  # noqa: F401  (PREFECT_HOME under KILN_HOME before prefect is imported)
+        import kiln.flows  # PREFECT_HOME under KILN_HOME before prefect is imported
         from kiln.flows.build import build
+
+        kiln.flows.embedded_server_in_its_own_session()
         from kiln.tasks import progress
 
         started = time.perf_counter()
-        with _StepProgress() as display, progress.listening(display.show):
-            outcomes = build(profile=str(profile), dispatch=dispatch)
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the build as Ctrl-C does
+        try:
+            with _StepProgress() as display, progress.listening(display.show):
+                outcomes = build(profile=str(profile), dispatch=dispatch)
+        except KeyboardInterrupt:
+            _stop_interrupted(progress.started_runs, time.perf_counter() - started)
         _print_summary(outcomes, time.perf_counter() - started)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_interrupted(runs: dict[str, str], seconds: float) -> None:
+    """One line, the build's Prefect runs marked Cancelled, exit 130; finished steps stay cached."""
+    from kiln.commands._common import err_console
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the bookkeeping short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cancelled = _cancel_runs(runs)
+    err_console.print(f"interrupted after {seconds:.0f}s: kiln build stopped ({cancelled} Prefect run(s) marked "
+                      "Cancelled); finished steps are cached, so running it again resumes from them", highlight=False)
+    raise typer.Exit(130)
+
+
+def _cancel_runs(runs: dict[str, str]) -> int:
+    """Mark this process's flow and task runs that are not final Cancelled (bounded: a dead server is skipped)."""
+    import asyncio
+    import uuid
+
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    async def cancel() -> int:
+        done = 0
+        async with get_client() as client:
+            for raw_id, kind in runs.items():
+                run_id = uuid.UUID(raw_id)
+                read = client.read_flow_run if kind == "flow" else client.read_task_run
+                setter = client.set_flow_run_state if kind == "flow" else client.set_task_run_state
+                run = await read(run_id)
+                if run.state is None or not run.state.is_final() or run.state.is_crashed():
+                    await setter(run_id, Cancelled(message="interrupted (SIGINT/SIGTERM)"), force=True)
+                    done += 1
+        return done
+
+    try:
+        return asyncio.run(asyncio.wait_for(cancel(), timeout=20))
+    except Exception:  # noqa: BLE001 - best effort: the interrupt still ends the build with its own message
+        return 0
 
 
 def _check_before_prefect(request, profile: Path, dispatch: str) -> None:
@@ -128,6 +178,8 @@ class _StepProgress:
             return
         if (task := self._tasks.pop(key, None)) is not None:
             self._progress.remove_task(task)
+        if event.status == "cancelled":  # the interrupt gets one line of its own (build_command)
+            return
         note = f" ({event.note})" if event.note else ""
         reused = " reused" if event.status == "reused" else ""
         self._progress.console.print(f"{_MARKS.get(event.status, '?')} {label}{reused}{note} [dim]{event.seconds:.1f}s[/]",
