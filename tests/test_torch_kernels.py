@@ -26,10 +26,26 @@ ATTENTION_CASES = [
     (4, 4, 1, 1),  # MHA, FP8 cache, split-KV
 ]
 GEMV_CASES = [(0, 0), (1, 0), (1, 1)]
+# kind, int4 group, rows, pre_quant_scale, design (gemv: CUDA-core, one row; qmm: tensor-core, <= 16 rows;
+# int_mm: SmoothQuant's torch._int_mm above 16 rows)
+QUANT_CASES = [
+    ("int8_wo", 0, 1, 0, "gemv"),
+    ("int8_wo", 0, 7, 1, "qmm"),
+    ("int8_sq", 0, 1, 1, "gemv"),
+    ("int8_sq", 0, 1, 0, "qmm"),
+    ("int8_sq", 0, 16, 1, "qmm"),
+    ("int8_sq", 0, 40, 1, "int_mm"),
+    ("int4", 128, 1, 1, "gemv"),
+    ("int4", 64, 1, 0, "gemv"),
+    ("int4", 64, 1, 0, "qmm"),
+    ("int4", 128, 9, 1, "qmm"),
+]
 
 
 def run_check(*args: str, device: str = "cpu") -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_KERNEL_DEVICE": device}
+    # the repo first, then whatever the caller's PYTHONPATH holds (a GPU machine's carried wheels)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "KILN_KERNEL_DEVICE": device}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-m", "tests.fixtures.kernel_checks", *args], cwd=ROOT, env=env,
@@ -49,13 +65,21 @@ def test_gemv_matches_torch_path(fp8: int, pre_quant_scale: int) -> None:
     assert "rel_err" in run_check("gemv", str(fp8), str(pre_quant_scale))
 
 
-def test_engine_greedy_tokens_identical_with_kernels(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "design"), QUANT_CASES)
+def test_integer_weight_kernels_match_torch_path(kind: str, group: int, rows: int, pre_quant_scale: int,
+                                                 design: str) -> None:
+    out = run_check("quant", kind, str(group), str(rows), str(pre_quant_scale), design)
+    assert f"quant {kind} group={group} m={rows}" in out
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4_awq", "int8_sq"])
+def test_engine_greedy_tokens_identical_with_kernels(tmp_path: Path, quantization: str) -> None:
     from kiln.engine.torch import TorchBackend
     from kiln.profiles import Target
     from tests.fixtures.engine import export_checkpoint
     from tests.fixtures.models import make_tiny_llama
 
-    checkpoint, _ = export_checkpoint(make_tiny_llama(tmp_path / "hf"), tmp_path / "ckpt", "none")
+    checkpoint, _ = export_checkpoint(make_tiny_llama(tmp_path / "hf"), tmp_path / "ckpt", quantization)
     target = Target(name="cpu-fp16", dtype="float16",
                     limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64})
     engine_dir = TorchBackend().compile(checkpoint, target, tmp_path / "engine", {"model_sha": "test"})
@@ -64,11 +88,12 @@ def test_engine_greedy_tokens_identical_with_kernels(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [("attention", *map(str, c)) for c in ATTENTION_CASES]
-                         + [("gemv", *map(str, c)) for c in GEMV_CASES], ids=lambda c: "-".join(c))
+                         + [("gemv", *map(str, c)) for c in GEMV_CASES]
+                         + [("quant", *map(str, c)) for c in QUANT_CASES], ids=lambda c: "-".join(c))
 def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
     out = run_check(*case, device="cuda")
-    assert "attention" in out or "gemv" in out
+    assert "attention" in out or "gemv" in out or "quant" in out

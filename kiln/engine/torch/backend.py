@@ -36,6 +36,7 @@ from kiln.errors import (
     EngineMismatchError,
     ModelSourceError,
     UnsupportedCombinationError,
+    disk_full,
 )
 from kiln.profiles import Target
 
@@ -118,7 +119,7 @@ class TorchBackend:
         try:
             layouts = []
             layers_per_stage = [0] * spec.pp_size
-            gemv_shapes: set[tuple[bool, int, int]] = set()
+            gemv_shapes: set[tuple] = set()  # (fp8, N, K) of bf16/FP8 weights, (kind, N, K, group) of integer ones
             for rank in range(spec.tp_size * spec.pp_size):
                 if hf:  # an HF export is one unsharded rank (read_hf_spec gives tp 1 x pp 1)
                     tensors, layout = convert_hf(checkpoint_dir, spec, family, rope, dtype)
@@ -128,6 +129,9 @@ class TorchBackend:
                 layouts.append(layout)
                 gemv_shapes |= {(kind == "fp8", *tensors[f"{name}.weight"].shape) for name, kind in layout.items()
                                 if kind in ("dense", "fp8") and tensors[f"{name}.weight"].dim() == 2}
+                gemv_shapes |= {kernels.quant_shape(kind, tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"])
+                                for name, kind in layout.items()
+                                if kind in kernels.QUANT_KINDS and tensors[f"{name}.weight"].dim() == 2}
                 layers_per_stage[rank // spec.tp_size] = layer_count(layout)
             if sum(layers_per_stage) != spec.num_layers:
                 raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "
@@ -161,6 +165,10 @@ class TorchBackend:
             if output_dir.exists():
                 shutil.rmtree(output_dir)
             staging.rename(output_dir)
+        except BaseException as exc:
+            if (full := disk_full("compile", output_dir, exc)) not in (None, exc):  # staging goes in `finally`
+                raise full from exc
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return output_dir
@@ -204,15 +212,21 @@ class TorchBackend:
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple[bool, int, int]]) -> dict[str, Any]:
-        """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this GPU."""
+    def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple]) -> dict[str, Any]:
+        """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this GPU
+        and, for integer weights (``linear.tune_quant``), the kernel per row bucket (keys ``int8_wo:NxK``,
+        ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16": config or None, "large": "int_mm" or None}``)."""
+        from kiln.engine.torch.linear import tune_quant
+
         program = default_program(target)
         device = torch.device("cuda", torch.cuda.current_device()) if target.device == "cuda" else None
         if device is None or not kernels.available(device, dtype):
             return program
+        dense = {s for s in gemv_shapes if isinstance(s[0], bool)}
         if torch.cuda.get_device_capability(device) < (8, 9):  # no FP8 GEMM: those weights run dequantized
-            gemv_shapes = {s for s in gemv_shapes if not s[0]}
-        return {**program, "gemv": kernels.tune_gemv(gemv_shapes, device, dtype)}
+            dense = {s for s in dense if not s[0]}
+        integer = {s for s in gemv_shapes if not isinstance(s[0], bool)}
+        return {**program, "gemv": {**kernels.tune_gemv(dense, device, dtype), **tune_quant(integer, device, dtype)}}
 
     @staticmethod
     def _check_fit(spec: ModelSpec, target: Target, checkpoint_dir: Path) -> None:

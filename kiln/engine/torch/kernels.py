@@ -10,9 +10,22 @@ call them as single opaque launches.
 - ``gemv``: ``y = x @ W^T`` for one row (batch-1 decode) over a bf16/fp16 or FP8 weight, the FP8
   activation quantization (and AWQ ``pre_quant_scale``) done in the kernel's prologue, so the weights
   stream at the card's bandwidth without a separate quantize kernel.
+- ``qmatmul``: ``y = x @ W^T`` for ``M <= 16`` rows over the integer weights of ``QuantLinear``'s kinds
+  ``int8_wo`` (W8A16, per-channel scales), ``int8_sq`` (W8A8 SmoothQuant: the per-tensor activation
+  quantization in the prologue, an int8 x int8 dot) and ``int4`` (W4A16 / W4A16_AWQ, ModelOpt's
+  ``[out/2, in]`` nibble packing read as stored, per-group scales), the AWQ/SmoothQuant
+  ``pre_quant_scale`` fused too; the weight is never materialised in the engine dtype. Two designs,
+  raced per weight shape at build time (``linear.tune_quant``): a CUDA-core GEMV for one row
+  (``_qgemv_kernel``: float32 FMAs, integers turned into floats by exponent-bit tricks instead of
+  conversion instructions) and a tensor-core kernel for up to 16 rows (``_qmm_kernel``: the weight
+  tile is the dot's M side, "swap AB", so 16 rows of activations fill its N side).
 
 Numerics follow the torch path in ``model.py``/``linear.py``: float32 accumulation, q/k rounded to the
-engine dtype after RoPE, the FP8 cache value rounded exactly as ``KVCache.quantize``. The kernels run on
+engine dtype after RoPE, the FP8 cache value rounded exactly as ``KVCache.quantize``, int8 activations
+rounded exactly as ``QuantLinear._quantize_input``. The integer-weight kernels multiply ``q * scale``
+in float32 (or apply the scale to the float32 dot), where the torch path first rounds the dequantized
+weight (and SmoothQuant's dequantized activation) to the engine dtype: they differ from it by that
+rounding and the summation order, and equal it bit for bit where those roundings are exact. The kernels run on
 CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests check them against that path.
 """
 
@@ -191,6 +204,143 @@ if triton is not None:
             y = y * tl.load(OUT_SCALE)
         tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=nmask)
 
+    # -- integer weights ----------------------------------------------------------------------------
+    # An int8 value q becomes a float without a conversion instruction (16 per clock per SM on Hopper,
+    # against 64-128 for plain integer/float ops): its bits, offset by 128, are the low mantissa bits of
+    # 2^23, so ``bits(2^23) | (q + 128)`` is the float ``2^23 + 128 + q`` and one exact subtraction gives q.
+    # A nibble works the same way into the engine dtype: ``bits(BASE) | u`` is ``BASE + u`` for u < 16
+    # (bf16 BASE 128, fp16 1024: a binade whose step is 1).
+
+    @triton.jit
+    def _i8_to_f32(w):
+        return ((w & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _i4_to_f32(nibble):  # the low 4 bits of ``nibble``, a two's-complement int4
+        return ((nibble & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+
+    @triton.jit
+    def _nibble_half(nibble, BITS: tl.constexpr, dtype: tl.constexpr):
+        """``BASE + u`` in the engine dtype for u = the low 4 bits of ``nibble`` (``BITS``: BASE's bits, | 8
+        for a signed nibble, whose two's-complement bits xor 8 are u = q + 8)."""
+        return ((nibble & 0xF) ^ BITS).to(tl.int16).to(dtype, bitcast=True)
+
+    @triton.jit
+    def _round_int8(v):
+        """``round(v).clamp(-128, 127)`` as ``torch.round`` rounds (half to even): clamped first (the same
+        result), then float32 addition of 1.5 * 2^23 rounds to an integer, to nearest even. The clamp
+        between the multiply that made ``v`` and the addition keeps the two from fusing into one FMA."""
+        return (tl.clamp(v, -128.0, 127.0) + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _qgemv_kernel(X, W, S, Y, PQS, INV_IN_SCALE, N_ROWS, K, stride_w, stride_sn, stride_sg,
+                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KIND: tl.constexpr,
+                      HAS_PQS: tl.constexpr):
+        """One activation row, CUDA cores. KIND 0 int8_wo, 1 int8_sq, 2 int4. Each program owns ``ROWS``
+        weight rows (int4: packed rows, two output rows each) and walks K in ``BLOCK_K`` steps of
+        ``GROUP``-wide slices (int4: one scale per row per slice)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < N_ROWS
+        w_rows = W + rows.to(tl.int64)[:, None] * stride_w  # int64: rows x K may pass 2^31
+        acc = tl.zeros([ROWS, GROUP], tl.float32)
+        acc_hi = tl.zeros([ROWS, GROUP], tl.float32)  # int4: the odd output rows (high nibbles)
+        if KIND == 1:
+            inv_in_scale = tl.load(INV_IN_SCALE)
+        for k0 in range(0, K, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // GROUP):
+                offs_k = k0 + j * GROUP + tl.arange(0, GROUP)
+                kmask = offs_k < K
+                x = tl.load(X + offs_k, mask=kmask, other=0.0)
+                if HAS_PQS:  # multiplied in the activation dtype, as the torch path does
+                    x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+                x = x.to(tl.float32)
+                if KIND == 1:
+                    x = _round_int8(x * inv_in_scale)
+                w = tl.load(w_rows + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+                if KIND == 2:
+                    g = (k0 + j * GROUP) // GROUP
+                    smask = rmask & (rows * 0 + k0 + j * GROUP < K)  # the slice lies inside K
+                    s_lo = tl.load(S + g * stride_sg + (2 * rows) * stride_sn, mask=smask, other=0.0)
+                    s_hi = tl.load(S + g * stride_sg + (2 * rows + 1) * stride_sn, mask=smask, other=0.0)
+                    acc += (_i4_to_f32(w) * s_lo[:, None]) * x[None, :]
+                    acc_hi += (_i4_to_f32(w >> 4) * s_hi[:, None]) * x[None, :]
+                else:
+                    acc += _i8_to_f32(w) * x[None, :]
+        if KIND == 2:
+            tl.store(Y + 2 * rows, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=rmask)
+            tl.store(Y + 2 * rows + 1, tl.sum(acc_hi, axis=1).to(Y.dtype.element_ty), mask=rmask)
+        else:  # int8_wo: the weight scale; int8_sq: input scale x weight scale
+            y = tl.sum(acc, axis=1) * tl.load(S + rows * stride_sn, mask=rmask, other=0.0)
+            tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
+
+    @triton.jit(do_not_specialize=["M"])  # one compile serves 1..16 rows (Triton would specialize M == 1, M % 16)
+    def _qmm_kernel(X, W, S, Y, PQS, INV_IN_SCALE, M, N, N_ROWS, K, stride_xm, stride_w, stride_sn, stride_sg,
+                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                    KIND: tl.constexpr, HAS_PQS: tl.constexpr, BASE_BITS: tl.constexpr, BASE: tl.constexpr,
+                    DOT_F32: tl.constexpr):
+        """Up to ``BLOCK_M`` activation rows, tensor cores: ``acc[ROWS, BLOCK_M] += W_tile @ x_tile^T``.
+
+        int8_sq: the activations quantized to int8 in the prologue, an int8 x int8 -> int32 dot, exact.
+        int4: each nibble as ``BASE + 8 + q`` in the engine dtype (exact), one dot per group for the even
+        and one for the odd rows, ``(BASE + 8) * sum(x)`` taken off before the group's scale.
+        int8_wo: the byte split into its signed high and unsigned low nibble (``q = 16 h + l``), each
+        ``BASE``-offset, two dots, the offsets taken off with ``sum(x)`` at the end, times the row scale.
+        """
+        dtype = X.dtype.element_ty
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < N_ROWS
+        offs_m = tl.arange(0, BLOCK_M)
+        mmask = offs_m < M
+        w_rows = W + rows.to(tl.int64)[:, None] * stride_w
+        x_rows = X + offs_m[:, None] * stride_xm
+        acc = tl.zeros([ROWS, BLOCK_M], tl.float32)
+        acc_hi = tl.zeros([ROWS, BLOCK_M], tl.float32)
+        acc_i = tl.zeros([ROWS, BLOCK_M], tl.int32)
+        sum_x = tl.zeros([BLOCK_M], tl.float32)
+        if KIND == 1:
+            inv_in_scale = tl.load(INV_IN_SCALE)
+        for k0 in range(0, K, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // GROUP):
+                offs_k = k0 + j * GROUP + tl.arange(0, GROUP)
+                kmask = offs_k < K
+                x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                if HAS_PQS:
+                    x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(dtype)
+                w = tl.load(w_rows + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
+                if KIND == 1:
+                    xq = _round_int8(x.to(tl.float32) * inv_in_scale).to(tl.int8)
+                    acc_i += tl.dot(w, tl.trans(xq), out_dtype=tl.int32)
+                else:
+                    w = w.to(tl.int32)
+                    xt = tl.trans(x)
+                    part_x = tl.sum(x.to(tl.float32), axis=1)
+                    if KIND == 2:
+                        g = (k0 + j * GROUP) // GROUP
+                        smask = rmask & (rows * 0 + k0 + j * GROUP < K)  # the slice lies inside K
+                        s_lo = tl.load(S + g * stride_sg + (2 * rows) * stride_sn, mask=smask, other=0.0)
+                        s_hi = tl.load(S + g * stride_sg + (2 * rows + 1) * stride_sn, mask=smask, other=0.0)
+                        offset = (BASE + 8.0) * part_x[None, :]
+                        lo = _dot(_nibble_half(w, BASE_BITS | 8, dtype), xt, DOT_F32)
+                        hi = _dot(_nibble_half(w >> 4, BASE_BITS | 8, dtype), xt, DOT_F32)
+                        acc += (lo - offset) * s_lo[:, None]
+                        acc_hi += (hi - offset) * s_hi[:, None]
+                    else:
+                        acc += _dot(_nibble_half(w, BASE_BITS, dtype), xt, DOT_F32)
+                        acc_hi += _dot(_nibble_half(w >> 4, BASE_BITS | 8, dtype), xt, DOT_F32)
+                        sum_x += part_x
+        out_mask = rmask[:, None] & mmask[None, :]
+        y_rows = Y + offs_m[None, :] * N
+        if KIND == 2:
+            tl.store(y_rows + (2 * rows)[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(y_rows + (2 * rows + 1)[:, None], acc_hi.to(Y.dtype.element_ty), mask=out_mask)
+        else:
+            scale = tl.load(S + rows * stride_sn, mask=rmask, other=0.0)
+            if KIND == 1:
+                y = acc_i.to(tl.float32) * scale[:, None]
+            else:  # 16 (BASE + 8 + h) + (BASE + l) = q + (17 BASE + 128)
+                y = (16.0 * acc_hi + acc - (17.0 * BASE + 128.0) * sum_x[None, :]) * scale[:, None]
+            tl.store(y_rows + rows[:, None], y.to(Y.dtype.element_ty), mask=out_mask)
+
 
 # -- decode attention --------------------------------------------------------------------------------
 
@@ -334,3 +484,99 @@ def _time_gemv(fp8: bool, n: int, k: int, device: torch.device, dtype: torch.dty
         if cfg[1] <= _next_pow2(k):
             times[cfg] = _chain_ms(lambda i, cfg=cfg: gemv(x, weights[i], None, *scales, list(cfg)), copies)
     return times
+
+
+# -- integer-weight GEMV / small-batch GEMM ------------------------------------------------------------
+
+QUANT_KINDS = ("int8_wo", "int8_sq", "int4")
+_QUANT_KIND_IDS = {"int8_wo": 0, "int8_sq": 1, "int4": 2}
+QMM_BLOCK_M = 16  # rows of activations one tensor-core program takes: the decode batches up to 16
+GEMV, QMM = 0, 1  # ``config[0]``: the CUDA-core GEMV (one row) or the tensor-core kernel (<= 16 rows)
+# (BLOCK_N output rows, BLOCK_K, num_warps, num_stages) per design and weight kind, raced at build time.
+# Each holds 16-32 weight bytes per thread per load (int4's group-wide slices: BLOCK_N / 2 rows x group
+# bytes over the program's threads), so loads stay 16 bytes wide.
+QGEMV_CANDIDATES = {
+    "int8": ((4, 1024, 4, 3), (4, 2048, 8, 3), (8, 1024, 8, 3), (8, 512, 4, 3), (16, 512, 8, 3)),
+    "int4": ((8, 1024, 1, 3), (16, 512, 2, 3), (16, 1024, 2, 3), (32, 256, 4, 3), (32, 512, 4, 3)),
+}
+# The tensor-core kernel's tiles are at least 16 weight rows (the dot's M; int4: 32 output rows, two dots),
+# so an N of 4096 gives only 128-256 programs: long K steps and deep pipelines keep ~32 KB per SM in flight.
+QMM_CANDIDATES = {
+    "int8_wo": ((16, 512, 4, 4), (16, 1024, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)),
+    "int8_sq": ((16, 512, 4, 4), (16, 1024, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)),
+    "int4": ((32, 256, 4, 4), (32, 512, 4, 4), (32, 1024, 4, 3), (64, 256, 4, 3), (64, 512, 4, 3)),
+}
+_HALF_BASE = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+def quant_key(kind: str, n: int, k: int, group: int = 0) -> str:
+    """``program.gemv`` key of an integer-weight linear: kind (int4 with its group size) and ``N x K``."""
+    return f"{kind}_g{group}:{n}x{k}" if kind == "int4" else f"{kind}:{n}x{k}"
+
+
+def quant_shape(kind: str, weight: torch.Tensor, scale: torch.Tensor) -> tuple[str, int, int, int]:
+    """(kind, N, K, group) of a runtime-layout linear (int4's packed weight holds ``N / 2`` rows)."""
+    if kind == "int4":
+        return kind, 2 * weight.shape[0], weight.shape[1], weight.shape[1] // scale.shape[1]
+    return kind, weight.shape[0], weight.shape[1], 0
+
+
+def quant_candidates(kind: str, k: int, group: int, m: int) -> list[list[int]]:
+    """Configs ``[design, BLOCK_N, BLOCK_K, num_warps, num_stages]`` that fit a shape, for ``m`` rows (the
+    CUDA-core GEMV only for one row). int4 needs ``BLOCK_K`` a multiple of its group (one scale per slice)."""
+    out = []
+    for design, table in ((GEMV, QGEMV_CANDIDATES["int4" if kind == "int4" else "int8"]), (QMM, QMM_CANDIDATES[kind])):
+        if design == GEMV and m != 1:
+            continue
+        for block_n, block_k, warps, stages in table:
+            if kind == "int4" and (block_k % group or k % group):
+                continue
+            if block_k > max(_next_pow2(k), 64):
+                continue
+            out.append([design, block_n, block_k, warps, stages])
+    return out
+
+
+@torch.library.custom_op("kiln::qmatmul", mutates_args=())
+def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
+            inv_input_scale: torch.Tensor | None, kind: str, config: list[int]) -> torch.Tensor:
+    """``x [M, K] @ W^T`` in ``x``'s dtype for an integer weight ``W`` of ``kind`` (``QUANT_KINDS``), never
+    dequantized to memory. ``weight``: int8 ``[N, K]`` or int4 packed ``[N/2, K]``; ``scale``: int8_wo the
+    weight scale ``[N]``, int8_sq input scale x weight scale ``[N]``, int4 the group scales ``[N, K/group]``
+    (any strides: ``QuantLinear`` keeps them group-major). int8_sq quantizes ``x`` (after
+    ``pre_quant_scale``) as ``round(x * inv_input_scale).clamp(-128, 127)``. ``config``: see
+    ``quant_candidates``; the CUDA-core GEMV takes one row, the tensor-core kernel up to ``QMM_BLOCK_M``."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    kid = _QUANT_KIND_IDS[kind]
+    int4 = kind == "int4"
+    n = weight.shape[0] * (2 if int4 else 1)
+    design, block_n, block_k, warps, stages = config
+    group = k // scale.shape[1] if int4 else block_k
+    rows = block_n // 2 if int4 else block_n
+    stride_sg = scale.stride(1) if int4 else 0
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    pqs = pre_quant_scale if pre_quant_scale is not None else x
+    inv = inv_input_scale if inv_input_scale is not None else scale
+    grid = (triton.cdiv(weight.shape[0], rows),)
+    if design == GEMV:
+        if m != 1:
+            raise ValueError(f"the CUDA-core GEMV takes one row, got {m}")
+        _qgemv_kernel[grid](x, weight, scale, y, pqs, inv, weight.shape[0], k, weight.stride(0), scale.stride(0),
+                            stride_sg, ROWS=rows, BLOCK_K=block_k, GROUP=group, KIND=kid,
+                            HAS_PQS=pre_quant_scale is not None, num_warps=warps, num_stages=stages)
+        return y
+    if m > QMM_BLOCK_M:
+        raise ValueError(f"the tensor-core kernel takes at most {QMM_BLOCK_M} rows, got {m}")
+    base_bits, base = _HALF_BASE[x.dtype]
+    _qmm_kernel[grid](x, weight, scale, y, pqs, inv, m, n, weight.shape[0], k, x.stride(0), weight.stride(0),
+                      scale.stride(0), stride_sg, BLOCK_M=QMM_BLOCK_M, ROWS=rows, BLOCK_K=block_k, GROUP=group,
+                      KIND=kid, HAS_PQS=pre_quant_scale is not None, BASE_BITS=base_bits, BASE=base,
+                      DOT_F32=interpreting(), num_warps=warps, num_stages=stages)
+    return y
+
+
+@qmatmul.register_fake
+def _(x, weight, scale, pre_quant_scale, inv_input_scale, kind, config):
+    return x.new_empty(x.shape[0], weight.shape[0] * (2 if kind == "int4" else 1))

@@ -9,6 +9,12 @@ Activations quantize in float32 as ``round(x * (1 / scale))``, ModelOpt's fake-q
 bf16 engine ``x / scale`` would round to bf16 before the FP8/int8 rounding (a double rounding), and
 ``x / scale`` vs ``x * (1 / scale)`` differ by one float ulp, which moves a value sitting on a rounding
 midpoint one quantization step.
+
+On CUDA (and under Triton's interpreter in tests) the integer kinds run ``kernels.qmatmul`` where the
+engine's ``program.gemv`` names a kernel for the weight's shape and the row count (``tune_quant``, at
+build time): one row (batch-1 decode) and up to 16 rows read the int8/int4 weights as stored. SmoothQuant
+above 16 rows runs ``torch._int_mm`` (int8 x int8 -> int32, cuBLAS; it takes more than 16 rows). What no
+kernel serves (weight-only prefill, large batches) dequantizes the weight in each call, as before.
 """
 
 from __future__ import annotations
@@ -93,18 +99,28 @@ class QuantLinear(nn.Module):
         self.inv_input_scale = None if self.input_scale is None else 1.0 / self.input_scale
         weight, scale = tensors["weight"], tensors.get("weight_scale")
         self.scaled_mm = kind == "fp8" and scaled_mm
+        # integer weights: the kernels the build chose for this shape ({"m1", "m16": config, "large": "int_mm"})
+        self.quant = None
+        if gemv and kind in kernels.QUANT_KINDS and kernels.available(device, dtype):
+            choice = gemv.get(kernels.quant_key(*kernels.quant_shape(kind, weight, scale)))
+            self.quant = choice if choice and any(choice.values()) else None
         if kind == "dense" or self.scaled_mm:
             self.weight, self.weight_scale = weight.to(device), None if scale is None else scale.to(device)
-        elif device.type == "cpu" or kind == "fp8":
+        elif self.quant is None and (device.type == "cpu" or kind == "fp8"):
             # No integer/FP8 GEMM here: dequantize once at load; activation quantization is still applied.
             self.weight, self.weight_scale = self._dequantize(weight, scale).to(device), None
         else:
             self.weight, self.weight_scale = weight.to(device), scale.to(device)
+            if kind == "int4" and self.quant is not None:
+                # group-major storage of the same [out, in/group] scales: a kernel's rows read adjacent floats
+                self.weight_scale = self.weight_scale.t().contiguous().t()
         # batch-1 rows go to the Triton GEMV where the build measured it faster than cuBLAS for this shape
         self.gemv = None
         if gemv and (kind == "dense" or self.scaled_mm) and kernels.available(device, dtype):
             self.gemv = gemv.get(kernels.gemv_key(self.scaled_mm, *self.weight.shape))
-        self.out_scale = self.input_scale * self.weight_scale if self.gemv and self.scaled_mm else None
+        self.out_scale = None
+        if (self.gemv and self.scaled_mm) or (self.quant is not None and kind == "int8_sq"):
+            self.out_scale = self.input_scale * self.weight_scale  # FP8: a scalar; int8_sq: per output channel
 
     def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8":
@@ -130,6 +146,15 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
             return kernels.gemv(x, self.weight, self.pre_quant_scale, self.inv_input_scale, self.out_scale, self.gemv)
+        if self.quant is not None and x.dim() == 2:
+            rows = x.shape[0]
+            config = self.quant.get("m1") if rows == 1 else self.quant.get("m16") if rows <= kernels.QMM_BLOCK_M else None
+            if config is not None:
+                scale = self.out_scale if self.kind == "int8_sq" else self.weight_scale
+                return kernels.qmatmul(x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind,
+                                       config)
+            if self.quant.get("large") == "int_mm" and rows > kernels.QMM_BLOCK_M:
+                return self._int8_gemm(x)
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         if self.kind in ("fp8", "int8_sq"):
@@ -140,8 +165,99 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight)
         return F.linear(x, self._dequantize(self.weight, self.weight_scale))
 
+    def _int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """SmoothQuant as a real int8 GEMM (more than 16 rows: ``torch._int_mm``'s rule on CUDA): activations
+        quantized exactly as ``_quantize_input``, int32 accumulation, then input x weight scale per column."""
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        q = torch.round(x.float() * self.inv_input_scale).clamp_(-128, 127).to(torch.int8)
+        return (torch._int_mm(q, self.weight.t()).float() * self.out_scale).to(self.dtype)
+
     def _fp8_gemm(self, xq: torch.Tensor) -> torch.Tensor:
         lead, k = xq.shape[:-1], xq.shape[-1]
         y = torch._scaled_mm(xq.reshape(-1, k), self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
                              out_dtype=self.dtype)
         return y.reshape(*lead, -1)
+
+
+# -- build-time choice of the integer-weight kernels per weight shape ---------------------------------------
+
+TUNE_ROWS = {"m1": 1, "m16": kernels.QMM_BLOCK_M, "large": 64}  # the rows each choice is timed at
+TUNE_MAX_ERR = 2e-2  # a candidate further than this from the torch path (of the output range) is never chosen
+
+
+def tune_quant(shapes: set[tuple[str, int, int, int]], device: torch.device, dtype: torch.dtype,
+               report: dict | None = None) -> dict[str, dict[str, list[int] | str | None]]:
+    """For each integer-weight shape ``(kind, N, K, group)`` (``kernels.quant_shape``): the fastest way to
+    run one row (``m1``), 2-16 rows (``m16``, timed at 16) and, for SmoothQuant, more than 16 (``large``,
+    timed at 64: ``"int_mm"``): a ``kernels.qmatmul`` config, or ``None`` for the torch path (dequantize,
+    then cuBLAS). Each candidate runs through ``QuantLinear`` itself, is checked against the torch path's
+    output first (a wrong compile is never chosen) and timed as a chain over enough distinct weights that
+    none stays in L2, as a decode step reads them. ``report``: filled with every time (ms) and rejection."""
+    chosen: dict[str, dict[str, list[int] | str | None]] = {}
+    for kind, n, k, group in sorted(shapes):
+        key = kernels.quant_key(kind, n, k, group)
+        times = _time_quant(kind, n, k, group, device, dtype)
+        choice: dict[str, list[int] | str | None] = {}
+        for bucket, options in times.items():
+            if bucket == "meta":
+                continue
+            timed = {label: ms for label, (_, ms) in options.items() if isinstance(ms, float)}
+            best = min(timed, key=timed.get)
+            choice[bucket] = options[best][0]
+        chosen[key] = choice
+        if report is not None:
+            report[key] = {**times["meta"], **{b: {label: ms for label, (_, ms) in o.items()}
+                                                 for b, o in times.items() if b != "meta"}, "chosen": choice}
+    return chosen
+
+
+def _label(option: list[int] | str | None) -> str:
+    if option is None or isinstance(option, str):
+        return option or "torch"
+    return ("gemv:" if option[0] == kernels.GEMV else "qmm:") + "x".join(map(str, option[1:]))
+
+
+def _random_quant(kind: str, n: int, k: int, group: int, device: torch.device) -> dict[str, torch.Tensor]:
+    if kind == "int4":
+        weight = torch.randint(-128, 128, (n // 2, k), dtype=torch.int8, device=device)
+        scale = torch.rand(n, k // group, device=device) * 1e-2 + 1e-3
+    else:
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        scale = torch.rand(n, device=device) * 1e-3 + 1e-4
+    tensors = {"weight": weight, "weight_scale": scale}
+    if kind == "int8_sq":
+        tensors["input_scale"] = torch.tensor(0.02, device=device)
+    return tensors
+
+
+def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """{bucket: {label: (option, ms or the reason it was not timed)}, "meta": {...}}."""
+    key = kernels.quant_key(kind, n, k, group)
+    weight_bytes = (n // 2 if kind == "int4" else n) * k + (n * (k // group) if kind == "int4" else n) * 4
+    copies = max(2, min(16, (256 << 20) // weight_bytes))
+    weights = [_random_quant(kind, n, k, group, device) for _ in range(copies)]
+    buckets: dict[str, list] = {"m1": [None, *kernels.quant_candidates(kind, k, group, 1)],
+                                "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M)]}
+    if kind == "int8_sq" and n % 8 == 0 and k % 8 == 0:
+        buckets["large"] = [None, "int_mm"]
+    out: dict = {"meta": {"kind": kind, "n": n, "k": k, "group": group, "bytes": weight_bytes, "copies": copies}}
+    for bucket, options in buckets.items():
+        x = torch.randn(TUNE_ROWS[bucket], k, device=device, dtype=dtype)
+        reference = None
+        timed = out[bucket] = {}
+        for option in options:
+            program = None if option is None else {key: {bucket: option}}
+            try:
+                layers = [QuantLinear(kind, t, dtype=dtype, device=device, scaled_mm=False, gemv=program) for t in weights]
+                y = layers[0](x).float()
+                if reference is None:
+                    reference = y
+                err = ((y - reference).abs().max() / reference.abs().max()).item()
+                if not err <= TUNE_MAX_ERR:  # NaN fails too
+                    timed[_label(option)] = (option, f"off the torch path by {err:.2e} of the output range")
+                    continue
+                timed[_label(option)] = (option, kernels._chain_ms(lambda i, layers=layers, x=x: layers[i](x), copies))
+            except Exception as exc:  # a candidate that does not compile on this GPU is left out
+                timed[_label(option)] = (option, f"{type(exc).__name__}: {exc}"[:300])
+    return out
