@@ -52,7 +52,7 @@ CHECK = textwrap.dedent("""
 
 
 def _run(device: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", CHECK, device], cwd=ROOT, env=env, capture_output=True, text=True,
