@@ -144,6 +144,20 @@ def build_hf():
     return model
 
 
+
+def checkpoint_config(cfg, quantization: dict) -> dict:
+    """The TensorRT-LLM checkpoint config.json of a Llama-shaped ``cfg`` (HF config) with ``quantization``."""
+    return {
+        "architecture": "LlamaForCausalLM", "dtype": "bfloat16", "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu", "norm_epsilon": cfg.rms_norm_eps,
+        "position_embedding_type": "rope_gpt_neox", "rotary_base": SHAPE["rope_theta"],
+        "rotary_scaling": {"type": "llama3", **{k: v for k, v in SHAPE["rope_scaling"].items() if k != "rope_type"}},
+        "head_size": cfg.hidden_size // cfg.num_attention_heads, "quantization": quantization,
+        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+    }
+
 def write_checkpoint(model, out_dir: Path, fp8: bool) -> Path:
     """The TensorRT-LLM checkpoint ModelOpt's export writes for this model (names, fused qkv, fc=gate_proj)."""
     from safetensors.torch import save_file
@@ -188,18 +202,8 @@ def write_checkpoint(model, out_dir: Path, fp8: bool) -> Path:
         linear(f"{trt}.mlp.proj", [sd[f"{mlp}.down_proj.weight"]], [f"{mlp}.down_proj"])
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
-    config = {
-        "architecture": "LlamaForCausalLM", "dtype": "bfloat16", "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu", "norm_epsilon": cfg.rms_norm_eps,
-        "position_embedding_type": "rope_gpt_neox", "rotary_base": SHAPE["rope_theta"],
-        "rotary_scaling": {"type": "llama3", **{k: v for k, v in SHAPE["rope_scaling"].items() if k != "rope_type"}},
-        "head_size": cfg.hidden_size // cfg.num_attention_heads,
-        "quantization": {"quant_algo": "FP8" if fp8 else None, "kv_cache_quant_algo": None,
-                         "exclude_modules": ["lm_head"] if fp8 else []},
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-    }
+    config = checkpoint_config(cfg, {"quant_algo": "FP8" if fp8 else None, "kv_cache_quant_algo": None,
+                                     "exclude_modules": ["lm_head"] if fp8 else []})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 

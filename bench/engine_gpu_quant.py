@@ -38,6 +38,7 @@ from engine_gpu import (  # noqa: E402
     Run,
     _activation_amax,
     build_hf,
+    checkpoint_config,
     copy_bandwidth,
     engine_batch1,
     target,
@@ -123,16 +124,7 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
     quant = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"] if algo else []}
     if recipe == "int4_awq":
         quant.update(group_size=GROUP, has_zero_point=False, pre_quant_scale=True)
-    config = {
-        "architecture": "LlamaForCausalLM", "dtype": "bfloat16", "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu", "norm_epsilon": cfg.rms_norm_eps,
-        "position_embedding_type": "rope_gpt_neox", "rotary_base": SHAPE["rope_theta"],
-        "rotary_scaling": {"type": "llama3", **{k: v for k, v in SHAPE["rope_scaling"].items() if k != "rope_type"}},
-        "head_size": cfg.hidden_size // cfg.num_attention_heads, "quantization": quant,
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-    }
+    config = checkpoint_config(cfg, quant)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
