@@ -489,3 +489,24 @@ def test_mlflow_down_after_upload_leaves_nothing_visible_and_rerun_completes(
     published = do_publish(engine, server_registry, key(41), on_progress=events.append)
     assert (published.version, published.reused, published.candidate) == ("1", False, True) and events == []
     assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+def test_an_alias_moved_outside_kiln_is_noticed_by_versions_and_fetch(kiln_home: Path, tmp_path: Path) -> None:
+    """Moved in the MLflow UI (any client), an alias bypasses kiln's recorded history: say so."""
+    registry = Registry(model_name="moved")
+    check_registry(registry)
+    do_publish(make_engine(tmp_path / "a"), registry, key(1))
+    do_publish(make_engine(tmp_path / "b", seed=1), registry, key(2))
+    runner = CliRunner()
+    assert runner.invoke(app, ["promote", "moved", "1", "--target", "cpu", "--reason", "r"]).exit_code == 0
+    quiet = runner.invoke(app, ["versions", "moved"])
+    assert quiet.exit_code == 0 and "moved outside kiln" not in quiet.output  # every move so far recorded
+
+    MlflowClient(registry.resolved_tracking_uri).set_registered_model_alias("moved.cpu", "production", "2")
+    listed = runner.invoke(app, ["versions", "moved"], env={"COLUMNS": "200"})
+    text = " ".join(listed.output.split())
+    assert listed.exit_code == 0 and "moved.cpu@production points at v2" in text and "moved outside kiln" in text
+    assert "last recorded move put it on v1" in text
+    fetched = runner.invoke(app, ["fetch", "moved@production", "--target", "cpu", "--output", str(tmp_path / "o")],
+                            env={"COLUMNS": "200"})
+    assert fetched.exit_code == 0 and "moved outside kiln" in " ".join(fetched.output.split())

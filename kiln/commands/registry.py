@@ -36,10 +36,12 @@ def versions(name: str = typer.Argument(..., help="Model name (registry.model_na
              tracking_uri: str = _TRACKING,
              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")) -> None:
     """List a model's versions on every target (or one) with aliases, gates and key metrics."""
-    from kiln.registry import list_versions
+    from kiln.registry import alias_warnings, list_versions
 
     with cli_errors():
         infos = list_versions(name, target, tracking_uri=tracking_uri)
+        for line in alias_warnings(name, target, tracking_uri=tracking_uri):
+            err_console.print(f"[bold yellow]warning:[/] {line}", highlight=False)
         if as_json:
             console.print_json(json.dumps([{k: v for k, v in asdict(i).items() if k != "tags"} for i in infos]))
             return
@@ -86,11 +88,12 @@ def fetch(ref: str = typer.Argument(..., metavar="NAME@ALIAS", help="e.g. smollm
                                                             "does not match the engine (it will not load here)"),
           tracking_uri: str = _TRACKING) -> None:
     """Download an engine, verify every file's sha256, refuse one this machine's GPU cannot run."""
-    from kiln.registry import ForcedFetchWarning, TransferEvent
+    from kiln.registry import ForcedFetchWarning, TransferEvent, UnrecordedAliasWarning
     from kiln.registry import fetch as fetch_version
 
     with cli_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ForcedFetchWarning)
+        warnings.simplefilter("always", UnrecordedAliasWarning)
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
         with Progress(*columns, console=err_console, transient=True) as progress:
             task = progress.add_task("fetch", total=None)
@@ -101,6 +104,6 @@ def fetch(ref: str = typer.Argument(..., metavar="NAME@ALIAS", help="e.g. smollm
 
             path = fetch_version(ref, target, output, force=force, tracking_uri=tracking_uri, on_progress=advance)
         for warning in caught:
-            if issubclass(warning.category, ForcedFetchWarning):
+            if issubclass(warning.category, ForcedFetchWarning | UnrecordedAliasWarning):
                 err_console.print(f"[bold red]WARNING:[/] {warning.message}", highlight=False)
         console.print(f"fetched [bold]{ref}[/] into {path} (every file verified)")

@@ -25,14 +25,21 @@ Naming (see :mod:`kiln.registry.naming`): registered model ``<model>.<target>``,
 ``MLFLOW_TRACKING_URI`` or the SQLite DB under KILN_HOME.
 """
 
-from kiln.registry.fetch import ForcedFetchWarning, compatibility_problems, fetch, machine_profile
-from kiln.registry.lifecycle import list_versions, promote, rollback
+from kiln.registry.fetch import (
+    ForcedFetchWarning,
+    UnrecordedAliasWarning,
+    compatibility_problems,
+    fetch,
+    machine_profile,
+)
+from kiln.registry.lifecycle import alias_warnings, list_versions, promote, rollback
 from kiln.registry.mlflow_registry import VersionInfo
 from kiln.registry.publish import PublishedVersion, check_registry, publish
 from kiln.registry.store import Manifest, TransferEvent, open_store, verify_dir
 
 __all__ = [
     "ForcedFetchWarning",
+    "UnrecordedAliasWarning",
     "Manifest",
     "PublishedVersion",
     "TransferEvent",
@@ -40,6 +47,7 @@ __all__ = [
     "check_registry",
     "compatibility_problems",
     "fetch",
+    "alias_warnings",
     "list_versions",
     "machine_profile",
     "open_store",

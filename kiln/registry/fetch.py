@@ -26,6 +26,10 @@ class ForcedFetchWarning(UserWarning):
     """``fetch(force=True)`` downloaded an engine this machine's GPU or toolchain does not match."""
 
 
+class UnrecordedAliasWarning(UserWarning):
+    """The alias fetched was moved outside kiln (e.g. in the MLflow UI): kiln has no record of that move."""
+
+
 def _sm(value: Any) -> str | None:
     """``sm90`` / ``90`` / ``9.0`` -> ``sm90``; CPU markers -> None."""
     if value in (None, "", "cpu", "none"):
@@ -110,6 +114,10 @@ def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool 
     mlflow_client = R.client(tracking_uri)
     with R.mlflow_errors(tracking_uri, f"fetch {name}@{selector}"):
         mv = R.get_version(mlflow_client, name, selector)
+        unrecorded = [line for line in R.unrecorded_aliases(mlflow_client, name)
+                      if ref.alias and line.startswith(f"{name}@{ref.alias} ")]
+    for line in unrecorded:
+        warnings.warn(line, UnrecordedAliasWarning, stacklevel=2)
     tags = mv.tags or {}
     if tags.get(N.TAG_GATES) == "failed" and ref.alias:
         raise NotPromotableError(f"{name}@{selector} points at v{mv.version}, which failed its gates; move the alias")

@@ -50,3 +50,13 @@ def rollback(name: str, target: str | None = None, *, reason: str | None = None,
 def list_versions(name: str, target: str | None = None, *, tracking_uri: str | None = None) -> list[VersionInfo]:
     """Versions of ``name`` on every target (or one), newest first, with aliases, gates and run metrics."""
     return R.list_versions(_tracking(tracking_uri), name, target)
+
+
+
+def alias_warnings(name: str, target: str | None = None, *, tracking_uri: str | None = None) -> list[str]:
+    """Aliases of the model's registered models that were moved outside kiln (no recorded who/when/why)."""
+    uri = _tracking(tracking_uri)
+    mlflow_client = R.client(uri)
+    with R.mlflow_errors(uri, f"check aliases of {name}"):
+        return [line for registered in R.registered_names(uri, name, target)
+                for line in R.unrecorded_aliases(mlflow_client, registered)]

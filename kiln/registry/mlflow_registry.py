@@ -207,8 +207,8 @@ def _known_versions(mlflow_client: Any, name: str) -> str:
     return f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: {aliases}"
 
 
-def history(mlflow_client: Any, name: str, alias: str) -> list[dict[str, Any]]:
-    raw = mlflow_client.get_registered_model(name).tags.get(N.history_tag(alias))
+def history(mlflow_client: Any, name: str, alias: str, registered: Any = None) -> list[dict[str, Any]]:
+    raw = (registered or mlflow_client.get_registered_model(name)).tags.get(N.history_tag(alias))
     if not raw:
         return []
     try:
@@ -216,6 +216,22 @@ def history(mlflow_client: Any, name: str, alias: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
         return []
     return entries if isinstance(entries, list) else []
+
+
+def unrecorded_aliases(mlflow_client: Any, name: str, registered: Any = None) -> list[str]:
+    """One line per alias of ``name`` that points somewhere kiln's recorded history does not end: it was moved
+    outside kiln (the MLflow UI, another client), so who moved it, when and why are unknown, and a rollback
+    would walk kiln's history, not that move."""
+    registered = registered or mlflow_client.get_registered_model(name)
+    lines = []
+    for alias, version in sorted(registered.aliases.items()):
+        entries = history(mlflow_client, name, alias, registered)
+        recorded = entries[-1].get("version") if entries else None
+        if recorded != str(version):
+            where = f"v{recorded}" if recorded else "no version (no move recorded)"
+            lines.append(f"{name}@{alias} points at v{version}, but kiln's last recorded move put it on {where}: it "
+                         "was moved outside kiln, with no who/when/why; record it with `kiln promote` (or move it back)")
+    return lines
 
 
 def move_alias(mlflow_client: Any, name: str, alias: str, version: str, *, action: str,
