@@ -33,7 +33,18 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 def _register_commands() -> None:
     # Each area registers its commands on `app`; imported here so `kiln --help` lists them all.
-    from kiln.commands import assets, build, doctor, engine, orchestrate, quantize, registry, report  # noqa: F401
+    from kiln.commands import (  # noqa: F401
+        assets,
+        bench,
+        build,
+        doctor,
+        engine,
+        orchestrate,
+        quantize,
+        registry,
+        report,
+        serve,
+    )
 
 
 _register_commands()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,10 @@ def generate_command(
     top_k: int = typer.Option(0, "--top-k", help="0 = off"),
     seed: int | None = typer.Option(None, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt (text, token_ids)"),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup",
+                                help="run the prompts for 2 tokens first, so tokens/s leaves out one-time costs"),
 ) -> None:
-    """Generate completions with an engine dir; prints them and the tokens/s."""
+    """Generate completions with an engine dir; prints them and the tokens/s (after a warm-up)."""
     with cli_errors():
         from transformers import AutoTokenizer
 
@@ -133,6 +136,9 @@ def generate_command(
         rank = dist.get_rank() if joined else 0
         try:
             engine = get_backend(manifest["backend"]).load(engine_dir)
+            if warmup:  # first calls allocate, capture CUDA graphs, compile: not what tokens/s should measure
+                engine.generate([GenerationRequest(r.prompt_token_ids, replace(
+                    r.sampling, max_new_tokens=min(2, r.sampling.max_new_tokens))) for r in requests])
             started = time.perf_counter()
             results = engine.generate(requests)
             elapsed = time.perf_counter() - started

@@ -6,6 +6,7 @@ validation, the flows and the CLI never branch on the backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -42,6 +43,40 @@ class GenerationResult:
     """Wall time at which each output token was produced, relative to the request's submission."""
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """One token a scheduler step produced for a request; ``result`` is set on the token that finished it."""
+
+    request_id: Hashable
+    token_id: int
+    time_s: float
+    """Seconds since the request was submitted."""
+    result: GenerationResult | None = None
+
+
+class Scheduler(Protocol):
+    """Incremental in-flight batching: requests join and leave a running batch between decode steps."""
+
+    @property
+    def has_work(self) -> bool: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    def add(self, request: GenerationRequest, request_id: Hashable | None = None, *,
+            submitted_at: float | None = None, check: bool = True) -> Hashable:
+        """Queue a request (refused with GenerationLimitError when it exceeds the engine's limits)."""
+
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests or decode one token for each running one; the tokens produced, in order."""
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop a waiting or running request and free its slot."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded engine, ready to serve."""
@@ -58,6 +93,22 @@ class Engine(Protocol):
         """Peak device (or host) memory this engine used so far."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingEngine(Engine, Protocol):
+    """An engine a server can drive token by token (the torch engine; TensorRT-LLM serves with trtllm-serve)."""
+
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+
+    def scheduler(self, concurrency: int | None = None, *,
+                  on_event: Callable[[TokenEvent], None] | None = None) -> Scheduler:
+        """A scheduler over the engine's KV cache (one at a time); ``on_event`` sees each token as it is made."""
+
+    def check_request(self, request: GenerationRequest, where: str = "request") -> None:
+        """Raise GenerationLimitError, naming the limit, when ``request`` does not fit the engine."""
 
 
 class Backend(Protocol):

@@ -4,7 +4,9 @@ Order and what a crash leaves behind:
 
 1. A version with this build key already published -> return it (``reused``); nothing is uploaded.
 2. Upload into ``<store>/<model>/<target>/<build key>/``, manifest last. A crash here leaves no
-   version anywhere (no manifest, no model version); the rerun skips files already uploaded.
+   version anywhere (no manifest, no model version); the rerun skips files already uploaded. Then the
+   MLflow ``MLmodel`` (python_function flavor, :mod:`kiln.registry.pyfunc`) beside the manifest, pointing
+   at the same files, so the model version is loadable by ``mlflow.pyfunc`` and ``mlflow models serve``.
 3. The build's MLflow run (found again by its build-key tag on a rerun): params, metrics, lineage
    tags, reports/plots, the manifest.
 4. The model version (source = the store prefix), tagged ``kiln.state=registering``; a concurrent
@@ -35,6 +37,7 @@ from kiln.redact import redact as _redact
 from kiln.redact import scrub as _scrub
 from kiln.registry import mlflow_registry as R
 from kiln.registry import naming as N
+from kiln.registry.pyfunc import write_flavor
 from kiln.registry.store import ProgressFn, open_store, upload_version
 
 _TAG_VALUE_LIMIT = 5000
@@ -167,6 +170,8 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
                                  build_key=build_key, engine=engine, lineage=lineage, on_progress=on_progress)
     manifest_bytes = manifest.to_bytes()
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+    # the MLflow pyfunc flavor over the files just stored (no second copy of the weights), before registration
+    write_flavor(version_store, manifest, manifest_bytes)
     gates = "passed" if passed_gates else "failed"
     tags = {N.TAG_MODEL: model, N.TAG_TARGET: target, N.TAG_RECIPE: recipe, N.TAG_BUILD_KEY: build_key,
             N.TAG_GATES: gates, N.TAG_RECOMMENDED: str(bool(recommended)).lower(), N.TAG_STORE_URI: version_store.uri,

@@ -2,7 +2,9 @@
 
 Every level of ``evaluation.concurrency`` submits that many requests at once to ``Engine.generate``
 (after a warm-up round of the same shape), with fixed prompt lengths, seeded prompt tokens and greedy
-decoding to exactly ``gen_len`` tokens, so two runs of one engine measure the same work. On GPUs the
+decoding to exactly ``gen_len`` tokens, so two runs of one engine measure the same work. ``sweep`` is the
+one measuring code path: validation, ``kiln bench ENGINE_DIR`` and ``kiln bench --url`` (rounds of
+streaming HTTP requests against an OpenAI-compatible server) all run it, so their numbers mean the same. On GPUs the
 decode step time is compared with the memory-bandwidth roofline: the bytes a step must read (all
 weights plus the live KV cache) divided by the step time, as a share of the device's copy bandwidth.
 """
@@ -204,31 +206,70 @@ def _tensor_bytes(engine_dir: Path, skip: str) -> int:
     return total
 
 
-def _run_round(engine: Engine, prompts: list[list[int]], gen_len: int) -> tuple[float, list]:
-    sampling = SamplingParams(max_new_tokens=gen_len, temperature=0.0)
-    requests = [GenerationRequest(p, sampling) for p in prompts]
-    start = time.perf_counter()
-    results = engine.generate(requests)
-    return time.perf_counter() - start, results
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One request of a sweep: its prompt (token ids, or text where the driver tokenizes) and output length."""
+
+    prompt: list[int] | str
+    max_tokens: int
 
 
-def _level(engine: Engine, concurrency: int, prompts: list[list[int]], gen_len: int, warmup_rounds: int,
-           rounds: int) -> ConcurrencyResult:
+@dataclass(frozen=True)
+class RequestTiming:
+    """What one request measured: output tokens and when each arrived, in seconds since it was sent."""
+
+    output_tokens: int
+    ttft_s: float
+    token_times_s: list[float]
+    prompt_tokens: int | None = None
+
+
+RoundFn = Callable[[list[BenchPrompt]], tuple[float, list[RequestTiming]]]
+"""Send a round of prompts at once, wait for all; returns (wall seconds, one timing per prompt). The sweep
+calls it the same way whatever drives the requests: ``EngineRounds`` (in process, what validation and
+``kiln bench ENGINE_DIR`` run) or ``kiln.serve.client.OpenAIRounds`` (streaming HTTP, ``kiln bench --url``)."""
+
+
+class EngineRounds:
+    """Rounds run by ``Engine.generate``: greedy, no stop ids, so every request makes exactly ``max_tokens``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, prompts: list[BenchPrompt]) -> tuple[float, list[RequestTiming]]:
+        requests = []
+        for p in prompts:
+            if isinstance(p.prompt, str):
+                raise ValueError("EngineRounds takes token-id prompts; tokenize text prompts first")
+            requests.append(GenerationRequest(p.prompt, SamplingParams(max_new_tokens=p.max_tokens, temperature=0.0)))
+        start = time.perf_counter()
+        results = self.engine.generate(requests)
+        wall = time.perf_counter() - start
+        return wall, [self._timing(result, len(r.prompt_token_ids)) for result, r in zip(results, requests, strict=True)]
+
+    def _timing(self, result: object, prompt_tokens: int) -> RequestTiming:
+        times = list(result.token_times_s)  # type: ignore[attr-defined]
+        first = result.ttft_s if result.ttft_s is not None else (times[0] if times else None)  # type: ignore[attr-defined]
+        if first is None:
+            raise ValueError(f"engine {type(self.engine).__name__} returned neither ttft_s nor token_times_s: "
+                             "validation cannot measure latency without them")
+        return RequestTiming(len(result.token_ids), first, times, prompt_tokens)  # type: ignore[attr-defined]
+
+
+def measure_level(run_round: RoundFn, concurrency: int, prompts: list[BenchPrompt], warmup_rounds: int,
+                  rounds: int) -> ConcurrencyResult:
+    """``warmup_rounds`` untimed rounds, then ``rounds`` timed rounds of ``concurrency`` prompts sent at once."""
     for _ in range(warmup_rounds):
-        _run_round(engine, prompts[:concurrency], gen_len)
+        run_round([prompts[i % len(prompts)] for i in range(concurrency)])
     wall, ttft_ms, itl_ms, tokens = 0.0, [], [], 0
     for r in range(rounds):
         batch = [prompts[(r * concurrency + i) % len(prompts)] for i in range(concurrency)]
-        elapsed, results = _run_round(engine, batch, gen_len)
+        elapsed, timings = run_round(batch)
         wall += elapsed
-        for result in results:
-            tokens += len(result.token_ids)
-            times = result.token_times_s
-            first = result.ttft_s if result.ttft_s is not None else (times[0] if times else None)
-            if first is None:
-                raise ValueError(f"engine {type(engine).__name__} returned neither ttft_s nor token_times_s: "
-                                 "validation cannot measure latency without them")
-            ttft_ms.append(1000.0 * first)
+        for timing in timings:
+            tokens += timing.output_tokens
+            ttft_ms.append(1000.0 * timing.ttft_s)
+            times = timing.token_times_s
             itl_ms.extend(1000.0 * (b - a) for a, b in zip(times, times[1:], strict=False))
     requests = rounds * concurrency
     return ConcurrencyResult(concurrency=concurrency, requests=requests, output_tokens=tokens, wall_s=wall,
@@ -236,23 +277,17 @@ def _level(engine: Engine, concurrency: int, prompts: list[list[int]], gen_len: 
                              ttft_ms=Percentiles.of(ttft_ms), itl_ms=Percentiles.of(itl_ms))
 
 
-def measure_performance(engine: Engine, evaluation: Evaluation, *, prompt_len: int, gen_len: int, seed: int = 0,
-                        device: str = "cpu", vocab_size: int | None = None, max_batch_size: int | None = None,
-                        decode_cost: DecodeCost | None = None, warmup_rounds: int = 1, min_requests: int = 8,
-                        bandwidth_bytes_per_s: float | None = None,
-                        on_level: Callable[[int], None] | None = None) -> PerfResult:
-    """TTFT/ITL percentiles, tokens/s and requests/s at each ``evaluation.concurrency`` level, peak memory.
-
-    Each level runs ``warmup_rounds`` untimed rounds, then enough rounds for ``min_requests`` requests.
-    Levels above ``max_batch_size`` (or that the engine refuses with ``GenerationLimitError``) are
-    recorded in ``skipped`` with the reason. On CUDA the roofline uses ``bandwidth_bytes_per_s`` or,
-    when not given, the device's measured copy bandwidth; on CPU it is None.
-    """
-    if prompt_len < 1 or gen_len < 1:
-        raise ValueError(f"prompt_len ({prompt_len}) and gen_len ({gen_len}) must be >= 1")
-    vocab = vocab_size or int(engine.logits([0]).shape[-1])
-    levels = sorted(set(evaluation.concurrency))
-    prompts = seeded_prompts(max(max(levels), min_requests), prompt_len, vocab, seed)
+def sweep(run_round: RoundFn, levels: Sequence[int], prompts: list[BenchPrompt], *, prompt_len: int, gen_len: int,
+          seed: int = 0, device: str = "cpu", max_batch_size: int | None = None,
+          decode_cost: DecodeCost | None = None, warmup_rounds: int = 1, min_requests: int = 8,
+          bandwidth_bytes_per_s: float | None = None, peak_memory_bytes: Callable[[], int] | None = None,
+          on_level: Callable[[int], None] | None = None) -> PerfResult:
+    """The one measuring code path: each concurrency level of ``levels`` (ascending) as ``measure_level``,
+    enough rounds for ``min_requests`` requests; levels above ``max_batch_size`` or refused with
+    ``GenerationLimitError`` are recorded in ``skipped``. On CUDA, with ``decode_cost``, each level's median
+    ITL is compared with the memory-bandwidth roofline (``bandwidth_bytes_per_s`` or the measured copy
+    bandwidth); elsewhere the roofline is None."""
+    levels = sorted(set(levels))
     on_gpu = device.startswith("cuda")
     bandwidth, source = None, None
     if on_gpu and decode_cost is not None:
@@ -266,7 +301,7 @@ def measure_performance(engine: Engine, evaluation: Evaluation, *, prompt_len: i
             skipped[concurrency] = f"above the engine's max_batch_size ({max_batch_size})"
             continue
         try:
-            point = _level(engine, concurrency, prompts, gen_len, warmup_rounds, math.ceil(min_requests / concurrency))
+            point = measure_level(run_round, concurrency, prompts, warmup_rounds, math.ceil(min_requests / concurrency))
         except GenerationLimitError as exc:
             skipped[concurrency] = str(exc)
             continue
@@ -278,5 +313,31 @@ def measure_performance(engine: Engine, evaluation: Evaluation, *, prompt_len: i
                                                                       point.itl_ms.p50 / 1000.0, bandwidth)})
         points.append(point)
     return PerfResult(device=device, prompt_len=prompt_len, gen_len=gen_len, seed=seed, warmup_rounds=warmup_rounds,
-                      points=points, skipped=skipped, peak_memory_bytes=int(engine.memory_bytes()),
+                      points=points, skipped=skipped,
+                      peak_memory_bytes=int(peak_memory_bytes()) if peak_memory_bytes else 0,
                       bandwidth_bytes_per_s=bandwidth, bandwidth_source=source, decode_cost=decode_cost)
+
+
+def measure_performance(engine: Engine, evaluation: Evaluation, *, prompt_len: int, gen_len: int, seed: int = 0,
+                        device: str = "cpu", vocab_size: int | None = None, max_batch_size: int | None = None,
+                        decode_cost: DecodeCost | None = None, warmup_rounds: int = 1, min_requests: int = 8,
+                        bandwidth_bytes_per_s: float | None = None,
+                        on_level: Callable[[int], None] | None = None) -> PerfResult:
+    """TTFT/ITL percentiles, tokens/s and requests/s at each ``evaluation.concurrency`` level, peak memory.
+
+    Seeded prompts of exactly ``prompt_len`` tokens, greedy to exactly ``gen_len`` tokens, through
+    ``sweep`` with ``EngineRounds`` (what ``kiln bench ENGINE_DIR`` runs too). Each level runs
+    ``warmup_rounds`` untimed rounds, then enough rounds for ``min_requests`` requests. Levels above
+    ``max_batch_size`` (or that the engine refuses with ``GenerationLimitError``) are recorded in
+    ``skipped`` with the reason. On CUDA the roofline uses ``bandwidth_bytes_per_s`` or, when not given,
+    the device's measured copy bandwidth; on CPU it is None.
+    """
+    if prompt_len < 1 or gen_len < 1:
+        raise ValueError(f"prompt_len ({prompt_len}) and gen_len ({gen_len}) must be >= 1")
+    vocab = vocab_size or int(engine.logits([0]).shape[-1])
+    levels = sorted(set(evaluation.concurrency))
+    prompts = [BenchPrompt(p, gen_len) for p in seeded_prompts(max(max(levels), min_requests), prompt_len, vocab, seed)]
+    return sweep(EngineRounds(engine), levels, prompts, prompt_len=prompt_len, gen_len=gen_len, seed=seed,
+                 device=device, max_batch_size=max_batch_size, decode_cost=decode_cost, warmup_rounds=warmup_rounds,
+                 min_requests=min_requests, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                 peak_memory_bytes=engine.memory_bytes, on_level=on_level)

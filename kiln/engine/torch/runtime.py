@@ -1,26 +1,27 @@
 """The loaded torch engine: in-flight batching over a preallocated KV cache, per-request sampling.
 
-Scheduling (``generate``): requests queue; whenever cache slots are free and fewer than ``concurrency``
-requests run, the next ones (up to ``max_num_tokens`` prompt tokens together) are prefilled in one packed
-forward pass into the lowest free slots and join the running batch; every
-iteration then decodes one token for all running requests at once; a request leaves as soon as it hits
-``max_new_tokens`` or a stop id, freeing its slot for the queue. On CUDA each decode step replays a
-CUDA graph captured per (batch bucket, attended-length bucket); with ``program.compile == "inductor"``
-the captured step is the Inductor-compiled one.
+Scheduling (``Scheduler``, which ``generate`` and ``kiln serve`` both run): requests queue; whenever cache
+slots are free and fewer than ``concurrency`` requests run, the next ones (up to ``max_num_tokens`` prompt
+tokens together) are prefilled in one packed forward pass into the lowest free slots and join the running
+batch; every step then decodes one token for all running requests at once; a request leaves as soon as it
+hits ``max_new_tokens`` or a stop id (or is cancelled), freeing its slot for the queue. Requests may be
+added and cancelled between steps. On CUDA each decode step replays a CUDA graph captured per (batch
+bucket, attended-length bucket); with ``program.compile == "inductor"`` the captured step is the
+Inductor-compiled one.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams
+from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from kiln.engine.torch.model import DecoderModel, KVCache
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.sampling import new_generator, sample
@@ -56,7 +57,7 @@ class _Step:
 
 @dataclass
 class _Running:
-    index: int
+    index: Hashable
     request: GenerationRequest
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
@@ -112,55 +113,43 @@ class TorchEngine:
                  on_token: TokenCallback | None = None) -> list[GenerationResult]:
         """Run requests to completion, at most ``concurrency`` (default: max_batch_size) at a time."""
         self._check(requests, concurrency)
-        concurrency = concurrency or self.max_batch_size
         start = time.perf_counter()
-        pending = deque(range(len(requests)))
-        slots: list[_Running | None] = [None] * self.max_batch_size
+        callback = None if on_token is None else (lambda event: on_token(event.request_id, event.token_id))
+        scheduler = self.scheduler(concurrency, on_event=callback)
+        for index, request in enumerate(requests):
+            scheduler.add(request, index, submitted_at=start, check=False)
         results: list[GenerationResult | None] = [None] * len(requests)
-
-        def emit(slot: int, running: _Running, token: int) -> None:
-            running.tokens.append(token)
-            running.times.append(time.perf_counter() - start)
-            if on_token is not None:
-                on_token(running.index, token)
-            reason = running.finish_reason()
-            if reason is not None:
-                results[running.index] = GenerationResult(running.tokens, reason, running.times[0], running.times)
-                slots[slot] = None
-
-        ahead: _Step | None = None  # a greedy decode step launched whose tokens are not read yet
-        with torch.inference_mode():
-            while pending or any(slots) or ahead is not None:
-                if ahead is None:
-                    self._admit(requests, pending, slots, concurrency, emit)
-                active = [i for i, s in enumerate(slots) if s is not None]
-                if ahead is None and not active:
-                    continue
-                if ahead is None and not self._greedy(slots, active):
-                    self._stage(slots, active)
-                    logits = self._decode(self._batch(active), self._length(slots, active, 0))
-                    if logits is not None:  # None on a pipeline stage before the last
-                        contiguous = active == list(range(len(active)))
-                        logits = logits[: len(active)] if contiguous else logits[torch.tensor(active, device=self.device)]
-                    for slot, token in zip(active, self._sample(logits, [slots[i] for i in active]), strict=True):
-                        emit(slot, slots[slot], token)
-                    continue
-                if ahead is None:
-                    self._stage(slots, active)
-                    ahead = self._launch(slots, active, lookahead=0)
-                # Greedy steps feed themselves on the device (argmax -> next input), so the following step
-                # is queued before this one is read and the GPU never waits for Python. It is queued only
-                # when no request can end by length with ``ahead`` and nobody waits to join; a request that
-                # ends on a stop token meanwhile gets one extra token computed, never emitted.
-                following = None
-                if (ahead.active == active and not (pending and len(active) < concurrency)
-                        and all(len(slots[i].tokens) + 1 < slots[i].request.sampling.max_new_tokens for i in active)):
-                    following = self._launch(slots, active, lookahead=1)
-                for slot, token in zip(ahead.active, ahead.tokens(), strict=True):
-                    if slots[slot] is ahead.owners[slot]:
-                        emit(slot, slots[slot], token)
-                ahead = following
+        while scheduler.has_work:
+            for event in scheduler.step():
+                if event.result is not None:
+                    results[event.request_id] = event.result
         return results  # type: ignore[return-value]
+
+    def scheduler(self, concurrency: int | None = None, *,
+                  on_event: Callable[[TokenEvent], None] | None = None) -> Scheduler:
+        """An incremental scheduler over this engine's KV cache (what ``generate`` and ``kiln serve`` run);
+        ``on_event`` is called as each token is produced, within the step (streaming).
+
+        One scheduler at a time per engine: they share the cache slots."""
+        self._check([], concurrency)
+        return Scheduler(self, concurrency or self.max_batch_size, on_event)
+
+    def check_request(self, request: GenerationRequest, where: str = "request") -> None:
+        """Raise GenerationLimitError (naming the limit) if ``request`` does not fit this engine's build limits."""
+        n, p = len(request.prompt_token_ids), request.sampling
+        if n == 0:
+            raise GenerationLimitError(f"{where}: empty prompt")
+        if n > self.max_input_len:
+            raise GenerationLimitError(f"{where}: prompt of {n} tokens exceeds max_input_len {self.max_input_len}; "
+                                       "shorten the prompt or build the engine with a larger limits.max_input_len")
+        if p.max_new_tokens < 1:
+            raise GenerationLimitError(f"{where}: max_new_tokens must be >= 1, got {p.max_new_tokens}")
+        if n + p.max_new_tokens > self.max_seq_len:
+            raise GenerationLimitError(
+                f"{where}: prompt ({n}) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} exceeds "
+                f"max_seq_len {self.max_seq_len}; lower max_new_tokens to {self.max_seq_len - n} or rebuild")
+        _check_sampling(where, p)
+        self._check_vocab(request.prompt_token_ids, where)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Context logits ``[n, vocab]`` (float32) for perplexity; ``n`` may go up to max_seq_len."""
@@ -193,7 +182,7 @@ class TorchEngine:
             torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------------
-    def _admit(self, requests: list[GenerationRequest], pending: deque[int], slots: list[_Running | None],
+    def _admit(self, requests: Mapping[Hashable, GenerationRequest], pending: deque, slots: list[_Running | None],
                concurrency: int, emit: Callable[[int, _Running, int], None]) -> None:
         """Move queued requests into free slots (at most ``max_num_tokens`` prompt tokens) and prefill them
         in one packed pass; each emits its first token."""
@@ -307,21 +296,7 @@ class TorchEngine:
                                        f"({self.max_batch_size}) this engine was built for; rebuild with a larger "
                                        "limits.max_batch_size or lower the concurrency")
         for i, request in enumerate(requests):
-            n, p = len(request.prompt_token_ids), request.sampling
-            where = f"request {i}"
-            if n == 0:
-                raise GenerationLimitError(f"{where}: empty prompt")
-            if n > self.max_input_len:
-                raise GenerationLimitError(f"{where}: prompt of {n} tokens exceeds max_input_len {self.max_input_len}; "
-                                           "shorten the prompt or build the engine with a larger limits.max_input_len")
-            if p.max_new_tokens < 1:
-                raise GenerationLimitError(f"{where}: max_new_tokens must be >= 1, got {p.max_new_tokens}")
-            if n + p.max_new_tokens > self.max_seq_len:
-                raise GenerationLimitError(
-                    f"{where}: prompt ({n}) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} exceeds "
-                    f"max_seq_len {self.max_seq_len}; lower max_new_tokens to {self.max_seq_len - n} or rebuild")
-            _check_sampling(where, p)
-            self._check_vocab(request.prompt_token_ids, where)
+            self.check_request(request, f"request {i}")
 
 
 def _check_sampling(where: str, p: SamplingParams) -> None:
@@ -331,3 +306,137 @@ def _check_sampling(where: str, p: SamplingParams) -> None:
         raise GenerationLimitError(f"{where}: top_p must be in (0, 1], got {p.top_p}")
     if p.top_k < 0:
         raise GenerationLimitError(f"{where}: top_k must be >= 0 (0 = off), got {p.top_k}")
+
+
+class Scheduler:
+    """In-flight batching over one engine's KV cache, one step at a time: ``add`` / ``step`` / ``cancel``.
+
+    ``step()`` is one iteration of the batching loop: it admits waiting requests into free slots (one
+    packed prefill; each emits its first token) unless a greedy step is still in flight, then decodes one
+    token for every running request, and returns the tokens produced, in order; the token that ends a
+    request carries its ``GenerationResult``. ``on_event`` sees each token as it is produced (a prefill's
+    first tokens before the decode runs). ``generate`` is a loop over ``step()``, and sampling is per
+    request, so a request added mid-run gets the tokens it would get alone. Not thread-safe: one thread
+    owns a scheduler (``kiln serve`` runs it on a dedicated engine thread).
+    """
+
+    def __init__(self, engine: TorchEngine, concurrency: int,
+                 on_event: Callable[[TokenEvent], None] | None = None) -> None:
+        self.engine = engine
+        self.concurrency = concurrency
+        self.on_event = on_event
+        self._requests: dict[Hashable, GenerationRequest] = {}
+        self._submitted: dict[Hashable, float] = {}
+        self._pending: deque = deque()
+        self._slots: list[_Running | None] = [None] * engine.max_batch_size
+        self._ahead: _Step | None = None  # a greedy decode step launched whose tokens are not read yet
+        self._events: list[TokenEvent] = []
+        self._next_id = 0
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(s is not None for s in self._slots) or self._ahead is not None
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._pending)
+
+    def cached_tokens(self) -> int:
+        """KV cache positions the running requests hold (prompt + generated tokens)."""
+        return sum(s.position + 1 for s in self._slots if s is not None)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest, request_id: Hashable | None = None, *,
+            submitted_at: float | None = None, check: bool = True) -> Hashable:
+        """Queue ``request`` (checked against the engine's limits unless ``check=False``); returns its id.
+
+        Token times are measured from ``submitted_at`` (``time.perf_counter()``; default: now)."""
+        if request_id is None:  # the next integer no queued or running request uses
+            while self._next_id in self._requests:
+                self._next_id += 1
+            request_id, self._next_id = self._next_id, self._next_id + 1
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already queued or running")
+        if check:
+            self.engine.check_request(request, f"request {request_id}")
+        self._requests[request_id] = request
+        self._submitted[request_id] = time.perf_counter() if submitted_at is None else submitted_at
+        self._pending.append(request_id)
+        return request_id
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop a waiting or running request (its slot is free for the next step); False if unknown or done."""
+        if request_id not in self._requests:
+            return False
+        if request_id in self._pending:
+            self._pending.remove(request_id)
+        for slot, running in enumerate(self._slots):
+            if running is not None and running.index == request_id:
+                self._slots[slot] = None  # a launched step's token for it is dropped: the owner changed
+        self._forget(request_id)
+        return True
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Admit and prefill, or decode one token for every running request; the tokens produced, in order."""
+        engine, slots = self.engine, self._slots
+        self._events = []
+        with torch.inference_mode():
+            ahead = self._ahead
+            if ahead is None:
+                engine._admit(self._requests, self._pending, slots, self.concurrency, self._emit)
+            active = [i for i, s in enumerate(slots) if s is not None]
+            if ahead is None and not active:
+                return self._take_events()
+            if ahead is None and not engine._greedy(slots, active):
+                engine._stage(slots, active)
+                logits = engine._decode(engine._batch(active), engine._length(slots, active, 0))
+                if logits is not None:  # None on a pipeline stage before the last
+                    contiguous = active == list(range(len(active)))
+                    logits = logits[: len(active)] if contiguous else logits[torch.tensor(active, device=engine.device)]
+                for slot, token in zip(active, engine._sample(logits, [slots[i] for i in active]), strict=True):
+                    self._emit(slot, slots[slot], token)
+                return self._take_events()
+            if ahead is None:
+                engine._stage(slots, active)
+                ahead = engine._launch(slots, active, lookahead=0)
+            # Greedy steps feed themselves on the device (argmax -> next input), so the following step
+            # is queued before this one is read and the GPU never waits for Python. It is queued only
+            # when no request can end by length with ``ahead`` and nobody waits to join; a request that
+            # ends on a stop token (or is cancelled) meanwhile gets one extra token computed, never emitted.
+            following = None
+            if (ahead.active == active and not (self._pending and len(active) < self.concurrency)
+                    and all(len(slots[i].tokens) + 1 < slots[i].request.sampling.max_new_tokens for i in active)):
+                following = engine._launch(slots, active, lookahead=1)
+            for slot, token in zip(ahead.active, ahead.tokens(), strict=True):
+                if slots[slot] is ahead.owners[slot]:
+                    self._emit(slot, slots[slot], token)
+            self._ahead = following
+        return self._take_events()
+
+    def _emit(self, slot: int, running: _Running, token: int) -> None:
+        running.tokens.append(token)
+        running.times.append(time.perf_counter() - self._submitted[running.index])
+        reason = running.finish_reason()
+        result = None
+        if reason is not None:
+            result = GenerationResult(running.tokens, reason, running.times[0], running.times)
+            self._slots[slot] = None
+            self._forget(running.index)
+        event = TokenEvent(running.index, token, running.times[-1], result)
+        self._events.append(event)
+        if self.on_event is not None:  # e.g. a prefill's first tokens reach their clients before the decode runs
+            self.on_event(event)
+
+    def _forget(self, request_id: Hashable) -> None:
+        self._requests.pop(request_id, None)
+        self._submitted.pop(request_id, None)
+
+    def _take_events(self) -> list[TokenEvent]:
+        events, self._events = self._events, []
+        return events
