@@ -96,5 +96,5 @@ def torch_extensions_dir() -> Path:
 
 
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KILN_API_KEY")
 """Values of these never reach logs, Prefect artifacts or MLflow params (see kiln.redact)."""
