@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -44,3 +46,16 @@ def print_table(table: Any) -> None:
         console.print(table, crop=False)
     finally:
         console.width = width
+
+
+def jsonl_rows(path: Path, error: type[Exception], missing: str = "no such file") -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for each non-blank line of ``path``; ``error`` names the file and line."""
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: not JSON: {exc}") from None

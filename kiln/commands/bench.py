@@ -34,18 +34,11 @@ def _levels(text: str) -> list[int]:
 
 def _dataset(path: Path, output_len: int) -> list[tuple[str | list[int], int]]:
     """``{"prompt": "..."}`` or ``{"prompt_token_ids": [...]}`` per line, optional ``max_tokens``."""
+    from kiln.commands._common import jsonl_rows
     from kiln.errors import KilnInputError
 
-    if not path.is_file():
-        raise KilnInputError(f"{path}: no such dataset file")
     rows: list[tuple[str | list[int], int]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KilnInputError(f"{path}:{number}: not JSON: {exc}") from None
+    for number, item in jsonl_rows(path, KilnInputError, "no such dataset file"):
         prompt = item.get("prompt_token_ids", item.get("prompt")) if isinstance(item, dict) else None
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
             raise KilnInputError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"prompt_token_ids": [...]}}')

@@ -68,15 +68,9 @@ def _read_prompts(prompts: list[str], input_file: Path | None) -> list[dict[str,
 
     items: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
     if input_file is not None:
-        if not input_file.is_file():
-            raise GenerationLimitError(f"{input_file}: no such file")
-        for number, line in enumerate(input_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GenerationLimitError(f"{input_file}:{number}: not JSON: {exc}") from None
+        from kiln.commands._common import jsonl_rows
+
+        for number, item in jsonl_rows(input_file, GenerationLimitError):
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                 raise GenerationLimitError(f'{input_file}:{number}: expected {{"prompt": "...", ...}}')
             unknown = set(item) - {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed"}
