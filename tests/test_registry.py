@@ -510,3 +510,24 @@ def test_an_alias_moved_outside_kiln_is_noticed_by_versions_and_fetch(kiln_home:
     fetched = runner.invoke(app, ["fetch", "moved@production", "--target", "cpu", "--output", str(tmp_path / "o")],
                             env={"COLUMNS": "200"})
     assert fetched.exit_code == 0 and "moved outside kiln" in " ".join(fetched.output.split())
+
+
+def test_runs_show_curves_their_source_and_open_on_the_runs_view(kiln_home: Path, tmp_path: Path) -> None:
+    """Per-concurrency metrics also form one series with step = concurrency (MLflow draws a curve), runs carry
+    MLflow's user/source tags, and the experiment is marked as model runs (not MLflow 3's GenAI overview)."""
+    import getpass
+
+    registry = Registry(model_name="curves")
+    check_registry(registry)
+    published = publish(make_engine(tmp_path / "a"), registry=registry, build_key=key(7),
+                        lineage={"recipe": "fp8", "target": "cpu"},
+                        metrics={"itl_p50_ms_c1": 12.0, "itl_p50_ms_c4": 15.5, "tokens_per_s": 80.0},
+                        params={}, artifacts=[], passed_gates=True, recommended=True)
+    client = MlflowClient(registry.resolved_tracking_uri)
+    history = client.get_metric_history(published.run_id, "itl_p50_ms")
+    assert sorted((m.step, m.value) for m in history) == [(1, 12.0), (4, 15.5)]
+    run = client.get_run(published.run_id)
+    assert run.data.metrics["itl_p50_ms_c4"] == 15.5  # the names the gates read stay
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.name"].startswith("kiln")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

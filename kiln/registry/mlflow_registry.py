@@ -21,6 +21,8 @@ from typing import Any
 from kiln.errors import NotPromotableError, RegistryError, VersionNotFoundError
 from kiln.registry import naming as N
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds model runs
+EXPERIMENT_KIND, CLASSIC_RUNS = "mlflow.experimentKind", "custom_model_development"
 HISTORY_LIMIT = 200
 """Entries kept per alias history tag (a tag value holds up to 100,000 characters)."""
 
@@ -135,11 +137,14 @@ def ensure_experiment(mlflow_client: Any, tracking_uri: str, model: str) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(experiment.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND) != CLASSIC_RUNS:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, CLASSIC_RUNS)
         return experiment.experiment_id
     root = _local_artifact_root(tracking_uri)
     location = f"{root}/{model}" if root else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location, tags={N.TAG_MODEL: model})
+        return mlflow_client.create_experiment(name, artifact_location=location,
+                                               tags={N.TAG_MODEL: model, EXPERIMENT_KIND: CLASSIC_RUNS})
     except Exception:
         experiment = mlflow_client.get_experiment_by_name(name)  # created concurrently
         if experiment is None:
