@@ -41,11 +41,16 @@ def report(request: BuildRequest, snapshot: Snapshot, outcomes: list[Outcome]) -
                                  description=f"kiln build {request.name}")
         tracking = request.registry.resolved_tracking_uri
         for o in outcomes:
-            if o.uri and o.version:
-                page = mlflow_link(tracking, o)
-                create_link_artifact(redact(o.uri), link_text=f"{o.model_name} v{o.version}",
-                                     key=artifact_key("kiln-engine", request.name, o.recipe, o.target),
-                                     description=redact(f"{o.recipe} x {o.target}: {o.verdict}" + (f" ({page})" if page else "")))
+            if not (o.uri and o.version):
+                continue
+            key = artifact_key("kiln-engine", request.name, o.recipe, o.target)
+            description = redact(f"{o.recipe} x {o.target}: {o.verdict}; files at {o.uri}")
+            if page := engine_link(tracking, o):
+                create_link_artifact(redact(page), link_text=f"{o.model_name} v{o.version}", key=key,
+                                     description=description)
+            else:
+                create_markdown_artifact(redact(f"{o.model_name} v{o.version}: `{o.uri}`"), key=key,
+                                         description=description)
         ev.note = str(written.results_path.parent)
         return markdown
 
@@ -61,6 +66,16 @@ def links_markdown(request: BuildRequest, outcomes: list[Outcome], report_uri: s
         mlflow = f" · [MLflow]({page})" if page else f" · MLflow `{o.model_name}` v{o.version} at `{tracking}`"
         lines.append(f"- {o.recipe} x {o.target}: [{o.model_name} v{o.version}]({o.uri}){mlflow}")
     return "\n".join(lines) + "\n"
+
+
+def engine_link(tracking_uri: str, outcome: Outcome) -> str | None:
+    """What a browser can open from the Prefect UI for a registered engine: its MLflow version page where a
+    tracking server is configured, its files where they are served over http(s); None (show the path as
+    text) for a file:// store with local SQLite tracking."""
+    page = mlflow_link(tracking_uri, outcome)
+    if page is None and outcome.uri and outcome.uri.startswith(("http://", "https://")):
+        page = outcome.uri
+    return page
 
 
 def mlflow_link(tracking_uri: str, outcome: Outcome) -> str | None:

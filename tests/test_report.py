@@ -174,3 +174,15 @@ def test_piped_report_is_full_width_and_machine_output_stays_clean(kiln_home: Pa
     assert both.exit_code == 0
     assert BuildResults.model_validate(json.loads(both.stdout)) == results  # stdout: the JSON alone
     assert "wrote" in both.stderr and (kiln_home / "plots" / "pareto.png").is_file()
+
+
+def test_engine_links_are_pages_a_browser_opens() -> None:
+    """The Prefect UI cannot open file:// links: an http tracking server gets the MLflow version page, a local
+    file store gets no link (its path is shown as text)."""
+    from kiln.tasks.build import Outcome
+    from kiln.tasks.report import engine_link
+
+    local = Outcome(recipe="fp8", target="cpu", status="registered", verdict="pass", model_name="m.cpu", version="3",
+                    uri="file:///home/k/store/m/cpu/abc")
+    assert engine_link("sqlite:////home/k/mlflow.db", local) is None
+    assert engine_link("http://127.0.0.1:5000/", local) == "http://127.0.0.1:5000/#/models/m.cpu/versions/3"
