@@ -186,3 +186,25 @@ def test_engine_links_are_pages_a_browser_opens() -> None:
                     uri="file:///home/k/store/m/cpu/abc")
     assert engine_link("sqlite:////home/k/mlflow.db", local) is None
     assert engine_link("http://127.0.0.1:5000/", local) == "http://127.0.0.1:5000/#/models/m.cpu/versions/3"
+
+
+def test_a_table_too_wide_for_the_terminal_becomes_blocks_without_broken_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kiln.commands import _common
+
+    out = io.StringIO()
+    monkeypatch.setattr(_common, "console", Console(file=out, force_terminal=True, width=60, color_system=None))
+    table = Table(title="m: 1 version(s)")
+    for column in ("registered model", "version", "recipe", "aliases", "gates", "state", "created", "uri"):
+        table.add_column(column)
+    table.add_row("smollm2.cpu", "3", "int8-wo", "candidate, production", "passed", "published",
+                  "2026-12-02T15:04:35Z", "file:///home/k/store/smollm2/cpu/" + "ab" * 20)
+    _common.print_table(table)
+    text = out.getvalue()
+    assert "…" not in text
+    for word in ("candidate,", "production", "published", "2026-12-02T15:04:35Z", "int8-wo"):
+        assert word in text.split(), (word, text)  # whole, not folded across lines

@@ -32,14 +32,26 @@ def cli_errors() -> Iterator[None]:
 
 
 def print_table(table: Any) -> None:
-    """A table at full width when stdout is not a terminal (piped output is never cut to 80 columns); in a
-    terminal its cells wrap (``overflow="fold"``) instead of ending in "…"."""
-    for column in table.columns:
-        column.overflow = "fold"
-    if console.is_terminal:
-        console.print(table)
-        return
+    """A table that never cuts a cell: at full width when stdout is not a terminal (piped output is not cut
+    to 80 columns); in a terminal too narrow for it, one block of ``column: value`` lines per row, so
+    words are neither truncated to "…" nor broken mid-word."""
+    from rich.table import Table
+
     natural = console.measure(table, options=console.options.update_width(100_000)).maximum
+    if console.is_terminal:
+        if natural <= console.width:
+            console.print(table)
+            return
+        cells = [list(column.cells) for column in table.columns]
+        for index in range(table.row_count):
+            block = Table(show_header=False, box=None, pad_edge=False, title=table.title if index == 0 else None)
+            block.add_column(style="bold", no_wrap=True)
+            block.add_column(overflow="fold")
+            for column, values in zip(table.columns, cells, strict=True):
+                block.add_row(str(column.header), values[index])
+            console.print(block)
+            console.print()
+        return
     width = console.width
     console.width = max(width, natural)  # Console.print caps a width argument at the console's own
     try:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kiln.cli import app
 from kiln.commands._common import cli_errors, console
-from kiln.errors import KilnInputError, UnsupportedCombinationError
+from kiln.errors import KilnInputError, UnsupportedCombinationError, writing
 
 FORMATS = ("trtllm", "hf")
 DEVICES = ("auto", "cpu", "cuda")
@@ -98,9 +98,11 @@ def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt:
             def progress(done: int, total: int) -> None:
                 status.update(f"calibrating {recipe.name}: batch {done}/{total}")
 
-            result = quantize(Path(snapshot.path), recipe, layouts=[(tp, pp)], output_dir=staging, dtype=dtype,
-                              device=device, lineage=lineage, calibration=calibration, heldout=heldout,
-                              max_ppl_increase_pct=gate if measure else None, formats=(fmt,), on_progress=progress)
+            with writing("quantize", output):
+                result = quantize(Path(snapshot.path), recipe, layouts=[(tp, pp)], output_dir=staging, dtype=dtype,
+                                  device=device, lineage=lineage, calibration=calibration, heldout=heldout,
+                                  max_ppl_increase_pct=gate if measure else None, formats=(fmt,),
+                                  on_progress=progress)
         produced = result.trtllm_dirs[layout_key(tp, pp)] if fmt == "trtllm" else result.hf_dir
         if output.exists():
             output.rmdir()  # checked empty above

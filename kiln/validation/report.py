@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.table import Table
 
 from kiln import constants
-from kiln.errors import KilnInputError
+from kiln.errors import KilnInputError, writing
 from kiln.validation import plots
 from kiln.validation.gates import recommend
 
@@ -207,6 +207,11 @@ class WrittenReport:
 def write_report(results: BuildResults, output_dir: Path | None = None) -> WrittenReport:
     """Write ``results.json``, ``report.md`` and the plots (Pareto, latency vs throughput per target)."""
     out = Path(output_dir) if output_dir else report_dir(results.build)
+    with writing("report", out):
+        return _write_report(results, out)
+
+
+def _write_report(results: BuildResults, out: Path) -> WrittenReport:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(results)
     (out / REPORT_FILE).write_text(text)
