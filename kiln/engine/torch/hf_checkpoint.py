@@ -118,7 +118,8 @@ def read_hf_spec(directory: Path, max_seq_len: int | None = None) -> tuple[Model
         raise ModelSourceError(f"{path}: layer_types has {len(layer_types)} entries for {num_layers} layers")
     sliding = "sliding_attention" in layer_types
     max_seq_len = max_seq_len or need("max_position_embeddings")
-    tables = _rope_tables(Path(directory), layer_types, max_seq_len)
+    # all-full layer types name one table "default" (what rope_kind answers when the spec keeps no layer types)
+    tables = _rope_tables(Path(directory), layer_types if sliding else [], max_seq_len)
     rotary = 2 * next(iter(tables.values()))[0].numel()
     numerics = {**family.numerics(config), **family.fixed_numerics}
     spec = ModelSpec(

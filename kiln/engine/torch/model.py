@@ -288,8 +288,9 @@ class DecoderModel(nn.Module):
             angles = torch.cat((freqs, freqs), dim=-1)
             # transformers scales cos/sin (LongRoPE's attention factor) in float32, then rounds
             self.rope[kind] = ((angles.cos() * scaling).to(dtype).to(device), (angles.sin() * scaling).to(dtype).to(device))
-        self.rope.setdefault("default", next(iter(self.rope.values())))
-        self.cos, self.sin = self.rope["default"]
+        # the first table under its own name too (engines without layer types have only "default"); held as
+        # attributes so weight_bytes counts the tables once
+        self.cos, self.sin = self.rope.get("default") or next(iter(self.rope.values()))
 
     def weight_bytes(self) -> int:
         seen = {id(t): t for t in self._tensors()}
