@@ -52,12 +52,9 @@ def print_table(table: Any) -> None:
             console.print(block)
             console.print()
         return
-    width = console.width
-    console.width = max(width, natural)  # Console.print caps a width argument at the console's own
-    try:
-        console.print(table, crop=False)
-    finally:
-        console.width = width
+    # a console of its own at the table's width (Console.print caps a width argument at the console's own,
+    # and setting the shared console's width would pin it for every later command in the process)
+    Console(file=console.file, width=max(console.width, natural), no_color=console.no_color).print(table, crop=False)
 
 
 def jsonl_rows(path: Path, error: type[Exception], missing: str = "no such file") -> Iterator[tuple[int, Any]]:

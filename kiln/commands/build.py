@@ -74,17 +74,24 @@ def build_command(
         from kiln.tasks import progress
 
         started = time.perf_counter()
-        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the build as Ctrl-C does
+        interrupted: list[int] = []
+
+        def interrupt(signum: int, frame: object) -> None:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+        # Ctrl-C and a scheduler's SIGTERM stop the build alike; remembered, because Prefect may turn the
+        # KeyboardInterrupt into another error when it lands inside its own bookkeeping
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             with _StepProgress() as display, progress.listening(display.show):
                 outcomes = build(profile=str(profile), dispatch=dispatch)
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not interrupted and not isinstance(exc, KeyboardInterrupt):
+                raise
             _stop_interrupted(progress.started_runs, time.perf_counter() - started)
         _print_summary(outcomes, time.perf_counter() - started)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _stop_interrupted(runs: dict[str, str], seconds: float) -> None:
