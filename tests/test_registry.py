@@ -531,3 +531,27 @@ def test_runs_show_curves_their_source_and_open_on_the_runs_view(kiln_home: Path
     assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.name"].startswith("kiln")
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_interrupt_mid_registration_ends_the_run_killed_and_a_rerun_completes(kiln_home: Path, tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or kiln build's SIGTERM handler) lands while the version is being created: the MLflow run ends
+    KILLED instead of RUNNING forever, and the rerun of the same build completes one version."""
+    from kiln.registry import mlflow_registry
+
+    registry = Registry(model_name="cut")
+    check_registry(registry)
+    real = mlflow_registry.ensure_registered_model
+
+    def interrupted(*args, **kwargs):  # the signal arrives between logging the run and registering the version
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow_registry, "ensure_registered_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        do_publish(make_engine(tmp_path / "a"), registry, key(9))
+    client = MlflowClient(registry.resolved_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(mlflow_registry.N.experiment_name("cut")).experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    monkeypatch.setattr(mlflow_registry, "ensure_registered_model", real)
+    again = do_publish(make_engine(tmp_path / "a2"), registry, key(9))
+    assert again.version == "1" and client.get_run(again.run_id).info.status == "FINISHED"

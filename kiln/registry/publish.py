@@ -185,33 +185,38 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
         run_id = R.find_run(mlflow_client, experiment_id, build_key)
         if run_id is None:
             run_id = mlflow_client.create_run(experiment_id, run_name=f"{recipe}.{target}", tags=tags).info.run_id
-        _log_run(mlflow_client, run_id, tags, lineage, metrics, params, artifacts, manifest_bytes)
+        try:
+            _log_run(mlflow_client, run_id, tags, lineage, metrics, params, artifacts, manifest_bytes)
 
-        R.ensure_registered_model(mlflow_client, name, model, target)
-        versions = R.find_versions(mlflow_client, name, build_key)
-        reused = bool(versions)
-        if not versions:
-            created = mlflow_client.create_model_version(
-                name, source=version_store.uri, run_id=run_id,
-                tags={**tags, N.TAG_STATE: N.STATE_REGISTERING},
-                description=f"{recipe} on {target}, build {build_key[:12]}, gates {gates}")
+            R.ensure_registered_model(mlflow_client, name, model, target)
             versions = R.find_versions(mlflow_client, name, build_key)
-            for duplicate in versions[1:]:  # a concurrent publisher of the same key: lowest version wins
-                if str(duplicate.version) == str(created.version):
-                    mlflow_client.delete_model_version(name, str(duplicate.version))
-                    reused = True
-            versions = versions[:1] or [created]
-        mv = versions[0]
-        version = str(mv.version)
-        # The version's own tags decide, not this call's arguments: a rerun completes what was recorded.
-        mv_tags = mv.tags or {}
-        candidate = mv_tags.get(N.TAG_GATES) == "passed" and mv_tags.get(N.TAG_RECOMMENDED) == "true"
-        if mv_tags.get(N.TAG_STATE) != N.STATE_PUBLISHED:
-            if candidate and N.CANDIDATE not in (mv.aliases or []):
-                R.move_alias(mlflow_client, name, N.CANDIDATE, version, action="publish",
-                             reason=f"build {build_key[:12]} passed its gates and was recommended")
-            mlflow_client.set_model_version_tag(name, version, N.TAG_STATE, N.STATE_PUBLISHED)
-        mlflow_client.set_terminated(run_id, "FINISHED")
+            reused = bool(versions)
+            if not versions:
+                created = mlflow_client.create_model_version(
+                    name, source=version_store.uri, run_id=run_id,
+                    tags={**tags, N.TAG_STATE: N.STATE_REGISTERING},
+                    description=f"{recipe} on {target}, build {build_key[:12]}, gates {gates}")
+                versions = R.find_versions(mlflow_client, name, build_key)
+                for duplicate in versions[1:]:  # a concurrent publisher of the same key: lowest version wins
+                    if str(duplicate.version) == str(created.version):
+                        mlflow_client.delete_model_version(name, str(duplicate.version))
+                        reused = True
+                versions = versions[:1] or [created]
+            mv = versions[0]
+            version = str(mv.version)
+            # The version's own tags decide, not this call's arguments: a rerun completes what was recorded.
+            mv_tags = mv.tags or {}
+            candidate = mv_tags.get(N.TAG_GATES) == "passed" and mv_tags.get(N.TAG_RECOMMENDED) == "true"
+            if mv_tags.get(N.TAG_STATE) != N.STATE_PUBLISHED:
+                if candidate and N.CANDIDATE not in (mv.aliases or []):
+                    R.move_alias(mlflow_client, name, N.CANDIDATE, version, action="publish",
+                                 reason=f"build {build_key[:12]} passed its gates and was recommended")
+                mlflow_client.set_model_version_tag(name, version, N.TAG_STATE, N.STATE_PUBLISHED)
+            mlflow_client.set_terminated(run_id, "FINISHED")
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM mid-registration: the run ends KILLED, not RUNNING forever
+            with contextlib.suppress(Exception):
+                mlflow_client.set_terminated(run_id, "KILLED")
+            raise
     return PublishedVersion(name, version, mv.source, reused=reused, run_id=run_id, candidate=candidate)
 
 
