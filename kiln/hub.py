@@ -313,7 +313,7 @@ def check_architecture(config: dict[str, Any], where: str) -> str:
     return architecture
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
@@ -346,7 +346,7 @@ def _tensor_headers(files: list[Path]) -> dict[str, tuple[list[int], str]]:
     return headers
 
 
-def _config_int(config: dict[str, Any], key: str, where: Path) -> int:
+def config_int(config: dict[str, Any], key: str, where: Path) -> int:
     value = config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ModelSourceError(f"{where}: {key} must be a positive integer, got {value!r}")
@@ -400,11 +400,11 @@ def inspect_model(path: Path) -> ModelInfo:
     config_path = path / "config.json"
     config = _read_json(config_path)
     architecture = check_architecture(config, str(path))
-    headers = _tensor_headers(_weight_files(path))
+    headers = _tensor_headers(weight_files(path))
     if not headers:
         raise ModelSourceError(f"{path}: the safetensors files hold no tensors")
-    num_heads = _config_int(config, "num_attention_heads", config_path)
-    hidden_size = _config_int(config, "hidden_size", config_path)
+    num_heads = config_int(config, "num_attention_heads", config_path)
+    hidden_size = config_int(config, "hidden_size", config_path)
     num_kv_heads = config.get("num_key_value_heads") or num_heads
     dtype = config.get("dtype") or config.get("torch_dtype")
     if not isinstance(dtype, str):
@@ -421,13 +421,13 @@ def inspect_model(path: Path) -> ModelInfo:
     return ModelInfo(
         architecture=architecture,
         model_type=str(config.get("model_type")),
-        num_layers=_config_int(config, "num_hidden_layers", config_path),
+        num_layers=config_int(config, "num_hidden_layers", config_path),
         hidden_size=hidden_size,
         num_heads=num_heads,
         num_kv_heads=int(num_kv_heads),
         head_dim=head_dim,
-        intermediate_size=_config_int(config, "intermediate_size", config_path),
-        vocab_size=_config_int(config, "vocab_size", config_path),
+        intermediate_size=config_int(config, "intermediate_size", config_path),
+        vocab_size=config_int(config, "vocab_size", config_path),
         torch_dtype=dtype.removeprefix("torch."),
         param_count=param_count,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from kiln.engine.torch.linear import runtime_tensors
-from kiln.engine.torch.spec import KV_CACHE_QUANT_ALGOS, QUANT_ALGOS, ModelSpec
+from kiln.engine.torch.spec import ModelSpec, check_quantization
 from kiln.engine.torch.weights import fuse_rows
 from kiln.errors import ModelSourceError
 from kiln.families import Family, family_for
+from kiln.hub import config_int, weight_files
 
 QUANT_CONFIG = "hf_quant_config.json"
 # ModelOpt's HF tensor suffixes -> the TensorRT-LLM checkpoint's, which runtime_tensors reads
@@ -93,21 +94,10 @@ def read_hf_spec(directory: Path, max_seq_len: int | None = None) -> tuple[Model
     config, quant, path = _read(directory)
     architecture = (config.get("architectures") or [None])[0]
     family = family_for(architecture, f"{path}: architectures", config.get("model_type"))
-    quant_algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    if quant_algo not in QUANT_ALGOS:
-        raise ModelSourceError(f"{path.parent / QUANT_CONFIG}: quant_algo {quant_algo!r} is not supported by the torch "
-                               f"engine; supported: {', '.join(str(a) for a in QUANT_ALGOS)}")
-    if kv_algo not in KV_CACHE_QUANT_ALGOS:
-        raise ModelSourceError(f"{path.parent / QUANT_CONFIG}: kv_cache_quant_algo {kv_algo!r}; supported: "
-                               f"{', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}")
-    if quant.get("has_zero_point"):
-        raise ModelSourceError(f"{path.parent / QUANT_CONFIG}: has_zero_point: true is not supported")
+    quant_algo, kv_algo = check_quantization(quant, f"{path.parent / QUANT_CONFIG}: quantization.")
 
     def need(key: str) -> int:
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ModelSourceError(f"{path}: {key} must be a positive integer, got {value!r}")
-        return value
+        return config_int(config, key, path)
 
     num_layers, hidden, heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
     head_size = int(config.get("head_dim") or hidden // heads)
@@ -239,14 +229,7 @@ def _experts(spec: ModelSpec, names: Any, hf: str, base: str, take: Any, linear:
 
 
 def _load(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(directory / shard))
-        return tensors
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise ModelSourceError(f"{directory}: no model.safetensors (nor an index); not an HF checkpoint export")
-    return load_file(single)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in weight_files(directory):  # model.safetensors, or the shards its index lists
+        tensors.update(load_file(shard))
+    return tensors

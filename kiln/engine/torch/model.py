@@ -388,7 +388,7 @@ class DecoderModel(nn.Module):
             rope = self._rows(positions)
             keys = torch.arange(length, device=tokens.device)
             key_mask = keys[None, :] <= positions[:, None]
-            key_masks = {None: key_mask, **{w: key_mask & (positions[:, None] - keys[None, :] < w) for w in self.windows}}
+            key_masks = self._windowed(key_mask, positions, keys, key_mask)
         h = self._stage_input(tokens)
         for layer in self.layers:
             h = layer.decode(h, rope, positions, cache, length, key_masks)

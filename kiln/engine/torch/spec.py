@@ -107,6 +107,22 @@ class ModelSpec:
         return 2 * self.num_layers * kv_local * self.head_size * element_size
 
 
+def check_quantization(quant: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """(quant_algo, kv_cache_quant_algo) of a checkpoint's quantization record, refused unless the torch engine
+    runs them; ``where`` prefixes each field name (the file, and the record's key in it)."""
+    quant_algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if quant_algo not in QUANT_ALGOS:
+        raise ModelSourceError(f"{where}quant_algo: {quant_algo!r} is not supported by the torch engine; "
+                               f"supported: {', '.join(str(a) for a in QUANT_ALGOS)}")
+    if kv_algo not in KV_CACHE_QUANT_ALGOS:
+        raise ModelSourceError(f"{where}kv_cache_quant_algo: {kv_algo!r}; "
+                               f"supported: {', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}")
+    if quant.get("has_zero_point"):
+        raise ModelSourceError(f"{where}has_zero_point: true is not supported (ModelOpt AWQ exports symmetric "
+                               "INT4 without zero points)")
+    return quant_algo, kv_algo
+
+
 def read_spec(checkpoint_dir: Path) -> ModelSpec:
     """Parse and validate ``checkpoint_dir/config.json`` (TensorRT-LLM checkpoint format)."""
     path = Path(checkpoint_dir) / "config.json"
@@ -146,17 +162,7 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
                                "use a checkpoint with full attention")
 
     quant = config.get("quantization") or {}
-    quant_algo = quant.get("quant_algo")
-    if quant_algo not in QUANT_ALGOS:
-        raise ModelSourceError(f"{path}: quantization.quant_algo: {quant_algo!r} is not supported by the torch "
-                               f"engine; supported: {', '.join(str(a) for a in QUANT_ALGOS)}")
-    kv_algo = quant.get("kv_cache_quant_algo")
-    if kv_algo not in KV_CACHE_QUANT_ALGOS:
-        raise ModelSourceError(f"{path}: quantization.kv_cache_quant_algo: {kv_algo!r}; "
-                               f"supported: {', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}")
-    if quant.get("has_zero_point"):
-        raise ModelSourceError(f"{path}: quantization.has_zero_point: true is not supported (ModelOpt AWQ "
-                               "exports symmetric INT4 without zero points)")
+    quant_algo, kv_algo = check_quantization(quant, f"{path}: quantization.")
     scaling = config.get("rotary_scaling")
     if scaling:
         kind = scaling.get("type") or scaling.get("rope_type")
