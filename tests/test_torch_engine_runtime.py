@@ -83,9 +83,15 @@ def test_in_flight_batching_equals_one_at_a_time(engine) -> None:
     assert order.index(3) > max(i for i, r in enumerate(order) if r == 1)
 
 
-def test_packed_prefill_equals_one_sequence_at_a_time(engine) -> None:
-    """Joining requests share one prefill pass: same last-token logits and the same K/V in each slot."""
-    prompts = [ids(n, 40 + n) for n in (7, 19, 3)]
+@pytest.mark.parametrize("lengths", [(7, 19, 3), (12, 16, 14), (9, 9, 9)],
+                         ids=["packed-mask", "padded-batch", "equal-lengths"])
+def test_packed_prefill_equals_one_sequence_at_a_time(engine, lengths) -> None:
+    """Joining requests share one prefill pass: same last-token logits and the same K/V in each slot, whether
+    the pass attends through one packed mask (lengths far apart) or as a right-padded causal batch."""
+    from kiln.engine.torch.model import Padded
+
+    assert Padded.pays(list(lengths)) == (lengths != (7, 19, 3))
+    prompts = [ids(n, 40 + n) for n in lengths]
     model, cache = engine.model, engine.cache
     with torch.inference_mode():
         alone = []

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.engine.torch import kernels
+from kiln.engine.torch.fused import on_cuda
 from kiln.engine.torch.linear import FP8_MAX, QuantLinear
 from kiln.engine.torch.moe import SLOTS, MoE, StackedExperts
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
@@ -66,6 +67,7 @@ class KVCache:
         return (k.to(self.dtype) * k_scale).to(self.dtype), (v.to(self.dtype) * v_scale).to(self.dtype)
 
 
+@on_cuda
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm (``w * normed.to(dtype)``); a float32 weight in a lower-precision engine is Gemma's
     ``1 + w``, which transformers multiplies in float32 before rounding once."""
@@ -75,6 +77,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * normed.to(x.dtype)
 
 
+@on_cuda
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE over the first ``cos.shape[-1]`` dims of each head (all of them but for partial rotary)."""
     dim = cos.shape[-1]
@@ -91,6 +94,12 @@ def _activation(name: str):
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
     raise ValueError(f"activation {name!r} is not supported; supported: silu, gelu_tanh")
+
+
+@on_cuda
+def _gate(act: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
+    """The gated MLP's ``act(gate) * up`` (SwiGLU, or GeGLU with tanh GELU)."""
+    return (F.silu(act) if name == "silu" else F.gelu(act, approximate="tanh")) * up
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -110,6 +119,36 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+class Padded:
+    """Sequences packed in ``[T, ...]`` attended as a right-padded batch ``[n, H, L, d]`` with a plain causal
+    mask: padding sits after each sequence's last key, so causality alone keeps it out of every real query,
+    and the fused (flash) kernel does ``n * L^2`` work where a packed ``[T, T]`` mask costs ``T^2`` and runs
+    on a slower masked kernel. Used for full-attention layers without a soft-cap."""
+
+    def __init__(self, seq: torch.Tensor, positions: torch.Tensor, count: int, length: int) -> None:
+        self.index, self.count, self.length = seq * length + positions, count, length
+        self.full = count * length == seq.shape[0]  # equal lengths: the packed rows already are the batch
+
+    @staticmethod
+    def pays(lengths: list[int]) -> bool:
+        """Whether padding costs less attention work than one packed mask (it does unless lengths vary a lot)."""
+        return len(lengths) * max(lengths) ** 2 <= sum(lengths) ** 2
+
+    def _pad(self, t: torch.Tensor) -> torch.Tensor:
+        out = t
+        if not self.full:
+            out = t.new_zeros(self.count * self.length, *t.shape[1:])
+            out[self.index] = t
+        return out.view(self.count, self.length, *t.shape[1:]).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None) -> torch.Tensor:
+        """``q [T, H, d]``, ``k``/``v [T, Hkv, d]`` -> ``[T, H * d]``."""
+        out = F.scaled_dot_product_attention(self._pad(q), self._pad(k), self._pad(v), is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = out.transpose(1, 2).reshape(self.count * self.length, -1)
+        return out if self.full else out[self.index]
 
 
 Rope = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -136,7 +175,8 @@ class DecoderLayer(nn.Module):
         # Unquantized gate/fc are fused into one GEMM at build time (runtime layout ``mlp.gate_up``).
         self.gate_up = linears.get("mlp.gate_up")
         self.fc, self.gate = linears.get("mlp.fc"), linears.get("mlp.gate")
-        self.moe, self.act = moe, _activation(spec.activation)
+        _activation(spec.activation)  # an unsupported name fails here, at load
+        self.moe, self.act = moe, spec.activation
         self.window, self.rope = spec.window(index), spec.rope_kind(index)
         self.scale, self.softcap = spec.attn_scale, spec.attn_softcap
         self.attention_kernel = attention_kernel  # decode through kernels.decode_attention
@@ -175,12 +215,12 @@ class DecoderLayer(nn.Module):
                 act, up = self.gate_up(x).chunk(2, dim=-1)
             else:
                 act, up = self.fc(x), self.gate(x)
-            out = self.proj(self.act(act) * up)
+            out = self.proj(_gate(act, up, self.act))
         return h + (out if self.post_mlp_norm is None else self._norm(out, self.post_mlp_norm))
 
     def prefill(self, h: torch.Tensor, rope: Rope, cache: KVCache | None,
                 where: tuple[torch.Tensor | int, torch.Tensor | None] | None,
-                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+                masks: dict[int | None, torch.Tensor | Padded | None]) -> torch.Tensor:
         """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write
         (``(slot, None)``: one sequence at positions ``0..T-1``); ``masks[window]`` ``[T, T]`` keeps each
         sequence causal, to itself and inside the layer's window (None: one sequence, plain causal)."""
@@ -199,10 +239,13 @@ class DecoderLayer(nn.Module):
             else:
                 cache.k[self.index][slots, :, positions] = kq
                 cache.v[self.index][slots, :, positions] = vq
-        attn = _attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       masks[self.window], scale=self.scale, softcap=self.softcap)
-        h = self._attention_out(h, attn[0].transpose(0, 1).reshape(n, -1))
-        return self._mlp(h)
+        mask = masks[self.window]
+        if isinstance(mask, Padded):
+            attn = mask.attend(q, k, v, scale=self.scale)
+        else:
+            attn = _attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                           mask, scale=self.scale, softcap=self.softcap)[0].transpose(0, 1).reshape(n, -1)
+        return self._mlp(self._attention_out(h, attn))
 
     def decode(self, h: torch.Tensor, rope: Rope, positions: torch.Tensor, cache: KVCache, length: int,
                key_masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
@@ -365,20 +408,39 @@ class DecoderModel(nn.Module):
             for layer in self.layers:
                 h = layer.prefill(h, rope, cache, where1, masks)
             return self._logits(h[-1:] if last_only else h) if self._last_stage(h) else None
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-        where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
-        mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
-        masks = self._windowed(mask, positions, positions, mask)
+        return self.prefill_packed(tokens, cache, slots, last_only, lengths)
+
+    def prefill_packed(self, tokens: torch.Tensor, cache: KVCache | None, slots: list[int] | None, last_only: bool,
+                       lengths: list[int]) -> torch.Tensor | None:
+        """``prefill`` of several sequences packed in ``tokens``: index tensors built here, the pass in
+        ``_packed`` (tensors and sizes only)."""
+        device = tokens.device
+        # built on the host and copied once: per-sequence device aranges cost a launch each
+        positions = torch.tensor([i for n in lengths for i in range(n)], device=device)
+        seq = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)], device=device)
+        where = None if slots is None else torch.tensor(slots, device=device)[seq]
+        ends = torch.tensor(lengths, device=device).cumsum(0) - 1 if last_only else None
+        padded = self.spec.attn_softcap is None and Padded.pays(lengths)
+        return self._packed(tokens, cache, where, positions, seq, ends, len(lengths), max(lengths), padded)
+
+    def _packed(self, tokens: torch.Tensor, cache: KVCache | None, slot_of: torch.Tensor | None,
+                positions: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor | None, count: int, length: int,
+                padded: bool) -> torch.Tensor | None:
+        masks: dict[int | None, torch.Tensor | Padded | None] = {}
+        if self.windows or not padded:
+            # sliding windows and soft-caps need the packed mask (SDPA's causal flag has neither)
+            mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
+            masks.update(self._windowed(mask, positions, positions, mask))
+        if padded:
+            masks[None] = Padded(seq, positions, count, length)
+        where = None if slot_of is None else (slot_of, positions)
         h = self._stage_input(tokens)
         rope = self._rows(positions)
         for layer in self.layers:
             h = layer.prefill(h, rope, cache, where, masks)
         if not self._last_stage(h):
             return None
-        if last_only:
-            h = h[torch.tensor(lengths, device=device).cumsum(0) - 1]
-        return self._logits(h)
+        return self._logits(h if ends is None else h[ends])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
