@@ -62,7 +62,8 @@ def deployed(prefect_server: PrefectServer, tmp_path_factory, _local_hub_server,
 def test_prefect_deploy_all_creates_the_four_deployments_and_a_target_deployment_per_pool(prefect_server, deployed):
     listing = prefect_server.cli("deployment", "ls").stdout
     for name in ("kiln-build/build", "kiln-promote/promote", "kiln-rollback/rollback", "kiln-revalidate/revalidate",
-                 "kiln-watch/watch", "kiln-target/kiln-cpu", "kiln-target/kiln-h100", "kiln-target/kiln-h100-trtllm"):
+                 "kiln-watch/watch", "kiln-target/kiln-cpu", "kiln-target/kiln-h100", "kiln-target/kiln-h200",
+                 "kiln-target/kiln-h100-trtllm"):
         assert name in listing, listing
 
 

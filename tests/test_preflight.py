@@ -320,3 +320,26 @@ def test_a_multi_rank_torch_target_is_refused_by_a_build_and_says_how_to_run_it(
     trt_tp2 = H100.model_copy(update={"gpus_per_worker": 2, "limits": H100.limits.model_copy(update={"tp_size": 2})})
     assert not [f for f in preflight.check_request(request([NONE], [trt_tp2]), local_targets=False)
                 if f.level == "error"]
+
+
+LLAMA_8B = ModelInfo(architecture="LlamaForCausalLM", model_type="llama", num_layers=32, hidden_size=4096,
+                     num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
+                     torch_dtype="bfloat16", param_count=8_030_261_248, tie_word_embeddings=False,
+                     attention_bias=False, max_position_embeddings=131072)
+"""Llama-3.1-8B's published config.json shape and parameter count (an input, not a measured result)."""
+
+
+def test_throughput_target_fits_an_8b_model_and_pre_flight_refuses_twice_its_batch() -> None:
+    """The packaged h200-torch target (256 sequences of 2048 tokens) fits a Llama-3.1-8B in bf16 with its
+    bf16 KV cache; at 512 sequences the KV cache alone passes the H200's memory unless it is FP8."""
+    from kiln.profiles import library
+
+    targets, _ = library("targets")
+    h200 = Target.model_validate(targets["h200-torch"])
+    assert h200.limits.max_batch_size >= 256 and h200.gpu_memory_gib == 141
+    assert [f.level for f in preflight.memory_findings(NONE, h200, LLAMA_8B)] == ["ok"]
+    double = h200.model_copy(update={"limits": h200.limits.model_copy(update={"max_batch_size": 512})})
+    found = preflight.memory_findings(NONE, double, LLAMA_8B)
+    assert found[0].level == "error" and "max_batch_size" in found[0].message
+    fp8_kv = Recipe(name="fp8-kv", quantization="fp8", kv_cache_dtype="fp8")
+    assert [f.level for f in preflight.memory_findings(fp8_kv, double, LLAMA_8B)] == ["ok"]
