@@ -16,7 +16,7 @@ from prefect import flow
 from pydantic import TypeAdapter
 
 from kiln.cache import canonical_json
-from kiln.errors import KilnError
+from kiln.errors import DeploymentNotFoundError, KilnError
 from kiln.profiles import BuildRequest
 from kiln.tasks.build import Checkpoint, Outcome, Snapshot, compile_engine
 from kiln.tasks.validate import backend_skip, choose_recommended, register, skipped, validate
@@ -82,6 +82,7 @@ def _use_deployments(dispatch: str) -> bool:
 def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: Snapshot,
                  checkpoints: dict[str, Checkpoint], heldout: Any) -> list[dict]:
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     name = f"{TARGET_FLOW}/{work_pool}"
     parameters = {"request": request, "target": target, "snapshot": snapshot, "checkpoints": checkpoints,
@@ -89,11 +90,10 @@ def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: S
     try:
         run = run_deployment(name, parameters=_json(parameters), timeout=None, poll_interval=2,
                              flow_run_name=f"{request.name}-{target}-{snapshot.sha[:8]}")
-    except Exception as exc:
-        if "not found" in str(exc).lower() or "404" in str(exc):
-            raise KilnError(f"no deployment {name!r} for target {target!r}: add it to prefect.yaml (one "
-                            f"kiln-target deployment per work pool) and run `prefect deploy --all`") from exc
-        raise
+    except ObjectNotFound as exc:
+        raise DeploymentNotFoundError(f"no deployment {name!r} for target {target!r}: add it to prefect.yaml (one "
+                                      f"kiln-target deployment per work pool) and run `prefect deploy --all`",
+                                      deployment=name, target=target) from exc
     if not run.state or not run.state.is_completed():
         raise KilnError(f"target {target!r} ({name}, flow run {run.id}) ended {run.state.name if run.state else 'unknown'}: "
                         f"{run.state.message if run.state else ''}")

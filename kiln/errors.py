@@ -4,6 +4,10 @@
 recipe x target): the CLI exits with code 2 for them, before any expensive step. ``TransientError`` and its
 subclasses may pass on a retry (a hub or store that is down or busy): the CLI exits with 75 (EX_TEMPFAIL),
 so schedulers retry them instead of paging a human for a bad profile.
+
+Retries and exit codes are decided from two typed attributes, never from an error's class name or text:
+``retryable`` (:func:`is_retryable` walks the cause chain) and ``exit_code``. The places that map
+huggingface_hub, MLflow, boto3 and Prefect errors onto these classes set ``retryable`` and the typed fields.
 """
 
 from __future__ import annotations
@@ -17,9 +21,15 @@ from collections.abc import Iterator
 class KilnError(Exception):
     """Base class of every error kiln raises on purpose."""
 
-    exit_code = 1
-    retryable = False
-    """Whether the same call may succeed later unchanged (a service down or busy), not the input."""
+    exit_code: int = 1
+    retryable: bool | None = None
+    """True: the same call may succeed later unchanged (a service down or busy); False: never, the input or
+    the configuration must change; None: kiln's own check, so whatever caused it decides (no cause: False)."""
+
+    def __init__(self, *args: object, retryable: bool | None = None) -> None:
+        super().__init__(*args)
+        if retryable is not None:  # an instance attribute: pickled and restored with the error
+            self.retryable = retryable
 
 
 class TransientError(KilnError):
@@ -32,8 +42,14 @@ class TransientError(KilnError):
 class HubUnavailableError(TransientError):
     """The Hugging Face hub (``HF_ENDPOINT``) answered 5xx/429 or could not be reached, and nothing is cached.
 
-    Example: ``HubUnavailableError("model: hub repo 'org/m' at http://hub is failing or busy (HTTP 503) ...")``
+    Example: ``HubUnavailableError("model: hub repo 'org/m' at http://hub is failing or busy (HTTP 503) ...",
+    repo_id="org/m", status=503)``; ``status`` is None when the hub could not be reached at all.
     """
+
+    def __init__(self, message: str, *, repo_id: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.status = status
 
 
 class KilnInputError(KilnError, ValueError):
@@ -78,7 +94,30 @@ class GenerationLimitError(KilnInputError):
 
 
 class RegistryError(KilnError):
-    """The artifact store or MLflow registry refused or could not be reached."""
+    """The artifact store or MLflow registry refused or could not be reached (a build's register step retries it).
+
+    ``where`` is the store key or tracking URI; ``code`` the service's error code (S3 ``SlowDown``, MLflow
+    ``INTERNAL_ERROR``) or None when it could not be reached.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, where: str | None = None, code: str | None = None,
+                 retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.where = where
+        self.code = code
+
+
+class DeploymentNotFoundError(KilnError):
+    """A target's ``kiln-target/<work pool>`` deployment is not on the Prefect server: add it to prefect.yaml."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, deployment: str | None = None, target: str | None = None) -> None:
+        super().__init__(message)
+        self.deployment = deployment
+        self.target = target
 
 
 class IntegrityError(KilnError):
@@ -95,6 +134,8 @@ class RegistryConfigError(KilnInputError, RegistryError):
     Example: ``RegistryConfigError("s3://engines/kiln: bucket 'engines' does not exist: create it or fix store_uri")``
     Network failures (endpoint down, timeouts) stay ``RegistryError``: they may pass on a retry.
     """
+
+    retryable = False
 
 
 class VersionNotFoundError(KilnInputError):
@@ -116,6 +157,30 @@ class DiskFullError(KilnError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failed step may pass on a retry: the first error in the cause chain that decides it (a kiln
+    error's ``retryable``; an HTTP answer of 5xx/429; a connection failure or timeout). Bad input, a refused
+    credential and kiln's own checks fail the same way every time, so they are never retried."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        decided = seen.retryable if isinstance(seen, KilnError) else _third_party_retryable(seen)
+        if decided is not None:
+            return decided
+        seen = seen.__cause__
+    return False
+
+
+def _third_party_retryable(exc: BaseException) -> bool | None:
+    import httpx
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):  # an HTTP answer (the hub's errors are OSErrors too): busy or down only
+        return status >= 500 or status == 429
+    if isinstance(exc, OSError | TimeoutError | httpx.TransportError):
+        return True  # connection refused/reset, timeouts
+    return None
 
 
 def disk_full(step: str, path: os.PathLike | str, exc: BaseException) -> DiskFullError | None:

@@ -162,38 +162,39 @@ def _hub_errors(model: HubModel, where: str, offline: bool, token: str | None) -
     except RevisionNotFoundError as exc:
         raise ModelSourceError(
             f"model.revision: {model.revision!r} is not a branch, tag or commit of {where}; "
-            "use one that exists (e.g. main, a release tag, or a full 40-character commit sha)"
+            "use one that exists (e.g. main, a release tag, or a full 40-character commit sha)", retryable=False
         ) from _scrubbed(exc, token)
     except GatedRepoError as exc:
         raise ModelSourceError(
             f"model.repo_id: {where} is gated: accept its terms on the hub with your account, then set HF_TOKEN "
-            "to a token of that account"
+            "to a token of that account", retryable=False
         ) from _scrubbed(exc, token)
     except RepositoryNotFoundError as exc:
         raise ModelSourceError(
             f"model.repo_id: {where} does not exist or is not visible: check the name (owner/name); for a "
-            "private repo set HF_TOKEN to a token that can read it"
+            "private repo set HF_TOKEN to a token that can read it", retryable=False
         ) from _scrubbed(exc, token)
     except (RevisionResolutionError, LocalEntryNotFoundError) as exc:
         if offline:
             raise ModelSourceError(
                 f"model: HF_HUB_OFFLINE is set and {model.repo_id}@{model.revision} is not in the cache "
                 f"{constants.hf_cache_dir()}: fetch it once online (unset HF_HUB_OFFLINE), or pin "
-                "model.revision to a commit sha that is cached"
+                "model.revision to a commit sha that is cached", retryable=False
             ) from _scrubbed(exc, token)
         raise HubUnavailableError(
             f"model: cannot reach {where} and {model.repo_id}@{model.revision} is not cached: check HF_ENDPOINT "
-            "and the network, or set HF_HUB_OFFLINE=1 to use a cached snapshot"
+            "and the network, or set HF_HUB_OFFLINE=1 to use a cached snapshot", repo_id=model.repo_id
         ) from _scrubbed(exc, token)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if isinstance(status, int) and (status >= 500 or status == 429):
             raise HubUnavailableError(
                 f"model: {where} is failing or busy (HTTP {status}); the build's download step retries this, "
-                "try again later if it persists"
+                "try again later if it persists", repo_id=model.repo_id, status=status
             ) from _scrubbed(exc, token)
         raise ModelSourceError(
-            f"model: {where} refused the request (HTTP {status}); check HF_TOKEN's permissions and HF_ENDPOINT"
+            f"model: {where} refused the request (HTTP {status}); check HF_TOKEN's permissions and HF_ENDPOINT",
+            retryable=False,
         ) from _scrubbed(exc, token)
 
 

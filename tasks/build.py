@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from kiln import cache
-from kiln.errors import GateFailedError, KilnInputError
+from kiln.errors import GateFailedError, KilnInputError, is_retryable
 from kiln.families import Family
 from kiln.profiles import BuildRequest, Gates, Recipe, Target, load_request
 from kiln.quantize import Perplexity
@@ -27,33 +27,8 @@ BASELINE = Recipe(name="baseline", quantization="none")
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a network step's failure may pass on a retry: a connection, timeout or server-side error
-    anywhere in its cause chain, or an unreachable registry. Bad input and kiln's own checks fail the same
-    way every time (a missing revision, a refused credential, a bug), so they are never retried."""
-    from kiln.errors import RegistryConfigError, RegistryError
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, RegistryConfigError):
-            return False
-        if isinstance(seen, RegistryError) or _network_failure(seen):
-            return True
-        seen = seen.__cause__
-    return False
-
-
-def _network_failure(exc: BaseException) -> bool:
-    import httpx
-
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(status, int):  # an HTTP answer (the hub's errors are OSErrors too): busy or down only
-        return status >= 500 or status == 429
-    if isinstance(exc, OSError | TimeoutError | httpx.TransportError):  # connection refused/reset, timeouts
-        return True
-    from kiln.constants import hf_offline
-
-    # the hub was unreachable and nothing was cached: transient unless the user asked for offline
-    return type(exc).__name__ in {"LocalEntryNotFoundError", "RevisionResolutionError"} and not hf_offline()
+    """Whether a network step's failure may pass on a retry (:func:`kiln.errors.is_retryable`)."""
+    return is_retryable(exc)
 
 
 def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

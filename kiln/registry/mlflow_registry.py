@@ -71,10 +71,12 @@ def mlflow_errors(tracking_uri: str, action: str) -> Iterator[None]:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise VersionNotFoundError(f"{action}: {exc.message} (tracking URI {tracking_uri})") from None
         raise RegistryError(f"MLflow at {tracking_uri}: {action} failed: {exc.message}. Check that the "
-                            "server is up and MLFLOW_TRACKING_URI / the profile's tracking_uri") from None
+                            "server is up and MLFLOW_TRACKING_URI / the profile's tracking_uri",
+                            where=tracking_uri, code=exc.error_code) from None
     except OSError as exc:  # requests' ConnectionError is an OSError
         raise RegistryError(f"MLflow at {tracking_uri}: {action} failed: cannot reach it ({exc}); start the "
-                            "server or fix MLFLOW_TRACKING_URI / the profile's tracking_uri") from None
+                            "server or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
+                            where=tracking_uri, retryable=True) from None
 
 
 def client(tracking_uri: str) -> Any:
@@ -105,10 +107,11 @@ def check_tracking(tracking_uri: str, model: str) -> None:
             response = requests.get(tracking_uri.rstrip("/") + "/health", timeout=5)
         except requests.RequestException as exc:
             raise RegistryError(f"MLflow tracking server {tracking_uri} is unreachable ({type(exc).__name__}); "
-                                "start it or fix MLFLOW_TRACKING_URI / the profile's tracking_uri") from None
+                                "start it or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
+                                where=tracking_uri, retryable=True) from None
         if response.status_code != 200:
             raise RegistryError(f"MLflow tracking server {tracking_uri}: /health answered {response.status_code}; "
-                                "is this an MLflow server?")
+                                "is this an MLflow server?", where=tracking_uri, code=str(response.status_code))
     mlflow_client = client(tracking_uri)
     with mlflow_errors(tracking_uri, "registry check"):
         ensure_experiment(mlflow_client, tracking_uri, model)

@@ -90,6 +90,7 @@ class S3Store(Store):
             ClientError,
             ConnectionError,
             EndpointConnectionError,
+            FlexibleChecksumError,
             NoCredentialsError,
         )
 
@@ -106,17 +107,19 @@ class S3Store(Store):
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
                 ) from None
             raise RegistryError(f"{where}: {action} failed at {self.endpoint}: {code} "
-                                f"{exc.response.get('Error', {}).get('Message', '')}") from None
+                                f"{exc.response.get('Error', {}).get('Message', '')}", where=where,
+                                code=code) from None
         except NoCredentialsError:
             raise RegistryConfigError(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
                                       "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
         except (EndpointConnectionError, ConnectionError) as exc:
             raise RegistryError(f"{where}: cannot reach the S3 endpoint {self.endpoint} ({type(exc).__name__}); "
-                                "check that the server is up and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL") from None
+                                "check that the server is up and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
+                                where=where, retryable=True) from None
+        except FlexibleChecksumError as exc:
+            raise IntegrityError(f"{where}: the server's checksum does not match the bytes received ({exc})") from None
         except BotoCoreError as exc:
-            if type(exc).__name__ == "FlexibleChecksumError":
-                raise IntegrityError(f"{where}: the server's checksum does not match the bytes received ({exc})") from None
-            raise RegistryError(f"{where}: {action} failed at {self.endpoint}: {exc}") from None
+            raise RegistryError(f"{where}: {action} failed at {self.endpoint}: {exc}", where=where) from None
 
     def _missing_bucket(self) -> RegistryConfigError:
         return RegistryConfigError(f"{self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}; "
