@@ -22,7 +22,6 @@ from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import Engine, get_backend
 from kiln.errors import CalibrationDataError, EngineMismatchError
 from kiln.profiles import BuildLimits, Evaluation
-from kiln.validation import plots
 from kiln.validation.accuracy import evaluate_accuracy, prompts_from
 from kiln.validation.perf import decode_cost_from_dir, measure_performance, sweep_settings
 from kiln.validation.results import build_document, flat_metrics, validate_document
@@ -165,5 +164,7 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULT_FILE).write_text(json.dumps(document, indent=2))
+        from kiln.validation import plots  # matplotlib only where a plot is drawn (not for `kiln bench`)
+
         plots.latency_throughput({engine_dir.name: document["performance"]}, output_dir / LATENCY_PLOT)
     return flat_metrics(accuracy, perf, size), {RESULT_FILE: document}
