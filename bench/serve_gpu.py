@@ -34,7 +34,6 @@ from serve_cpu import compare, table  # noqa: E402
 
 from kiln.engine.torch import TorchBackend  # noqa: E402
 
-
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128}
 
