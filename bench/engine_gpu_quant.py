@@ -52,6 +52,10 @@ from kiln.engine.torch.linear import tune_quant  # noqa: E402
 GROUP = 128
 RECIPES = {"bf16": None, "int4_awq": "W4A16_AWQ", "int8_wo": "W8A16", "int8_sq": "W8A8_SQ_PER_CHANNEL"}
 KIND = {"int4_awq": "int4", "int8_wo": "int8_wo", "int8_sq": "int8_sq"}
+# every recipe write_checkpoint can write (engine_gpu_recipes.py runs them all)
+ALGOS = {**RECIPES, "int4_wo": "W4A16", "w4a8_awq": "W4A8_AWQ"}
+INT4 = ("int4_awq", "int4_wo", "w4a8_awq")
+PQS = ("int8_sq", "int4_awq", "w4a8_awq")  # the recipes whose export carries pre-quant (smoothing) scales
 # the integer engines keep fc (gate_proj) and gate (up_proj) apart; a bf16 engine fuses them (gate_up)
 SHAPES = {
     "1b": {"hidden": 2048, "ffn": 8192, "qkv": 3072, "layers": 16},
@@ -76,8 +80,8 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
 
     cfg = model.config
     sd = model.state_dict()
-    algo = RECIPES[recipe]
-    amax = _activation_amax(model) if recipe == "int8_sq" else {}
+    algo = ALGOS[recipe]
+    amax = _activation_amax(model) if recipe in ("int8_sq", "w4a8_awq") else {}
     g = torch.Generator(device=model.device).manual_seed(0)
     tensors: dict[str, torch.Tensor] = {"transformer.vocab_embedding.weight": sd["model.embed_tokens.weight"],
                                          "transformer.ln_f.weight": sd["model.norm.weight"],
@@ -89,11 +93,11 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
         if algo is None:
             tensors[f"{name}.weight"] = w.to(torch.bfloat16)
             return
-        if recipe in ("int8_sq", "int4_awq"):  # one smoothing vector per input (fc and gate share theirs)
+        if recipe in PQS:  # one smoothing vector per input (fc and gate share theirs)
             pqs = pqs_by_input.setdefault(source, 2.0 ** (torch.rand(w.shape[1], generator=g, device=model.device) - 0.5))
             w = w / pqs[None, :]
             tensors[f"{name}.prequant_scaling_factor"] = pqs.to(torch.bfloat16)
-        if recipe == "int4_awq":
+        if recipe in INT4:
             n, k = w.shape
             groups = w.view(n, k // GROUP, GROUP)
             scale = groups.abs().amax(-1).clamp_min(1e-8) / 7
@@ -101,6 +105,10 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
             packed = (q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)
             tensors[f"{name}.weight"] = packed.to(torch.uint8).view(torch.int8)
             tensors[f"{name}.weights_scaling_factor"] = scale
+            if recipe == "w4a8_awq":  # the FP8 re-quantization scale of q * scale, and FP8 activations
+                tensors[f"{name}.weights_scaling_factor_2"] = (scale.amax() * 7 / 448).reshape(1)
+                x_amax = amax[source] * pqs_by_input[source].max()
+                tensors[f"{name}.activation_scaling_factor"] = (x_amax / 448).reshape(1).float()
             return
         scale = w.abs().amax(1).clamp_min(1e-8) / 127
         tensors[f"{name}.weight"] = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
@@ -122,8 +130,8 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
     quant = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"] if algo else []}
-    if recipe == "int4_awq":
-        quant.update(group_size=GROUP, has_zero_point=False, pre_quant_scale=True)
+    if recipe in INT4:
+        quant.update(group_size=GROUP, has_zero_point=False, pre_quant_scale=recipe in PQS)
     config = checkpoint_config(cfg, quant)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

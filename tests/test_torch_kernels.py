@@ -40,15 +40,26 @@ QUANT_CASES = [
     ("int4", 64, 1, 0, "qmm"),
     ("int4", 128, 9, 1, "qmm"),
 ]
+# the named options of program.gemv: kind, int4 group, rows, pre_quant_scale, option
+QUANT_OPTION_CASES = [
+    ("int4", 128, 1, 1, "tinygemm"),
+    ("int4", 64, 9, 0, "tinygemm"),
+    ("int4", 128, 40, 1, "tinygemm"),
+    ("int4", 128, 100, 1, "dequant"),
+    ("int8_wo", 0, 40, 1, "dequant"),
+    ("int8_wo", 0, 1, 1, "fused"),
+    ("int8_sq", 0, 1, 1, "fused"),
+    ("int4", 64, 1, 1, "fused"),
+]
 
 
-def run_check(*args: str, device: str = "cpu") -> str:
+def run_check(*args: str, device: str = "cpu", module: str = "tests.fixtures.kernel_checks") -> str:
     # the repo first, then whatever the caller's PYTHONPATH holds (a GPU machine's carried wheels)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "KILN_KERNEL_DEVICE": device}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "tests.fixtures.kernel_checks", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -70,6 +81,20 @@ def test_integer_weight_kernels_match_torch_path(kind: str, group: int, rows: in
                                                  design: str) -> None:
     out = run_check("quant", kind, str(group), str(rows), str(pre_quant_scale), design)
     assert f"quant {kind} group={group} m={rows}" in out
+
+
+QUANT_OPTIONS = "tests.fixtures.quant_option_checks"
+
+
+@pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "option"), QUANT_OPTION_CASES)
+def test_quant_options_match_torch_path(kind: str, group: int, rows: int, pre_quant_scale: int, option: str) -> None:
+    out = run_check("option", kind, str(group), str(rows), str(pre_quant_scale), option, module=QUANT_OPTIONS)
+    assert f"quant option {option} {kind} group={group} m={rows}" in out
+
+
+@pytest.mark.parametrize("check", ["tinygemm_only", "compiled"])
+def test_quant_options_packing_and_compile(check: str) -> None:
+    assert "quant option" in run_check(check, module=QUANT_OPTIONS)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4_awq", "int8_sq"])
@@ -97,3 +122,14 @@ def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
         pytest.skip("no CUDA GPU here")
     out = run_check(*case, device="cuda")
     assert "attention" in out or "gemv" in out or "quant" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [("option", *map(str, c)) for c in QUANT_OPTION_CASES]
+                         + [("tinygemm_only",), ("compiled",)], ids=lambda c: "quant-" + "-".join(c))
+def test_quant_options_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    assert "quant option" in run_check(*case, device="cuda", module=QUANT_OPTIONS)

@@ -580,3 +580,164 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quan
 @qmatmul.register_fake
 def _(x, weight, scale, pre_quant_scale, inv_input_scale, kind, config):
     return x.new_empty(x.shape[0], weight.shape[0] * (2 if kind == "int4" else 1))
+
+
+# -- int4 through torch's tinygemm, one-pass dequantization, Inductor-fused GEMVs --------------------------
+# Options of ``linear.tune_quant``'s race besides the Triton configs above (strings in ``program.gemv``):
+# "tinygemm" (int4: ``torch._weight_int4pack_mm``, the tensor-core int4 GEMM torchao and gpt-fast use),
+# "dequant" (int4/int8_wo above 16 rows: the weight dequantized by one Triton pass, then cuBLAS) and
+# "fused" (one row: ``x * W`` summed over K as Inductor compiles it, one reduction kernel reading the
+# integer weight as stored: what torchao's int8 weight-only decode is).
+
+TINYGEMM, DEQUANT, FUSED, INT_MM = "tinygemm", "dequant", "fused", "int_mm"
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def tinygemm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """tinygemm runs bf16 activations on CUDA SM >= 80; its CPU variant serves the tests (under the
+    interpreter, as the Triton kernels do: a CPU engine keeps dequantizing once at load)."""
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and interpreting() and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def tinygemm_fits(n: int, k: int, group: int) -> bool:
+    return group in TINYGEMM_GROUPS and n % 8 == 0 and k % 32 == 0 and k % group == 0
+
+
+def int4pack(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelOpt's symmetric int4 (``[N/2, K]`` nibbles, low = even output row, q in [-8, 7]; float32 group
+    scales ``[N, K/group]``) -> tinygemm's (packed weight, ``[K/group, N, 2]`` scales and zeros in ``dtype``).
+
+    tinygemm dequantizes ``(u - 8) * scale + zero`` with ``u`` in [0, 15]: ``u = q + 8`` and ``zero = 0`` is
+    ModelOpt's ``q * scale`` exactly, except that the scale is rounded to ``dtype`` (the kernel takes it so)."""
+    low = (weight << 4) >> 4  # arithmetic shifts sign-extend each nibble
+    q = torch.stack((low, weight >> 4), dim=1).reshape(2 * weight.shape[0], weight.shape[1]).to(torch.int32)
+    u = q + 8
+    k = u.shape[1]
+    inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+    if weight.device.type == "cuda":  # [N, K/2] bytes, the even k in the high nibble
+        packed = torch._convert_weight_to_int4pack(((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous(),
+                                                   inner_k_tiles)
+    else:
+        packed = torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), inner_k_tiles)
+    scale = scale.float()
+    scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_and_zeros
+
+
+@torch.library.custom_op("kiln::int4pack_mm", mutates_args=())
+def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ W^T`` over tinygemm's packed int4 ``W`` (``int4pack``), in ``x``'s dtype."""
+    x = x.contiguous()
+    if x.is_cuda:
+        return torch._weight_int4pack_mm(x, packed, group, scales_and_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+
+
+@int4pack_mm.register_fake
+def _(x, packed, group, scales_and_zeros):
+    return x.new_empty(x.shape[0], scales_and_zeros.shape[1])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(W, S, OUT, N_ROWS, K, stride_w, stride_sn, stride_sg, GROUP: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr):
+        """``q * scale`` in float32, rounded to OUT's dtype (the torch path's ``_dequantize``). int4: ``ROWS``
+        packed rows (two output rows each), one scale per row per ``GROUP``; int8: one scale per row."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows < N_ROWS)[:, None] & (offs_k < K)[None, :]
+        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        dtype = OUT.dtype.element_ty
+        if INT4:
+            g = (offs_k // GROUP)[None, :] * stride_sg
+            s_lo = tl.load(S + (2 * rows)[:, None] * stride_sn + g, mask=mask, other=0.0)
+            s_hi = tl.load(S + (2 * rows + 1)[:, None] * stride_sn + g, mask=mask, other=0.0)
+            lo = ((w << 28) >> 28).to(tl.float32) * s_lo
+            hi = ((w << 24) >> 28).to(tl.float32) * s_hi
+            out = OUT + (2 * rows).to(tl.int64)[:, None] * K + offs_k[None, :]
+            tl.store(out, lo.to(dtype), mask=mask)
+            tl.store(out + K, hi.to(dtype), mask=mask)
+        else:
+            s = tl.load(S + rows * stride_sn, mask=rows < N_ROWS, other=0.0)
+            tl.store(OUT + rows.to(tl.int64)[:, None] * K + offs_k[None, :], (w.to(tl.float32) * s[:, None]).to(dtype),
+                     mask=mask)
+
+
+@torch.library.custom_op("kiln::dequantize", mutates_args=())
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The integer ``weight`` (int8 ``[N, K]`` with ``[N]`` scales, or ModelOpt int4 ``[N/2, K]`` with
+    ``[N, K/group]`` scales, any strides) as ``[N, K]`` in ``dtype``, in one pass; equal to
+    ``QuantLinear._dequantize`` bit for bit (the same float32 product, rounded once)."""
+    int4 = scale.dim() == 2
+    rows, k = weight.shape
+    out = torch.empty(rows * (2 if int4 else 1), k, dtype=dtype, device=weight.device)
+    group = k // scale.shape[1] if int4 else 1
+    block_rows, block_k = 16, 256
+    _dequant_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(k, block_k))](
+        weight, scale, out, rows, k, weight.stride(0), scale.stride(0), scale.stride(1) if int4 else 0,
+        GROUP=group, ROWS=block_rows, BLOCK_K=block_k, INT4=int4, num_warps=4)
+    return out
+
+
+@dequantize.register_fake
+def _(weight, scale, dtype):
+    return weight.new_empty(weight.shape[0] * (2 if scale.dim() == 2 else 1), weight.shape[1], dtype=dtype)
+
+
+def fused_math(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
+               inv_input_scale: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """One row ``x [1, K] @ W^T`` written as a product summed over K, in float32 (``qmatmul``'s arguments and
+    numerics: ``q * scale`` or the scale after the integer dot). Inductor makes it one reduction kernel."""
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale
+    xf = x.reshape(-1).float()
+    if kind == "int8_sq":
+        xf = torch.round(xf * inv_input_scale).clamp(-128, 127)
+    if kind == "int4":
+        n2, k = weight.shape
+        group = k // scale.shape[1]
+        s = scale.reshape(n2, 2, -1, 1).expand(n2, 2, k // group, group).reshape(n2, 2, k)
+        lo = (((weight << 4) >> 4).float() * s[:, 0] * xf).sum(-1)
+        hi = ((weight >> 4).float() * s[:, 1] * xf).sum(-1)
+        y = torch.stack((lo, hi), dim=-1).reshape(1, 2 * n2)
+    else:
+        y = ((weight.float() * xf).sum(-1) * scale).reshape(1, -1)
+    return y.to(x.dtype)
+
+
+_FUSED: dict[tuple, object] = {}
+
+
+def _fused_fn(key: tuple):
+    """A compiled ``fused_math`` per shape. Each gets a code object of its own: Dynamo caches compiled
+    graphs per code object (and stops recompiling after a few), so one shared function would fall back to
+    eager after a handful of weight shapes."""
+    if key not in _FUSED:
+        import types
+
+        code = fused_math.__code__.replace(co_name=f"fused_math_{len(_FUSED)}")
+        fn = types.FunctionType(code, fused_math.__globals__, code.co_name)
+        _FUSED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options={"coordinate_descent_tuning": True})
+    return _FUSED[key]
+
+
+@torch.library.custom_op("kiln::fused_gemv", mutates_args=())
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
+               inv_input_scale: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """``fused_math`` compiled by Inductor on CUDA for this weight's shape (the engine's own compile would
+    fold it into its graph with its own settings: opaque here, it keeps the coordinate-descent-tuned
+    reduction); eager elsewhere (the tests check the math)."""
+    if not x.is_cuda:
+        return fused_math(x, weight, scale, pre_quant_scale, inv_input_scale, kind)
+    key = (kind, tuple(weight.shape), tuple(scale.shape), tuple(scale.stride()), x.dtype, pre_quant_scale is not None,
+           x.device.index)
+    return _fused_fn(key)(x, weight, scale, pre_quant_scale, inv_input_scale, kind)
+
+
+@fused_gemv.register_fake
+def _(x, weight, scale, pre_quant_scale, inv_input_scale, kind):
+    return x.new_empty(1, weight.shape[0] * (2 if kind == "int4" else 1))

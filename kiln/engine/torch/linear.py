@@ -13,8 +13,10 @@ midpoint one quantization step.
 On CUDA (and under Triton's interpreter in tests) the integer kinds run ``kernels.qmatmul`` where the
 engine's ``program.gemv`` names a kernel for the weight's shape and the row count (``tune_quant``, at
 build time): one row (batch-1 decode) and up to 16 rows read the int8/int4 weights as stored. SmoothQuant
-above 16 rows runs ``torch._int_mm`` (int8 x int8 -> int32, cuBLAS; it takes more than 16 rows). What no
-kernel serves (weight-only prefill, large batches) dequantizes the weight in each call, as before.
+above 16 rows runs ``torch._int_mm`` (int8 x int8 -> int32, cuBLAS; it takes more than 16 rows). int4 may
+also run torch's tinygemm (``kernels.int4pack_mm``, the packed copy made once at load) at any row count,
+and the weight-only kinds above 16 rows may dequantize in one Triton pass before cuBLAS
+(``kernels.dequantize``); a row bucket no kernel serves dequantizes the weight in each call, as before.
 """
 
 from __future__ import annotations
@@ -106,11 +108,15 @@ class QuantLinear(nn.Module):
         self.inv_input_scale = None if self.input_scale is None else 1.0 / self.input_scale
         weight, scale = tensors["weight"], tensors.get("weight_scale")
         self.scaled_mm = kind == "fp8" and scaled_mm
-        # integer weights: the kernels the build chose for this shape ({"m1", "m16": config, "large": "int_mm"})
+        # integer weights: the kernels the build chose for this shape per row bucket (``_option``); one that
+        # cannot run here (no Triton, not CUDA) leaves its bucket on the torch path
         self.quant = None
-        if gemv and kind in kernels.QUANT_KINDS and kernels.available(device, dtype):
-            choice = gemv.get(kernels.quant_key(*kernels.quant_shape(kind, weight, scale)))
-            self.quant = choice if choice and any(choice.values()) else None
+        self.int4pack = self.int4_scales_zeros = None
+        if gemv and kind in kernels.QUANT_KINDS:
+            shape = kernels.quant_shape(kind, weight, scale)
+            choice = {bucket: option if _servable(option, shape, device, dtype) else None
+                      for bucket, option in (gemv.get(kernels.quant_key(*shape)) or {}).items()}
+            self.quant = choice if any(choice.values()) else None
         if kind == "dense" or self.scaled_mm:
             self.weight, self.weight_scale = weight.to(device), None if scale is None else scale.to(device)
         elif self.quant is None and (device.type == "cpu" or kind == "fp8"):
@@ -118,7 +124,12 @@ class QuantLinear(nn.Module):
             self.weight, self.weight_scale = self._dequantize(weight, scale).to(device), None
         else:
             self.weight, self.weight_scale = weight.to(device), scale.to(device)
-            if kind == "int4" and self.quant is not None:
+            if kind == "int4" and self.quant is not None and kernels.TINYGEMM in self.quant.values():
+                self.group = weight.shape[1] // scale.shape[1]
+                self.int4pack, self.int4_scales_zeros = kernels.int4pack(self.weight, self.weight_scale, dtype)
+                if all(self.quant.get(b) == kernels.TINYGEMM for b in INT4_BUCKETS):
+                    self.weight = self.weight_scale = None  # tinygemm serves every row count: one copy in memory
+            if kind == "int4" and self.quant is not None and self.weight_scale is not None:
                 # group-major storage of the same [out, in/group] scales: a kernel's rows read adjacent floats
                 self.weight_scale = self.weight_scale.t().contiguous().t()
         # batch-1 rows go to the Triton GEMV where the build measured it faster than cuBLAS for this shape
@@ -153,15 +164,26 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
             return kernels.gemv(x, self.weight, self.pre_quant_scale, self.inv_input_scale, self.out_scale, self.gemv)
+        if self.quant is not None and x.dim() != 2 and self.weight is None:  # tinygemm only: rows of any shape
+            return self._matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         if self.quant is not None and x.dim() == 2:
-            rows = x.shape[0]
-            config = self.quant.get("m1") if rows == 1 else self.quant.get("m16") if rows <= kernels.QMM_BLOCK_M else None
-            if config is not None:
+            option = self._option(x.shape[0])
+            if isinstance(option, list):
                 scale = self.out_scale if self.kind == "int8_sq" else self.weight_scale
                 return kernels.qmatmul(x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind,
-                                       config)
-            if self.quant.get("large") == "int_mm" and rows > kernels.QMM_BLOCK_M:
+                                       option)
+            if option == kernels.INT_MM:
                 return self._int8_gemm(x)
+            if option == kernels.FUSED:
+                scale = self.out_scale if self.kind == "int8_sq" else self.weight_scale
+                return kernels.fused_gemv(x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind)
+            if option is not None:
+                # AWQ's pre-quant scale as its own multiply: Inductor fuses it into the op that made x
+                if self.pre_quant_scale is not None:
+                    x = x * self.pre_quant_scale
+                if option == kernels.TINYGEMM:
+                    return kernels.int4pack_mm(x, self.int4pack, self.group, self.int4_scales_zeros)
+                return F.linear(x, kernels.dequantize(self.weight, self.weight_scale, self.dtype))
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         if self.kind in ("fp8", "int8_sq"):
@@ -171,6 +193,29 @@ class QuantLinear(nn.Module):
         if self.weight_scale is None:
             return F.linear(x, self.weight)
         return F.linear(x, self._dequantize(self.weight, self.weight_scale))
+
+    def _option(self, rows: int) -> list[int] | str | None:
+        """The build's choice for ``rows`` activation rows: ``m1``, ``m16`` (2-16), ``m64`` (17-64, where the
+        build tuned it) and ``large`` (the rest)."""
+        if rows == 1:
+            return self.quant.get("m1")
+        if rows <= kernels.QMM_BLOCK_M:
+            return self.quant.get("m16")
+        if rows <= TUNE_ROWS["m64"] and "m64" in self.quant:
+            return self.quant["m64"]
+        return self.quant.get("large")
+
+    def read_bytes(self, rows: int = 1) -> int:
+        """Bytes of the tensors a call with ``rows`` rows reads (the weight copy its kernel uses, scales, bias)."""
+        option = self._option(rows) if self.quant is not None else None
+        if option == kernels.TINYGEMM:
+            tensors = [self.int4pack, self.int4_scales_zeros]
+        else:
+            tensors = [self.weight, self.weight_scale]
+            if self.kind == "int8_sq" and self.quant is not None:
+                tensors[1] = self.out_scale
+        tensors += [self.bias, self.pre_quant_scale]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
         """SmoothQuant as a real int8 GEMM (more than 16 rows: ``torch._int_mm``'s rule on CUDA): activations
@@ -189,22 +234,43 @@ class QuantLinear(nn.Module):
 
 # -- build-time choice of the integer-weight kernels per weight shape ---------------------------------------
 
-TUNE_ROWS = {"m1": 1, "m16": kernels.QMM_BLOCK_M, "large": 64}  # the rows each choice is timed at
+# the rows each bucket is timed at: m1 one row, m16 2-16, m64 17-64 (int4), large the rest (int4: prefill)
+TUNE_ROWS = {"m1": 1, "m16": kernels.QMM_BLOCK_M, "m64": 64, "large": 64}
+INT4_LARGE_ROWS = 512
+INT4_BUCKETS = ("m1", "m16", "m64", "large")
 TUNE_MAX_ERR = 2e-2  # a candidate further than this from the torch path (of the output range) is never chosen
+_TUNED: dict[tuple, dict] = {}  # (kind, N, K, group, device, dtype) -> times: one race per shape per process
+
+
+def _servable(option: list[int] | str | None, shape: tuple[str, int, int, int], device: torch.device,
+              dtype: torch.dtype) -> bool:
+    """Whether ``option`` (a ``program.gemv`` entry) runs here; one that does not falls back to the torch path."""
+    if option is None:
+        return False
+    if option == kernels.TINYGEMM:
+        return kernels.tinygemm_available(device, dtype) and kernels.tinygemm_fits(*shape[1:])
+    if option == kernels.FUSED and device.type == "cpu":
+        return kernels.interpreting()  # its eager math, what the tests check; Inductor compiles it on CUDA only
+    return kernels.available(device, dtype)
 
 
 def tune_quant(shapes: set[tuple[str, int, int, int]], device: torch.device, dtype: torch.dtype,
                report: dict | None = None) -> dict[str, dict[str, list[int] | str | None]]:
     """For each integer-weight shape ``(kind, N, K, group)`` (``kernels.quant_shape``): the fastest way to
-    run one row (``m1``), 2-16 rows (``m16``, timed at 16) and, for SmoothQuant, more than 16 (``large``,
-    timed at 64: ``"int_mm"``): a ``kernels.qmatmul`` config, or ``None`` for the torch path (dequantize,
-    then cuBLAS). Each candidate runs through ``QuantLinear`` itself, is checked against the torch path's
-    output first (a wrong compile is never chosen) and timed as a chain over enough distinct weights that
-    none stays in L2, as a decode step reads them. ``report``: filled with every time (ms) and rejection."""
+    run one row (``m1``), 2-16 rows (``m16``, timed at 16), int4's 17-64 (``m64``, timed at 64) and the
+    rest (``large``: timed at 64, int4 at ``INT4_LARGE_ROWS``): a ``kernels.qmatmul`` config, a named
+    option (``kernels.TINYGEMM``, ``FUSED``, ``DEQUANT``, ``INT_MM``) or ``None`` for the torch path
+    (dequantize, then cuBLAS). Each candidate runs through ``QuantLinear`` itself, is checked against the
+    torch path's output first (a wrong compile is never chosen) and timed as a chain over enough distinct
+    weights that none stays in L2, as a decode step reads them. A shape raced once in this process is not
+    raced again. ``report``: filled with every time (ms) and rejection."""
     chosen: dict[str, dict[str, list[int] | str | None]] = {}
     for kind, n, k, group in sorted(shapes):
         key = kernels.quant_key(kind, n, k, group)
-        times = _time_quant(kind, n, k, group, device, dtype)
+        memo = (kind, n, k, group, str(device), dtype)
+        if memo not in _TUNED:
+            _TUNED[memo] = _time_quant(kind, n, k, group, device, dtype)
+        times = _TUNED[memo]
         choice: dict[str, list[int] | str | None] = {}
         for bucket, options in times.items():
             if bucket == "meta":
@@ -238,19 +304,33 @@ def _random_quant(kind: str, n: int, k: int, group: int, device: torch.device) -
     return tensors
 
 
+def _buckets(kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> dict[str, list]:
+    """The options raced per row bucket for one shape (the torch path, ``None``, first: the reference)."""
+    shape = (kind, n, k, group)
+    extra = [o for o in (kernels.TINYGEMM,) if kind == "int4" and _servable(o, shape, device, dtype)]
+    # Inductor-fused GEMV for the int8 kinds (int4 has tinygemm): one compile per shape at build time
+    fused = [kernels.FUSED] if device.type == "cuda" and kind != "int4" else []
+    buckets = {"m1": [None, *kernels.quant_candidates(kind, k, group, 1), *extra, *fused],
+               "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M), *extra]}
+    if kind == "int8_sq" and n % 8 == 0 and k % 8 == 0:
+        buckets["large"] = [None, kernels.INT_MM]
+    elif kind == "int4":
+        buckets["m64"] = buckets["large"] = [None, *extra, kernels.DEQUANT]
+    else:
+        buckets["large"] = [None, kernels.DEQUANT]
+    return buckets
+
+
 def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> dict:
     """{bucket: {label: (option, ms or the reason it was not timed)}, "meta": {...}}."""
     key = kernels.quant_key(kind, n, k, group)
     weight_bytes = (n // 2 if kind == "int4" else n) * k + (n * (k // group) if kind == "int4" else n) * 4
     copies = max(2, min(16, (256 << 20) // weight_bytes))
     weights = [_random_quant(kind, n, k, group, device) for _ in range(copies)]
-    buckets: dict[str, list] = {"m1": [None, *kernels.quant_candidates(kind, k, group, 1)],
-                                "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M)]}
-    if kind == "int8_sq" and n % 8 == 0 and k % 8 == 0:
-        buckets["large"] = [None, "int_mm"]
     out: dict = {"meta": {"kind": kind, "n": n, "k": k, "group": group, "bytes": weight_bytes, "copies": copies}}
-    for bucket, options in buckets.items():
-        x = torch.randn(TUNE_ROWS[bucket], k, device=device, dtype=dtype)
+    for bucket, options in _buckets(kind, n, k, group, device, dtype).items():
+        rows = INT4_LARGE_ROWS if kind == "int4" and bucket == "large" else TUNE_ROWS[bucket]
+        x = torch.randn(rows, k, device=device, dtype=dtype)
         reference = None
         timed = out[bucket] = {}
         for option in options:
@@ -267,4 +347,6 @@ def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dty
                 timed[_label(option)] = (option, kernels._chain_ms(lambda i, layers=layers, x=x: layers[i](x), copies))
             except Exception as exc:  # a candidate that does not compile on this GPU is left out
                 timed[_label(option)] = (option, f"{type(exc).__name__}: {exc}"[:300])
+            finally:
+                layers = None
     return out
