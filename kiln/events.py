@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 from kiln.errors import KilnInputError
 
@@ -28,8 +27,6 @@ REVISION_CHANGED = "kiln.model.revision-changed"
 RETRAINING_COMPLETED = "kiln.retraining.completed"
 EVENTS: dict[str, str] = {"revision-changed": REVISION_CHANGED, "retraining-completed": RETRAINING_COMPLETED}
 RESOURCE_PREFIX = "kiln.model."
-
-EventName = Literal["kiln.model.revision-changed", "kiln.retraining.completed"]
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,7 @@ SUPPORTED_ARCHITECTURES = architectures()
 # *.safetensors in a repo (consolidated.safetensors, onnx/...) are other formats and not downloaded.
 WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 CONFIG_PATTERNS = ("config.json", "generation_config.json")
-TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-DEFAULT_PATTERNS = WEIGHT_PATTERNS + CONFIG_PATTERNS + TOKENIZER_PATTERNS
+DEFAULT_PATTERNS = WEIGHT_PATTERNS + CONFIG_PATTERNS + constants.TOKENIZER_FILES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}

@@ -20,7 +20,7 @@ from kiln.profiles import BuildRequest, LocalModel, Recipe, Target
 from kiln.recipes import KV_SCHEMES, scheme
 
 if TYPE_CHECKING:
-    from kiln.doctor import HostReport
+    from kiln.host import HostReport
     from kiln.hub import ModelInfo
 
 GIB = 1024**3
@@ -92,7 +92,7 @@ def check_request_static(request: BuildRequest, source: str = "<request>") -> No
             "the recipe: docs/TRTLLM_SUPPORT.md lists them."
         )
     if request.evaluation.tasks:  # unknown lm-eval task names fail here, before any engine is built
-        from kiln.validation.tasks import task_problems
+        from kiln.validation.lm_eval_tasks import task_problems
 
         if errors := [msg for level, msg in task_problems(request.evaluation) if level == "error"]:
             raise ProfileError(f"{source}: " + "\n  ".join(errors))
@@ -260,7 +260,7 @@ def backend_findings(target: Target) -> list[Finding]:
     """A target that runs in this process must be buildable here: a TensorRT-LLM target needs TensorRT-LLM,
     a torch cuda target a GPU of its SM (optional ones are skipped)."""
     if target.backend == "torch" and target.device == "cuda":
-        from kiln.doctor import collect
+        from kiln.host import collect
 
         problems = [f for f in host_findings(target, collect()) if f.level == "error"]
         if not problems:
@@ -296,13 +296,13 @@ def _model_info(request: BuildRequest, model_info: ModelInfo | None) -> ModelInf
 def request_findings(request: BuildRequest, *, model_info: ModelInfo | None = None,
                      local_targets: bool = True) -> list[Finding]:
     """Every finding for every recipe x target pair of ``request`` (model checks need a local dir or ``model_info``)."""
-    from kiln.doctor import package_version
+    from kiln.host import package_version
 
     info = _model_info(request, model_info)
     modelopt_version = package_version("nvidia-modelopt")
     found: list[Finding] = []
     if request.evaluation.tasks:  # lm-eval task names: unknown ones fail here, not after the engines are built
-        from kiln.validation.tasks import task_problems
+        from kiln.validation.lm_eval_tasks import task_problems
 
         found += [Finding(level, "tasks", "evaluation", msg) for level, msg in task_problems(request.evaluation)]
     for target in request.targets:
@@ -447,7 +447,7 @@ def _trtllm_host_findings(target: Target, host: HostReport) -> list[Finding]:
         found.append(Finding("error", "backend", subject, "trtllm-build is not on PATH (it ships with tensorrt_llm)"))
     if missing := api.missing_uses(contract):
         found.append(Finding("error", "contract", subject, f"{contract.source} lacks what kiln uses: {', '.join(missing)}"))
-    from kiln.doctor import package_version
+    from kiln.host import package_version
 
     for package in ("torch", "transformers", "nvidia-modelopt"):
         if installed := package_version(package):
@@ -458,7 +458,7 @@ def _trtllm_host_findings(target: Target, host: HostReport) -> list[Finding]:
 def check_target_on_host(target: Target, host: HostReport, *, recipes: tuple[Recipe, ...] | list[Recipe] = (),
                          model_info: ModelInfo | None = None) -> list[Finding]:
     """Everything ``kiln doctor --target`` checks: this machine vs the target, tp x pp, and each recipe on it."""
-    from kiln.doctor import package_version
+    from kiln.host import package_version
 
     found = host_findings(target, host) + parallelism_findings(target, model_info)
     modelopt_version = package_version("nvidia-modelopt")

@@ -302,15 +302,35 @@ def library(kind: str, start: Path | None = None) -> tuple[dict[str, Any], list[
         lib_path = root / f"{kind}.yaml"
         if not lib_path.is_file():
             continue
-        data = _read_yaml(lib_path) or {}
-        if not isinstance(data, dict) or not isinstance(data.get(kind), list):
-            raise ProfileError(f"{lib_path}: expected a mapping with a '{kind}' list")
-        for index, entry in enumerate(data[kind]):
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise ProfileError(f"{lib_path}: {kind}[{index}]: each entry needs a name")
-            entries[entry["name"]] = entry
+        entries.update(library_file(lib_path, kind))
         files.insert(0, lib_path)
     return entries, files
+
+
+def library_file(lib_path: Path, kind: str) -> dict[str, Any]:
+    """The named entries of one library file (``{kind: [{name: ...}, ...]}``)."""
+    data = _read_yaml(lib_path) or {}
+    if not isinstance(data, dict) or not isinstance(data.get(kind), list):
+        raise ProfileError(f"{lib_path}: expected a mapping with a '{kind}' list")
+    entries: dict[str, Any] = {}
+    for index, entry in enumerate(data[kind]):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ProfileError(f"{lib_path}: {kind}[{index}]: each entry needs a name")
+        entries[entry["name"]] = entry
+    return entries
+
+
+def library_entry(kind: str, name: str, start: Path | None = None) -> dict[str, Any]:
+    """The named recipe or target (``kind``) of the library (:func:`library_roots` from ``start``, default
+    ./profiles); a ProfileError names the files searched and the names they hold."""
+    entries, files = library(f"{kind}s", start if start is not None else Path.cwd() / "profiles" / "_")
+    if not files:
+        raise ProfileError(f"no {kind} library found (./profiles, KILN_PROFILES_DIR, or kiln's own): pass a {kind} "
+                           "YAML file")
+    if name not in entries:
+        raise ProfileError(f"{', '.join(map(str, files))}: no {kind} named {name!r}; known: "
+                           f"{', '.join(sorted(map(str, entries)))}")
+    return dict(entries[name])
 
 
 def _resolve_refs(path: Path, data: dict[str, Any], kind: str) -> None:

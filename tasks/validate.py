@@ -62,7 +62,7 @@ def skipped(recipe: Recipe, target: Target, reason: str) -> Outcome:
 
 
 def validation_key(engine: EngineRef, baseline: EngineRef, request: BuildRequest, heldout: Any) -> str:
-    from kiln.validation.tasks import cache_inputs
+    from kiln.validation.lm_eval_tasks import cache_inputs
 
     return cache.build_key(step="validate", engine=engine.key, baseline=baseline.key,
                            evaluation=request.evaluation, heldout_sha256=getattr(heldout, "sha256", None),
@@ -75,7 +75,7 @@ def validate(request: BuildRequest, recipe: Recipe, target: Target, engine: Engi
     """Accuracy vs the baseline engine of the same target, performance, then the recipe's gates."""
     from kiln.validation.gates import decide
     from kiln.validation.measure import RESULT_FILE, measure_engine
-    from kiln.validation.tasks import task_notes
+    from kiln.validation.lm_eval_tasks import task_notes
 
     key = validation_key(engine, baseline, request, heldout)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kiln import preflight
-from kiln.doctor import GpuInfo, HostReport, TensorRTLLMStatus
+from kiln.host import GpuInfo, HostReport, TensorRTLLMStatus
 from kiln.engine.trtllm import api
 from kiln.errors import UnsupportedCombinationError
 from kiln.hub import ModelInfo, inspect_model

@@ -19,7 +19,7 @@ import pytest
 
 from kiln.errors import ProfileError, UnsupportedCombinationError
 from kiln.profiles import Evaluation, Target, load_request
-from kiln.validation.tasks import lm_eval_available
+from kiln.validation.lm_eval_tasks import lm_eval_available
 from tests.fixtures.models import make_tiny_llama
 
 needs_lm_eval = pytest.mark.skipif(not lm_eval_available(), reason="lm-eval is not installed: pip install 'kiln-llm[eval]'")
@@ -89,7 +89,7 @@ def expected_accuracy(engine, tokenizer, docs: list[dict]) -> tuple[float, int]:
 def test_task_accuracy_matches_engine_logits(engine_dir: Path) -> None:
     from kiln.engine.base import get_backend
     from kiln.hub import load_tokenizer
-    from kiln.validation.tasks import run_tasks
+    from kiln.validation.lm_eval_tasks import run_tasks
 
     docs = [json.loads(line) for line in (FIXTURES / "facts_mc.jsonl").read_text().splitlines()]
     engine = get_backend("torch").load(engine_dir)
@@ -157,7 +157,7 @@ metrics, docs = measure_engine({str(engine_dir)!r}, {str(engine_dir)!r}, TokenSe
 print(json.dumps({{"tasks": docs["validation.json"]["accuracy"]["task_evals"], "metrics": sorted(metrics)}}))
 """
     out = _run_hidden(code)
-    from kiln.validation.tasks import LM_EVAL_MISSING
+    from kiln.validation.lm_eval_tasks import LM_EVAL_MISSING
 
     assert set(out["tasks"]) == {"hellaswag", "facts_mc"}
     for entry in out["tasks"].values():
@@ -173,7 +173,7 @@ def test_builtin_task_skipped_when_data_not_cached(engine_dir: Path, tmp_path: P
 import json
 from kiln.engine.base import get_backend
 from kiln.profiles import Evaluation
-from kiln.validation.tasks import run_tasks
+from kiln.validation.lm_eval_tasks import run_tasks
 engine = get_backend("torch").load({str(engine_dir)!r})
 evals = run_tasks(engine, {str(engine_dir)!r}, Evaluation(tasks=["arc_easy"]), max_seq_len=48, max_input_len=32)
 print(json.dumps({{k: v.to_dict() for k, v in evals.items()}}))
@@ -219,7 +219,7 @@ def test_preflight_rejects_unknown_task_name() -> None:
 
 def test_report_lists_task_scores_and_skips() -> None:
     from kiln.validation.report import BuildResults, ReportRow, markdown
-    from kiln.validation.tasks import LM_EVAL_MISSING, TaskEval, task_metrics, task_notes
+    from kiln.validation.lm_eval_tasks import LM_EVAL_MISSING, TaskEval, task_metrics, task_notes
 
     evals = {"facts_mc": TaskEval("ran", "facts_mc.yaml", metrics={"acc": 0.5, "acc_norm": 0.25}),
              "hellaswag": TaskEval("skipped", "hellaswag", LM_EVAL_MISSING)}
@@ -253,7 +253,7 @@ def test_min_task_score_gate() -> None:
 def test_cache_inputs_cover_task_files(tmp_path: Path) -> None:
     import shutil
 
-    from kiln.validation.tasks import cache_inputs
+    from kiln.validation.lm_eval_tasks import cache_inputs
 
     assert cache_inputs(Evaluation()) == {}
     for name in ("facts_mc.yaml", "facts_mc.jsonl"):

@@ -1,1 +1,1 @@
-"""CLI commands, one module per area; each decorates functions onto ``kiln.cli.app``."""
+"""CLI commands, one module per area: plain functions that ``kiln.cli`` registers on its app."""

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import typer
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console
 
 assets_app = typer.Typer(help="Offline demo assets.", no_args_is_help=True)
-app.add_typer(assets_app, name="assets")
 
 
 @assets_app.command("prepare")

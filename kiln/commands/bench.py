@@ -16,7 +16,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console, err_console
 
 
@@ -48,7 +47,6 @@ def _dataset(path: Path, output_len: int) -> list[tuple[str | list[int], int]]:
     return rows
 
 
-@app.command("bench")
 def bench_command(
     engine_dir: Path = typer.Argument(None, help="engine dir to measure in process (or pass --url)"),
     url: str = typer.Option(None, "--url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000"),

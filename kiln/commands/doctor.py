@@ -11,7 +11,6 @@ import yaml
 from pydantic import ValidationError
 from rich.table import Table
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console
 from kiln.errors import ProfileError
 
@@ -20,7 +19,7 @@ _LEVEL = {"error": "[red]✗ error[/]", "warning": "[yellow]! warning[/]", "ok":
 
 def _entry(kind: str, value: str) -> dict[str, Any]:
     """A target/recipe mapping from a YAML file path or a name in the profiles library."""
-    from kiln.doctor import library_entry
+    from kiln.profiles import library_entry
 
     path = Path(value)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -42,7 +41,6 @@ def _recipe(value: str) -> Any:
         raise ProfileError(f"recipe {value!r}: {exc}") from None
 
 
-@app.command("doctor")
 def doctor_command(
     target: str | None = typer.Option(None, "--target", "-t",
                                       help="target name (profiles/targets.yaml) or target YAML file to check here"),

@@ -11,20 +11,19 @@ from typing import Any
 import typer
 import yaml
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console
 from kiln.errors import ProfileError
 
 
 def _target(profile: Path, name: str) -> Any:
     """Target ``name`` from a build request, or from a targets library (``profiles/targets.yaml``)."""
-    from kiln.profiles import load_request, load_target
+    from kiln.profiles import library_file, load_request, load_target
 
     if not profile.is_file():
         raise ProfileError(f"{profile}: no such profile file")
     data = yaml.safe_load(profile.read_text())
     if isinstance(data, dict) and set(data) == {"targets"} and isinstance(data["targets"], list):
-        targets = {t.get("name"): t for t in data["targets"] if isinstance(t, dict)}
+        targets = library_file(profile, "targets")
         if name not in targets:
             raise ProfileError(f"{profile}: no target {name!r}; targets: {', '.join(map(str, targets))}")
         return load_target(targets[name])
@@ -35,7 +34,6 @@ def _target(profile: Path, name: str) -> Any:
     raise ProfileError(f"{profile}: no target {name!r}; targets: {', '.join(t.name for t in request.targets)}")
 
 
-@app.command("compile")
 def compile_command(
     checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint dir (config.json + rank<N>.safetensors)"),
     profile: Path = typer.Option(..., "--profile", "-p", help="build request YAML or targets library naming the target"),
@@ -83,7 +81,6 @@ def _read_prompts(prompts: list[str], input_file: Path | None) -> list[dict[str,
     return items
 
 
-@app.command("generate")
 def generate_command(
     engine_dir: Path = typer.Argument(..., help="engine dir built by `kiln compile`"),
     prompt: list[str] = typer.Option([], "--prompt", help="prompt text (repeatable)"),
@@ -101,13 +98,14 @@ def generate_command(
     with cli_errors():
         from transformers import AutoTokenizer
 
+        from kiln.constants import TOKENIZER_CONFIG
         from kiln.engine.base import GenerationRequest, SamplingParams
         from kiln.engine.torch.backend import read_manifest
         from kiln.errors import ModelSourceError
 
         items = _read_prompts(prompt, input_file)
         manifest = read_manifest(engine_dir)
-        if not (engine_dir / "tokenizer_config.json").is_file():
+        if not (engine_dir / TOKENIZER_CONFIG).is_file():
             raise ModelSourceError(f"{engine_dir}: the engine has no tokenizer files; rebuild it with "
                                    "`kiln compile ... --tokenizer HF_MODEL_DIR`")
         tokenizer = AutoTokenizer.from_pretrained(engine_dir)

@@ -9,15 +9,12 @@ from pathlib import Path
 import typer
 import yaml
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console
 from kiln.errors import KilnInputError
 
 pools_app = typer.Typer(help="Prefect work pools for kiln's deployments (one per GPU class).", no_args_is_help=True)
-app.add_typer(pools_app, name="pools")
 
 
-@app.command("emit")
 def emit_command(
     event: str = typer.Argument(..., help="revision-changed | retraining-completed (or the full event name)"),
     repo_id: str = typer.Option(..., "--repo-id", help="the model repo, e.g. HuggingFaceTB/SmolLM2-135M-Instruct"),

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console
 from kiln.errors import KilnInputError, UnsupportedCombinationError, writing
 
@@ -16,7 +15,6 @@ FORMATS = ("trtllm", "hf")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@app.command("quantize")
 def quantize_command(
     profile: Path = typer.Argument(..., help="build request YAML naming the model and the recipe"),
     recipe_name: str = typer.Option(..., "--recipe", help="name of one of the profile's recipes"),

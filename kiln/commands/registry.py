@@ -16,7 +16,6 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console, err_console, print_table
 
 _KEY_METRICS = ("perplexity", "ppl_increase_pct", "top1_agreement", "kl_divergence", "tokens_per_s",
@@ -31,7 +30,6 @@ def _key_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys[:4])
 
 
-@app.command("versions")
 def versions(name: str = typer.Argument(..., help="Model name (registry.model_name)"), target: str = _TARGET,
              tracking_uri: str = _TRACKING,
              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")) -> None:
@@ -56,7 +54,6 @@ def versions(name: str = typer.Argument(..., help="Model name (registry.model_na
         print_table(table)
 
 
-@app.command("promote")
 def promote(name: str = typer.Argument(..., help="Model name"),
             version: str = typer.Argument(..., help="Version number (3 or v3) or an alias (candidate)"),
             target: str = _TARGET, reason: str = typer.Option(None, "--reason", help="Why (recorded with the move)"),
@@ -69,7 +66,6 @@ def promote(name: str = typer.Argument(..., help="Model name"),
         console.print(f"[bold]{info.name}[/] production -> v{info.version} ({info.recipe}) {info.uri}")
 
 
-@app.command("rollback")
 def rollback(name: str = typer.Argument(..., help="Model name"), target: str = _TARGET,
              reason: str = typer.Option(None, "--reason", help="Why (recorded with the move)"),
              tracking_uri: str = _TRACKING) -> None:
@@ -81,7 +77,6 @@ def rollback(name: str = typer.Argument(..., help="Model name"), target: str = _
         console.print(f"[bold]{info.name}[/] production rolled back -> v{info.version} ({info.recipe})")
 
 
-@app.command("fetch")
 def fetch(ref: str = typer.Argument(..., metavar="NAME@ALIAS", help="e.g. smollm2@production or smollm2@v3"),
           target: str = _TARGET, output: Path = typer.Option(..., "--output", "-o", help="New or empty dir"),
           force: bool = typer.Option(False, "--force", help="Download even if this machine's GPU SM / toolchain "

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import typer
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console, err_console, print_table
 from kiln.errors import KilnInputError
 
 
-@app.command("report")
 def report(build: str = typer.Argument(None, help="Build name (default: the latest build) or a results.json path"),
            as_json: bool = typer.Option(False, "--json", help="Print results.json instead of a table"),
            as_markdown: bool = typer.Option(False, "--markdown", help="Print the markdown report (the Prefect "

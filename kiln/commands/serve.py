@@ -10,7 +10,6 @@ from pathlib import Path
 
 import typer
 
-from kiln.cli import app
 from kiln.commands._common import cli_errors, console, err_console
 
 
@@ -21,7 +20,6 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-@app.command("serve")
 def serve_command(
     model: str = typer.Argument(..., metavar="(NAME@ALIAS | NAME@vN | ENGINE_DIR)",
                                 help="a registered version (fetched and verified for this machine) or an engine dir"),
@@ -45,7 +43,7 @@ def serve_command(
     """Serve the OpenAI API (completions, chat, streaming, /metrics) with in-flight batching."""
     with cli_errors():
         from kiln.engine.torch.backend import read_manifest
-        from kiln.errors import BackendUnavailableError, EngineMismatchError
+        from kiln.errors import EngineMismatchError
         from kiln.serve.source import resolve
 
         served = resolve(model, target, tracking_uri=tracking_uri)
@@ -59,15 +57,11 @@ def serve_command(
         if not _loopback(host) and not api_key:
             err_console.print(f"[bold yellow]warning:[/] binding {host} without --api-key: anyone who can reach "
                               "this port can use the model", highlight=False)
-        from kiln.engine.torch import TorchBackend
         from kiln.serve.app import ServeSettings
+        from kiln.serve.loop import EngineProcess
         from kiln.serve.server import serve_engine
 
-        engine = TorchBackend().load(served.engine_dir)
-        if engine.pp.enabled or engine.tp.world_size > 1:
-            raise BackendUnavailableError("kiln serve runs single-rank engines; this one has several ranks "
-                                          "(serve it with one process per rank is not supported yet)")
-        _warm_up(engine)
+        engine = EngineProcess.start(served.engine_dir)  # loaded and warmed up in a process of its own
         settings = ServeSettings(model_name=served_model_name or served.model_name, source=served.source,
                                  api_key=api_key or None, max_waiting=max_waiting, max_body_bytes=max_body_bytes,
                                  log_requests=log_requests, drain_timeout_s=drain_timeout)
@@ -78,16 +72,6 @@ def serve_command(
                       f"max_seq_len {limits['max_seq_len']}) at http://{host}:{port}/v1 "
                       f"({'API key required' if api_key else 'no API key'})", highlight=False)
         serve_engine(engine, served.engine_dir, settings, host=host, port=port)
-        engine.close()
-
-
-def _warm_up(engine) -> None:
-    """One short generation (and on CUDA one at the full batch) so the first request is not the slow one."""
-    from kiln.engine.base import GenerationRequest, SamplingParams
-
-    sizes = [1] if engine.device.type == "cpu" else sorted({1, engine.max_batch_size})
-    for size in sizes:
-        engine.generate([GenerationRequest([0] * min(4, engine.max_input_len), SamplingParams(max_new_tokens=2))] * size)
 
 
 def _exec_trtllm(engine_dir: Path, manifest: dict, host: str, port: int, api_key: str | None) -> None:

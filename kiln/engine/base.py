@@ -126,17 +126,15 @@ class Backend(Protocol):
         """Load an engine dir, refusing one built for another SM or toolchain."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-
-
 def copy_tokenizer(staging: Path, candidates: list) -> str | None:
     """Copy the tokenizer files of the first candidate dir that has one into an engine dir (it must serve alone)."""
     import shutil
 
+    from kiln.constants import MODEL_SIDE_FILES, TOKENIZER_CONFIG
+
     for candidate in candidates:
-        if candidate and (Path(candidate) / "tokenizer_config.json").is_file():
-            for name in TOKENIZER_FILES:
+        if candidate and (Path(candidate) / TOKENIZER_CONFIG).is_file():
+            for name in MODEL_SIDE_FILES:
                 if (Path(candidate) / name).is_file():
                     shutil.copy2(Path(candidate) / name, Path(staging) / name)
             return str(candidate)

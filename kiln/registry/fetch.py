@@ -9,17 +9,16 @@ their SM and torch major.minor. The check runs on the manifest, before a byte of
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import warnings
 from pathlib import Path
 from typing import Any
 
 from kiln import constants
 from kiln.errors import EngineMismatchError, IntegrityError, NotPromotableError
+from kiln.host import installed_versions
 from kiln.registry import mlflow_registry as R
 from kiln.registry import naming as N
-from kiln.registry.store import Manifest, ProgressFn, download_version, open_store
+from kiln.registry.store import ProgressFn, download_version, open_store, verified_manifest
 
 
 class ForcedFetchWarning(UserWarning):
@@ -41,13 +40,6 @@ def _sm(value: Any) -> str | None:
     return f"sm{text}" if text.isdigit() else None
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_profile() -> dict[str, Any]:
     """This machine's GPU SM (None without CUDA) and the runtime versions engines depend on."""
     sm = gpu = None
@@ -59,7 +51,7 @@ def machine_profile() -> dict[str, Any]:
             sm, gpu = f"sm{major}{minor}", torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    versions = {p: v for p in ("torch", "tensorrt_llm", "tensorrt") if (v := _version(p))}
+    versions = installed_versions(("torch", "tensorrt_llm", "tensorrt"))
     return {"sm": sm, "gpu": gpu, "versions": versions}
 
 
@@ -132,10 +124,8 @@ def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool 
         raise IntegrityError(f"{name} v{mv.version}: no manifest at {mv.source}; its files are gone or were never "
                              "completely uploaded. Rerun the build that published it")
     expected = tags.get(N.TAG_MANIFEST_SHA256)
-    if expected and hashlib.sha256(raw).hexdigest() != expected:
-        raise IntegrityError(f"{mv.source}/{constants.STORE_MANIFEST}: sha256 differs from the one registered with "
-                             f"{name} v{mv.version} ({expected}); the stored version was modified")
-    manifest = Manifest.from_bytes(raw, f"{mv.source}/{constants.STORE_MANIFEST}")
+    manifest = verified_manifest(raw, f"{mv.source}/{constants.STORE_MANIFEST}", expected,
+                                 f"registered with {name} v{mv.version} ({expected})")
     problems = compatibility_problems(manifest.engine, machine_profile())
     if problems:
         detail = f"{name} v{mv.version} ({manifest.recipe}): " + "; ".join(problems)

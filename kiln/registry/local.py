@@ -106,6 +106,3 @@ class LocalStore(Store):
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)

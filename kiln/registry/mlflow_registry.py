@@ -273,12 +273,6 @@ def _info(mlflow_client: Any, mv: Any, aliases: list[str] | None = None, with_me
         run_id=mv.run_id, created_at=created, metrics=metrics, tags=tags)
 
 
-def version_info(tracking_uri: str, name: str, selector: str) -> VersionInfo:
-    mlflow_client = client(tracking_uri)
-    with mlflow_errors(tracking_uri, f"look up {name}@{selector}"):
-        return _info(mlflow_client, get_version(mlflow_client, name, selector))
-
-
 def check_promotable(mv: Any) -> None:
     tags = mv.tags or {}
     if tags.get(N.TAG_GATES) != "passed":

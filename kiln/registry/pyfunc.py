@@ -104,7 +104,7 @@ def write_flavor(version_store: Any, manifest: Any, manifest_bytes: bytes) -> No
 def _load_pyfunc(data_path: str) -> KilnEngineModel:
     """MLflow's entry point: ``data_path`` is the downloaded version's ``files/`` dir."""
     from kiln.engine.base import get_backend
-    from kiln.registry.store import FETCHED_MANIFEST, Manifest, verify_dir
+    from kiln.registry.store import FETCHED_MANIFEST, verified_manifest, verify_dir
     from kiln.serve.text import TextCodec
 
     files = Path(data_path)
@@ -113,10 +113,7 @@ def _load_pyfunc(data_path: str) -> KilnEngineModel:
     if raw is None:
         raise IntegrityError(f"{root}: no {constants.STORE_MANIFEST} beside {FILES_DIR}/; this is not a kiln version")
     expected = ((_mlmodel_metadata(root).get("kiln") or {}).get("manifest_sha256"))
-    if expected and hashlib.sha256(raw).hexdigest() != expected:
-        raise IntegrityError(f"{root / constants.STORE_MANIFEST}: sha256 differs from the one its MLmodel records; "
-                             "the stored version was modified")
-    manifest = Manifest.from_bytes(raw, str(root / constants.STORE_MANIFEST))
+    manifest = verified_manifest(raw, str(root / constants.STORE_MANIFEST), expected, "its MLmodel records")
     (files / FETCHED_MANIFEST).write_bytes(manifest.to_bytes())
     verify_dir(files)  # every engine file against the manifest, before a byte of it is loaded
     engine = get_backend(str(manifest.engine.get("backend"))).load(files)

@@ -219,7 +219,3 @@ class S3Store(Store):
                                                                               Delimiter="/"):
                 names += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
         return sorted(names)
-
-    def delete(self, key: str) -> None:
-        with self._errors("DELETE", key):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

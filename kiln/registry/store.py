@@ -136,9 +136,6 @@ class Store(ABC):
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of ``prefix``."""
 
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
 
 def open_store(uri: str) -> Store:
     """A store for ``file:///abs/dir`` or ``s3://bucket[/prefix]`` (endpoint from ``AWS_ENDPOINT_URL_S3``)."""
@@ -183,6 +180,13 @@ def safe_relpath(rel: str, where: str) -> str:
     if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or rel.startswith("~"):
         raise IntegrityError(f"{where}: manifest lists unsafe path {rel!r}; refusing to write outside the output dir")
     return rel
+
+
+def verified_manifest(raw: bytes, where: str, expected_sha256: str | None, recorded_by: str) -> Manifest:
+    """The manifest in ``raw`` (read from ``where``), checked against the sha256 ``recorded_by`` holds, if any."""
+    if expected_sha256 and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise IntegrityError(f"{where}: sha256 differs from the one {recorded_by}; the stored version was modified")
+    return Manifest.from_bytes(raw, where)
 
 
 def read_manifest(version: Store) -> Manifest | None:

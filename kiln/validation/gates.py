@@ -16,7 +16,7 @@ from kiln.profiles import Gates
 from kiln.validation.accuracy import AccuracyResult
 from kiln.validation.perf import PerfResult
 from kiln.validation.results import flat_metrics
-from kiln.validation.tasks import metric_name
+from kiln.validation.lm_eval_tasks import metric_name
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from kiln.constants import TOKENIZER_CONFIG
 from kiln.engine.base import Engine
+from kiln.host import package_version
 from kiln.profiles import Evaluation, is_task_yaml
 
 LM_EVAL_MISSING = "lm-eval is not installed: pip install 'kiln-llm[eval]'"
@@ -54,10 +55,7 @@ def lm_eval_available() -> bool:
 
 
 def lm_eval_version() -> str | None:
-    try:
-        return metadata.version("lm-eval") if lm_eval_available() else None
-    except metadata.PackageNotFoundError:
-        return None
+    return package_version("lm-eval") if lm_eval_available() else None
 
 
 def task_key(spec: str) -> str:
@@ -208,7 +206,7 @@ def run_tasks(engine: Engine, engine_dir: Path, evaluation: Evaluation, *, max_s
     version = lm_eval_version()
     if not lm_eval_available():
         return {task_key(s): TaskEval("skipped", s, LM_EVAL_MISSING) for s in specs}
-    if not (Path(engine_dir) / "tokenizer_config.json").is_file():
+    if not (Path(engine_dir) / TOKENIZER_CONFIG).is_file():
         return {task_key(s): TaskEval("skipped", s, NO_TOKENIZER, lm_eval_version=version) for s in specs}
     import lm_eval
 

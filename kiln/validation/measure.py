@@ -89,7 +89,7 @@ def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits
     """lm-eval tasks of ``evaluation.tasks`` on the engine; skipped ones are said on the console too."""
     if not evaluation.tasks:
         return {}
-    from kiln.validation.tasks import run_tasks
+    from kiln.validation.lm_eval_tasks import run_tasks
 
     with _progress("tasks") as progress:
         progress.add_task(f"lm-eval tasks {engine_dir.name}", total=None)

@@ -62,7 +62,7 @@ WORK_POOL_TEMPLATE = "deploy/trtllm-work-pool.json"
 
 def unavailable_reason(target: Target) -> str | None:
     """Why this machine cannot build or run ``target`` with TensorRT-LLM, or None when it can."""
-    from kiln.doctor import gpus, tensorrt_llm_status
+    from kiln.host import gpus, tensorrt_llm_status
 
     trt = tensorrt_llm_status()
     if not trt.importable or not trt.version:
@@ -96,7 +96,7 @@ def unavailable_message(target: Target, why: str) -> str:
 
 def toolchain() -> dict[str, Any]:
     """Versions an engine is tied to, and the GPU it is built on (first visible one)."""
-    from kiln.doctor import driver_version, gpus, package_version, tensorrt_llm_status
+    from kiln.host import driver_version, gpus, package_version, tensorrt_llm_status
 
     trt = tensorrt_llm_status()
     found = gpus()
@@ -392,7 +392,7 @@ class TensorRTLLMBackend:
 
     def load(self, engine_dir: Path) -> TensorRTLLMEngine:
         """Load an engine dir or HF checkpoint with the LLM API of the installed TensorRT-LLM."""
-        from kiln.doctor import tensorrt_llm_status
+        from kiln.host import tensorrt_llm_status
 
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
