@@ -15,15 +15,9 @@ from prefect import flow
 
 from kiln.flows.target import dispatch_targets
 from kiln.profiles import BuildRequest
-from kiln.tasks.build import (
-    BASELINE,
-    Outcome,
-    calibrate_and_quantize,
-    calibration_data,
-    download,
-    gate_failed,
-    load_and_preflight,
-)
+from kiln.steps import BASELINE, Outcome
+from kiln.steps.checkpoint import gate_failed
+from kiln.tasks.build import calibrate_and_quantize, calibration_data, download, load_and_preflight
 from kiln.tasks.report import report
 
 Dispatch = Literal["auto", "inline", "deployments"]

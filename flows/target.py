@@ -16,10 +16,15 @@ from prefect import flow
 from pydantic import TypeAdapter
 
 from kiln.cache import canonical_json
+from kiln.calibration import TokenSet
 from kiln.errors import DeploymentNotFoundError, KilnError
+from kiln.hub import ModelSnapshot
 from kiln.profiles import BuildRequest
-from kiln.tasks.build import Checkpoint, Outcome, Snapshot, compile_engine
-from kiln.tasks.validate import backend_skip, choose_recommended, register, skipped, validate
+from kiln.steps import Checkpoint, Outcome
+from kiln.steps.engine import backend_skip, skipped
+from kiln.steps.validate import choose_recommended
+from kiln.tasks.build import compile_engine
+from kiln.tasks.validate import register, validate
 
 TARGET_FLOW = "kiln-target"
 _OUTCOMES = TypeAdapter(list[Outcome])
@@ -37,8 +42,8 @@ def _run_name() -> str:
 
 
 @flow(name=TARGET_FLOW, persist_result=True, result_serializer="json", flow_run_name=_run_name)
-def build_target(request: BuildRequest, target: str, snapshot: Snapshot, checkpoints: dict[str, Checkpoint],
-                 heldout: Any) -> list[dict]:
+def build_target(request: BuildRequest, target: str, snapshot: ModelSnapshot, checkpoints: dict[str, Checkpoint],
+                 heldout: TokenSet | None) -> list[dict]:
     """Every recipe on one target: compile, validate vs this target's baseline engine, register passing ones."""
     tgt = next(t for t in request.targets if t.name == target)
     if reason := backend_skip(tgt):
@@ -56,8 +61,8 @@ def _dump(outcomes: list[Outcome]) -> list[dict]:
     return _OUTCOMES.dump_python(outcomes, mode="json")
 
 
-def dispatch_targets(request: BuildRequest, snapshot: Snapshot, checkpoints: dict[str, Checkpoint],
-                     heldout: Any, dispatch: str = "auto") -> list[Outcome]:
+def dispatch_targets(request: BuildRequest, snapshot: ModelSnapshot, checkpoints: dict[str, Checkpoint],
+                     heldout: TokenSet | None, dispatch: str = "auto") -> list[Outcome]:
     """Run every target's subflow (in-process, or as deployment runs on the targets' work pools)."""
     if not _use_deployments(dispatch):
         rows = [build_target(request, t.name, snapshot, checkpoints, heldout) for t in request.targets]
@@ -79,8 +84,8 @@ def _use_deployments(dispatch: str) -> bool:
     return deployment.id is not None  # a deployment run fans out; `kiln build` stays in-process
 
 
-def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: Snapshot,
-                 checkpoints: dict[str, Checkpoint], heldout: Any) -> list[dict]:
+def _run_on_pool(request: BuildRequest, target: str, work_pool: str, snapshot: ModelSnapshot,
+                 checkpoints: dict[str, Checkpoint], heldout: TokenSet | None) -> list[dict]:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 

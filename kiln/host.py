@@ -91,8 +91,14 @@ def gpus() -> list[GpuInfo]:
     found = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        found.append(GpuInfo(index=index, name=props.name, sm=props.major * 10 + props.minor,
-                             memory_gib=round(props.total_memory / GIB, 1)))
+        found.append(
+            GpuInfo(
+                index=index,
+                name=props.name,
+                sm=props.major * 10 + props.minor,
+                memory_gib=round(props.total_memory / GIB, 1),
+            )
+        )
     return found
 
 
@@ -102,8 +108,13 @@ def driver_version() -> str | None:
     if not smi:
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
@@ -113,35 +124,68 @@ def driver_version() -> str | None:
 def tensorrt_llm_status() -> TensorRTLLMStatus:
     """Import ``tensorrt_llm`` once; a placeholder wheel or missing CUDA libraries count as not importable."""
     if importlib.util.find_spec("tensorrt_llm") is None:
-        return TensorRTLLMStatus(False, why="the tensorrt_llm package is not installed (its PyPI wheel is only a "
-                                            "stub; NVIDIA ships it in the TensorRT-LLM container image)")
+        return TensorRTLLMStatus(
+            False,
+            why="the tensorrt_llm package is not installed (its PyPI wheel is only a "
+            "stub; NVIDIA ships it in the TensorRT-LLM container image)",
+        )
     try:
         module = importlib.import_module("tensorrt_llm")
-    except Exception as exc:  # an import of a native package can fail in many ways; report, never crash doctor
-        return TensorRTLLMStatus(False, version=package_version("tensorrt_llm"),
-                                 why=f"import tensorrt_llm failed: {type(exc).__name__}: {exc}")
+    except (
+        Exception
+    ) as exc:  # an import of a native package can fail in many ways; report, never crash doctor
+        return TensorRTLLMStatus(
+            False,
+            version=package_version("tensorrt_llm"),
+            why=f"import tensorrt_llm failed: {type(exc).__name__}: {exc}",
+        )
     version = getattr(module, "__version__", None) or package_version("tensorrt_llm")
     if not version:
-        return TensorRTLLMStatus(False, why="tensorrt_llm imports but reports no version (a placeholder package?)")
-    return TensorRTLLMStatus(True, version=str(version), tensorrt_version=package_version("tensorrt"),
-                             trtllm_build=shutil.which("trtllm-build"))
+        return TensorRTLLMStatus(
+            False, why="tensorrt_llm imports but reports no version (a placeholder package?)"
+        )
+    return TensorRTLLMStatus(
+        True,
+        version=str(version),
+        tensorrt_version=package_version("tensorrt"),
+        trtllm_build=shutil.which("trtllm-build"),
+    )
 
 
 def collect() -> HostReport:
     """Facts about this machine; never fails (missing things are reported as missing)."""
     import torch
 
-    components = [Component("kiln", True, package_version("kiln-llm")),
-                  Component("torch", True, torch.__version__,
-                            f"CUDA build {torch.version.cuda}" if torch.version.cuda else "CPU build")]
+    components = [
+        Component("kiln", True, package_version("kiln-llm")),
+        Component(
+            "torch",
+            True,
+            torch.__version__,
+            f"CUDA build {torch.version.cuda}" if torch.version.cuda else "CPU build",
+        ),
+    ]
     for name in ("nvidia-modelopt", "transformers", "prefect", "mlflow", "tensorrt"):
         version = package_version(name)
         components.append(Component(name, version is not None, version, "" if version else "not installed"))
     trt = tensorrt_llm_status()
-    components.append(Component("tensorrt_llm", trt.importable, trt.version, trt.why or
-                                f"trtllm-build: {trt.trtllm_build or 'not on PATH'}"))
-    report = HostReport(python=sys.version.split()[0], platform=platform.platform(), components=components,
-                        gpus=gpus(), cuda_runtime=torch.version.cuda, driver=driver_version(), tensorrt_llm=trt)
+    components.append(
+        Component(
+            "tensorrt_llm",
+            trt.importable,
+            trt.version,
+            trt.why or f"trtllm-build: {trt.trtllm_build or 'not on PATH'}",
+        )
+    )
+    report = HostReport(
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        components=components,
+        gpus=gpus(),
+        cuda_runtime=torch.version.cuda,
+        driver=driver_version(),
+        tensorrt_llm=trt,
+    )
     if not report.gpus:
         report.notes.append("no CUDA GPU visible: cuda targets build on a GPU worker, not here")
     return report

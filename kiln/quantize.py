@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,8 +46,6 @@ Format = Literal["trtllm", "hf"]
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 CALIBRATION_BATCH = 8
 SEED = 0
-HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def layout_key(tp: int, pp: int) -> str:
 
 
 def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Sequence[tuple[int, int]],
-                 calibration: TokenSet | None, dtype: str) -> QuantScheme:
+                 dtype: str) -> QuantScheme:
     """Raise a KilnInputError for a recipe that cannot run on this model and device; return its scheme."""
     try:
         quant = scheme(recipe.quantization)
@@ -131,6 +129,11 @@ def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Seque
             raise KilnInputError(f"tp {tp} does not divide the model's {info.num_heads} attention heads")
         if pp > info.num_layers:
             raise KilnInputError(f"pp {pp} is more than the model's {info.num_layers} layers")
+    return quant
+
+
+def check_calibration(recipe: Recipe, info: ModelInfo, calibration: TokenSet | None) -> None:
+    """Raise a CalibrationDataError unless a recipe that calibrates has tokens of this model's vocabulary."""
     if needs_calibration(recipe):
         if calibration is None or not calibration.token_ids:
             raise CalibrationDataError(
@@ -140,7 +143,6 @@ def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Seque
         if too_big:
             raise CalibrationDataError(f"calibration tokens go up to id {max(too_big)}, beyond the model's vocab "
                                        f"({info.vocab_size}): they were tokenized for another model")
-    return quant
 
 
 def hf_export_problem(recipe: Recipe) -> str | None:
@@ -195,19 +197,22 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
              device: str, lineage: dict[str, Any], calibration: TokenSet | None,
              heldout: TokenSet | None = None, max_ppl_increase_pct: float | None = None,
              formats: Sequence[Format] = ("trtllm", "hf"), batch_size: int = CALIBRATION_BATCH,
-             on_progress: Any = None) -> QuantizedCheckpoint:
+             on_progress: Any = None,
+             export_if: Callable[[Perplexity], bool] | None = None) -> QuantizedCheckpoint:
     """Calibrate ``recipe`` on ``model_dir`` once and export it for every ``(tp, pp)`` in ``layouts``.
 
     ``dtype`` is the checkpoint dtype of unquantized tensors. With ``heldout`` tokens the fake-quant
-    perplexity is measured against the unquantized model; over ``max_ppl_increase_pct`` the recipe is
-    refused (``GateFailedError``) before anything is exported.
+    perplexity is measured against the unquantized model and returned; the caller decides the gate:
+    ``export_if(perplexity)`` False returns the numbers with nothing exported, and over
+    ``max_ppl_increase_pct`` the recipe is refused (``GateFailedError``) before anything is exported.
     """
     from kiln.hub import inspect_model
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     layouts = sorted(set(layouts)) or [(1, 1)]
     info = inspect_model(model_dir)
-    quant = check_recipe(recipe, info, device=device, layouts=layouts, calibration=calibration, dtype=dtype)
+    quant = check_recipe(recipe, info, device=device, layouts=layouts, dtype=dtype)
+    check_calibration(recipe, info, calibration)
     family = family_for(info.architecture)
     if "trtllm" in formats and family.modelopt_decoder is None:
         raise UnsupportedCombinationError(
@@ -243,7 +248,7 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
         start = time.perf_counter()
         forward_loop = None
         if needs_calibration(recipe):
-            assert calibration is not None  # check_recipe refused it otherwise
+            assert calibration is not None  # check_calibration refused it otherwise
             forward_loop = _forward_loop(calibration.token_ids, device, batch_size, on_progress)
             calibrated = True
         with torch.inference_mode(False), _quiet():
@@ -262,8 +267,13 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
                 f"{perplexity.baseline:.3f} (+{perplexity.increase_pct:.2f}%) is over max_ppl_increase_pct "
                 f"{max_ppl_increase_pct:g} on {perplexity.num_tokens} held-out tokens; no engine is built from it. "
                 "Use a milder recipe (e.g. int8_wo, fp8, int4_awq with a smaller group_size) or relax the gate")
-            refused.perplexity = perplexity  # type: ignore[attr-defined]  # the build reports and caches them
             raise refused
+        if export_if is not None and not export_if(perplexity):
+            return QuantizedCheckpoint(
+                recipe=recipe.name, quantization=recipe.quantization, trtllm_dirs={}, hf_dir=None,
+                calibration_sha256=calibration.sha256 if calibration is not None and calibrated else None,
+                quant_algo=quant.quant_algo, kv_cache_quant_algo=KV_SCHEMES[recipe.kv_cache_dtype][1],
+                calibrated=calibrated, timings_s={k: round(v, 3) for k, v in timings.items()}, perplexity=perplexity)
 
     decoder_type = family.modelopt_decoder
     torch_dtype = getattr(torch, dtype)
@@ -327,10 +337,10 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
 
 def toolchain_versions() -> dict[str, str]:
     """What a checkpoint's lineage records: Python and the packages that shaped its weights."""
-    from kiln.cache import toolchain_versions as installed
+    from kiln.host import installed_versions
 
     return {"python": platform.python_version(),
-            **installed(("nvidia-modelopt", "torch", "transformers", "kiln-llm"))}
+            **installed_versions(("nvidia-modelopt", "torch", "transformers", "kiln-llm"))}
 
 
 def _seed_everything(seed: int) -> None:
@@ -441,7 +451,7 @@ def _export_hf(model: torch.nn.Module, model_dir: Path, hf_dir: Path, torch_dtyp
             export_hf_checkpoint(model, dtype=torch_dtype, export_dir=hf_dir)
     else:
         model.save_pretrained(hf_dir)
-    for name in HF_EXTRA_FILES:  # runtimes load the tokenizer from the checkpoint dir
+    for name in constants.MODEL_SIDE_FILES:  # runtimes load the tokenizer from the checkpoint dir
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, hf_dir / name)
 

@@ -1,50 +1,22 @@
-"""Step progress for whoever is watching in this process (the ``kiln build`` CLI draws it with rich).
-
-Tasks report each step's start and end here; every finished step is also a line in the Prefect run's log
-(what the run page shows), a failed one at WARNING.
-"""
+"""The Prefect side of step progress (:mod:`kiln.progress`): every finished step is also a line in the
+Prefect run's log (what the run page shows), a failed one at WARNING, and the runs that ran a step are
+remembered (what an interrupted ``kiln build`` marks Cancelled)."""
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import logging
 
+from kiln import progress
 
-@dataclass
-class StepEvent:
-    """One step's progress: ``status`` is ``running``, ``done``, ``reused``, ``skipped`` or ``failed``."""
-
-    step: str
-    detail: str
-    status: str = "running"
-    seconds: float = 0.0
-    note: str = ""
-    started: float = field(default_factory=time.perf_counter)
-
-
-Listener = Callable[[StepEvent], None]
-_listeners: list[Listener] = []
 started_runs: dict[str, str] = {}
-"""Prefect flow and task run ids that ran a step in this process -> ``flow`` | ``task`` (what an interrupted
-``kiln build`` marks Cancelled)."""
+"""Prefect flow and task run ids that ran a step in this process -> ``flow`` | ``task``."""
 
 
-@contextlib.contextmanager
-def listening(listener: Listener) -> Iterator[None]:
-    """Send this process's step events to ``listener`` while the block runs."""
-    _listeners.append(listener)
-    try:
-        yield
-    finally:
-        _listeners.remove(listener)
-
-
-def _send(event: StepEvent) -> None:
-    for listener in list(_listeners):
-        listener(event)
-    if event.status != "running":
+def to_prefect(event: progress.StepEvent) -> None:
+    """Remember the runs a step starts in; log each finished step to its run."""
+    if event.status == "running":
+        _remember_runs()
+    else:
         _log_to_run(event)
 
 
@@ -56,9 +28,7 @@ def _remember_runs() -> None:
             started_runs[str(run_id)] = kind
 
 
-def _log_to_run(event: StepEvent) -> None:
-    import logging
-
+def _log_to_run(event: progress.StepEvent) -> None:
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
@@ -67,26 +37,15 @@ def _log_to_run(event: StepEvent) -> None:
     except MissingContextError:  # called outside a flow or task run: nothing to attach the line to
         return
     level = logging.WARNING if event.status in ("failed", "cancelled") else logging.INFO
-    logger.log(level, "%s %s %s (%.1fs)%s", event.status, event.step, event.detail, event.seconds,
-               f": {event.note}" if event.note else "")
+    logger.log(
+        level,
+        "%s %s %s (%.1fs)%s",
+        event.status,
+        event.step,
+        event.detail,
+        event.seconds,
+        f": {event.note}" if event.note else "",
+    )
 
 
-@contextlib.contextmanager
-def step(name: str, detail: str = "") -> Iterator[StepEvent]:
-    """Report a step; the body may set ``event.status = "reused"`` (cache hit) and ``event.note``."""
-    event = StepEvent(name, detail)
-    _remember_runs()
-    _send(event)
-    try:
-        yield event
-    except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        event.status = "cancelled" if interrupted else "failed"
-        event.note = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        event.seconds = time.perf_counter() - event.started
-        _send(event)
-        raise
-    if event.status == "running":
-        event.status = "done"
-    event.seconds = time.perf_counter() - event.started
-    _send(event)
+progress.observe(to_prefect)

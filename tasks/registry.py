@@ -10,12 +10,13 @@ from dataclasses import asdict
 
 from prefect import task
 
-from kiln.tasks.build import NETWORK
+from kiln.tasks.options import NETWORK
 
 
 @task(name="promote", timeout_seconds=600, **NETWORK)
-def promote_version(model_name: str, version: str, target: str | None, *, reason: str,
-                    tracking_uri: str | None = None) -> dict:
+def promote_version(
+    model_name: str, version: str, target: str | None, *, reason: str, tracking_uri: str | None = None
+) -> dict:
     """Move ``production`` onto a version that passed its gates; the registry records who, when and why."""
     from kiln.registry import promote
 
@@ -23,7 +24,9 @@ def promote_version(model_name: str, version: str, target: str | None, *, reason
 
 
 @task(name="rollback", timeout_seconds=600, **NETWORK)
-def rollback_version(model_name: str, target: str | None, *, reason: str, tracking_uri: str | None = None) -> dict:
+def rollback_version(
+    model_name: str, target: str | None, *, reason: str, tracking_uri: str | None = None
+) -> dict:
     """Move ``production`` back to the version it held before the current one (recorded like a promote)."""
     from kiln.registry import rollback
 

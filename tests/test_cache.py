@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from kiln import cache
+from kiln.hub import ModelSnapshot as Snapshot
 from kiln.profiles import BuildLimits, Recipe, Target
-from kiln.tasks.build import BASELINE, Checkpoint, Snapshot, checkpoint_key, engine_key
+from kiln.steps.checkpoint import BASELINE, Checkpoint, checkpoint_key
+from kiln.steps.engine import engine_key
 
 
 @dataclass(frozen=True)

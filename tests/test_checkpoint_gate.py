@@ -65,8 +65,8 @@ def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_
         prefect_harness, kiln_home: Path, fitted_model_dir: Path) -> None:
     from mlflow import MlflowClient
 
+    from kiln import progress
     from kiln.flows.build import build
-    from kiln.tasks import progress
 
     seen: list[tuple[str, str, str]] = []
     with progress.listening(lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None):
@@ -115,9 +115,11 @@ def test_the_cached_gate_verdict_follows_the_threshold_and_recalibrates_only_whe
     than a stored refusal needs the export it never wrote, so that one recalibrates."""
 
     from kiln.calibration import heldout_set
+    from kiln.hub import ModelSnapshot as Snapshot
     from kiln.hub import load_tokenizer
     from kiln.profiles import load_request
-    from kiln.tasks.build import Datasets, Snapshot, calibrate_and_quantize
+    from kiln.steps import Datasets
+    from kiln.tasks.build import calibrate_and_quantize
 
     calls = modelopt_calls
     snapshot = Snapshot(path=fitted_model_dir, sha="fitted", source="local")

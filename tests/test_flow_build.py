@@ -26,7 +26,7 @@ def _request(model_dir: Path, name: str = "flowtest", targets: list[dict] | None
 @pytest.fixture
 def steps():
     """Every step event of the flow run, as (step, detail, status)."""
-    from kiln.tasks import progress
+    from kiln import progress
 
     seen: list[tuple[str, str, str]] = []
     with progress.listening(lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None):
@@ -129,7 +129,7 @@ def test_network_steps_retry_transient_failures_only():
     from huggingface_hub.errors import RevisionNotFoundError
 
     from kiln.errors import ModelSourceError, RegistryConfigError, RegistryError
-    from kiln.tasks.build import transient
+    from kiln.tasks.options import transient
 
     def caused(error: Exception, cause: BaseException) -> Exception:
         error.__cause__ = cause

@@ -422,8 +422,10 @@ def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path,
                                                                   modelopt_calls: list[int]) -> None:
     """The build step calibrates once per recipe, exports per (tp, pp) of the targets, and caches by content."""
 
+    from kiln.hub import ModelSnapshot as Snapshot
     from kiln.profiles import load_request
-    from kiln.tasks.build import Datasets, Snapshot, calibrate_and_quantize
+    from kiln.steps import Datasets
+    from kiln.tasks.build import calibrate_and_quantize
 
     calls = modelopt_calls
     recipe = {"name": "sq", "quantization": "int8_sq"}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from kiln.cli import app
 from kiln.profiles import Gates
-from kiln.tasks.build import Outcome
+from kiln.steps import Outcome
 from kiln.validation import plots
 from kiln.validation.gates import decide
 from kiln.validation.report import (
@@ -179,8 +179,8 @@ def test_piped_report_is_full_width_and_machine_output_stays_clean(kiln_home: Pa
 def test_engine_links_are_pages_a_browser_opens() -> None:
     """The Prefect UI cannot open file:// links: an http tracking server gets the MLflow version page, a local
     file store gets no link (its path is shown as text)."""
-    from kiln.tasks.build import Outcome
-    from kiln.tasks.report import engine_link
+    from kiln.steps import Outcome
+    from kiln.steps.report import engine_link
 
     local = Outcome(recipe="fp8", target="cpu", status="registered", verdict="pass", model_name="m.cpu", version="3",
                     uri="file:///home/k/store/m/cpu/abc")

@@ -136,8 +136,9 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
+    from kiln.hub import ModelSnapshot as Snapshot
     from kiln.profiles import load_request
-    from kiln.tasks.build import Outcome, Snapshot
+    from kiln.steps import Outcome
     from kiln.tasks.report import report
 
     monkeypatch.setenv("KILN_PROFILES_DIR", str(REPO / "profiles"))

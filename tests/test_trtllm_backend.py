@@ -116,7 +116,7 @@ def test_load_fails_with_where_to_load(tmp_path: Path, fp8_hf_checkpoint: Path) 
 
 @no_trtllm
 def test_optional_target_is_skipped_and_required_one_fails() -> None:
-    from kiln.tasks.validate import backend_skip
+    from kiln.steps.engine import backend_skip
 
     reason = backend_skip(H100.model_copy(update={"optional": True}))
     assert reason is not None and "kiln-h100-trtllm" in reason
@@ -149,7 +149,7 @@ def test_build_generate_and_logits_on_this_worker(tmp_path: Path, smollm2_dir: P
     """SmolLM2 FP8 -> engine (1.2) or HF checkpoint (>= 1.3) -> greedy generation agrees with its own logits."""
     import torch
 
-    from kiln.doctor import gpus, tensorrt_llm_status
+    from kiln.host import gpus, tensorrt_llm_status
 
     version = tensorrt_llm_status().version
     contract = api.contract_for(str(version))

@@ -12,13 +12,11 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from kiln import constants
-from kiln.cli import app, profiles_app
 from kiln.commands._common import cli_errors, console, print_table
 from kiln.errors import KilnInputError, ModelSourceError
 from kiln.profiles import LocalModel, load_request
 
 
-@profiles_app.command("check")
 def profiles_check(files: list[Path] = typer.Argument(..., help="Build request YAML files")) -> None:
     """Validate build requests (fields, names, recipe x target combinations); do no work."""
     with cli_errors():
@@ -54,7 +52,6 @@ _MARKS = {"done": "[green]✓[/]", "reused": "[cyan]↺[/]", "skipped": "[yellow
 DISPATCH = ("auto", "inline", "deployments")
 
 
-@app.command("build")
 def build_command(
     profile: Path = typer.Argument(..., help="build request YAML (e.g. profiles/examples/tiny-cpu.yaml)"),
     dispatch: str = typer.Option("auto", help="auto | inline | deployments: where per-target subflows run "
@@ -71,12 +68,13 @@ def build_command(
         from kiln.flows.build import build
 
         kiln.flows.embedded_server_in_its_own_session()
-        from kiln.tasks import progress
+        from kiln import progress
+        from kiln.tasks.progress import started_runs
 
         started = time.perf_counter()
         interrupted: list[int] = []
 
-        def interrupt(signum: int, frame: object) -> None:
+        def interrupt(signum: int, _frame: object) -> None:
             interrupted.append(signum)
             raise KeyboardInterrupt
 
@@ -90,7 +88,7 @@ def build_command(
         except BaseException as exc:
             if not interrupted and not isinstance(exc, KeyboardInterrupt):
                 raise
-            _stop_interrupted(progress.started_runs, time.perf_counter() - started)
+            _stop_interrupted(started_runs, time.perf_counter() - started)
         _print_summary(outcomes, time.perf_counter() - started)
 
 

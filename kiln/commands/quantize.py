@@ -74,19 +74,16 @@ def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt:
         from kiln.families import family_for
 
         fmt = family_for(info.architecture).engine_source
-    check_recipe(recipe, info, device=device, layouts=[(tp, pp)], calibration=None if not needs_calibration(recipe)
-                 else _placeholder(), dtype=dtype)  # cheap checks before tokenizing anything
+    check_recipe(recipe, info, device=device, layouts=[(tp, pp)], dtype=dtype)  # before tokenizing anything
     gate = request.gates_for(recipe).max_ppl_increase_pct
     measure = ppl if ppl is not None else gate is not None
     calibration = heldout = None
     if needs_calibration(recipe) or measure:
-        from kiln.calibration import calibration_set, heldout_set
+        from kiln.steps.data import tokenize  # the build's calibration-data step, for one recipe
 
         with console.status("tokenizing calibration and held-out text"):
-            tokenizer = load_tokenizer(Path(snapshot.path))
-            calibration = calibration_set(recipe.calibration, tokenizer) if needs_calibration(recipe) else None
-            if measure:
-                heldout = heldout_set(request.evaluation, tokenizer, exclude=calibration)
+            data = tokenize([recipe], request.evaluation, load_tokenizer(snapshot.path), heldout=measure)
+            calibration, heldout = data.calibration.get(recipe.name), data.heldout
     staging = output.parent / f".{output.name}.kiln-partial"
     shutil.rmtree(staging, ignore_errors=True)
     lineage = {"model_sha": snapshot.sha, "repo_id": getattr(snapshot, "repo_id", None), "recipe": recipe.name,
@@ -109,13 +106,6 @@ def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _summary(result, output)
-
-
-def _placeholder():
-    # check_recipe's data check runs later on the real tokens; here only the recipe/model/device checks matter
-    from kiln.calibration import TokenSet
-
-    return TokenSet(token_ids=[[0]], sha256="", source="placeholder")
 
 
 def _summary(result, output: Path) -> None:
