@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from kiln import preflight
-from kiln.host import GpuInfo, HostReport, TensorRTLLMStatus
 from kiln.engine.trtllm import api
 from kiln.errors import UnsupportedCombinationError
+from kiln.host import GpuInfo, HostReport, TensorRTLLMStatus
 from kiln.hub import ModelInfo, inspect_model
 from kiln.profiles import Recipe, Target, load_request
 

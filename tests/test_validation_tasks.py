@@ -218,8 +218,8 @@ def test_preflight_rejects_unknown_task_name() -> None:
 
 
 def test_report_lists_task_scores_and_skips() -> None:
-    from kiln.validation.report import BuildResults, ReportRow, markdown
     from kiln.validation.lm_eval_tasks import LM_EVAL_MISSING, TaskEval, task_metrics, task_notes
+    from kiln.validation.report import BuildResults, ReportRow, markdown
 
     evals = {"facts_mc": TaskEval("ran", "facts_mc.yaml", metrics={"acc": 0.5, "acc_norm": 0.25}),
              "hellaswag": TaskEval("skipped", "hellaswag", LM_EVAL_MISSING)}

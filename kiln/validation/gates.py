@@ -14,9 +14,9 @@ from typing import Literal
 
 from kiln.profiles import Gates
 from kiln.validation.accuracy import AccuracyResult
+from kiln.validation.lm_eval_tasks import metric_name
 from kiln.validation.perf import PerfResult
 from kiln.validation.results import flat_metrics
-from kiln.validation.lm_eval_tasks import metric_name
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import jsonschema
 import torch
 
 from kiln.validation.accuracy import AccuracyResult
-from kiln.validation.perf import PerfResult
 from kiln.validation.lm_eval_tasks import task_metrics
+from kiln.validation.perf import PerfResult
 
 SCHEMA_ID = "kiln.validation-result/1"
 SCHEMA_FILE = "validation-result.schema.json"
