@@ -1,112 +1,336 @@
-"""``kiln bench ENGINE_DIR`` (in process) vs ``kiln bench --url`` against ``kiln serve`` on one CUDA GPU, same
-prompts, same sweep (run by hand; not a test).
+"""``kiln bench ENGINE_DIR`` next to ``kiln bench --url`` against ``kiln serve`` on one CUDA GPU, in one run, same
+prompts (run by hand; not a test).
 
-Engine: a RANDOM-WEIGHT Llama-3.2-1B-shaped model (``engine_gpu.py``'s ``SHAPE``: hidden 2048, 16 layers,
-32/8 heads, ffn 8192, tied embeddings) with the vocabulary of the tokenizer it is served with (SmolLM2's,
-49,152 ids, passed as ``--tokenizer``: ``kiln serve`` detokenizes what it streams, and no Llama-3 tokenizer
-travels to the GPU machine), written as a bf16 TensorRT-LLM checkpoint and compiled with ``TorchBackend``
-(Inductor + CUDA graphs + kiln's attention kernel; max_batch_size 64). Then ``serve_cpu.compare``: each
-command its own process, one after the other, ``kiln bench ENGINE_DIR`` and, with ``kiln serve ENGINE_DIR``
-on a free loopback port, ``kiln bench --url``; both run ``kiln.validation.perf.sweep``.
+Engine: a RANDOM-WEIGHT Llama-3.2-1B-shaped model built as ``bench/engine_gpu.py`` builds it (its ``SHAPE``,
+``build_hf``, ``write_checkpoint``, ``target``: bf16, Inductor + CUDA graphs, max_batch_size 64), compiled by
+``TorchBackend``. ``kiln serve`` detokenizes what it streams, so the engine dir carries a tokenizer of the
+model's 128,256 ids: SmolLM2's byte-level BPE (``--tokenizer``; no Llama 3 tokenizer travels to the GPU
+machine) with its vocabulary extended by ordinary ASCII tokens (" qzx", ...), so every id the random model
+emits decodes as a real one does.
 
-    python bench/serve_gpu.py --tokenizer DIR --out $OUT      # writes serve_gpu.json + serve_gpu.md
+Then, per concurrency level (1, 8, 32, 64; 128 prompt tokens of seeded ids -> exactly 128 greedy tokens),
+one after the other on the same prompts, both through ``kiln.validation.perf.sweep``:
+
+- in process: the engine loaded here, ``EngineRounds`` (what ``kiln bench ENGINE_DIR`` runs);
+- over HTTP: ``kiln serve ENGINE_DIR`` as a subprocess on a free loopback port (its engine in a process of
+  its own), ``OpenAIRounds`` (what ``kiln bench --url`` runs: streaming completions from several client
+  processes), with the CPU the server's two processes spent per generated token.
+
+With ``--fast-site DIR`` (httptools and uvloop installed there, what ``uvicorn[standard]`` adds) a second
+server runs with DIR on its PYTHONPATH, so uvicorn picks them, and the sweep over HTTP is repeated.
+``--budget-s`` bounds the run: a stage that would start past it is skipped and recorded. Writes
+``serve_gpu.json`` (after every stage) and ``serve_gpu.md`` into ``--out``.
+
+    python bench/serve_gpu.py --out $OUT --budget-s 200 [--fast-site /tmp/site-fast]
+    python bench/serve_gpu.py --tiny --out /tmp/sg          # the whole run on CPU with a tiny model
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import shutil
+import string
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import engine_gpu  # noqa: E402
-from serve_cpu import compare, table  # noqa: E402
-
-from kiln.engine.torch import TorchBackend  # noqa: E402
+from bench import engine_gpu  # noqa: E402
+from bench.serve_cpu import KilnServe, overhead, server_cost, table  # noqa: E402
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def build_engine(out: Path, tokenizer: Path, vocab: int, tiny: bool) -> Path:
-    """The random-weight engine; ``tiny``: a 2-layer model on a cpu target (a logic check of the whole run)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def extended_tokenizer(source: Path, out: Path, vocab_size: int) -> Path:
+    """``source``'s byte-level BPE tokenizer with ordinary tokens ("Ġ" + lowercase letters, i.e. " ab", " abc",
+    ...) added to its vocabulary up to ``vocab_size`` ids, so that every id of the model decodes to text."""
+    data = json.loads((source / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    if data["model"]["type"] != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise SystemExit(f"{source}: expected a byte-level BPE tokenizer (as SmolLM2's)")
+    words = ("Ġ" + "".join(c) for n in itertools.count(2) for c in itertools.product(string.ascii_lowercase, repeat=n))
+    while len(vocab) < vocab_size:
+        word = next(words)
+        if word not in vocab:
+            vocab[word] = len(vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4.x and 5.x both know
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES[2:]:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    return out
 
+
+def build_engine(work: Path, tokenizer: Path, tiny: bool) -> Path:
+    """The random-weight engine dir (``tiny``: a 2-layer model of the same vocabulary on a cpu target)."""
+    from kiln.engine.torch import TorchBackend
     from kiln.profiles import Target
 
-    engine_gpu.SHAPE = {**engine_gpu.SHAPE, "vocab_size": vocab, **(TINY if tiny else {})}
     if tiny:
-        model = LlamaForCausalLM(LlamaConfig(**engine_gpu.SHAPE, architectures=["LlamaForCausalLM"])).to(torch.bfloat16)
-        target = Target(name="cpu", dtype="bfloat16", limits={"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128})
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**engine_gpu.SHAPE, **TINY}, architectures=["LlamaForCausalLM"])
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 8, "max_input_len": 256,
+                                                              "max_seq_len": 512})
     else:
         model, target = engine_gpu.build_hf(), engine_gpu.target()
-    checkpoint = engine_gpu.write_checkpoint(model, out / "ckpt", fp8=False)
+    checkpoint = engine_gpu.write_checkpoint(model, work / "checkpoint", fp8=False)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return TorchBackend().compile(checkpoint, target, out / "engine", {"model_sha": "random"}, tokenizer_dir=tokenizer)
+    return TorchBackend().compile(checkpoint, target, work / "engine", {"model_sha": "random-llama-3.2-1b-shape"},
+                                  tokenizer_dir=tokenizer)
 
 
-def overhead(run: dict) -> list[dict]:
-    """Per level: HTTP output tok/s over in-process, and the TTFT p50 the server adds."""
-    by_level = {p["concurrency"]: p for p in run["url"]["points"]}
-    out = []
-    for p in run["engine"]["points"]:
-        q = by_level.get(p["concurrency"])
-        if q:
-            out.append({"concurrency": p["concurrency"],
-                        "tok_s_ratio": round(q["output_tokens_per_s"] / p["output_tokens_per_s"], 3),
-                        "tok_s_overhead_pct": round(100 * (1 - q["output_tokens_per_s"] / p["output_tokens_per_s"]), 1),
-                        "ttft_p50_added_ms": round(q["ttft_ms"]["p50"] - p["ttft_ms"]["p50"], 2)})
-    return out
+class Run:
+    """Stages under a wall-clock budget; the JSON is rewritten after each one (a timeout keeps what was done)."""
+
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.result: dict = {"stages": {}, "skipped": {}, "errors": {}}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stage(self, name: str, fn, *args, needs_s: float = 0.0, **kwargs):
+        if self.elapsed() + needs_s > self.budget_s:
+            self.result["skipped"][name] = f"time budget: {self.elapsed():.0f} s spent of {self.budget_s:.0f} s"
+            self.save()
+            return None
+        began = time.perf_counter()
+        print(f"[{self.elapsed():6.1f}s] {name} ...", flush=True)
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:  # one failed stage must not lose the others' numbers
+            traceback.print_exc()
+            self.result["errors"][name] = f"{type(exc).__name__}: {exc}"[:3000]
+            value = None
+        self.result["stages"][name] = round(time.perf_counter() - began, 1)
+        self.save()
+        return value
+
+    def save(self) -> None:
+        self.result["total_s"] = round(self.elapsed(), 1)
+        (self.out / "serve_gpu.json").write_text(json.dumps(self.result, indent=2, default=str) + "\n")
+
+
+def environment(args: argparse.Namespace) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("transformers", "tokenizers", "fastapi", "starlette", "uvicorn", "h11", "httpx", "pydantic",
+                 "prometheus_client", "triton"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name() if cuda else "none (CPU)",
+            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "machine": platform.machine(), "versions": versions,
+            "command": " ".join(["python bench/serve_gpu.py", *sys.argv[1:]]), "shape": engine_gpu.SHAPE,
+            "limits": engine_gpu.LIMITS, "model": "random-weight Llama-3.2-1B shape" + (" (tiny)" if args.tiny else "")}
+
+
+def requests_at(level: int, args: argparse.Namespace) -> int:
+    """Timed requests at a level: at least ``--requests``, and ``--rounds`` full rounds."""
+    return max(args.requests, args.rounds * level)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer dir the engine is served with")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"))
+    parser.add_argument("--budget-s", type=float, default=200)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: a logic check")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"))
+    parser.add_argument("--requests", type=int, default=16, help="timed requests per level at least")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per level at least")
+    parser.add_argument("--tokenizer", type=Path, help="a byte-level BPE tokenizer dir (default: "
+                        ".whl/serve/tokenizer-smollm2, else SmolLM2's in $KILN_HOME/assets)")
+    parser.add_argument("--fast-site", type=Path, help="a dir with httptools + uvloop for a second server")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: the run's logic only")
+    parser.add_argument("--render", type=Path, help="only rewrite serve_gpu.md from this serve_gpu.json")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
+    if args.render:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve_gpu.md").write_text(markdown(json.loads(args.render.read_text())))
+        return
+    levels = sorted({int(c) for c in args.concurrency.split(",")})
+    if args.tiny:
+        levels = [c for c in levels if c <= 8]
+    run = Run(args.out, args.budget_s)
+    r = run.result
+    site = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    server_env = {**os.environ, "PYTHONPATH": site}
+    r["env"] = environment(args)
+    r["settings"] = {"levels": levels, "input_len": args.input_len, "output_len": args.output_len,
+                     "requests": {c: requests_at(c, args) for c in levels}, "warmup_rounds": 1}
+    work = Path(tempfile.mkdtemp(prefix="kiln-serve-gpu-"))
+    source = args.tokenizer or next((p for p in (ROOT / ".whl" / "serve" / "tokenizer-smollm2",
+                                                 Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln") / "assets"
+                                                 / "SmolLM2-135M-Instruct") if p.is_dir()), None)
+    if source is None:
+        raise SystemExit("no tokenizer: pass --tokenizer DIR (SmolLM2's tokenizer files)")
+    tokenizer = extended_tokenizer(source, work / "tokenizer", engine_gpu.SHAPE["vocab_size"])
+    engine_dir = run.stage("build_engine", build_engine, work, tokenizer, args.tiny)
+    if engine_dir is None:
+        return
+    from kiln.engine.torch import TorchBackend
+    from kiln.validation.measure import engine_device
+    from kiln.validation.perf import BenchPrompt, EngineRounds, decode_cost_from_dir, seeded_prompts, sweep
 
-    vocab = len(AutoTokenizer.from_pretrained(args.tokenizer))
-    sweep = ["-c", args.concurrency, "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-             "--requests", str(args.requests)]
-    started = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kiln-serve-gpu-") as tmp:
-        engine_dir = build_engine(Path(tmp), args.tokenizer, vocab, args.tiny)
-        built = time.perf_counter() - started
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        run = compare(engine_dir, sweep, env, args.out)
-    result = {"command": " ".join(["python bench/serve_gpu.py", *sys.argv[1:]]),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", "torch": torch.__version__, "python": platform.python_version(),
-              "weights": f"random, Llama-3.2-1B shape with vocab {vocab}", "build_s": round(built, 1),
-              "total_s": round(time.perf_counter() - started, 1), "overhead": overhead(run), "run": run}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    lines = [f"# kiln serve on {result['gpu']}: in process vs over HTTP ({result['weights']})", "",
-             f"Command: `{result['command']}` (torch {result['torch']}, Python {result['python']}).", "",
-             *table(run), "", "| concurrency | HTTP / in process tok/s | overhead % | TTFT p50 added ms |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {o['concurrency']} | {o['tok_s_ratio']} | {o['tok_s_overhead_pct']} | {o['ttft_p50_added_ms']} |"
-              for o in result["overhead"]]
-    (args.out / "serve_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    prompts = [BenchPrompt(p, args.output_len) for p in
+               seeded_prompts(max(requests_at(c, args) for c in levels), args.input_len,
+                              engine_gpu.SHAPE["vocab_size"], seed=0)]
+    engine = run.stage("load_in_process", TorchBackend().load, engine_dir)
+    if engine is None:
+        return
+    device = engine_device(json.loads((engine_dir / "kiln-engine.json").read_text()))
+    in_process = EngineRounds(engine)
+    # every level once, untimed, before a server starts: Inductor's compiles land in the on-disk cache the
+    # server's engine process then reads, and nothing compiles while the other side is measured
+    run.stage("warm_up_in_process", lambda: [in_process(prompts[:c]) for c in levels])
+    settings = {"device": device, "max_batch_size": engine.max_batch_size,
+                "decode_cost": decode_cost_from_dir(engine_dir), "peak_memory_bytes": engine.memory_bytes}
+
+    def measure_engine(level: int) -> dict:
+        return sweep(in_process, [level], prompts, prompt_len=args.input_len, gen_len=args.output_len,
+                     min_requests=requests_at(level, args), **settings).to_dict()
+
+    variants = [("plain", server_env)]
+    if args.fast_site:
+        variants.append(("fast", {**server_env, "PYTHONPATH": os.pathsep.join([str(args.fast_site), site])}))
+    r["engine"], r["servers"] = {}, {}
+    for name, env in variants:
+        server = run.stage(f"start_server_{name}", KilnServe, engine_dir, env, work / f"serve-{name}.log",
+                           timeout_s=max(60.0, args.budget_s - run.elapsed()), needs_s=30 if name != "plain" else 0)
+        if server is None:
+            continue
+        record = r["servers"][name] = {"ready_s": round(server.ready_s, 1), "points": [], "server_cpu": [],
+                                       "fast_modules": _fast_modules(env)}
+        try:
+            from kiln.serve.client import OpenAIRounds
+
+            over_http = OpenAIRounds(server.url)
+            record["client_processes"] = over_http.processes
+            for level in levels:
+                if name == "plain":  # in process first, then the same level over HTTP
+                    point = run.stage(f"in_process_c{level}", measure_engine, level, needs_s=5)
+                    if point:
+                        r["engine"].setdefault("points", []).extend(point["points"])
+                        r["engine"].update({k: v for k, v in point.items() if k not in ("points", "skipped")})
+                measured = run.stage(f"url_{name}_c{level}", measure_url, server, over_http, level, prompts, args,
+                                     needs_s=5)
+                if measured:
+                    record["points"].extend(measured["points"])
+                    record["server_cpu"].append(measured["server_cpu"])
+                    record.setdefault("engine_steps_by_batch", {})[level] = measured["engine_steps_by_batch"]
+            over_http.close()
+        finally:
+            server.stop()
+            record["log_tail"] = server.log_tail(3000)
+        r["overhead"] = r.get("overhead") or {}
+        r["overhead"][name] = overhead(r["engine"].get("points", []), record["points"])
+        run.save()
+    engine.close()
+    run.save()
+    (args.out / "serve_gpu.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+def _fast_modules(env: dict[str, str]) -> list[str]:
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(','.join(m for m in "
+                            "('httptools', 'uvloop') if u.find_spec(m)))"], env=env, capture_output=True, text=True,
+                           check=False)
+    return [m for m in probe.stdout.strip().split(",") if m]
+
+
+def measure_url(server: KilnServe, over_http, level: int, prompts: list, args: argparse.Namespace) -> dict:
+    """One level over HTTP, with the CPU seconds per token of the server's processes meanwhile."""
+    from kiln.validation.perf import sweep
+
+    tokens, cpu, steps = server.generated_tokens(), server.cpu(), server.metrics("kiln_batch_size_bucket")
+    result = sweep(over_http, [level], prompts, prompt_len=args.input_len, gen_len=args.output_len,
+                   min_requests=requests_at(level, args), device="remote").to_dict()
+    cost = server_cost(cpu, server.cpu(), server.generated_tokens() - tokens)
+    after = server.metrics("kiln_batch_size_bucket")  # how many requests each engine step served (cumulative buckets)
+    return {"points": result["points"], "server_cpu": {"concurrency": level, **cost},
+            "engine_steps_by_batch": {k.split('le="')[1].rstrip('"}'): after[k] - steps.get(k, 0.0) for k in after}}
+
+
+def markdown(r: dict) -> str:
+    env = r.get("env", {})
+    s = r.get("settings", {})
+    lines = [f"# kiln serve on {env.get('gpu')}: in process vs over HTTP, {env.get('model')}", "",
+             f"Command: `{env.get('command')}` (torch {env.get('torch')}, CUDA {env.get('cuda')}, Python "
+             f"{env.get('python')}, {env.get('cpus')} CPUs; {json.dumps(env.get('versions'))}).", "",
+             f"Workload: {s.get('input_len')} prompt tokens (seeded random ids, the same for both) -> exactly "
+             f"{s.get('output_len')} greedy tokens per request; per level {s.get('warmup_rounds')} warm-up round, then "
+             f"timed requests {s.get('requests')} (rounds of `concurrency` requests sent at once). In process: "
+             "the engine loaded by the benchmark, `EngineRounds` (`kiln bench ENGINE_DIR`). Over HTTP: "
+             "`kiln serve ENGINE_DIR` in its own processes (HTTP, engine) on 127.0.0.1, `OpenAIRounds` "
+             "(`kiln bench --url`: streaming completions, one SSE event per token, from several client processes). "
+             "Levels alternate: in process, then over HTTP.", ""]
+    engine_points = (r.get("engine") or {}).get("points", [])
+    for name, record in (r.get("servers") or {}).items():
+        fast = ", ".join(record.get("fast_modules") or []) or "none: h11 + asyncio"
+        lines += [f"## server `{name}` (httptools/uvloop on its path: {fast}; ready in {record.get('ready_s')} s; "
+                  f"{record.get('client_processes')} client processes)", "", *table(engine_points, record["points"]), "",
+                  "| concurrency | output tok/s lost over HTTP | TTFT p50 / p90 / p99 added ms | ITL p50 added ms | "
+                  "server CPU us/token (HTTP + engine process) |", "| --- | --- | --- | --- | --- |"]
+        costs = {c["concurrency"]: c for c in record.get("server_cpu", [])}
+        for o in (r.get("overhead") or {}).get(name, []):
+            cost = costs.get(o["concurrency"], {})
+            cpu = (f"{cost['front_us_per_token']} + {cost['engine_process_us_per_token']}"
+                   if cost.get("us_per_token") is not None else "-")
+            lines.append(f"| {o['concurrency']} | {o['tok_s_overhead_pct']}% | {o['ttft_p50_added_ms']} / "
+                         f"{o['ttft_p90_added_ms']} / {o['ttft_p99_added_ms']} | {o.get('itl_p50_added_ms', '-')} | {cpu} |")
+        lines += ["", *targets((r.get("overhead") or {}).get(name, []))]
+    if engine_points and engine_points[0].get("roofline_pct") is not None:
+        lines += ["", "In process, % of the HBM roofline (median ITL vs weights + KV read per step): " + ", ".join(
+            f"c{p['concurrency']} {p['roofline_pct']:.0f}%" for p in engine_points)]
+    if r.get("skipped") or r.get("errors"):
+        lines += ["", "Skipped / failed stages:", ""] + [f"- {k}: {v}" for k, v in r.get("skipped", {}).items()] + \
+                 [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r.get("errors", {}).items()]
+    lines += ["", f"Stages (s): {json.dumps(r.get('stages'))}; total {r.get('total_s')} s."]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets for the server's overhead, judged on this run."""
+    top = max(rows, key=lambda o: o["concurrency"], default=None)
+    low = min(rows, key=lambda o: o["concurrency"], default=None)
+    if top is None:
+        return []
+    out = ["| target | measured | met? |", "| --- | --- | --- |",
+           f"| output tok/s over HTTP within 10% of in process at concurrency {top['concurrency']} | "
+           f"{top['tok_s_overhead_pct']}% lower | {'yes' if top['tok_s_overhead_pct'] < 10 else 'no'} |"]
+    for o in [low] + ([top] if top is not low else []):
+        added = o["ttft_p50_added_ms"]
+        out.append(f"| TTFT added under 5 ms (p50, concurrency {o['concurrency']}) | {added} ms | "
+                   f"{'yes' if added < 5 else 'no'} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -202,6 +202,38 @@ def test_text_stream_pieces_add_up_to_the_full_decode_and_stop_strings_are_cut(c
     assert "".join([*(ended.push(t) for t in ids[:4]), ended.finish()]) == codec.decode(ids[:3])
 
 
+def test_rust_decode_stream_sends_the_same_pieces_as_the_windowed_decode(codec) -> None:
+    """The per-token path (tokenizers' DecodeStream) and the windowed decode it replaces stream the same
+    pieces, random ids and special tokens included."""
+    import random
+
+    from kiln.serve.text import TextCodec
+
+    assert codec._decode_stream is not None  # SmolLM2's fast tokenizer takes the Rust path
+    windowed = TextCodec.__new__(TextCodec)
+    windowed.__dict__.update(codec.__dict__, _decode_stream=None, _backend=None)
+    rng = random.Random(0)
+    ids = codec.encode_prompt("Héllo 😀 wörld, naïve café") + [rng.randrange(len(codec.tokenizer)) for _ in range(300)]
+    fast, slow = codec.stream(), windowed.stream()
+    assert [fast.push(t) for t in ids] + [fast.finish()] == [slow.push(t) for t in ids] + [slow.finish()]
+
+
+def test_frames_between_the_http_and_engine_processes_survive_any_split() -> None:
+    from kiln.serve.wire import FrameReader, Steps, json_frame, steps_frame
+
+    steps = Steps(3, 1, 700, [4, 9, 4], [17, 2, 99], [0.25, 0.5, 0.75], bytes([0, 2, 1]), [2, 1])
+    data = json_frame({"admitted": [[4, None], [5, "too long"]]}) + steps_frame(steps) + json_frame({"stop": True})
+    for size in (1, 3, 7, len(data)):
+        reader, frames = FrameReader(), []
+        for at in range(0, len(data), size):
+            frames += reader.feed(data[at:at + size])
+        assert frames[0] == {"admitted": [[4, None], [5, "too long"]]} and frames[2] == {"stop": True}
+        got = frames[1]
+        assert (got.running, got.waiting, got.cached_tokens, list(got.request_ids), list(got.token_ids),
+                list(got.times_s), got.finish, list(got.batch_sizes)) == \
+            (3, 1, 700, [4, 9, 4], [17, 2, 99], [0.25, 0.5, 0.75], bytes([0, 2, 1]), [2, 1])
+
+
 # --- one shared server: API key, default queue ----------------------------------------------------------------
 
 
@@ -486,6 +518,34 @@ def test_drain_is_bounded_by_the_drain_timeout(engine_dir: Path, tmp_path: Path)
         assert status == 200 and "drain timeout" in events[-1]["error"]["message"]
         assert sum(1 for e in events if e.get("choices")) < 440
     assert "drain timeout (0.2 s): aborting 2 request(s)" in srv.log()
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_engine_process_dying_fails_requests_in_flight_and_health(engine_dir: Path, tmp_path: Path) -> None:
+    """The engine runs in a process of its own: when it dies, streams in flight end with an error event, new
+    requests and /health get 503 naming it, and the server does not hang."""
+    srv = start_kiln_serve(engine_dir, tmp_path)
+    try:
+        (engine_pid,) = _children(srv.process.proc.pid)
+        body = {"prompt": "Tell me a long story", "max_tokens": 400, "temperature": 0, "stream": True}
+        results: list = [None]
+        thread = threading.Thread(target=_stream_async, args=(srv.url, body, results, 0))
+        thread.start()
+        _wait_for(lambda: srv.metric("kiln_num_requests_running") == 1, what="1 running")
+        os.kill(engine_pid, signal.SIGKILL)
+        thread.join(timeout=60)
+        status, events = results[0]
+        assert status == 200 and "engine process exited" in events[-1]["error"]["message"]
+        health = httpx.get(f"{srv.url}/health", timeout=10)
+        assert health.status_code == 503 and "engine process exited" in health.json()["error"]
+        refused = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and "restart" in refused.json()["error"]["message"]
+    finally:
+        srv.process.stop(grace_s=10)
 
 
 def test_serve_a_registry_reference_fetches_verifies_and_refuses_another_gpu(engine_dir: Path, kiln_home: Path,

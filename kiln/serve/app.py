@@ -22,22 +22,25 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from kiln.engine.base import GenerationRequest, SamplingParams, StreamingEngine, TokenEvent
+from kiln.engine.base import GenerationRequest, SamplingParams
 from kiln.errors import GenerationLimitError
 from kiln.serve import schemas as S
-from kiln.serve.loop import Aborted, EngineFailed, EngineLoop, QueueFull, now
+from kiln.serve.loop import Aborted, EngineFailed, EngineProcess, QueueFull, RequestAborted, TokenStream, now
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.text import TextCodec, TextStream
 
 log = logging.getLogger("kiln.serve")
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+RAW_SEND = "kiln.send"
+"""Scope key of the server's own ``send`` (what streamed body messages are written with)."""
 RETRY_AFTER_S = 1
 
 
@@ -57,12 +60,12 @@ class ServeSettings:
 
 
 class ServerState:
-    """The engine loop, tokenizer, metrics and drain flag the routes share."""
+    """The engine process, tokenizer, metrics and drain flag the routes share."""
 
-    def __init__(self, engine: StreamingEngine, codec: TextCodec, settings: ServeSettings) -> None:
+    def __init__(self, engine: EngineProcess, codec: TextCodec, settings: ServeSettings) -> None:
         self.engine, self.codec, self.settings = engine, codec, settings
         self.metrics = ServerMetrics()
-        self.loop = EngineLoop(engine, self.metrics, settings.max_waiting)
+        self.loop = engine
         self.draining = False
         self.created = S.now()
         for name in ("max_batch_size", "max_input_len", "max_seq_len"):
@@ -91,13 +94,13 @@ class ApiError(Exception):
                             headers=self.headers)
 
 
-def create_app(engine: StreamingEngine, codec: TextCodec, settings: ServeSettings) -> GuardedApp:
-    """The ASGI app; the engine thread starts and stops with the app's lifespan."""
+def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings) -> GuardedApp:
+    """The ASGI app over a started engine process, which stops with the app's lifespan."""
     state = ServerState(engine, codec, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.loop.start(asyncio.get_running_loop())
+        await state.loop.attach(state.metrics, settings.max_waiting)
         try:
             yield
         finally:
@@ -156,7 +159,7 @@ def create_app(engine: StreamingEngine, codec: TextCodec, settings: ServeSetting
         if settings.log_requests:
             log.info("completion request: %s", json.dumps(prompts)[:2000])
         if body.stream:
-            return _stream(state, body, requests[0], arrived, kind="completion")
+            return await _stream(state, body, requests[0], arrived, kind="completion")
         return await _complete(state, request, body, requests, arrived, kind="completion")
 
     @app.post("/v1/chat/completions")
@@ -178,7 +181,7 @@ def create_app(engine: StreamingEngine, codec: TextCodec, settings: ServeSetting
         if settings.log_requests:
             log.info("chat request: %s", json.dumps(messages)[:2000])
         if body.stream:
-            return _stream(state, body, chat_request, arrived, kind="chat")
+            return await _stream(state, body, chat_request, arrived, kind="chat")
         return await _complete(state, request, body, [chat_request], arrived, kind="chat")
 
     return _guard(app, state)
@@ -199,8 +202,15 @@ def _check_common(state: ServerState, body: S._Sampling) -> None:
         raise ApiError(400, why, reject="invalid")
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    request: GenerationRequest
+    where: str
+    """How the engine's refusal names it ("prompt", "prompt 2", "messages")."""
+
+
 def _engine_request(state: ServerState, prompt_ids: list[int], max_tokens: int, body: S._Sampling,
-                    where: str) -> GenerationRequest:
+                    where: str) -> _Prompt:
     stop_ids = tuple(body.stop_token_ids or ())
     if not body.ignore_eos:
         stop_ids = tuple(dict.fromkeys((*state.codec.eos_token_ids, *stop_ids)))
@@ -208,50 +218,59 @@ def _engine_request(state: ServerState, prompt_ids: list[int], max_tokens: int, 
     sampling = SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
                               stop_token_ids=stop_ids)
-    request = GenerationRequest(prompt_ids, sampling)
-    try:
-        state.engine.check_request(request, where)
-    except GenerationLimitError as exc:
-        raise ApiError(400, str(exc), param="max_tokens" if "max_seq_len" in str(exc) else None,
-                       reject="invalid") from None
-    return request
+    return _Prompt(GenerationRequest(prompt_ids, sampling), where)
 
 
-def _submit(state: ServerState, request: GenerationRequest, arrived: float) -> tuple[int, asyncio.Queue]:
+async def _submit(state: ServerState, prompts: list[_Prompt], arrived: float) -> list[TokenStream]:
+    """Send the prompts to the engine and wait until it admitted them all (the engine checks its own limits:
+    a refusal is a 400 naming the limit, and the other prompts of the request are cancelled)."""
+    if len(prompts) > 1 and state.loop.in_flight + len(prompts) > state.loop.capacity:
+        raise ApiError(429, f"server busy: {len(prompts)} prompts do not fit the waiting queue now; retry later",
+                       "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}, reject="queue_full")
+    streams: list[TokenStream] = []
     try:
-        return state.loop.submit(request, arrived)
+        for prompt in prompts:
+            streams.append(state.loop.submit(prompt.request, arrived, prompt.where))
+        for stream in streams:
+            await stream.admitted()
     except QueueFull as exc:
         raise ApiError(429, f"server busy: {exc}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)},
                        reject="queue_full") from None
     except EngineFailed as exc:
         raise ApiError(503, f"the engine failed: {exc}", "server_error", reject="failed") from None
+    except GenerationLimitError as exc:
+        raise ApiError(400, str(exc), param="max_tokens" if "max_seq_len" in str(exc) else None,
+                       reject="invalid") from None
+    except RequestAborted as exc:
+        raise ApiError(503, f"request aborted: {exc}", "server_error") from None
+    finally:
+        if not all(stream.is_admitted for stream in streams):
+            for stream in streams:  # one refused or the client left: none of them runs
+                state.loop.cancel(stream.id)
+    return streams
 
 
 class _AbortedError(Exception):
     pass
 
 
-async def _next_event(queue: asyncio.Queue) -> TokenEvent:
-    item = await queue.get()
-    if isinstance(item, Aborted):
-        raise _AbortedError(item.reason)
-    return item
-
-
-async def _generate(state: ServerState, request_id: int, queue: asyncio.Queue, stream: TextStream) -> tuple[str, int]:
-    """Read one submitted request to its end; returns (finish_reason, completion tokens); cancels it if the
+async def _generate(state: ServerState, stream: TokenStream, text: TextStream) -> tuple[str, int]:
+    """Read one admitted request to its end; returns (finish_reason, completion tokens); cancels it if the
     caller is cancelled."""
     try:
         while True:
-            event = await _next_event(queue)
-            stream.push(event.token_id)
-            if stream.stopped:
-                state.loop.cancel(request_id, "stop")
-                return "stop", len(stream.token_ids)
-            if event.result is not None:
-                return event.result.finish_reason, len(stream.token_ids)
+            for item in await stream.take():
+                if isinstance(item, Aborted):
+                    raise _AbortedError(item.reason)
+                token_id, reason = item
+                text.push(token_id)
+                if text.stopped:
+                    state.loop.cancel(stream.id, "stop")
+                    return "stop", len(text.token_ids)
+                if reason is not None:
+                    return reason, len(text.token_ids)
     finally:
-        state.loop.cancel(request_id)  # a no-op once it finished
+        state.loop.cancel(stream.id)  # a no-op once it finished
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -259,15 +278,12 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _complete(state: ServerState, http: Request, body: S._Sampling, requests: list[GenerationRequest],
+async def _complete(state: ServerState, http: Request, body: S._Sampling, prompts: list[_Prompt],
                     arrived: float, kind: str) -> Response:
-    streams = [state.codec.stream(body.stop_strings(), r.sampling.stop_token_ids, incremental=False) for r in requests]
-    if len(requests) > 1 and state.loop.in_flight + len(requests) > state.loop.capacity:
-        raise ApiError(429, f"server busy: {len(requests)} prompts do not fit the waiting queue now; retry later",
-                       "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}, reject="queue_full")
-    submitted = [_submit(state, r, arrived) for r in requests]
-    work = asyncio.gather(*(_generate(state, request_id, queue, s)
-                            for (request_id, queue), s in zip(submitted, streams, strict=True)))
+    texts = [state.codec.stream(body.stop_strings(), p.request.sampling.stop_token_ids, incremental=False)
+             for p in prompts]
+    streams = await _submit(state, prompts, arrived)
+    work = asyncio.gather(*(_generate(state, stream, text) for stream, text in zip(streams, texts, strict=True)))
     gone = asyncio.ensure_future(_until_disconnect(http))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,80 +296,129 @@ async def _complete(state: ServerState, http: Request, body: S._Sampling, reques
         raise ApiError(503, f"request aborted: {exc}", "server_error") from None
     finally:
         gone.cancel()
-    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    prompt_tokens = sum(len(p.request.prompt_token_ids) for p in prompts)
     completion_tokens = sum(n for _, n in outcomes)
-    texts = [s.final_text for s in streams]
+    final = [t.final_text for t in texts]
     if state.settings.log_requests:
-        log.info("completion: %s", json.dumps(texts)[:2000])
+        log.info("completion: %s", json.dumps(final)[:2000])
     if kind == "chat":
-        choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
+        choices = [{"index": 0, "message": {"role": "assistant", "content": final[0]},
                     "finish_reason": outcomes[0][0], "logprobs": None}]
         return JSONResponse({"id": S.new_id("chatcmpl"), "object": "chat.completion", "created": S.now(),
                              "model": state.settings.model_name, "choices": choices,
                              "usage": S.usage(prompt_tokens, completion_tokens)})
     choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-               for i, (text, (reason, _)) in enumerate(zip(texts, outcomes, strict=True))]
+               for i, (text, (reason, _)) in enumerate(zip(final, outcomes, strict=True))]
     return JSONResponse({"id": S.new_id("cmpl"), "object": "text_completion", "created": S.now(),
                          "model": state.settings.model_name, "choices": choices,
                          "usage": S.usage(prompt_tokens, completion_tokens)})
 
 
-def _stream(state: ServerState, body: S._Sampling, request: GenerationRequest, arrived: float, kind: str) -> Response:
-    """Server-sent events, one chunk per generated token; the request is submitted before the 200 goes out
-    (so a full queue is a real 429) and cancelled when the client goes away."""
-    request_id, queue = _submit(state, request, arrived)
-    stream = state.codec.stream(body.stop_strings(), request.sampling.stop_token_ids)
+async def _stream(state: ServerState, body: S._Sampling, prompt: _Prompt, arrived: float, kind: str) -> Response:
+    """Server-sent events, one per generated token; the request is admitted before the 200 goes out (so a full
+    queue is a real 429 and a request over the limits a 400) and cancelled when the client goes away. Tokens
+    that arrived together (one engine step's, or several when this client fell behind) go out in one write."""
+    (stream,) = await _submit(state, [prompt], arrived)
+    text = state.codec.stream(body.stop_strings(), prompt.request.sampling.stop_token_ids)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    prompt_tokens = len(request.prompt_token_ids)
+    prompt_tokens = len(prompt.request.prompt_token_ids)
     created, name = S.now(), state.settings.model_name
     chunk_id = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    dumps, quote = json.dumps, encode_basestring_ascii  # quote: what json.dumps does to a str, minus its overhead
 
-    def chunk(text: str | None, reason: str | None, *, role: bool = False, usage: dict | None = None,
+    def chunk(piece: str | None, reason: str | None, *, role: bool = False, usage: dict | None = None,
               choices: bool = True) -> str:
         if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": piece}
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": piece, "finish_reason": reason, "logprobs": None}
         data = {"id": chunk_id, "object": obj, "created": created, "model": name,
                 "choices": [choice] if choices else [], "usage": usage}
-        return f"data: {json.dumps(data)}\n\n"
+        return f"data: {dumps(data)}\n\n"
 
-    async def events() -> AsyncIterator[str]:
+    # every chunk but the last differs only in its text: the JSON around it is rendered once (the per-token path)
+    before, after = chunk("\0", None).split(quote("\0"))
+
+    async def produce(write: Callable[[bytes], Awaitable[None]]) -> None:
         finished = False
         try:
             if kind == "chat":
-                yield chunk(None, None, role=True)
-            while True:
-                try:
-                    event = await _next_event(queue)
-                except _AbortedError as exc:
+                await write(chunk(None, None, role=True).encode())
+            while not finished:
+                out = []
+                for item in await stream.take():
+                    if isinstance(item, Aborted):
+                        finished = True
+                        out.append(f"data: {dumps(S.error_body(f'request aborted: {item.reason}', 'server_error'))}\n\n")
+                        break
+                    token_id, reason = item
+                    piece = text.push(token_id)
+                    if text.stopped:
+                        reason = "stop"
+                    if reason is None:
+                        out.append(before + quote(piece) + after)
+                        continue
                     finished = True
-                    yield f"data: {json.dumps(S.error_body(f'request aborted: {exc}', 'server_error'))}\n\n"
-                    break
-                piece = stream.push(event.token_id)
-                reason = "stop" if stream.stopped else (event.result.finish_reason if event.result else None)
-                if reason is not None:
-                    finished = True
-                    if stream.stopped:
-                        state.loop.cancel(request_id, "stop")
-                    piece += stream.finish()
-                    usage = S.usage(prompt_tokens, len(stream.token_ids))
-                    yield chunk(piece, reason, usage=usage)
+                    if text.stopped:
+                        state.loop.cancel(stream.id, "stop")
+                    piece += text.finish()
+                    usage = S.usage(prompt_tokens, len(text.token_ids))
+                    out.append(chunk(piece, reason, usage=usage))
                     if include_usage:
-                        yield chunk(None, None, usage=usage, choices=False)
+                        out.append(chunk(None, None, usage=usage, choices=False))
                     if state.settings.log_requests:
-                        log.info("completion: %s", json.dumps(stream.final_text)[:2000])
+                        log.info("completion: %s", dumps(text.final_text)[:2000])
                     break
-                yield chunk(piece, None)
-            yield "data: [DONE]\n\n"
+                if finished:
+                    out.append("data: [DONE]\n\n")
+                await write("".join(out).encode())
         finally:
-            if not finished:  # the client went away (Starlette cancels us on http.disconnect)
-                state.loop.cancel(request_id)
+            if not finished:  # the client went away (or the server stopped)
+                state.loop.cancel(stream.id)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStream(produce)
+
+
+class _EventStream(Response):
+    """A ``text/event-stream`` response written by ``produce(write)``; the client going away cancels it.
+
+    Cheaper per event than StreamingResponse: ``produce`` runs as a task of its own, so waking it for a
+    token resumes two frames rather than the whole ASGI middleware stack, and its writes go straight to the
+    server's ``send`` (the guard puts it in the scope; the middleware between only watches the start
+    message, which takes the usual way). One ``write`` is one body message, however many events it carries."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]) -> None:
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._produce = produce
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body_send = scope.get(RAW_SEND, send)
+
+        async def write(data: bytes) -> None:
+            await body_send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        producer, watcher = asyncio.ensure_future(self._produce(write)), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not producer.done():  # the client left (or the server is stopping): stop generating
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+        if not producer.cancelled():
+            producer.result()  # its error, if any, is the response's
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # -- the guard: auth, body size, drain, per-endpoint status counts -----------------------------------------------
@@ -398,6 +463,7 @@ def _guard(app: FastAPI, state: ServerState) -> GuardedApp:
                 status_seen.append(int(message["status"]))
             await send(message)
 
+        scope[RAW_SEND] = send
         try:
             await _guarded(scope, receive, counting_send, path)
         finally:

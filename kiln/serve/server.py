@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from kiln.serve.app import ServerState, ServeSettings, create_app
+from kiln.serve.loop import EngineProcess
 
 log = logging.getLogger("kiln.serve")
 
@@ -57,19 +58,24 @@ class DrainingServer(uvicorn.Server):
         return False
 
 
-def serve_engine(engine: Any, engine_dir: Path, settings: ServeSettings, *, host: str, port: int,
+def serve_engine(engine: EngineProcess, engine_dir: Path, settings: ServeSettings, *, host: str, port: int,
                  log_level: str = "info") -> None:
-    """Serve a loaded streaming engine until a signal drains it (blocks)."""
+    """Serve a started engine process until a signal drains the server (blocks); the engine process stops with it.
+
+    uvicorn picks its fastest HTTP parser and event loop that are installed (httptools, uvloop: what
+    ``uvicorn[standard]`` adds), else h11 and asyncio."""
     from prometheus_client import disable_created_metrics
 
     from kiln.serve.text import TextCodec
 
-    disable_created_metrics()  # no *_created series: this process exports only its own registry
-    app = create_app(engine, TextCodec(engine_dir), settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="h11",
-                            loop="asyncio", timeout_graceful_shutdown=5, server_header=False)
-    server = DrainingServer(config, app.state)
-    server.run()
+    try:
+        disable_created_metrics()  # no *_created series: this process exports only its own registry
+        app = create_app(engine, TextCodec(engine_dir), settings)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="auto",
+                                loop="auto", timeout_graceful_shutdown=5, server_header=False)
+        DrainingServer(config, app.state).run()
+    finally:
+        engine.stop()
 
 
 # -- TensorRT-LLM artifacts -------------------------------------------------------------------------------------
