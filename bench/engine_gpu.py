@@ -48,8 +48,12 @@ class Run:
         self.out, self.start, self.budget, self.name = out, time.perf_counter(), budget_s, name
         self.results: dict = {"stages": {}, "errors": {}}
 
-    def stage(self, name: str, fn, *args, **kwargs):
-        if time.perf_counter() - self.start > self.budget:
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stage(self, name: str, fn, *args, needs_s: float = 0.0, **kwargs):
+        """``fn(*args, **kwargs)``, or None (recorded) once less than ``needs_s`` of the budget is left."""
+        if self.elapsed() + needs_s > self.budget:
             self.results["errors"][name] = "skipped: time budget spent"
             self.save()
             return None
@@ -66,6 +70,7 @@ class Run:
         return value
 
     def save(self) -> None:
+        self.results["total_s"] = round(self.elapsed(), 1)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / self.name).write_text(json.dumps(self.results, indent=2, default=str))
 

@@ -37,8 +37,6 @@ import string
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -100,39 +98,6 @@ def build_engine(work: Path, tokenizer: Path, tiny: bool) -> Path:
                                   tokenizer_dir=tokenizer)
 
 
-class Run:
-    """Stages under a wall-clock budget; the JSON is rewritten after each one (a timeout keeps what was done)."""
-
-    def __init__(self, out: Path, budget_s: float) -> None:
-        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
-        self.result: dict = {"stages": {}, "skipped": {}, "errors": {}}
-        out.mkdir(parents=True, exist_ok=True)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def stage(self, name: str, fn, *args, needs_s: float = 0.0, **kwargs):
-        if self.elapsed() + needs_s > self.budget_s:
-            self.result["skipped"][name] = f"time budget: {self.elapsed():.0f} s spent of {self.budget_s:.0f} s"
-            self.save()
-            return None
-        began = time.perf_counter()
-        print(f"[{self.elapsed():6.1f}s] {name} ...", flush=True)
-        try:
-            value = fn(*args, **kwargs)
-        except Exception as exc:  # one failed stage must not lose the others' numbers
-            traceback.print_exc()
-            self.result["errors"][name] = f"{type(exc).__name__}: {exc}"[:3000]
-            value = None
-        self.result["stages"][name] = round(time.perf_counter() - began, 1)
-        self.save()
-        return value
-
-    def save(self) -> None:
-        self.result["total_s"] = round(self.elapsed(), 1)
-        (self.out / "serve_gpu.json").write_text(json.dumps(self.result, indent=2, default=str) + "\n")
-
-
 def environment(args: argparse.Namespace) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -179,8 +144,8 @@ def main() -> None:
     levels = sorted({int(c) for c in args.concurrency.split(",")})
     if args.tiny:
         levels = [c for c in levels if c <= 8]
-    run = Run(args.out, args.budget_s)
-    r = run.result
+    run = engine_gpu.Run(args.out, args.budget_s, name="serve_gpu.json")
+    r = run.results
     site = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     server_env = {**os.environ, "PYTHONPATH": site}
     r["env"] = environment(args)
@@ -310,9 +275,8 @@ def markdown(r: dict) -> str:
     if engine_points and engine_points[0].get("roofline_pct") is not None:
         lines += ["", "In process, % of the HBM roofline (median ITL vs weights + KV read per step): " + ", ".join(
             f"c{p['concurrency']} {p['roofline_pct']:.0f}%" for p in engine_points)]
-    if r.get("skipped") or r.get("errors"):
-        lines += ["", "Skipped / failed stages:", ""] + [f"- {k}: {v}" for k, v in r.get("skipped", {}).items()] + \
-                 [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r.get("errors", {}).items()]
+    if r.get("errors"):
+        lines += ["", "Skipped / failed stages:", ""] + [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()]
     lines += ["", f"Stages (s): {json.dumps(r.get('stages'))}; total {r.get('total_s')} s."]
     return "\n".join(lines) + "\n"
 
