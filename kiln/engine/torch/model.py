@@ -99,7 +99,7 @@ def _activation(name: str):
 @on_cuda
 def _gate(act: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
     """The gated MLP's ``act(gate) * up`` (SwiGLU, or GeGLU with tanh GELU)."""
-    return (F.silu(act) if name == "silu" else F.gelu(act, approximate="tanh")) * up
+    return _activation(name)(act) * up
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -401,46 +401,34 @@ class DecoderModel(nn.Module):
             h = self._stage_input(tokens)
             where1 = None if slots is None else (slots[0], None)
             rope = {kind: (cos[:n, None, :], sin[:n, None, :]) for kind, (cos, sin) in self.rope.items()}
-            masks: dict[int | None, torch.Tensor | None] = {None: None}
+            masks: dict[int | None, torch.Tensor | Padded | None] = {None: None}
             if self.windows:
                 pos = torch.arange(n, device=device)
                 masks = self._windowed(pos[:, None] >= pos[None, :], pos, pos, None)
             for layer in self.layers:
                 h = layer.prefill(h, rope, cache, where1, masks)
             return self._logits(h[-1:] if last_only else h) if self._last_stage(h) else None
-        return self.prefill_packed(tokens, cache, slots, last_only, lengths)
-
-    def prefill_packed(self, tokens: torch.Tensor, cache: KVCache | None, slots: list[int] | None, last_only: bool,
-                       lengths: list[int]) -> torch.Tensor | None:
-        """``prefill`` of several sequences packed in ``tokens``: index tensors built here, the pass in
-        ``_packed`` (tensors and sizes only)."""
-        device = tokens.device
         # built on the host and copied once: per-sequence device aranges cost a launch each
         positions = torch.tensor([i for n in lengths for i in range(n)], device=device)
         seq = torch.tensor([s for s, n in enumerate(lengths) for _ in range(n)], device=device)
-        where = None if slots is None else torch.tensor(slots, device=device)[seq]
-        ends = torch.tensor(lengths, device=device).cumsum(0) - 1 if last_only else None
+        where = None if slots is None else (torch.tensor(slots, device=device)[seq], positions)
         padded = self.spec.attn_softcap is None and Padded.pays(lengths)
-        return self._packed(tokens, cache, where, positions, seq, ends, len(lengths), max(lengths), padded)
-
-    def _packed(self, tokens: torch.Tensor, cache: KVCache | None, slot_of: torch.Tensor | None,
-                positions: torch.Tensor, seq: torch.Tensor, ends: torch.Tensor | None, count: int, length: int,
-                padded: bool) -> torch.Tensor | None:
-        masks: dict[int | None, torch.Tensor | Padded | None] = {}
+        masks = {}
         if self.windows or not padded:
             # sliding windows and soft-caps need the packed mask (SDPA's causal flag has neither)
             mask = (seq[:, None] == seq[None, :]) & (positions[:, None] >= positions[None, :])
             masks.update(self._windowed(mask, positions, positions, mask))
         if padded:
-            masks[None] = Padded(seq, positions, count, length)
-        where = None if slot_of is None else (slot_of, positions)
+            masks[None] = Padded(seq, positions, len(lengths), max(lengths))
         h = self._stage_input(tokens)
         rope = self._rows(positions)
         for layer in self.layers:
             h = layer.prefill(h, rope, cache, where, masks)
         if not self._last_stage(h):
             return None
-        return self._logits(h if ends is None else h[ends])
+        if last_only:
+            h = h[torch.tensor(lengths, device=device).cumsum(0) - 1]
+        return self._logits(h)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
