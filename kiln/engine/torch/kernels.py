@@ -357,16 +357,38 @@ def attention_splits(batch: int, kv_heads: int, length: int, sm_count: int) -> t
     return -(-length // chunk), chunk
 
 
+# (BLOCK_N keys per loop step, num_warps, num_stages) of the attention kernel; bench/engine_gpu_attention.py
+# races the candidates per cache dtype and batch on the GPU (results in bench/results)
+ATTENTION_LAUNCH = (32, 4, 2)
+
+
+def attention_launch(batch: int, fp8: bool) -> tuple[int, int, int]:
+    """The attention kernel's launch shape for a decode batch (see ``ATTENTION_LAUNCH``)."""
+    return ATTENTION_LAUNCH
+
+
 @torch.library.custom_op("kiln::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                      v_scale: torch.Tensor | None, heads: int, kv_heads: int, length: int) -> torch.Tensor:
     """Attention output ``[B, heads * D]`` of one decode token per row of ``qkv [B, (heads + 2 kv_heads) * D]``
     (pre-RoPE), each at ``positions[b] < length``; writes the new K/V into ``k_cache/v_cache[b, :, pos]``."""
+    launch = attention_launch(qkv.shape[0], k_scale is not None)
+    return launch_decode_attention(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads,
+                                   length, launch)
+
+
+def launch_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                            v_scale: torch.Tensor | None, heads: int, kv_heads: int, length: int,
+                            launch: tuple[int, int, int]) -> torch.Tensor:
+    """``decode_attention`` with an explicit ``(BLOCK_N, num_warps, num_stages)``; any BLOCK_N gives the
+    same result (the split chunks are masked per key), only the speed differs."""
     batch = qkv.shape[0]
     d = k_cache.shape[-1]
     group = heads // kv_heads
     block_h = max(16, _next_pow2(group))
+    block_n, warps, stages = launch
     out = torch.empty(batch, heads * d, dtype=qkv.dtype, device=qkv.device)
     sms = _sm_count(None if interpreting() else qkv.device.index)
     splits, chunk = attention_splits(batch, kv_heads, length, sms)
@@ -377,9 +399,9 @@ def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
     _decode_attention_kernel[(batch, kv_heads, splits)](
         qkv, positions, cos, sin, k_cache, v_cache, k_scale if fp8 else out, v_scale if fp8 else out, out, acc, ml,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, splits, d ** -0.5,
-        H=heads, KVH=kv_heads, G=group, D=d, BLOCK_H=block_h, BLOCK_N=ATTENTION_BLOCK_N, FP8_KV=fp8, SINGLE=single,
+        H=heads, KVH=kv_heads, G=group, D=d, BLOCK_H=block_h, BLOCK_N=block_n, FP8_KV=fp8, SINGLE=single,
         DOT_F32=interpreting(),
-        num_warps=4, num_stages=2)
+        num_warps=warps, num_stages=stages)
     if not single:
         _merge_splits_kernel[(batch, heads)](acc, ml, out, splits, H=heads, KVH=kv_heads, G=group, D=d,
                                              BLOCK_H=block_h, SPLITS=_next_pow2(splits), num_warps=2)

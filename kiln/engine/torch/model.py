@@ -57,14 +57,24 @@ class KVCache:
         if self.scales is None:
             return k, v
         k_scale, v_scale = self.scales[layer]
-        return ((k / k_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
-                (v / v_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        return _to_fp8_cache(k, k_scale), _to_fp8_cache(v, v_scale)
 
     def dequantize(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scales is None:
             return k, v
         k_scale, v_scale = self.scales[layer]
-        return (k.to(self.dtype) * k_scale).to(self.dtype), (v.to(self.dtype) * v_scale).to(self.dtype)
+        return _from_fp8_cache(k, k_scale, self.dtype), _from_fp8_cache(v, v_scale, self.dtype)
+
+
+# one kernel each on CUDA: eager, a prefill's FP8 cache round trip is five passes over its K and V
+@on_cuda
+def _to_fp8_cache(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@on_cuda
+def _from_fp8_cache(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x.to(dtype) * scale).to(dtype)
 
 
 @on_cuda
