@@ -31,29 +31,50 @@ def _run_name() -> str:
 
     params = flow_run.parameters or {}
     profile = params.get("profile")
-    name = (profile.get("name") if isinstance(profile, dict) else Path(str(profile)).stem if profile else "default")
+    name = (
+        profile.get("name")
+        if isinstance(profile, dict)
+        else Path(str(profile)).stem
+        if profile
+        else "default"
+    )
     revision = params.get("revision")
     return f"{name}-{str(revision)[:8]}" if revision else str(name)
 
 
 @flow(name="kiln-build", log_prints=True, flow_run_name=_run_name)
-def build(profile: str | dict | None = None, revision: str | None = None, repo_id: str | None = None,
-          dispatch: Dispatch = "auto") -> list[Outcome]:
+def build(
+    profile: str | dict | None = None,
+    revision: str | None = None,
+    repo_id: str | None = None,
+    dispatch: Dispatch = "auto",
+) -> list[Outcome]:
     """Build a request (path, mapping, or an event's repo_id + revision over the deployment's profile)."""
     request = load_and_preflight(_profile_or_default(profile), revision, repo_id)
     snapshot = download(request)
     data = calibration_data(request, snapshot)
-    checkpoints = {recipe.name: calibrate_and_quantize(request, snapshot, recipe, data)
-                   for recipe in [BASELINE, *request.recipes]}
+    checkpoints = {
+        recipe.name: calibrate_and_quantize(request, snapshot, recipe, data)
+        for recipe in [BASELINE, *request.recipes]
+    }
     # a recipe its checkpoint gate refused goes no further (no export, so no compile or register) and does
     # not stop the others: its targets are reported `failed-gates`, as a validation gate failure is
     passing = [recipe for recipe in request.recipes if checkpoints[recipe.name].passed]
-    built = dispatch_targets(request.model_copy(update={"recipes": passing}), snapshot, checkpoints, data.heldout,
-                             dispatch) if passing else []
+    built = (
+        dispatch_targets(
+            request.model_copy(update={"recipes": passing}), snapshot, checkpoints, data.heldout, dispatch
+        )
+        if passing
+        else []
+    )
     by_pair = {(o.recipe, o.target): o for o in built}
-    outcomes = [by_pair[(recipe.name, target.name)] if checkpoints[recipe.name].passed
-                else gate_failed(checkpoints[recipe.name], target)
-                for target in request.targets for recipe in request.recipes]
+    outcomes = [
+        by_pair[(recipe.name, target.name)]
+        if checkpoints[recipe.name].passed
+        else gate_failed(checkpoints[recipe.name], target)
+        for target in request.targets
+        for recipe in request.recipes
+    ]
     report(request, snapshot, outcomes)
     return outcomes
 
@@ -68,6 +89,8 @@ def _profile_or_default(profile: str | dict | BuildRequest | None) -> str | dict
     if not default:
         from kiln.errors import KilnInputError
 
-        raise KilnInputError("no profile: pass one (kiln build PROFILE, or the event's payload.profile) "
-                             "or set the build deployment's default `profile` parameter in prefect.yaml")
+        raise KilnInputError(
+            "no profile: pass one (kiln build PROFILE, or the event's payload.profile) "
+            "or set the build deployment's default `profile` parameter in prefect.yaml"
+        )
     return default

@@ -1,4 +1,5 @@
-"""The revalidate flow (cron): re-measure each target's production engine and flag drift vs its recorded metrics.
+"""The revalidate flow (cron): re-measure each target's production engine and flag drift vs its recorded
+metrics.
 
 Drift means the same engine on the same held-out text now measures differently (a changed worker
 image, driver or GPU, or a corrupted artifact): each metric beyond ``tolerance_pct`` of what was
@@ -19,6 +20,9 @@ def revalidate(profile: str, alias: str = "production", tolerance_pct: float = 5
     request = load_and_preflight(profile)
     snapshot = download(request)
     data = calibration_data(request, snapshot)
-    rows = [remeasure_production(request, target, data.heldout, alias, tolerance_pct) for target in request.targets]
+    rows = [
+        remeasure_production(request, target, data.heldout, alias, tolerance_pct)
+        for target in request.targets
+    ]
     drift_report(request, rows)
     return rows

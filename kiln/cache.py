@@ -94,8 +94,9 @@ class StepCache:
         tmp.write_text(json.dumps(_jsonable(value), indent=1, sort_keys=True))
         tmp.replace(entry / RECORD)
 
-    def run(self, key: str, compute: Callable[[Path], T], type_: type[T],
-            reuse: Callable[[T], bool] | None = None) -> CacheHit[T]:
+    def run(
+        self, key: str, compute: Callable[[Path], T], type_: type[T], reuse: Callable[[T], bool] | None = None
+    ) -> CacheHit[T]:
         """Return the cached result for ``key``, or compute it once and store it.
 
         ``compute(output_dir)`` writes its files into ``output_dir`` and returns a dataclass or pydantic

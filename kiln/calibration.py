@@ -58,7 +58,9 @@ class TokenSet:
 
 def token_sha256(token_ids: Sequence[Sequence[int]]) -> str:
     """sha256 of the token ids as compact JSON (``[[1,2],[3]]``): easy to reproduce outside kiln."""
-    return hashlib.sha256(json.dumps([list(w) for w in token_ids], separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([list(w) for w in token_ids], separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Corpus:
     @cached_property
     def heldout_part(self) -> list[str]:
         """Held-out documents ordered by their hash, which mixes the corpus' files and sections."""
-        pairs = sorted((key, doc) for doc, key in zip(self.documents, self._keys, strict=True) if _is_heldout(key))
+        pairs = sorted(
+            (key, doc) for doc, key in zip(self.documents, self._keys, strict=True) if _is_heldout(key)
+        )
         return [doc for _, doc in pairs]
 
     @cached_property
@@ -111,7 +115,7 @@ def _near_duplicate_clusters(documents: Sequence[str]) -> list[int]:
     for index, doc in enumerate(documents):
         words = re.findall(r"\w+", doc.lower())
         for start in range(max(1, len(words) - SHINGLE_WORDS + 1)):
-            owner = first_seen.setdefault(" ".join(words[start:start + SHINGLE_WORDS]), index)
+            owner = first_seen.setdefault(" ".join(words[start : start + SHINGLE_WORDS]), index)
             if owner != index:
                 parent[root(index)] = root(owner)
     return [root(index) for index in range(len(documents))]
@@ -142,8 +146,8 @@ def load_corpus(reference: str, field: str = "calibration.dataset") -> Corpus:
         name, documents = _hf_documents(rest, field)
     else:
         raise CalibrationDataError(
-            f"{field}: {reference!r} is not a dataset reference; use builtin:fortunes, builtin:jargon, file:PATH "
-            "(.txt or .jsonl) or hf:REPO@REVISION[:SPLIT[:COLUMN]]"
+            f"{field}: {reference!r} is not a dataset reference; use builtin:fortunes, builtin:jargon, "
+            "file:PATH (.txt or .jsonl) or hf:REPO@REVISION[:SPLIT[:COLUMN]]"
         )
     unique = list(dict.fromkeys(doc for doc in (d.strip() for d in documents) if doc))
     if not unique:
@@ -172,11 +176,13 @@ def _paragraphs(text: str) -> list[str]:
 
 def _file_documents(path: Path, field: str) -> list[str]:
     if not path.is_file():
-        raise CalibrationDataError(f"{field}: file {path.resolve()} does not exist; point file: at a .txt or "
-                                   ".jsonl file")
+        raise CalibrationDataError(
+            f"{field}: file {path.resolve()} does not exist; point file: at a .txt or .jsonl file"
+        )
     if path.suffix not in (".txt", ".jsonl"):
-        raise CalibrationDataError(f"{field}: file:{path} must be .txt (paragraphs) or .jsonl (a 'text' field "
-                                   "per line)")
+        raise CalibrationDataError(
+            f"{field}: file:{path} must be .txt (paragraphs) or .jsonl (a 'text' field per line)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -201,24 +207,32 @@ def _file_documents(path: Path, field: str) -> list[str]:
 
 def _hf_documents(spec: str, field: str) -> tuple[str, list[str]]:
     """Rows of a dataset repo pinned to a revision, read offline from the hub cache with ``datasets``."""
-    match = re.fullmatch(r"(?P<repo>[^@:]+)@(?P<revision>[^:]+)(?::(?P<split>[^:]+))?(?::(?P<column>[^:]+))?", spec)
+    match = re.fullmatch(
+        r"(?P<repo>[^@:]+)@(?P<revision>[^:]+)(?::(?P<split>[^:]+))?(?::(?P<column>[^:]+))?", spec
+    )
     if not match:
-        raise CalibrationDataError(f"{field}: 'hf:{spec}' must be hf:REPO@REVISION[:SPLIT[:COLUMN]] with a pinned "
-                                   "revision, e.g. hf:org/corpus@<commit sha>:train:text")
+        raise CalibrationDataError(
+            f"{field}: 'hf:{spec}' must be hf:REPO@REVISION[:SPLIT[:COLUMN]] with a pinned "
+            "revision, e.g. hf:org/corpus@<commit sha>:train:text"
+        )
     repo, revision = match["repo"], match["revision"]
     split, column = match["split"] or "train", match["column"] or "text"
     try:
         import datasets
     except ImportError:
-        raise CalibrationDataError(f"{field}: hf: datasets need the `datasets` package: "
-                                   "pip install 'kiln-llm[datasets]'") from None
+        raise CalibrationDataError(
+            f"{field}: hf: datasets need the `datasets` package: pip install 'kiln-llm[datasets]'"
+        ) from None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cache_dir = constants.hf_cache_dir()
     try:
-        path = Path(snapshot_download(repo, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                      local_files_only=True))
+        path = Path(
+            snapshot_download(
+                repo, repo_type="dataset", revision=revision, cache_dir=cache_dir, local_files_only=True
+            )
+        )
     except LocalEntryNotFoundError:
         raise CalibrationDataError(
             f"{field}: dataset {repo}@{revision} is not in the offline cache {cache_dir}; kiln never fetches "
@@ -226,12 +240,16 @@ def _hf_documents(spec: str, field: str) -> tuple[str, list[str]]:
             f"{revision} --cache-dir {cache_dir}`)"
         ) from None
     try:
-        table = datasets.load_dataset(str(path), split=split, cache_dir=str(constants.cache_dir() / "datasets"))
+        table = datasets.load_dataset(
+            str(path), split=split, cache_dir=str(constants.cache_dir() / "datasets")
+        )
     except ValueError as exc:  # unknown split, no data files
         raise CalibrationDataError(f"{field}: dataset {repo}@{path.name}: {exc}") from None
     if column not in table.column_names:
-        raise CalibrationDataError(f"{field}: dataset {repo}@{path.name} split {split!r} has no column {column!r}; "
-                                   f"columns: {', '.join(table.column_names)}")
+        raise CalibrationDataError(
+            f"{field}: dataset {repo}@{path.name} split {split!r} has no column {column!r}; "
+            f"columns: {', '.join(table.column_names)}"
+        )
     rows = [value for value in table[column] if isinstance(value, str)]
     return f"hf:{repo}@{path.name}:{split}:{column}", rows
 
@@ -240,10 +258,11 @@ def _hf_documents(spec: str, field: str) -> tuple[str, list[str]]:
 
 
 def _token_stream(documents: Sequence[str], tokenizer: Any, needed: int) -> Iterator[int]:
-    """Token ids of the documents in order, ``DOCUMENT_SEPARATOR`` between them; tokenizes only what is used."""
+    """Token ids of the documents in order, ``DOCUMENT_SEPARATOR`` between them; tokenizes only what is
+    used."""
     produced = 0
     for start in range(0, len(documents), _TOKENIZE_BATCH):
-        batch = [doc + DOCUMENT_SEPARATOR for doc in documents[start:start + _TOKENIZE_BATCH]]
+        batch = [doc + DOCUMENT_SEPARATOR for doc in documents[start : start + _TOKENIZE_BATCH]]
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             yield from ids
             produced += len(ids)
@@ -261,49 +280,60 @@ def calibration_set(cal: Calibration, tokenizer: Any) -> TokenSet:
     if len(stream) < needed:
         raise CalibrationDataError(
             f"calibration.num_samples: {cal.dataset} yields only {len(stream) // cal.seq_len} windows of "
-            f"seq_len={cal.seq_len} ({len(stream)} tokens in its calibration part, {len(documents)} documents), "
-            f"{cal.num_samples} asked; lower num_samples or seq_len, or use a larger dataset"
+            f"seq_len={cal.seq_len} ({len(stream)} tokens in its calibration part, {len(documents)} "
+            f"documents), {cal.num_samples} asked; lower num_samples or seq_len, or use a larger dataset"
         )
-    windows = [stream[i * cal.seq_len:(i + 1) * cal.seq_len] for i in range(cal.num_samples)]
-    source = (f"{corpus.name}#calibration seed={cal.seed} samples={cal.num_samples}x{cal.seq_len} "
-              f"corpus={corpus.fingerprint[:16]}")
+    windows = [stream[i * cal.seq_len : (i + 1) * cal.seq_len] for i in range(cal.num_samples)]
+    source = (
+        f"{corpus.name}#calibration seed={cal.seed} samples={cal.num_samples}x{cal.seq_len} "
+        f"corpus={corpus.fingerprint[:16]}"
+    )
     return TokenSet(token_ids=windows, sha256=token_sha256(windows), source=source)
 
 
-def heldout_set(evaluation: Evaluation, tokenizer: Any, exclude: TokenSet | None = None, *,
-                window_len: int = 512) -> TokenSet:
-    """``heldout_tokens`` tokens of the held-out part, in windows of ``window_len``; checked against ``exclude``."""
+def heldout_set(
+    evaluation: Evaluation, tokenizer: Any, exclude: TokenSet | None = None, *, window_len: int = 512
+) -> TokenSet:
+    """``heldout_tokens`` tokens of the held-out part, in windows of ``window_len``; checked against
+    ``exclude``."""
     corpus = load_corpus(evaluation.heldout, "evaluation.heldout")
     needed = evaluation.heldout_tokens
     stream = list(_token_stream(corpus.heldout_part, tokenizer, needed))[:needed]
     if len(stream) < needed:
         raise CalibrationDataError(
-            f"evaluation.heldout_tokens: the held-out part of {evaluation.heldout} has only {len(stream)} tokens "
-            f"({len(corpus.heldout_part)} documents), {needed} asked; lower heldout_tokens or use a larger dataset"
+            f"evaluation.heldout_tokens: the held-out part of {evaluation.heldout} has only {len(stream)} "
+            f"tokens ({len(corpus.heldout_part)} documents), {needed} asked; lower heldout_tokens or use a "
+            "larger dataset"
         )
-    windows = [stream[i:i + window_len] for i in range(0, needed, window_len)]
-    heldout = TokenSet(token_ids=windows, sha256=token_sha256(windows),
-                       source=f"{corpus.name}#heldout tokens={needed} corpus={corpus.fingerprint[:16]}")
+    windows = [stream[i : i + window_len] for i in range(0, needed, window_len)]
+    heldout = TokenSet(
+        token_ids=windows,
+        sha256=token_sha256(windows),
+        source=f"{corpus.name}#heldout tokens={needed} corpus={corpus.fingerprint[:16]}",
+    )
     if exclude is not None:
         check_disjoint(heldout, exclude, tokenizer=tokenizer)
     return heldout
 
 
-def check_disjoint(heldout: TokenSet, calibration: TokenSet, *, ngram: int = OVERLAP_NGRAM,
-                   tokenizer: Any = None) -> None:
-    """Raise CalibrationDataError if a held-out window shares ``ngram`` tokens in a row with a calibration sample."""
+def check_disjoint(
+    heldout: TokenSet, calibration: TokenSet, *, ngram: int = OVERLAP_NGRAM, tokenizer: Any = None
+) -> None:
+    """Raise CalibrationDataError if a held-out window shares ``ngram`` tokens in a row with a calibration
+    sample."""
     seen: dict[tuple[int, ...], int] = {}
     for index, sample in enumerate(calibration.token_ids):
         for start in range(len(sample) - ngram + 1):
-            seen.setdefault(tuple(sample[start:start + ngram]), index)
+            seen.setdefault(tuple(sample[start : start + ngram]), index)
     for window_index, window in enumerate(heldout.token_ids):
         for start in range(len(window) - ngram + 1):
-            gram = tuple(window[start:start + ngram])
+            gram = tuple(window[start : start + ngram])
             if gram in seen:
                 text = tokenizer.decode(list(gram)) if tokenizer is not None else str(list(gram))
                 raise CalibrationDataError(
-                    f"held-out window {window_index} ({heldout.source}) repeats {ngram} tokens of calibration "
-                    f"sample {seen[gram]} ({calibration.source}): {text!r}; accuracy on it would be inflated. "
-                    "Use disjoint files for evaluation.heldout and calibration.dataset, or the same corpus for both "
-                    "(kiln splits a corpus into disjoint calibration and held-out documents)"
+                    f"held-out window {window_index} ({heldout.source}) repeats {ngram} tokens of "
+                    f"calibration sample {seen[gram]} ({calibration.source}): {text!r}; accuracy on it would "
+                    "be inflated. Use disjoint files for evaluation.heldout and calibration.dataset, or the "
+                    "same corpus for both (kiln splits a corpus into disjoint calibration and held-out "
+                    "documents)"
                 )

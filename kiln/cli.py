@@ -13,8 +13,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings=HELP,
 )
-profiles_app = typer.Typer(help="Validate profiles without doing any work.", no_args_is_help=True,
-                           context_settings=HELP)
+profiles_app = typer.Typer(
+    help="Validate profiles without doing any work.", no_args_is_help=True, context_settings=HELP
+)
 app.add_typer(profiles_app, name="profiles")
 
 
@@ -27,8 +28,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="print kiln's version and exit")) -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print kiln's version and exit"
+    ),
+) -> None:
     """Turn a Hugging Face LLM checkpoint into validated, versioned inference engines per GPU target."""
 
 

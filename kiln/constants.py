@@ -21,8 +21,17 @@ STORE_MANIFEST = "manifest.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 """The file that marks a dir as holding a tokenizer (transformers' ``AutoTokenizer`` needs it)."""
 
-TOKENIZER_FILES = (TOKENIZER_CONFIG, "tokenizer.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    TOKENIZER_CONFIG,
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 """A model's tokenizer files: what a download fetches and what checkpoints and engine dirs carry."""
 
 MODEL_SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
@@ -74,7 +83,8 @@ def hf_offline() -> bool:
 
 
 def hf_endpoint() -> str | None:
-    """``$HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import); None means its default."""
+    """``$HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import); None means its
+    default."""
     value = os.environ.get("HF_ENDPOINT", "").strip()
     return value.rstrip("/") or None
 
@@ -86,7 +96,8 @@ def profiles_dir() -> Path | None:
 
 
 def packaged_profiles_dir() -> Path | None:
-    """The recipe/target library installed with kiln (the repo's ``profiles/``, shipped as ``kiln.library``)."""
+    """The recipe/target library installed with kiln (the repo's ``profiles/``, shipped as
+    ``kiln.library``)."""
     import importlib.util
 
     spec = importlib.util.find_spec("kiln.library")
@@ -101,10 +112,18 @@ def prefect_home() -> Path:
 
 
 def torch_extensions_dir() -> Path:
-    """ModelOpt's CUDA extension build cache (compiled on first INT4-AWQ use, which is slow): keep it across builds."""
+    """ModelOpt's CUDA extension build cache (compiled on first INT4-AWQ use, which is slow): keep it across
+    builds."""
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or kiln_home() / "torch_extensions")
 
 
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KILN_API_KEY")
+SECRET_ENV_VARS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "KILN_API_KEY",
+)
 """Values of these never reach logs, Prefect artifacts or MLflow params (see kiln.redact)."""

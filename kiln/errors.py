@@ -61,12 +61,14 @@ class KilnInputError(KilnError, ValueError):
 class ProfileError(KilnInputError):
     """A profile file is missing, malformed, or fails validation.
 
-    Example: ``ProfileError("profiles/x.yaml: targets[0].limits.max_seq_len: must be >= max_input_len (512)")``
+    Example:
+    ``ProfileError("profiles/x.yaml: targets[0].limits.max_seq_len: must be >= max_input_len (512)")``
     """
 
 
 class ModelSourceError(KilnInputError):
-    """The model cannot be used: unknown repo or revision, no safetensors, pickle-only, unsupported architecture."""
+    """The model cannot be used: unknown repo or revision, no safetensors, pickle-only, unsupported
+    architecture."""
 
 
 class CalibrationDataError(KilnInputError):
@@ -78,11 +80,13 @@ class UnsupportedCombinationError(KilnInputError):
 
 
 class BackendUnavailableError(KilnError):
-    """A backend's runtime is not installed here (e.g. ``tensorrt_llm`` on a machine without NVIDIA's image)."""
+    """A backend's runtime is not installed here (e.g. ``tensorrt_llm`` on a machine without NVIDIA's
+    image)."""
 
 
 class ContractError(KilnError):
-    """kiln would emit or read something the installed TensorRT-LLM's API contract lacks (kiln/contracts/*.json)."""
+    """kiln would emit or read something the installed TensorRT-LLM's API contract lacks
+    (kiln/contracts/*.json)."""
 
 
 class EngineMismatchError(KilnError):
@@ -94,7 +98,8 @@ class GenerationLimitError(KilnInputError):
 
 
 class RegistryError(KilnError):
-    """The artifact store or MLflow registry refused or could not be reached (a build's register step retries it).
+    """The artifact store or MLflow registry refused or could not be reached (a build's register step retries
+    it).
 
     ``where`` is the store key or tracking URI; ``code`` the service's error code (S3 ``SlowDown``, MLflow
     ``INTERNAL_ERROR``) or None when it could not be reached.
@@ -102,15 +107,22 @@ class RegistryError(KilnError):
 
     retryable = True
 
-    def __init__(self, message: str, *, where: str | None = None, code: str | None = None,
-                 retryable: bool | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str | None = None,
+        code: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
         super().__init__(message, retryable=retryable)
         self.where = where
         self.code = code
 
 
 class DeploymentNotFoundError(KilnError):
-    """A target's ``kiln-target/<work pool>`` deployment is not on the Prefect server: add it to prefect.yaml."""
+    """A target's ``kiln-target/<work pool>`` deployment is not on the Prefect server: add it to
+    prefect.yaml."""
 
     retryable = False
 
@@ -131,7 +143,8 @@ class GateFailedError(KilnError):
 class RegistryConfigError(KilnInputError, RegistryError):
     """The store or tracking URI cannot work as given: malformed URI, bucket missing, no permission.
 
-    Example: ``RegistryConfigError("s3://engines/kiln: bucket 'engines' does not exist: create it or fix store_uri")``
+    Example:
+    ``RegistryConfigError("s3://engines/kiln: bucket 'engines' does not exist: create it or fix store_uri")``
     Network failures (endpoint down, timeouts) stay ``RegistryError``: they may pass on a retry.
     """
 
@@ -149,7 +162,8 @@ class NotPromotableError(KilnInputError):
 class DiskFullError(KilnError, OSError):
     """A step ran out of disk while writing (its partial output is removed); free space and run again.
 
-    Example: ``DiskFullError("compile: cannot write /k/cache/compile/ab12/output (No space left on device) ...")``
+    Example:
+    ``DiskFullError("compile: cannot write /k/cache/compile/ab12/output (No space left on device) ...")``
     """
 
     def __init__(self, message: str) -> None:
@@ -191,11 +205,15 @@ def disk_full(step: str, path: os.PathLike | str, exc: BaseException) -> DiskFul
     seen: BaseException | None = exc
     while seen is not None:
         # safetensors (Rust) and some C extensions report ENOSPC only in their message
-        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or "No space left on device" in str(seen) \
-                or "os error 28" in str(seen):
+        if (
+            (isinstance(seen, OSError) and seen.errno == errno.ENOSPC)
+            or "No space left on device" in str(seen)
+            or "os error 28" in str(seen)
+        ):
             return DiskFullError(
-                f"{step}: cannot write {path} (No space left on device); free space there, or point KILN_HOME at "
-                "a disk with room, and run again (nothing partial was kept)")
+                f"{step}: cannot write {path} (No space left on device); free space there, or point "
+                "KILN_HOME at a disk with room, and run again (nothing partial was kept)"
+            )
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -53,7 +53,9 @@ def model_event(event: str, repo_id: str, revision: str, profile: str | None = N
     if name not in EVENTS.values():
         raise KilnInputError(f"unknown event {event!r}; allowed: {', '.join(EVENTS)} (or their full names)")
     if not repo_id.strip():
-        raise KilnInputError("repo_id is empty: pass the model repo (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+        raise KilnInputError(
+            "repo_id is empty: pass the model repo (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
     if not revision.strip():
         raise KilnInputError("revision is empty: pass the new commit sha, branch or tag")
     return ModelEvent(name, repo_id.strip(), revision.strip(), profile or None)
@@ -77,7 +79,9 @@ def emit(event: str, repo_id: str, revision: str, profile: str | None = None, *,
 
     sent = emit_event(event=message.event, resource=message.resource, payload=message.payload)
     if sent is None:
-        raise KilnInputError("Prefect did not send the event: check PREFECT_API_URL and that the server is up")
+        raise KilnInputError(
+            "Prefect did not send the event: check PREFECT_API_URL and that the server is up"
+        )
     if flush:
         _flush_events()
     return str(sent.id)

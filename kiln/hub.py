@@ -49,8 +49,13 @@ class ModelSnapshot:
 
     def lineage(self) -> dict[str, str | None]:
         """What lineage files and build keys record about the model."""
-        return {"source": self.source, "repo_id": self.repo_id, "revision": self.revision, "sha": self.sha,
-                "path": str(self.path)}
+        return {
+            "source": self.source,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "sha": self.sha,
+            "path": str(self.path),
+        }
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,13 @@ def _hub_snapshot(model: HubModel, token: str | None) -> ModelSnapshot:
     api = HfApi(endpoint=endpoint, token=token)
 
     with _hub_errors(model, where, offline, token):
-        revision = api.resolve_revision(model.repo_id, revision=model.revision, cache_dir=cache_dir,
-                                        local_files_only=offline)
+        revision = api.resolve_revision(
+            model.repo_id, revision=model.revision, cache_dir=cache_dir, local_files_only=offline
+        )
         sha = revision.resolved
-        snapshot_dir = cache_dir / repo_folder_name(repo_id=model.repo_id, repo_type="model") / "snapshots" / sha
+        snapshot_dir = (
+            cache_dir / repo_folder_name(repo_id=model.repo_id, repo_type="model") / "snapshots" / sha
+        )
         complete = False
         if not offline:
             info = api.model_info(model.repo_id, revision=sha)
@@ -110,13 +118,27 @@ def _hub_snapshot(model: HubModel, token: str | None) -> ModelSnapshot:
             selected = _check_files(remote_files, patterns, model.allow_pickle, f"{where} (commit {sha})")
             complete = all((snapshot_dir / name).is_file() for name in selected)
             # The architecture decides whether the weights are worth fetching: check it first.
-            config_path = hf_hub_download(model.repo_id, "config.json", revision=sha, cache_dir=cache_dir,
-                                          endpoint=endpoint, token=token)
+            config_path = hf_hub_download(
+                model.repo_id,
+                "config.json",
+                revision=sha,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                token=token,
+            )
             check_architecture(_read_json(Path(config_path)), f"{where} (commit {sha})")
         log.info("fetching %s@%s (commit %s)", model.repo_id, model.revision, sha)
-        path = Path(snapshot_download(model.repo_id, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=patterns, local_files_only=offline, endpoint=endpoint,
-                                      token=token))
+        path = Path(
+            snapshot_download(
+                model.repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=patterns,
+                local_files_only=offline,
+                endpoint=endpoint,
+                token=token,
+            )
+        )
         if not offline and not complete:
             _verify_checksums(api, model.repo_id, sha, cache_dir, path)
 
@@ -137,10 +159,14 @@ def _verify_checksums(api: Any, repo_id: str, sha: str, cache_dir: Path, path: P
         blob = pointer.resolve()
         pointer.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
-    names = ", ".join(f"{m['path']} ({m['algorithm']} {m['actual'][:12]} != {m['expected'][:12]})"
-                      for m in result.mismatches)
-    raise IntegrityError(f"{path}: downloaded files do not match commit {sha} of {repo_id}: {names}; the bad "
-                         "files were removed from the cache: fetch again (a repeat means a corrupting proxy or hub)")
+    names = ", ".join(
+        f"{m['path']} ({m['algorithm']} {m['actual'][:12]} != {m['expected'][:12]})"
+        for m in result.mismatches
+    )
+    raise IntegrityError(
+        f"{path}: downloaded files do not match commit {sha} of {repo_id}: {names}; the bad "
+        "files were removed from the cache: fetch again (a repeat means a corrupting proxy or hub)"
+    )
 
 
 @contextmanager
@@ -160,44 +186,53 @@ def _hub_errors(model: HubModel, where: str, offline: bool, token: str | None) -
     except RevisionNotFoundError as exc:
         raise ModelSourceError(
             f"model.revision: {model.revision!r} is not a branch, tag or commit of {where}; "
-            "use one that exists (e.g. main, a release tag, or a full 40-character commit sha)", retryable=False
+            "use one that exists (e.g. main, a release tag, or a full 40-character commit sha)",
+            retryable=False,
         ) from _scrubbed(exc, token)
     except GatedRepoError as exc:
         raise ModelSourceError(
-            f"model.repo_id: {where} is gated: accept its terms on the hub with your account, then set HF_TOKEN "
-            "to a token of that account", retryable=False
+            f"model.repo_id: {where} is gated: accept its terms on the hub with your account, then set "
+            "HF_TOKEN to a token of that account",
+            retryable=False,
         ) from _scrubbed(exc, token)
     except RepositoryNotFoundError as exc:
         raise ModelSourceError(
             f"model.repo_id: {where} does not exist or is not visible: check the name (owner/name); for a "
-            "private repo set HF_TOKEN to a token that can read it", retryable=False
+            "private repo set HF_TOKEN to a token that can read it",
+            retryable=False,
         ) from _scrubbed(exc, token)
     except (RevisionResolutionError, LocalEntryNotFoundError) as exc:
         if offline:
             raise ModelSourceError(
                 f"model: HF_HUB_OFFLINE is set and {model.repo_id}@{model.revision} is not in the cache "
                 f"{constants.hf_cache_dir()}: fetch it once online (unset HF_HUB_OFFLINE), or pin "
-                "model.revision to a commit sha that is cached", retryable=False
+                "model.revision to a commit sha that is cached",
+                retryable=False,
             ) from _scrubbed(exc, token)
         raise HubUnavailableError(
-            f"model: cannot reach {where} and {model.repo_id}@{model.revision} is not cached: check HF_ENDPOINT "
-            "and the network, or set HF_HUB_OFFLINE=1 to use a cached snapshot", repo_id=model.repo_id
+            f"model: cannot reach {where} and {model.repo_id}@{model.revision} is not cached: check "
+            "HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to use a cached snapshot",
+            repo_id=model.repo_id,
         ) from _scrubbed(exc, token)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if isinstance(status, int) and (status >= 500 or status == 429):
             raise HubUnavailableError(
                 f"model: {where} is failing or busy (HTTP {status}); the build's download step retries this, "
-                "try again later if it persists", repo_id=model.repo_id, status=status
+                "try again later if it persists",
+                repo_id=model.repo_id,
+                status=status,
             ) from _scrubbed(exc, token)
         raise ModelSourceError(
-            f"model: {where} refused the request (HTTP {status}); check HF_TOKEN's permissions and HF_ENDPOINT",
+            f"model: {where} refused the request (HTTP {status}); check HF_TOKEN's permissions and "
+            "HF_ENDPOINT",
             retryable=False,
         ) from _scrubbed(exc, token)
 
 
 def _scrubbed(exc: BaseException, token: str | None) -> BaseException:
-    """The hub's error, minus any trace of the token (its messages carry URLs, never headers; belt and braces)."""
+    """The hub's error, minus any trace of the token (its messages carry URLs, never headers; belt and
+    braces)."""
     secrets = [t for t in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if t]
     if any(secret in str(exc) for secret in secrets):
         return ModelSourceError("hub error (message withheld: it contained a credential)")
@@ -216,22 +251,29 @@ def _check_files(files: Iterable[str], patterns: list[str], allow_pickle: bool, 
     pickles = [name for name in selected if name.endswith(PICKLE_SUFFIXES)]
     if pickles and not allow_pickle:
         raise ModelSourceError(
-            f"{where}: model.allow_patterns selects pickle files {pickles}; pickles can run code when loaded. "
-            "Remove those patterns, or set model.allow_pickle: true (kiln downloads them but never unpickles them)"
+            f"{where}: model.allow_patterns selects pickle files {pickles}; pickles can run code when "
+            "loaded. Remove those patterns, or set model.allow_pickle: true (kiln downloads them but never "
+            "unpickles them)"
         )
     if "config.json" not in selected:
-        raise ModelSourceError(f"{where}: no config.json: kiln needs a Hugging Face transformers model repo/dir")
+        raise ModelSourceError(
+            f"{where}: no config.json: kiln needs a Hugging Face transformers model repo/dir"
+        )
     weights = list(filter_repo_objects(selected, allow_patterns=list(WEIGHT_PATTERNS)))
     if not any(name.endswith(".safetensors") for name in weights):
         all_pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
         other_safetensors = [name for name in files if name.endswith(".safetensors")]
         if all_pickles:
             raise ModelSourceError(
-                f"{where}: holds only pickle weights ({', '.join(all_pickles[:3])}); kiln loads safetensors only. "
-                "Convert them (transformers: from_pretrained then save_pretrained, which writes model.safetensors) "
-                "and point model at the converted repo or directory"
+                f"{where}: holds only pickle weights ({', '.join(all_pickles[:3])}); kiln loads safetensors "
+                "only. Convert them (transformers: from_pretrained then save_pretrained, which writes "
+                "model.safetensors) and point model at the converted repo or directory"
             )
-        hint = f" (found {other_safetensors[:3]}, which are not transformers' layout)" if other_safetensors else ""
+        hint = (
+            f" (found {other_safetensors[:3]}, which are not transformers' layout)"
+            if other_safetensors
+            else ""
+        )
         raise ModelSourceError(
             f"{where}: no safetensors weights{hint}; kiln needs model.safetensors or "
             "model-NNNNN-of-NNNNN.safetensors shards with model.safetensors.index.json"
@@ -262,8 +304,10 @@ def check_local_dir(model: LocalModel) -> Path:
     """A local model dir's checks (pickles, safetensors layout, architecture) without hashing its weights."""
     root = Path(model.local_dir)
     if not root.is_dir():
-        raise ModelSourceError(f"model.local_dir: {root} is not a directory; point it at an HF model directory "
-                               "(config.json, model.safetensors, tokenizer files)")
+        raise ModelSourceError(
+            f"model.local_dir: {root} is not a directory; point it at an HF model directory "
+            "(config.json, model.safetensors, tokenizer files)"
+        )
     files = _list_files(root)
     pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
     if pickles and not model.allow_pickle:
@@ -321,7 +365,9 @@ def weight_files(path: Path) -> list[Path]:
         shards = [path / name for name in sorted(set(weight_map.values()))]
         missing = [shard.name for shard in shards if not shard.is_file()]
         if missing:
-            raise ModelSourceError(f"{index}: lists shards that are missing: {missing}; fetch the model again")
+            raise ModelSourceError(
+                f"{index}: lists shards that are missing: {missing}; fetch the model again"
+            )
         return shards
     single = path / "model.safetensors"
     if not single.is_file():
@@ -341,7 +387,9 @@ def _tensor_headers(files: list[Path]) -> dict[str, tuple[list[int], str]]:
                     view = handle.get_slice(name)
                     headers[name] = (list(view.get_shape()), view.get_dtype())
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelSourceError(f"{file}: not a valid safetensors file ({exc}); fetch the model again") from None
+            raise ModelSourceError(
+                f"{file}: not a valid safetensors file ({exc}); fetch the model again"
+            ) from None
     return headers
 
 
@@ -352,8 +400,16 @@ def config_int(config: dict[str, Any], key: str, where: Path) -> int:
     return value
 
 
-def _check_shapes(config: dict[str, Any], headers: dict[str, tuple[list[int], str]], config_path: Path, *,
-                  hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
+def _check_shapes(
+    config: dict[str, Any],
+    headers: dict[str, tuple[list[int], str]],
+    config_path: Path,
+    *,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> None:
     """Refuse a config.json that does not describe its weights (first layer, embedding), naming the first
     tensor whose shape disagrees: transformers' loader would otherwise crash inside quantization."""
     from kiln.families import family_for
@@ -361,20 +417,29 @@ def _check_shapes(config: dict[str, Any], headers: dict[str, tuple[list[int], st
     family = family_for((config.get("architectures") or [None])[0])
     names, layer = family.hf_names, "model.layers.0."
     inter = config.get("intermediate_size")
-    expected: dict[str, list[int]] = {"model.embed_tokens.weight": [config.get("vocab_size"), hidden],
-                                      layer + names.dense + ".weight": [hidden, heads * head_dim]}
+    expected: dict[str, list[int]] = {
+        "model.embed_tokens.weight": [config.get("vocab_size"), hidden],
+        layer + names.dense + ".weight": [hidden, heads * head_dim],
+    }
     qkv_rows = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
     if len(names.qkv) == 1:
         expected[layer + names.qkv[0] + ".weight"] = [sum(qkv_rows), hidden]
     else:
-        expected.update({layer + n + ".weight": [rows, hidden] for n, rows in zip(names.qkv, qkv_rows, strict=True)})
+        expected.update(
+            {layer + n + ".weight": [rows, hidden] for n, rows in zip(names.qkv, qkv_rows, strict=True)}
+        )
     if names.router and layer + names.router + ".weight" in headers:
         moe = family.numerics(config)
         gate, up, down = (t.format(e=0) for t in names.experts)
         ffn = moe["moe_intermediate_size"]
-        expected.update({layer + names.router + ".weight": [moe["num_experts"], hidden],
-                         layer + gate + ".weight": [ffn, hidden], layer + up + ".weight": [ffn, hidden],
-                         layer + down + ".weight": [hidden, ffn]})
+        expected.update(
+            {
+                layer + names.router + ".weight": [moe["num_experts"], hidden],
+                layer + gate + ".weight": [ffn, hidden],
+                layer + up + ".weight": [ffn, hidden],
+                layer + down + ".weight": [hidden, ffn],
+            }
+        )
     else:
         if len(names.gate_up) == 1:
             expected[layer + names.gate_up[0] + ".weight"] = [2 * inter, hidden]
@@ -387,10 +452,11 @@ def _check_shapes(config: dict[str, Any], headers: dict[str, tuple[list[int], st
             continue
         if found[0] != shape:
             raise ModelSourceError(
-                f"{config_path}: does not describe the weights: {name} is {found[0]} but hidden_size {hidden}, "
-                f"num_attention_heads {heads}, num_key_value_heads {kv_heads}, head_dim {head_dim}, intermediate_size "
-                f"{inter}, vocab_size {config.get('vocab_size')} give {shape}; fix config.json or fetch the matching "
-                "weights")
+                f"{config_path}: does not describe the weights: {name} is {found[0]} but hidden_size "
+                f"{hidden}, num_attention_heads {heads}, num_key_value_heads {kv_heads}, head_dim "
+                f"{head_dim}, intermediate_size {inter}, vocab_size {config.get('vocab_size')} give {shape}; "
+                "fix config.json or fetch the matching weights"
+            )
 
 
 def inspect_model(path: Path) -> ModelInfo:
@@ -407,10 +473,19 @@ def inspect_model(path: Path) -> ModelInfo:
     num_kv_heads = config.get("num_key_value_heads") or num_heads
     dtype = config.get("dtype") or config.get("torch_dtype")
     if not isinstance(dtype, str):
-        dtype = _SAFETENSORS_DTYPES.get(Counter(d for _, d in headers.values()).most_common(1)[0][0], "float32")
+        dtype = _SAFETENSORS_DTYPES.get(
+            Counter(d for _, d in headers.values()).most_common(1)[0][0], "float32"
+        )
     head_dim = int(config.get("head_dim") or hidden_size // num_heads)
-    _check_shapes(config, headers, config_path, hidden=hidden_size, heads=num_heads, kv_heads=int(num_kv_heads),
-                  head_dim=head_dim)
+    _check_shapes(
+        config,
+        headers,
+        config_path,
+        hidden=hidden_size,
+        heads=num_heads,
+        kv_heads=int(num_kv_heads),
+        head_dim=head_dim,
+    )
     param_count = 0
     for shape, _ in headers.values():
         count = 1

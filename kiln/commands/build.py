@@ -35,17 +35,28 @@ def profiles_check(files: list[Path] = typer.Argument(..., help="Build request Y
             table.add_column("target")
             for recipe in request.recipes:
                 for target in request.targets:
-                    table.add_row(f"{recipe.name} ({recipe.quantization})", f"{target.name} ({target.backend}/{target.sm or target.device})")
+                    table.add_row(
+                        f"{recipe.name} ({recipe.quantization})",
+                        f"{target.name} ({target.backend}/{target.sm or target.device})",
+                    )
             console.print(table)
             if missing:
-                console.print(f"note: model.local_dir {model.local_dir} is not here, so its checks (architecture, "
-                              "weights format, tp/pp vs heads, memory) did not run; `kiln build` runs them",
-                              highlight=False)
+                console.print(
+                    f"note: model.local_dir {model.local_dir} is not here, so its checks (architecture, "
+                    "weights format, tp/pp vs heads, memory) did not run; `kiln build` runs them",
+                    highlight=False,
+                )
             elif not isinstance(model, LocalModel):
-                console.print("note: the model checks (architecture and family, tp/pp vs heads, memory) need the hub's "
-                              "config.json: `kiln build` runs them after download, before any calibration", highlight=False)
-            console.print("note: whether a target can be built on this machine is `kiln doctor --target NAME`; "
-                          "`kiln build` checks it for targets it runs in-process", highlight=False)
+                console.print(
+                    "note: the model checks (architecture and family, tp/pp vs heads, memory) need the hub's "
+                    "config.json: `kiln build` runs them after download, before any calibration",
+                    highlight=False,
+                )
+            console.print(
+                "note: whether a target can be built on this machine is `kiln doctor --target NAME`; "
+                "`kiln build` checks it for targets it runs in-process",
+                highlight=False,
+            )
 
 
 _MARKS = {"done": "[green]✓[/]", "reused": "[cyan]↺[/]", "skipped": "[yellow]-[/]", "failed": "[red]✗[/]"}
@@ -54,8 +65,11 @@ DISPATCH = ("auto", "inline", "deployments")
 
 def build_command(
     profile: Path = typer.Argument(..., help="build request YAML (e.g. profiles/examples/tiny-cpu.yaml)"),
-    dispatch: str = typer.Option("auto", help="auto | inline | deployments: where per-target subflows run "
-                                 "(auto: on their work pools when run from a deployment, else in this process)"),
+    dispatch: str = typer.Option(
+        "auto",
+        help="auto | inline | deployments: where per-target subflows run "
+        "(auto: on their work pools when run from a deployment, else in this process)",
+    ),
 ) -> None:
     """Build a request through the Prefect DAG (embedded ephemeral server unless PREFECT_API_URL is set)."""
     with cli_errors():
@@ -99,13 +113,17 @@ def _stop_interrupted(runs: dict[str, str], seconds: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the bookkeeping short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cancelled = _cancel_runs(runs)
-    err_console.print(f"interrupted after {seconds:.0f}s: kiln build stopped ({cancelled} Prefect run(s) marked "
-                      "Cancelled); finished steps are cached, so running it again resumes from them", highlight=False)
+    err_console.print(
+        f"interrupted after {seconds:.0f}s: kiln build stopped ({cancelled} Prefect run(s) marked "
+        "Cancelled); finished steps are cached, so running it again resumes from them",
+        highlight=False,
+    )
     raise typer.Exit(130)
 
 
 def _cancel_runs(runs: dict[str, str]) -> int:
-    """Mark this process's flow and task runs that are not final Cancelled (bounded: a dead server is skipped)."""
+    """Mark this process's flow and task runs that are not final Cancelled (bounded: a dead server is
+    skipped)."""
     import asyncio
     import uuid
 
@@ -139,10 +157,15 @@ def _check_before_prefect(request, profile: Path, dispatch: str) -> None:
     check_request_static(request, source=str(profile))
     model = request.model
     if isinstance(model, LocalModel) and not Path(model.local_dir).is_dir():
-        hint = (" (the demo model: run `kiln assets prepare` first, with the same KILN_HOME)"
-                if Path(model.local_dir).parent == constants.assets_dir() else "")
-        raise ModelSourceError(f"{profile}: model.local_dir {model.local_dir} is not a directory; point it at an "
-                               f"HF model directory (config.json, *.safetensors, tokenizer files){hint}")
+        hint = (
+            " (the demo model: run `kiln assets prepare` first, with the same KILN_HOME)"
+            if Path(model.local_dir).parent == constants.assets_dir()
+            else ""
+        )
+        raise ModelSourceError(
+            f"{profile}: model.local_dir {model.local_dir} is not a directory; point it at an "
+            f"HF model directory (config.json, *.safetensors, tokenizer files){hint}"
+        )
     info = None
     if isinstance(model, LocalModel):
         # headers only (no weights read): a corrupt file or a tp_size that cannot split the heads fails here
@@ -160,13 +183,20 @@ class _StepProgress:
     """A spinner per running step (rich), and one line per finished step: mark, step, note, seconds."""
 
     def __init__(self) -> None:
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=console, transient=True)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self._tasks: dict[tuple[str, str], TaskID] = {}
 
     def __enter__(self) -> _StepProgress:
         self._progress.__enter__()
-        self._tasks[("prefect", "")] = self._progress.add_task("starting Prefect (embedded server) ...", total=None)
+        self._tasks[("prefect", "")] = self._progress.add_task(
+            "starting Prefect (embedded server) ...", total=None
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,29 +217,43 @@ class _StepProgress:
             return
         note = f" ({event.note})" if event.note else ""
         reused = " reused" if event.status == "reused" else ""
-        self._progress.console.print(f"{_MARKS.get(event.status, '?')} {label}{reused}{note} [dim]{event.seconds:.1f}s[/]",
-                                     highlight=False)
+        self._progress.console.print(
+            f"{_MARKS.get(event.status, '?')} {label}{reused}{note} [dim]{event.seconds:.1f}s[/]",
+            highlight=False,
+        )
 
 
 def _print_summary(outcomes, seconds: float) -> None:
-    table = Table(title=f"kiln build: {len(outcomes)} engine(s) in {seconds:.0f}s",
-                  caption="★ recommended: the fastest engine of its target that passes every gate; Δppl vs the "
-                          "unquantized baseline on the same target; `kiln report` shows every metric")
+    table = Table(
+        title=f"kiln build: {len(outcomes)} engine(s) in {seconds:.0f}s",
+        caption="★ recommended: the fastest engine of its target that passes every gate; Δppl vs the "
+        "unquantized baseline on the same target; `kiln report` shows every metric",
+    )
     for column in ("recipe", "target", "ppl", "Δppl %", "tok/s", "verdict", "model version", "artifact URI"):
         table.add_column(column)
+
     def num(metrics: dict[str, float], key: str, fmt: str) -> str:
         value = metrics.get(key)
         return "-" if value is None else format(value, fmt)
 
     for o in outcomes:
         version = f"{o.model_name} v{o.version}" + (" (reused)" if o.reused else "") if o.version else "-"
-        table.add_row(o.recipe + (" ★" if o.recommended else ""), o.target, num(o.metrics, "perplexity", ".2f"),
-                      num(o.metrics, "ppl_increase_pct", "+.2f"), num(o.metrics, "tokens_per_s", ".1f"), o.verdict,
-                      version, o.uri or "-")
+        table.add_row(
+            o.recipe + (" ★" if o.recommended else ""),
+            o.target,
+            num(o.metrics, "perplexity", ".2f"),
+            num(o.metrics, "ppl_increase_pct", "+.2f"),
+            num(o.metrics, "tokens_per_s", ".1f"),
+            o.verdict,
+            version,
+            o.uri or "-",
+        )
     print_table(table)
     registered = [o for o in outcomes if o.version]
     if registered and all(o.reused for o in registered):
-        console.print("identical inputs: reused every step and every registered version; no new model version")
+        console.print(
+            "identical inputs: reused every step and every registered version; no new model version"
+        )
     elif registered:
         new = sum(not o.reused for o in registered)
         console.print(f"{new} new model version(s); {len(registered) - new} reused")

@@ -42,10 +42,15 @@ def _recipe(value: str) -> Any:
 
 
 def doctor_command(
-    target: str | None = typer.Option(None, "--target", "-t",
-                                      help="target name (profiles/targets.yaml) or target YAML file to check here"),
-    recipe: list[str] = typer.Option([], "--recipe", "-r", help="recipe name or YAML file to check on the target"),
-    model: Path | None = typer.Option(None, "--model", help="local HF model dir: adds tp/pp and GPU memory checks"),
+    target: str | None = typer.Option(
+        None, "--target", "-t", help="target name (profiles/targets.yaml) or target YAML file to check here"
+    ),
+    recipe: list[str] = typer.Option(
+        [], "--recipe", "-r", help="recipe name or YAML file to check on the target"
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="local HF model dir: adds tp/pp and GPU memory checks"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Show this machine's toolchain and GPUs; with --target, run that target's pre-flight checks here.
@@ -71,8 +76,16 @@ def doctor_command(
             findings = preflight.check_target_on_host(tgt, host, recipes=recipes, model_info=info)
         families = doctor.family_rows()
         if as_json:
-            console.print_json(json.dumps({"host": host.to_dict(), "families": families,
-                                           "findings": [f.__dict__ for f in findings]}, default=str))
+            console.print_json(
+                json.dumps(
+                    {
+                        "host": host.to_dict(),
+                        "families": families,
+                        "findings": [f.__dict__ for f in findings],
+                    },
+                    default=str,
+                )
+            )
         else:
             _print_host(host)
             _print_families(families)
@@ -118,5 +131,7 @@ def _print_findings(target: str, findings: list[Any]) -> None:
         table.add_row(_LEVEL[f.level], f.check, f.subject, f.message)
     console.print(table)
     errors = sum(f.level == "error" for f in findings)
-    console.print(f"{errors} problem(s): this target cannot run here" if errors else "this target can run here",
-                  highlight=False)
+    console.print(
+        f"{errors} problem(s): this target cannot run here" if errors else "this target can run here",
+        highlight=False,
+    )

@@ -21,13 +21,22 @@ def quantize_command(
     output: Path = typer.Option(..., "--output", help="directory to write the checkpoint to (new or empty)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks of the TensorRT-LLM checkpoint"),
     pp: int = typer.Option(1, "--pp", help="pipeline-parallel stages of the TensorRT-LLM checkpoint"),
-    fmt: str = typer.Option("auto", "--format", help="trtllm (config.json + rank{N}.safetensors), hf, or auto: "
-                                                   "the export the family's torch engine compiles (kiln doctor)"),
-    dtype: str = typer.Option("bfloat16", help="dtype of the unquantized tensors: float32 | float16 | bfloat16"),
+    fmt: str = typer.Option(
+        "auto",
+        "--format",
+        help="trtllm (config.json + rank{N}.safetensors), hf, or auto: "
+        "the export the family's torch engine compiles (kiln doctor)",
+    ),
+    dtype: str = typer.Option(
+        "bfloat16", help="dtype of the unquantized tensors: float32 | float16 | bfloat16"
+    ),
     device: str = typer.Option("auto", help="where to calibrate: auto (cuda when available) | cpu | cuda"),
-    ppl: bool = typer.Option(None, "--ppl/--no-ppl",
-                             help="measure fake-quant perplexity on held-out text (default: when the profile "
-                                  "sets max_ppl_increase_pct, which then gates the recipe)"),
+    ppl: bool = typer.Option(
+        None,
+        "--ppl/--no-ppl",
+        help="measure fake-quant perplexity on held-out text (default: when the profile "
+        "sets max_ppl_increase_pct, which then gates the recipe)",
+    ),
 ) -> None:
     """Run the calibrate + quantize + export step of one recipe alone and write the checkpoint to OUTPUT."""
     with cli_errors():
@@ -36,16 +45,22 @@ def quantize_command(
         request = load_request(profile)
         recipe = next((r for r in request.recipes if r.name == recipe_name), None)
         if recipe is None:
-            raise KilnInputError(f"{profile}: --recipe {recipe_name!r} is not one of its recipes: "
-                                 f"{', '.join(r.name for r in request.recipes)}")
+            raise KilnInputError(
+                f"{profile}: --recipe {recipe_name!r} is not one of its recipes: "
+                f"{', '.join(r.name for r in request.recipes)}"
+            )
         if fmt not in (*FORMATS, "auto"):
-            raise KilnInputError(f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}, or auto (the family's)")
+            raise KilnInputError(
+                f"--format {fmt!r}: allowed values are {', '.join(FORMATS)}, or auto (the family's)"
+            )
         if device not in DEVICES:
             raise KilnInputError(f"--device {device!r}: allowed values are {', '.join(DEVICES)}")
         if tp < 1 or pp < 1:
             raise KilnInputError(f"--tp {tp} / --pp {pp}: both must be >= 1")
         if fmt == "hf" and (tp, pp) != (1, 1):
-            raise KilnInputError("--tp/--pp apply to --format trtllm; an HF checkpoint is not split into ranks")
+            raise KilnInputError(
+                "--tp/--pp apply to --format trtllm; an HF checkpoint is not split into ranks"
+            )
         from kiln.quantize import hf_export_problem
 
         if fmt == "hf" and (why := hf_export_problem(recipe)):
@@ -55,8 +70,19 @@ def quantize_command(
         _run(profile, request, recipe, output, tp=tp, pp=pp, fmt=fmt, dtype=dtype, device=device, ppl=ppl)
 
 
-def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt: str, dtype: str, device: str,
-         ppl: bool | None) -> None:
+def _run(
+    profile: Path,
+    request,
+    recipe,
+    output: Path,
+    *,
+    tp: int,
+    pp: int,
+    fmt: str,
+    dtype: str,
+    device: str,
+    ppl: bool | None,
+) -> None:
     from kiln.hub import fetch_model, inspect_model, load_tokenizer
     from kiln.preflight import check_request_static
     from kiln.quantize import check_recipe, layout_key, needs_calibration, quantize
@@ -86,18 +112,33 @@ def _run(profile: Path, request, recipe, output: Path, *, tp: int, pp: int, fmt:
             calibration, heldout = data.calibration.get(recipe.name), data.heldout
     staging = output.parent / f".{output.name}.kiln-partial"
     shutil.rmtree(staging, ignore_errors=True)
-    lineage = {"model_sha": snapshot.sha, "repo_id": getattr(snapshot, "repo_id", None), "recipe": recipe.name,
-               "profile": str(profile)}
+    lineage = {
+        "model_sha": snapshot.sha,
+        "repo_id": getattr(snapshot, "repo_id", None),
+        "recipe": recipe.name,
+        "profile": str(profile),
+    }
     try:
         with console.status(f"quantizing {recipe.name} ({recipe.quantization}) on {device}") as status:
+
             def progress(done: int, total: int) -> None:
                 status.update(f"calibrating {recipe.name}: batch {done}/{total}")
 
             with writing("quantize", output):
-                result = quantize(Path(snapshot.path), recipe, layouts=[(tp, pp)], output_dir=staging, dtype=dtype,
-                                  device=device, lineage=lineage, calibration=calibration, heldout=heldout,
-                                  max_ppl_increase_pct=gate if measure else None, formats=(fmt,),
-                                  on_progress=progress)
+                result = quantize(
+                    Path(snapshot.path),
+                    recipe,
+                    layouts=[(tp, pp)],
+                    output_dir=staging,
+                    dtype=dtype,
+                    device=device,
+                    lineage=lineage,
+                    calibration=calibration,
+                    heldout=heldout,
+                    max_ppl_increase_pct=gate if measure else None,
+                    formats=(fmt,),
+                    on_progress=progress,
+                )
         produced = result.trtllm_dirs[layout_key(tp, pp)] if fmt == "trtllm" else result.hf_dir
         if output.exists():
             output.rmdir()  # checked empty above
@@ -115,7 +156,10 @@ def _summary(result, output: Path) -> None:
     table.add_row("calibration", result.calibration_sha256 or "none (no calibration passes)")
     if result.perplexity:
         p = result.perplexity
-        table.add_row("perplexity", f"{p.quantized:.3f} vs {p.baseline:.3f} baseline ({p.increase_pct:+.2f}%, "
-                                    f"{p.num_tokens} held-out tokens)")
+        table.add_row(
+            "perplexity",
+            f"{p.quantized:.3f} vs {p.baseline:.3f} baseline ({p.increase_pct:+.2f}%, "
+            f"{p.num_tokens} held-out tokens)",
+        )
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
     console.print(table)

@@ -14,12 +14,14 @@ from kiln.commands._common import cli_errors, console, err_console, print_table
 from kiln.errors import KilnInputError
 
 
-def report(build: str = typer.Argument(None, help="Build name (default: the latest build) or a results.json path"),
-           as_json: bool = typer.Option(False, "--json", help="Print results.json instead of a table"),
-           as_markdown: bool = typer.Option(False, "--markdown", help="Print the markdown report (the Prefect "
-                                                                      "artifact) instead of a table"),
-           write_plots: Path = typer.Option(None, "--plots", help="Also (re)draw the PNG plots into this folder")
-           ) -> None:
+def report(
+    build: str = typer.Argument(None, help="Build name (default: the latest build) or a results.json path"),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json instead of a table"),
+    as_markdown: bool = typer.Option(
+        False, "--markdown", help="Print the markdown report (the Prefect artifact) instead of a table"
+    ),
+    write_plots: Path = typer.Option(None, "--plots", help="Also (re)draw the PNG plots into this folder"),
+) -> None:
     """Show a build's table: accuracy vs baseline, speed, size, gate verdict and the recommended recipe."""
     from kiln.validation.report import (
         failure_lines,
@@ -35,8 +37,10 @@ def report(build: str = typer.Argument(None, help="Build name (default: the late
             raise KilnInputError("--json and --markdown are exclusive: pass one of them")
         name = build or latest_build()
         if name is None:
-            raise KilnInputError("no build results yet under KILN_HOME/reports: run `kiln build PROFILE` first, "
-                                 "or pass a results.json path")
+            raise KilnInputError(
+                "no build results yet under KILN_HOME/reports: run `kiln build PROFILE` first, "
+                "or pass a results.json path"
+            )
         results = load_results(name)
         if write_plots is not None:
             written = write_report(results, write_plots)

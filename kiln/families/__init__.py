@@ -34,12 +34,14 @@ def find_family(architecture: str | None) -> Family | None:
 
 
 def family_for(architecture: str | None, where: str = "model", model_type: str | None = None) -> Family:
-    """The family of an HF architecture, or a ModelSourceError naming it and listing the supported families."""
+    """The family of an HF architecture, or a ModelSourceError naming it and listing the supported
+    families."""
     family = find_family(architecture)
     if family is None:
         families = ", ".join(f.name for f in FAMILIES)
         raise ModelSourceError(
-            f"{where}: {architecture!r} is not supported (model_type {model_type!r}); supported architectures: "
-            f"{', '.join(architectures())} (families {families}; `kiln doctor` lists each family's recipes and "
-            "backends)")
+            f"{where}: {architecture!r} is not supported (model_type {model_type!r}); supported "
+            f"architectures: {', '.join(architectures())} (families {families}; `kiln doctor` lists each "
+            "family's recipes and backends)"
+        )
     return family

@@ -1,4 +1,5 @@
-"""What a model family declares: architectures, export path, recipes, and how its checkpoint maps onto the engine."""
+"""What a model family declares: architectures, export path, recipes, and how its checkpoint maps onto the
+engine."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ class HFNames:
     dense: str = "self_attn.o_proj"
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     down: str = "mlp.down_proj"
-    norms: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
-        {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}))
+    norms: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType(
+            {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
+        )
+    )
     qk_norms: tuple[str, str] | None = None
     router: str | None = None
     experts: tuple[str, str, str] | None = None
@@ -61,7 +65,8 @@ class Family:
 
     @property
     def exports(self) -> tuple[Export, ...]:
-        """The checkpoints ModelOpt writes for it: the TensorRT-LLM checkpoint where it can, the HF one always."""
+        """The checkpoints ModelOpt writes for it: the TensorRT-LLM checkpoint where it can, the HF one
+        always."""
         return ("trtllm", "hf") if self.modelopt_decoder else ("hf",)
 
     @property

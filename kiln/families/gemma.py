@@ -18,8 +18,14 @@ from typing import Any
 
 from kiln.families.base import Family, HFNames
 
-_SANDWICH = MappingProxyType({"input_layernorm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-                              "post_layernorm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"})
+_SANDWICH = MappingProxyType(
+    {
+        "input_layernorm": "input_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_layernorm": "pre_feedforward_layernorm",
+        "post_mlp_norm": "post_feedforward_layernorm",
+    }
+)
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 

@@ -6,7 +6,8 @@ API for the build flow (call in this order)::
         # before any GPU work: store and tracking server reachable and writable.
         # RegistryConfigError (exit 2: bad URI, missing bucket, no permission) or RegistryError.
     publish(engine_dir, *, registry, build_key, lineage, metrics, params, artifacts, passed_gates,
-            recommended, recipe=None, target=None, on_progress=None) -> PublishedVersion(name, version, uri, reused)
+            recommended, recipe=None, target=None, on_progress=None) -> PublishedVersion(name, version, uri,
+            reused)
         # idempotent by build_key; recipe/target default to lineage["recipe"] / lineage["target"].
         # `candidate` moves only when passed_gates and recommended; failed builds get a version
         # tagged kiln.gates=failed that can never be promoted.

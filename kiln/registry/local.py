@@ -29,8 +29,9 @@ class LocalStore(Store):
         parsed = urlparse(uri)
         path = Path(unquote(parsed.path))
         if parsed.netloc not in ("", "localhost") or not path.is_absolute():
-            raise RegistryConfigError(f"store URI {uri!r}: a file store needs an absolute path, "
-                                      "e.g. file:///srv/kiln/store")
+            raise RegistryConfigError(
+                f"store URI {uri!r}: a file store needs an absolute path, e.g. file:///srv/kiln/store"
+            )
         return cls(path)
 
     def child(self, prefix: str) -> LocalStore:
@@ -47,8 +48,10 @@ class LocalStore(Store):
             ok = probe.read_bytes() == b"kiln"
             probe.unlink()
         except OSError as exc:
-            raise RegistryConfigError(f"store {self.uri}: cannot write there ({exc.strerror}); fix the "
-                                      "permissions or point store_uri / KILN_STORE_URI elsewhere") from None
+            raise RegistryConfigError(
+                f"store {self.uri}: cannot write there ({exc.strerror}); fix the "
+                "permissions or point store_uri / KILN_STORE_URI elsewhere"
+            ) from None
         if not ok:
             raise RegistryConfigError(f"store {self.uri}: a probe file read back different bytes")
 
@@ -71,12 +74,16 @@ class LocalStore(Store):
                 out.flush()
                 os.fsync(out.fileno())
             if digest.hexdigest() != sha256:
-                raise IntegrityError(f"{local}: changed while it was being published (sha256 {digest.hexdigest()}, "
-                                     f"expected {sha256}); rebuild the engine and publish again")
+                raise IntegrityError(
+                    f"{local}: changed while it was being published (sha256 {digest.hexdigest()}, "
+                    f"expected {sha256}); rebuild the engine and publish again"
+                )
             os.replace(tmp, dest)
         except OSError as exc:  # disk full, permissions: name the store and the file, not just errno 28
-            raise RegistryError(f"store {self.uri}: cannot write {key} ({exc.strerror}); free space or fix "
-                                "permissions there and publish again (files already uploaded are skipped)") from exc
+            raise RegistryError(
+                f"store {self.uri}: cannot write {key} ({exc.strerror}); free space or fix "
+                "permissions there and publish again (files already uploaded are skipped)"
+            ) from exc
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -70,13 +70,19 @@ def mlflow_errors(tracking_uri: str, action: str) -> Iterator[None]:
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise VersionNotFoundError(f"{action}: {exc.message} (tracking URI {tracking_uri})") from None
-        raise RegistryError(f"MLflow at {tracking_uri}: {action} failed: {exc.message}. Check that the "
-                            "server is up and MLFLOW_TRACKING_URI / the profile's tracking_uri",
-                            where=tracking_uri, code=exc.error_code) from None
+        raise RegistryError(
+            f"MLflow at {tracking_uri}: {action} failed: {exc.message}. Check that the "
+            "server is up and MLFLOW_TRACKING_URI / the profile's tracking_uri",
+            where=tracking_uri,
+            code=exc.error_code,
+        ) from None
     except OSError as exc:  # requests' ConnectionError is an OSError
-        raise RegistryError(f"MLflow at {tracking_uri}: {action} failed: cannot reach it ({exc}); start the "
-                            "server or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
-                            where=tracking_uri, retryable=True) from None
+        raise RegistryError(
+            f"MLflow at {tracking_uri}: {action} failed: cannot reach it ({exc}); start the "
+            "server or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
+            where=tracking_uri,
+            retryable=True,
+        ) from None
 
 
 def client(tracking_uri: str) -> Any:
@@ -106,12 +112,19 @@ def check_tracking(tracking_uri: str, model: str) -> None:
         try:
             response = requests.get(tracking_uri.rstrip("/") + "/health", timeout=5)
         except requests.RequestException as exc:
-            raise RegistryError(f"MLflow tracking server {tracking_uri} is unreachable ({type(exc).__name__}); "
-                                "start it or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
-                                where=tracking_uri, retryable=True) from None
+            raise RegistryError(
+                f"MLflow tracking server {tracking_uri} is unreachable ({type(exc).__name__}); "
+                "start it or fix MLFLOW_TRACKING_URI / the profile's tracking_uri",
+                where=tracking_uri,
+                retryable=True,
+            ) from None
         if response.status_code != 200:
-            raise RegistryError(f"MLflow tracking server {tracking_uri}: /health answered {response.status_code}; "
-                                "is this an MLflow server?", where=tracking_uri, code=str(response.status_code))
+            raise RegistryError(
+                f"MLflow tracking server {tracking_uri}: /health answered {response.status_code}; "
+                "is this an MLflow server?",
+                where=tracking_uri,
+                code=str(response.status_code),
+            )
     mlflow_client = client(tracking_uri)
     with mlflow_errors(tracking_uri, "registry check"):
         ensure_experiment(mlflow_client, tracking_uri, model)
@@ -146,8 +159,9 @@ def ensure_experiment(mlflow_client: Any, tracking_uri: str, model: str) -> str:
     root = _local_artifact_root(tracking_uri)
     location = f"{root}/{model}" if root else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location,
-                                               tags={N.TAG_MODEL: model, EXPERIMENT_KIND: CLASSIC_RUNS})
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={N.TAG_MODEL: model, EXPERIMENT_KIND: CLASSIC_RUNS}
+        )
     except Exception:
         experiment = mlflow_client.get_experiment_by_name(name)  # created concurrently
         if experiment is None:
@@ -160,8 +174,10 @@ def ensure_registered_model(mlflow_client: Any, name: str, model: str, target: s
 
     try:
         mlflow_client.create_registered_model(
-            name, tags={N.TAG_MODEL: model, N.TAG_TARGET: target},
-            description=f"kiln engines of {model} for target {target}: one version per (recipe, build).")
+            name,
+            tags={N.TAG_MODEL: model, N.TAG_TARGET: target},
+            description=f"kiln engines of {model} for target {target}: one version per (recipe, build).",
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -182,8 +198,12 @@ def find_versions(mlflow_client: Any, name: str, build_key: str) -> list[Any]:
 
 
 def find_run(mlflow_client: Any, experiment_id: str, build_key: str) -> str | None:
-    runs = mlflow_client.search_runs([experiment_id], f"tags.`{N.TAG_BUILD_KEY}` = '{build_key}'",
-                                     order_by=["attributes.start_time ASC"], max_results=1)
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        f"tags.`{N.TAG_BUILD_KEY}` = '{build_key}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -237,19 +257,29 @@ def unrecorded_aliases(mlflow_client: Any, name: str, registered: Any = None) ->
         recorded = entries[-1].get("version") if entries else None
         if recorded != str(version):
             where = f"v{recorded}" if recorded else "no version (no move recorded)"
-            lines.append(f"{name}@{alias} points at v{version}, but kiln's last recorded move put it on {where}: it "
-                         "was moved outside kiln, with no who/when/why; record it with `kiln promote` (or move it back)")
+            lines.append(
+                f"{name}@{alias} points at v{version}, but kiln's last recorded move put it on {where}: it "
+                "was moved outside kiln, with no who/when/why; record it with `kiln promote` (or move it "
+                "back)"
+            )
     return lines
 
 
-def move_alias(mlflow_client: Any, name: str, alias: str, version: str, *, action: str,
-               reason: str | None) -> dict[str, Any]:
+def move_alias(
+    mlflow_client: Any, name: str, alias: str, version: str, *, action: str, reason: str | None
+) -> dict[str, Any]:
     """Point ``alias`` at ``version`` and record the move (version tags + registered-model history)."""
     model = mlflow_client.get_registered_model(name)
     previous = model.aliases.get(alias)
-    entry = {"alias": alias, "action": action, "version": str(version),
-             "previous": str(previous) if previous is not None else None,
-             "by": whoami(), "at": now_iso(), "reason": reason or ""}
+    entry = {
+        "alias": alias,
+        "action": action,
+        "version": str(version),
+        "previous": str(previous) if previous is not None else None,
+        "by": whoami(),
+        "at": now_iso(),
+        "reason": reason or "",
+    }
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     for key in ("action", "by", "at", "reason"):
         mlflow_client.set_model_version_tag(name, str(version), N.move_tag(alias, key), entry[key])
@@ -258,7 +288,9 @@ def move_alias(mlflow_client: Any, name: str, alias: str, version: str, *, actio
     return entry
 
 
-def _info(mlflow_client: Any, mv: Any, aliases: list[str] | None = None, with_metrics: bool = True) -> VersionInfo:
+def _info(
+    mlflow_client: Any, mv: Any, aliases: list[str] | None = None, with_metrics: bool = True
+) -> VersionInfo:
     tags = dict(mv.tags or {})
     metrics: dict[str, float] = {}
     if with_metrics and mv.run_id:
@@ -266,28 +298,42 @@ def _info(mlflow_client: Any, mv: Any, aliases: list[str] | None = None, with_me
             metrics = dict(mlflow_client.get_run(mv.run_id).data.metrics)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mv.creation_timestamp or 0) / 1000))
     return VersionInfo(
-        name=mv.name, version=str(mv.version), target=tags.get(N.TAG_TARGET), recipe=tags.get(N.TAG_RECIPE),
+        name=mv.name,
+        version=str(mv.version),
+        target=tags.get(N.TAG_TARGET),
+        recipe=tags.get(N.TAG_RECIPE),
         aliases=sorted(aliases if aliases is not None else (mv.aliases or [])),
-        passed_gates=tags.get(N.TAG_GATES) == "passed", recommended=tags.get(N.TAG_RECOMMENDED) == "true",
-        state=tags.get(N.TAG_STATE, "unknown"), build_key=tags.get(N.TAG_BUILD_KEY), uri=mv.source,
-        run_id=mv.run_id, created_at=created, metrics=metrics, tags=tags)
+        passed_gates=tags.get(N.TAG_GATES) == "passed",
+        recommended=tags.get(N.TAG_RECOMMENDED) == "true",
+        state=tags.get(N.TAG_STATE, "unknown"),
+        build_key=tags.get(N.TAG_BUILD_KEY),
+        uri=mv.source,
+        run_id=mv.run_id,
+        created_at=created,
+        metrics=metrics,
+        tags=tags,
+    )
 
 
 def check_promotable(mv: Any) -> None:
     tags = mv.tags or {}
     if tags.get(N.TAG_GATES) != "passed":
         raise NotPromotableError(
-            f"{mv.name} v{mv.version} failed its gates ({N.TAG_GATES}={tags.get(N.TAG_GATES, 'unset')}); it can "
-            "never become production. Promote a version that passed (`kiln versions` shows them)")
+            f"{mv.name} v{mv.version} failed its gates ({N.TAG_GATES}={tags.get(N.TAG_GATES, 'unset')}); it "
+            "can never become production. Promote a version that passed (`kiln versions` shows them)"
+        )
     if tags.get(N.TAG_STATE) != N.STATE_PUBLISHED:
         raise NotPromotableError(
-            f"{mv.name} v{mv.version} was not completely published ({N.TAG_STATE}={tags.get(N.TAG_STATE, 'unset')}); "
-            "rerun its build to complete it, then promote")
+            f"{mv.name} v{mv.version} was not completely published "
+            f"({N.TAG_STATE}={tags.get(N.TAG_STATE, 'unset')}); rerun its build to complete it, then promote"
+        )
 
 
-def promote(tracking_uri: str, name: str, selector: str, *, reason: str | None,
-            check_files: Any = None) -> tuple[VersionInfo, dict[str, Any] | None]:
-    """Move ``production`` to a passing, published version; returns (version, move or None if already there)."""
+def promote(
+    tracking_uri: str, name: str, selector: str, *, reason: str | None, check_files: Any = None
+) -> tuple[VersionInfo, dict[str, Any] | None]:
+    """Move ``production`` to a passing, published version; returns (version, move or None if already
+    there)."""
     mlflow_client = client(tracking_uri)
     with mlflow_errors(tracking_uri, f"promote {name}@{selector}"):
         mv = get_version(mlflow_client, name, selector)
@@ -297,7 +343,9 @@ def promote(tracking_uri: str, name: str, selector: str, *, reason: str | None,
         current = mlflow_client.get_registered_model(name).aliases.get(N.PRODUCTION)
         if current is not None and str(current) == str(mv.version):
             return _info(mlflow_client, mv), None
-        entry = move_alias(mlflow_client, name, N.PRODUCTION, str(mv.version), action="promote", reason=reason)
+        entry = move_alias(
+            mlflow_client, name, N.PRODUCTION, str(mv.version), action="promote", reason=reason
+        )
         return _info(mlflow_client, mlflow_client.get_model_version(name, str(mv.version))), entry
 
 
@@ -323,12 +371,16 @@ def rollback(tracking_uri: str, name: str, *, reason: str | None) -> tuple[Versi
     with mlflow_errors(tracking_uri, f"rollback {name}"):
         current = mlflow_client.get_registered_model(name).aliases.get(N.PRODUCTION)
         if current is None:
-            raise VersionNotFoundError(f"{name}: no version holds 'production'; nothing to roll back "
-                                       "(promote one with `kiln promote`)")
+            raise VersionNotFoundError(
+                f"{name}: no version holds 'production'; nothing to roll back "
+                "(promote one with `kiln promote`)"
+            )
         previous = rollback_target(history(mlflow_client, name, N.PRODUCTION), str(current))
         if previous is None:
-            raise VersionNotFoundError(f"{name}: production is v{current} and no earlier production version is "
-                                       "recorded; promote the version you want explicitly")
+            raise VersionNotFoundError(
+                f"{name}: production is v{current} and no earlier production version is "
+                "recorded; promote the version you want explicitly"
+            )
         mv = get_version(mlflow_client, name, previous)
         check_promotable(mv)
         entry = move_alias(mlflow_client, name, N.PRODUCTION, previous, action="rollback", reason=reason)
@@ -360,19 +412,27 @@ def list_versions(tracking_uri: str, model: str, target: str | None = None) -> l
                 registered = mlflow_client.get_registered_model(name)
             except Exception as exc:
                 if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                    raise VersionNotFoundError(f"registered model {name!r} does not exist at {tracking_uri}; "
-                                               "check the model and target names") from None
+                    raise VersionNotFoundError(
+                        f"registered model {name!r} does not exist at {tracking_uri}; "
+                        "check the model and target names"
+                    ) from None
                 raise
             for alias, version in registered.aliases.items():
                 aliases_by_version.setdefault(str(version), []).append(alias)
             token = None
             while True:
-                page = mlflow_client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
-                infos += [_info(mlflow_client, mv, aliases_by_version.get(str(mv.version), [])) for mv in page]
+                page = mlflow_client.search_model_versions(
+                    f"name = '{name}'", max_results=1000, page_token=token
+                )
+                infos += [
+                    _info(mlflow_client, mv, aliases_by_version.get(str(mv.version), [])) for mv in page
+                ]
                 token = page.token
                 if not token:
                     break
         if not infos and target is None and not names:
-            raise VersionNotFoundError(f"no registered models for {model!r} at {tracking_uri}; "
-                                       "publish a build first or check the name")
+            raise VersionNotFoundError(
+                f"no registered models for {model!r} at {tracking_uri}; "
+                "publish a build first or check the name"
+            )
     return sorted(infos, key=lambda info: (info.name, -int(info.version)))

@@ -48,14 +48,17 @@ def history_tag(alias: str) -> str:
 
 
 def move_tag(alias: str, field: str) -> str:
-    """Model-version tag recording the latest move of ``alias`` onto that version (``by``/``at``/``reason``)."""
+    """Model-version tag recording the latest move of ``alias`` onto that version
+    (``by``/``at``/``reason``)."""
     return f"kiln.{alias}.{field}"
 
 
 def check_name(value: str, what: str) -> str:
     if not _NAME_RE.match(value or ""):
-        raise KilnInputError(f"{what} {value!r} is not a valid name: use letters, digits, '_', '.', '-' "
-                             "(start with a letter or digit, at most 101 characters)")
+        raise KilnInputError(
+            f"{what} {value!r} is not a valid name: use letters, digits, '_', '.', '-' "
+            "(start with a letter or digit, at most 101 characters)"
+        )
     return value
 
 
@@ -99,7 +102,9 @@ def parse_ref(ref: str) -> VersionRef:
     """Split ``NAME@ALIAS`` / ``NAME@v3`` / ``NAME@3``; anything else is a KilnInputError."""
     name, sep, selector = (ref or "").partition("@")
     if not sep or not name or not selector:
-        raise KilnInputError(f"{ref!r}: expected NAME@ALIAS (e.g. smollm2@production) or NAME@vN (e.g. smollm2@v3)")
+        raise KilnInputError(
+            f"{ref!r}: expected NAME@ALIAS (e.g. smollm2@production) or NAME@vN (e.g. smollm2@v3)"
+        )
     check_name(name, "model name")
     if match := re.fullmatch(r"[vV]?(\d+)", selector):
         return VersionRef(name, version=str(int(match.group(1))))

@@ -26,8 +26,16 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 """Files at least this large go up as multipart uploads of this part size (parallel parts, resumable size)."""
 _META_SHA256 = "kiln-sha256"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
-               "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "Forbidden",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -45,8 +53,12 @@ def _client() -> Any:
 def _transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
-                          max_concurrency=8, use_threads=True)
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_THRESHOLD,
+        max_concurrency=8,
+        use_threads=True,
+    )
 
 
 def _code(exc: Exception) -> str:
@@ -68,8 +80,10 @@ class S3Store(Store):
     def from_uri(cls, uri: str) -> S3Store:
         parsed = urlparse(uri)
         if not _BUCKET_RE.match(parsed.netloc) or ".." in parsed.netloc:
-            raise RegistryConfigError(f"store URI {uri!r}: {parsed.netloc!r} is not a valid bucket name "
-                                      "(3-63 lowercase letters, digits, '.', '-'); use s3://BUCKET/PREFIX")
+            raise RegistryConfigError(
+                f"store URI {uri!r}: {parsed.netloc!r} is not a valid bucket name "
+                "(3-63 lowercase letters, digits, '.', '-'); use s3://BUCKET/PREFIX"
+            )
         return cls(parsed.netloc, parsed.path)
 
     @property
@@ -106,24 +120,36 @@ class S3Store(Store):
                     f"{where}: {action} refused ({code}) by {self.endpoint}: no permission. Check "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
                 ) from None
-            raise RegistryError(f"{where}: {action} failed at {self.endpoint}: {code} "
-                                f"{exc.response.get('Error', {}).get('Message', '')}", where=where,
-                                code=code) from None
+            raise RegistryError(
+                f"{where}: {action} failed at {self.endpoint}: {code} "
+                f"{exc.response.get('Error', {}).get('Message', '')}",
+                where=where,
+                code=code,
+            ) from None
         except NoCredentialsError:
-            raise RegistryConfigError(f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
-                                      "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
+            raise RegistryConfigError(
+                f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            ) from None
         except (EndpointConnectionError, ConnectionError) as exc:
-            raise RegistryError(f"{where}: cannot reach the S3 endpoint {self.endpoint} ({type(exc).__name__}); "
-                                "check that the server is up and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
-                                where=where, retryable=True) from None
+            raise RegistryError(
+                f"{where}: cannot reach the S3 endpoint {self.endpoint} ({type(exc).__name__}); "
+                "check that the server is up and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
+                where=where,
+                retryable=True,
+            ) from None
         except FlexibleChecksumError as exc:
-            raise IntegrityError(f"{where}: the server's checksum does not match the bytes received ({exc})") from None
+            raise IntegrityError(
+                f"{where}: the server's checksum does not match the bytes received ({exc})"
+            ) from None
         except BotoCoreError as exc:
             raise RegistryError(f"{where}: {action} failed at {self.endpoint}: {exc}", where=where) from None
 
     def _missing_bucket(self) -> RegistryConfigError:
-        return RegistryConfigError(f"{self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}; "
-                                   "create it (aws s3 mb s3://BUCKET) or fix store_uri / KILN_STORE_URI")
+        return RegistryConfigError(
+            f"{self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}; "
+            "create it (aws s3 mb s3://BUCKET) or fix store_uri / KILN_STORE_URI"
+        )
 
     def check_root(self) -> None:
         """HEAD the bucket: some servers (SeaweedFS) create a bucket on first put, hiding a typo."""
@@ -168,19 +194,34 @@ class S3Store(Store):
         with self._errors("upload", key):
             if size < MULTIPART_THRESHOLD:
                 with local.open("rb") as body:
-                    self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
-                                           ChecksumSHA256=_b64(sha256), Metadata=meta)
+                    self.client.put_object(
+                        Bucket=self.bucket,
+                        Key=self._key(key),
+                        Body=body,
+                        ChecksumSHA256=_b64(sha256),
+                        Metadata=meta,
+                    )
             else:
-                self.client.upload_file(str(local), self.bucket, self._key(key), Config=_transfer_config(),
-                                        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": meta})
+                self.client.upload_file(
+                    str(local),
+                    self.bucket,
+                    self._key(key),
+                    Config=_transfer_config(),
+                    ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": meta},
+                )
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         with self._errors("conditional put", key):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
-                                       ChecksumSHA256=_b64(hashlib.sha256(data).hexdigest()))
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    IfNoneMatch="*",
+                    ChecksumSHA256=_b64(hashlib.sha256(data).hexdigest()),
+                )
             except ClientError as exc:
                 if _code(exc) in _PRECONDITION:
                     return False
@@ -192,7 +233,9 @@ class S3Store(Store):
 
         with self._errors("GET", key):
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
+                )
             except ClientError as exc:
                 if _code(exc) in _MISSING_KEY:
                     return None
@@ -204,8 +247,13 @@ class S3Store(Store):
 
         with self._errors("download", key):
             try:
-                self.client.download_file(self.bucket, self._key(key), str(local), Config=_transfer_config(),
-                                          ExtraArgs={"ChecksumMode": "ENABLED"})
+                self.client.download_file(
+                    self.bucket,
+                    self._key(key),
+                    str(local),
+                    Config=_transfer_config(),
+                    ExtraArgs={"ChecksumMode": "ENABLED"},
+                )
             except ClientError as exc:
                 if _code(exc) in _MISSING_KEY:
                     raise FileNotFoundError(key) from None
@@ -215,7 +263,8 @@ class S3Store(Store):
         base = self._key(prefix).rstrip("/") + "/"
         names = []
         with self._errors("LIST", prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
-                                                                              Delimiter="/"):
-                names += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, Delimiter="/"
+            ):
+                names += [p["Prefix"][len(base) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
         return sorted(names)

@@ -82,16 +82,25 @@ class ServerState:
 class ApiError(Exception):
     """An error response in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", *,
-                 param: str | None = None, headers: dict[str, str] | None = None, reject: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        reject: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
         self.headers = headers or {}
         self.reject = reject
 
     def response(self) -> JSONResponse:
-        return JSONResponse(S.error_body(self.message, self.kind, self.param), status_code=self.status,
-                            headers=self.headers)
+        return JSONResponse(
+            S.error_body(self.message, self.kind, self.param), status_code=self.status, headers=self.headers
+        )
 
 
 def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings) -> GuardedApp:
@@ -128,8 +137,11 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
         if state.loop.failure is not None:
             return JSONResponse({"status": "failed", "error": state.loop.failure}, status_code=503)
         if state.draining:
-            return JSONResponse({"status": "draining", "in_flight": state.loop.in_flight}, status_code=503,
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+            return JSONResponse(
+                {"status": "draining", "in_flight": state.loop.in_flight},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -140,9 +152,19 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": state.created, "owned_by": "kiln",
-            "root": settings.source, "max_model_len": engine.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "kiln",
+                    "root": settings.source,
+                    "max_model_len": engine.max_seq_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
@@ -150,12 +172,18 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
         _check_common(state, body)
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
-            raise ApiError(400, "stream: true takes one prompt; send a batch of prompts without streaming",
-                           param="prompt", reject="invalid")
+            raise ApiError(
+                400,
+                "stream: true takes one prompt; send a batch of prompts without streaming",
+                param="prompt",
+                reject="invalid",
+            )
         encoded = [codec.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        requests = [_engine_request(state, ids, max_tokens, body, "prompt" if len(encoded) == 1 else f"prompt {i}")
-                    for i, ids in enumerate(encoded)]
+        requests = [
+            _engine_request(state, ids, max_tokens, body, "prompt" if len(encoded) == 1 else f"prompt {i}")
+            for i, ids in enumerate(encoded)
+        ]
         if settings.log_requests:
             log.info("completion request: %s", json.dumps(prompts)[:2000])
         if body.stream:
@@ -192,12 +220,22 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
 
 def _check_common(state: ServerState, body: S._Sampling) -> None:
     if state.loop.failure is not None:
-        raise ApiError(503, f"the engine failed and this server no longer generates: {state.loop.failure}; "
-                       "restart it", "server_error", headers={"Retry-After": str(RETRY_AFTER_S)}, reject="failed")
+        raise ApiError(
+            503,
+            f"the engine failed and this server no longer generates: {state.loop.failure}; restart it",
+            "server_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+            reject="failed",
+        )
     if body.model is not None and body.model != state.settings.model_name:
-        raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
-                       f"{state.settings.model_name!r} (GET /v1/models)", "not_found_error", param="model",
-                       reject="invalid")
+        raise ApiError(
+            404,
+            f"model {body.model!r} is not served here; this server serves "
+            f"{state.settings.model_name!r} (GET /v1/models)",
+            "not_found_error",
+            param="model",
+            reject="invalid",
+        )
     if (why := body.unsupported()) is not None:
         raise ApiError(400, why, reject="invalid")
 
@@ -209,15 +247,21 @@ class _Prompt:
     """How the engine's refusal names it ("prompt", "prompt 2", "messages")."""
 
 
-def _engine_request(state: ServerState, prompt_ids: list[int], max_tokens: int, body: S._Sampling,
-                    where: str) -> _Prompt:
+def _engine_request(
+    state: ServerState, prompt_ids: list[int], max_tokens: int, body: S._Sampling, where: str
+) -> _Prompt:
     stop_ids = tuple(body.stop_token_ids or ())
     if not body.ignore_eos:
         stop_ids = tuple(dict.fromkeys((*state.codec.eos_token_ids, *stop_ids)))
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-    sampling = SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
-                              stop_token_ids=stop_ids)
+    sampling = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        seed=body.seed,
+        stop_token_ids=stop_ids,
+    )
     return _Prompt(GenerationRequest(prompt_ids, sampling), where)
 
 
@@ -225,8 +269,13 @@ async def _submit(state: ServerState, prompts: list[_Prompt], arrived: float) ->
     """Send the prompts to the engine and wait until it admitted them all (the engine checks its own limits:
     a refusal is a 400 naming the limit, and the other prompts of the request are cancelled)."""
     if len(prompts) > 1 and state.loop.in_flight + len(prompts) > state.loop.capacity:
-        raise ApiError(429, f"server busy: {len(prompts)} prompts do not fit the waiting queue now; retry later",
-                       "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}, reject="queue_full")
+        raise ApiError(
+            429,
+            f"server busy: {len(prompts)} prompts do not fit the waiting queue now; retry later",
+            "rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+            reject="queue_full",
+        )
     streams: list[TokenStream] = []
     try:
         for prompt in prompts:
@@ -234,13 +283,19 @@ async def _submit(state: ServerState, prompts: list[_Prompt], arrived: float) ->
         for stream in streams:
             await stream.admitted()
     except QueueFull as exc:
-        raise ApiError(429, f"server busy: {exc}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)},
-                       reject="queue_full") from None
+        raise ApiError(
+            429,
+            f"server busy: {exc}",
+            "rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+            reject="queue_full",
+        ) from None
     except EngineFailed as exc:
         raise ApiError(503, f"the engine failed: {exc}", "server_error", reject="failed") from None
     except GenerationLimitError as exc:
-        raise ApiError(400, str(exc), param="max_tokens" if "max_seq_len" in str(exc) else None,
-                       reject="invalid") from None
+        raise ApiError(
+            400, str(exc), param="max_tokens" if "max_seq_len" in str(exc) else None, reject="invalid"
+        ) from None
     except RequestAborted as exc:
         raise ApiError(503, f"request aborted: {exc}", "server_error") from None
     finally:
@@ -278,12 +333,17 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _complete(state: ServerState, http: Request, body: S._Sampling, prompts: list[_Prompt],
-                    arrived: float, kind: str) -> Response:
-    texts = [state.codec.stream(body.stop_strings(), p.request.sampling.stop_token_ids, incremental=False)
-             for p in prompts]
+async def _complete(
+    state: ServerState, http: Request, body: S._Sampling, prompts: list[_Prompt], arrived: float, kind: str
+) -> Response:
+    texts = [
+        state.codec.stream(body.stop_strings(), p.request.sampling.stop_token_ids, incremental=False)
+        for p in prompts
+    ]
     streams = await _submit(state, prompts, arrived)
-    work = asyncio.gather(*(_generate(state, stream, text) for stream, text in zip(streams, texts, strict=True)))
+    work = asyncio.gather(
+        *(_generate(state, stream, text) for stream, text in zip(streams, texts, strict=True))
+    )
     gone = asyncio.ensure_future(_until_disconnect(http))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -302,19 +362,43 @@ async def _complete(state: ServerState, http: Request, body: S._Sampling, prompt
     if state.settings.log_requests:
         log.info("completion: %s", json.dumps(final)[:2000])
     if kind == "chat":
-        choices = [{"index": 0, "message": {"role": "assistant", "content": final[0]},
-                    "finish_reason": outcomes[0][0], "logprobs": None}]
-        return JSONResponse({"id": S.new_id("chatcmpl"), "object": "chat.completion", "created": S.now(),
-                             "model": state.settings.model_name, "choices": choices,
-                             "usage": S.usage(prompt_tokens, completion_tokens)})
-    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-               for i, (text, (reason, _)) in enumerate(zip(final, outcomes, strict=True))]
-    return JSONResponse({"id": S.new_id("cmpl"), "object": "text_completion", "created": S.now(),
-                         "model": state.settings.model_name, "choices": choices,
-                         "usage": S.usage(prompt_tokens, completion_tokens)})
+        choices = [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": final[0]},
+                "finish_reason": outcomes[0][0],
+                "logprobs": None,
+            }
+        ]
+        return JSONResponse(
+            {
+                "id": S.new_id("chatcmpl"),
+                "object": "chat.completion",
+                "created": S.now(),
+                "model": state.settings.model_name,
+                "choices": choices,
+                "usage": S.usage(prompt_tokens, completion_tokens),
+            }
+        )
+    choices = [
+        {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+        for i, (text, (reason, _)) in enumerate(zip(final, outcomes, strict=True))
+    ]
+    return JSONResponse(
+        {
+            "id": S.new_id("cmpl"),
+            "object": "text_completion",
+            "created": S.now(),
+            "model": state.settings.model_name,
+            "choices": choices,
+            "usage": S.usage(prompt_tokens, completion_tokens),
+        }
+    )
 
 
-async def _stream(state: ServerState, body: S._Sampling, prompt: _Prompt, arrived: float, kind: str) -> Response:
+async def _stream(
+    state: ServerState, body: S._Sampling, prompt: _Prompt, arrived: float, kind: str
+) -> Response:
     """Server-sent events, one per generated token; the request is admitted before the 200 goes out (so a full
     queue is a real 429 and a request over the limits a 400) and cancelled when the client goes away. Tokens
     that arrived together (one engine step's, or several when this client fell behind) go out in one write."""
@@ -325,20 +409,36 @@ async def _stream(state: ServerState, body: S._Sampling, prompt: _Prompt, arrive
     created, name = S.now(), state.settings.model_name
     chunk_id = S.new_id("chatcmpl" if kind == "chat" else "cmpl")
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    dumps, quote = json.dumps, encode_basestring_ascii  # quote: what json.dumps does to a str, minus its overhead
+    dumps, quote = (
+        json.dumps,
+        encode_basestring_ascii,
+    )  # quote: what json.dumps does to a str, minus its overhead
 
-    def chunk(piece: str | None, reason: str | None, *, role: bool = False, usage: dict | None = None,
-              choices: bool = True) -> str:
+    def chunk(
+        piece: str | None,
+        reason: str | None,
+        *,
+        role: bool = False,
+        usage: dict | None = None,
+        choices: bool = True,
+    ) -> str:
         if kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": piece}
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": piece, "finish_reason": reason, "logprobs": None}
-        data = {"id": chunk_id, "object": obj, "created": created, "model": name,
-                "choices": [choice] if choices else [], "usage": usage}
+        data = {
+            "id": chunk_id,
+            "object": obj,
+            "created": created,
+            "model": name,
+            "choices": [choice] if choices else [],
+            "usage": usage,
+        }
         return f"data: {dumps(data)}\n\n"
 
-    # every chunk but the last differs only in its text: the JSON around it is rendered once (the per-token path)
+    # every chunk but the last differs only in its text: the JSON around it is rendered once (the per-token
+    # path)
     before, after = chunk("\0", None).split(quote("\0"))
 
     async def produce(write: Callable[[bytes], Awaitable[None]]) -> None:
@@ -351,7 +451,10 @@ async def _stream(state: ServerState, body: S._Sampling, prompt: _Prompt, arrive
                 for item in await stream.take():
                     if isinstance(item, Aborted):
                         finished = True
-                        out.append(f"data: {dumps(S.error_body(f'request aborted: {item.reason}', 'server_error'))}\n\n")
+                        out.append(
+                            "data: "
+                            f"{dumps(S.error_body(f'request aborted: {item.reason}', 'server_error'))}\n\n"
+                        )
                         break
                     token_id, reason = item
                     piece = text.push(token_id)
@@ -396,8 +499,9 @@ class _EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._produce = produce
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
-                       send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         body_send = scope.get(RAW_SEND, send)
 
@@ -421,7 +525,7 @@ class _EventStream(Response):
             await body_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-# -- the guard: auth, body size, drain, per-endpoint status counts -----------------------------------------------
+# -- the guard: auth, body size, drain, per-endpoint status counts -------------------------------------------
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
@@ -432,25 +536,34 @@ class GuardedApp:
     def __init__(self, asgi: ASGIApp, state: ServerState, routes: FastAPI) -> None:
         self._asgi, self.state, self.routes = asgi, state, routes
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
-                       send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         await self._asgi(scope, receive, send)
 
 
 def _guard(app: FastAPI, state: ServerState) -> GuardedApp:
-    """Wrap the app: count every response, demand the API key, bound the body, refuse new work while draining."""
+    """Wrap the app: count every response, demand the API key, bound the body, refuse new work while
+    draining."""
     settings = state.settings
     key = settings.api_key.encode() if settings.api_key else None
 
-    async def reply(send: Callable[[dict], Awaitable[None]], status: int, message: str, kind: str,
-                    headers: dict[str, str] | None = None) -> None:
+    async def reply(
+        send: Callable[[dict], Awaitable[None]],
+        status: int,
+        message: str,
+        kind: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         payload = json.dumps(S.error_body(message, kind)).encode()
         raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 
-    async def guarded(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def guarded(
+        scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
@@ -469,28 +582,47 @@ def _guard(app: FastAPI, state: ServerState) -> GuardedApp:
         finally:
             state.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
 
-    async def _guarded(scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]],
-                       path: str) -> None:
+    async def _guarded(
+        scope: dict,
+        receive: Callable[[], Awaitable[dict]],
+        send: Callable[[dict], Awaitable[None]],
+        path: str,
+    ) -> None:
         if key is not None and path != "/health":
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)):
                 state.metrics.rejected.labels("unauthorized").inc()
-                await reply(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                            "authentication_error", {"WWW-Authenticate": "Bearer"})
+                await reply(
+                    send,
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
                 return
         if scope.get("method") == "POST":
             if state.draining:
                 state.metrics.rejected.labels("draining").inc()
-                await reply(send, 503, "server is draining (shutting down): retry on another replica",
-                            "server_error", {"Retry-After": str(RETRY_AFTER_S)})
+                await reply(
+                    send,
+                    503,
+                    "server is draining (shutting down): retry on another replica",
+                    "server_error",
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                )
                 return
             body = await _read_body(scope, receive, settings.max_body_bytes)
             if body is None:
                 state.metrics.rejected.labels("too_large").inc()
-                await reply(send, 413, f"request body over the server's limit of {settings.max_body_bytes} bytes "
-                            "(--max-body-bytes)", "invalid_request_error")
+                await reply(
+                    send,
+                    413,
+                    f"request body over the server's limit of {settings.max_body_bytes} bytes "
+                    "(--max-body-bytes)",
+                    "invalid_request_error",
+                )
                 return
             receive = _replay(body, receive)
         await app(scope, receive, send)
@@ -530,4 +662,3 @@ def _replay(body: bytes, receive: Callable[[], Awaitable[dict]]) -> Callable[[],
         return await receive()
 
     return replay
-

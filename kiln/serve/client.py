@@ -41,8 +41,15 @@ class BenchRequestError(KilnError):
 class OpenAIRounds:
     """A ``RoundFn`` (kiln.validation.perf) over an OpenAI-compatible server's streaming completions."""
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 600.0, processes: int | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        processes: int | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -54,19 +61,30 @@ class OpenAIRounds:
 
     def _served_model(self) -> str:
         try:
-            response = httpx.get(f"{self.base_url}/v1/models", headers=self.headers, timeout=httpx.Timeout(60.0))
+            response = httpx.get(
+                f"{self.base_url}/v1/models", headers=self.headers, timeout=httpx.Timeout(60.0)
+            )
         except httpx.HTTPError as exc:
             raise BenchRequestError(f"{self.base_url}: cannot reach the server ({exc})") from None
         if response.status_code != 200:
-            raise BenchRequestError(f"{self.base_url}/v1/models: HTTP {response.status_code}: {response.text[:300]}")
+            raise BenchRequestError(
+                f"{self.base_url}/v1/models: HTTP {response.status_code}: {response.text[:300]}"
+            )
         models = response.json().get("data") or []
         if not models:
             raise BenchRequestError(f"{self.base_url}/v1/models lists no model; pass --model")
         return str(models[0]["id"])
 
     def body(self, prompt: BenchPrompt) -> dict[str, Any]:
-        return {"model": self.model, "prompt": prompt.prompt, "max_tokens": prompt.max_tokens, "temperature": 0.0,
-                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        return {
+            "model": self.model,
+            "prompt": prompt.prompt,
+            "max_tokens": prompt.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
 
     def __call__(self, prompts: list[BenchPrompt]) -> tuple[float, list[RequestTiming]]:
         from kiln.validation.perf import RequestTiming
@@ -80,7 +98,9 @@ class OpenAIRounds:
             worker.stdin.flush()
         timings: list[RequestTiming | None] = [None] * len(prompts)
         ends, errors = [], []
-        for worker, share in zip(workers, shares, strict=True):  # every answer is read: the next round starts clean
+        for worker, share in zip(
+            workers, shares, strict=True
+        ):  # every answer is read: the next round starts clean
             answer = _answer(worker)
             if "error" in answer:
                 errors.append(answer["error"])
@@ -100,13 +120,23 @@ class OpenAIRounds:
         import kiln
 
         kiln_root = str(Path(kiln.__file__).resolve().parents[1])  # the children import this same kiln
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [kiln_root, os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [kiln_root, os.environ.get("PYTHONPATH")])),
+        }
         while len(self._workers) < count:
-            worker = subprocess.Popen([sys.executable, "-m", "kiln.serve.client"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=env)
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "kiln.serve.client"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
             # the key on a pipe, never on a command line
-            worker.stdin.write(json.dumps({"base_url": self.base_url, "api_key": self.api_key,
-                                           "timeout_s": self.timeout_s}) + "\n")
+            worker.stdin.write(
+                json.dumps({"base_url": self.base_url, "api_key": self.api_key, "timeout_s": self.timeout_s})
+                + "\n"
+            )
             worker.stdin.flush()
             self._workers.append(worker)
         return self._workers[:count]
@@ -115,8 +145,12 @@ class OpenAIRounds:
 def _answer(worker: subprocess.Popen) -> dict[str, Any]:
     line = worker.stdout.readline()
     if not line:
-        return {"error": {"type": "BenchRequestError",
-                          "message": f"a benchmark client process exited with code {worker.wait()}"}}
+        return {
+            "error": {
+                "type": "BenchRequestError",
+                "message": f"a benchmark client process exited with code {worker.wait()}",
+            }
+        }
     return json.loads(line)
 
 
@@ -199,8 +233,13 @@ def main() -> None:
         for line in sys.stdin:
             job = json.loads(line)
             while len(clients) < len(job["bodies"]):
-                clients.append(httpx.AsyncClient(base_url=base_url, headers=headers,
-                                                 timeout=httpx.Timeout(config["timeout_s"], connect=30.0)))
+                clients.append(
+                    httpx.AsyncClient(
+                        base_url=base_url,
+                        headers=headers,
+                        timeout=httpx.Timeout(config["timeout_s"], connect=30.0),
+                    )
+                )
             answer = loop.run_until_complete(_round(clients, job, base_url))
             sys.stdout.write(json.dumps(answer) + "\n")
             sys.stdout.flush()

@@ -1,4 +1,5 @@
-"""The HTTP process's handle on the engine process (:mod:`kiln.serve.worker`), and each request's token stream.
+"""The HTTP process's handle on the engine process (:mod:`kiln.serve.worker`), and each request's token
+stream.
 
 ``EngineProcess.start`` spawns the engine process and waits until its engine is loaded and warm. Handlers on
 the asyncio loop ``submit`` requests; the engine process checks each against the engine's limits, answers
@@ -34,7 +35,8 @@ class QueueFull(Exception):
 
 
 class EngineFailed(Exception):
-    """The engine raised during a step (or its process died); requests in flight fail, the server is unhealthy."""
+    """The engine raised during a step (or its process died); requests in flight fail, the server is
+    unhealthy."""
 
 
 class RequestAborted(Exception):
@@ -49,12 +51,15 @@ class Aborted:
 
 
 class TokenStream:
-    """One request's tokens as the engine sends them: ``(token_id, finish_reason or None)`` pairs, then nothing
-    (or an ``Aborted``). ``take`` returns every item that arrived since the last call, waiting for one."""
+    """One request's tokens as the engine sends them: ``(token_id, finish_reason or None)`` pairs, then
+    nothing (or an ``Aborted``). ``take`` returns every item that arrived since the last call, waiting for
+    one."""
 
     __slots__ = ("id", "arrived", "prompt_tokens", "last_time_s", "_items", "_waiter", "_admitted")
 
-    def __init__(self, request_id: int, arrived: float, prompt_tokens: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request_id: int, arrived: float, prompt_tokens: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.id, self.arrived, self.prompt_tokens = request_id, arrived, prompt_tokens
         self.last_time_s: float | None = None
         self._items: list[Any] = []
@@ -118,24 +123,31 @@ class EngineProcess:
         """Spawn the engine process for ``engine_dir`` and wait (as long as loading takes) until it is ready.
 
         ``worker``: the command of the engine process, ``--fd N ENGINE_DIR`` appended (default:
-        ``python -m kiln.serve.worker``; a stand-in speaking :mod:`kiln.serve.wire` measures the HTTP side alone)."""
+        ``python -m kiln.serve.worker``; a stand-in speaking :mod:`kiln.serve.wire` measures the HTTP side
+        alone)."""
         import kiln
         from kiln import errors
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         kiln_root = str(Path(kiln.__file__).resolve().parents[1])  # the child imports this same kiln
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [kiln_root, os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [kiln_root, os.environ.get("PYTHONPATH")])),
+        }
         command = worker or [sys.executable, "-m", "kiln.serve.worker"]
-        proc = subprocess.Popen([*command, "--fd", str(theirs.fileno()), str(engine_dir)], pass_fds=[theirs.fileno()],
-                                env=env)
+        proc = subprocess.Popen(
+            [*command, "--fd", str(theirs.fileno()), str(engine_dir)], pass_fds=[theirs.fileno()], env=env
+        )
         theirs.close()
         reader = FrameReader()
         try:
             while True:
                 data = ours.recv(1 << 16)
                 if not data:
-                    raise BackendUnavailableError(f"the engine process for {engine_dir} exited with code "
-                                                  f"{proc.wait()} while loading (its log is above)")
+                    raise BackendUnavailableError(
+                        f"the engine process for {engine_dir} exited with code "
+                        f"{proc.wait()} while loading (its log is above)"
+                    )
                 for frame in reader.feed(data):
                     if isinstance(frame, dict) and "ready" in frame:
                         return cls(proc, ours, frame["ready"])
@@ -166,19 +178,32 @@ class EngineProcess:
         return len(self._requests)
 
     def submit(self, request: GenerationRequest, arrived: float, where: str = "request") -> TokenStream:
-        """Send a request to the engine; await its ``admitted()`` (which raises GenerationLimitError, naming the
-        limit, for a request over the engine's limits), then read its tokens with ``take()``."""
+        """Send a request to the engine; await its ``admitted()`` (which raises GenerationLimitError, naming
+        the limit, for a request over the engine's limits), then read its tokens with ``take()``."""
         if self.failure is not None:
             raise EngineFailed(self.failure)
         if len(self._requests) >= self.capacity:
-            raise QueueFull(f"{self.max_batch_size} requests are running and {self.max_waiting} waiting "
-                            "(the queue bound, --max-waiting); retry later")
+            raise QueueFull(
+                f"{self.max_batch_size} requests are running and {self.max_waiting} waiting "
+                "(the queue bound, --max-waiting); retry later"
+            )
         assert self._loop is not None and self._transport is not None
         request_id, self._next_id = self._next_id, self._next_id + 1
         stream = TokenStream(request_id, arrived, len(request.prompt_token_ids), self._loop)
         self._requests[request_id] = stream
-        self._send(json_frame({"add": {"id": request_id, "prompt": list(request.prompt_token_ids),
-                                       "sampling": vars(request.sampling), "arrived": arrived, "where": where}}))
+        self._send(
+            json_frame(
+                {
+                    "add": {
+                        "id": request_id,
+                        "prompt": list(request.prompt_token_ids),
+                        "sampling": vars(request.sampling),
+                        "arrived": arrived,
+                        "where": where,
+                    }
+                }
+            )
+        )
         return stream
 
     def cancel(self, request_id: int, reason: str = "cancelled") -> None:
@@ -220,7 +245,9 @@ class EngineProcess:
                 self._outbox = []
             else:
                 self._sock.sendall(json_frame({"stop": True}))
-            self._sock.shutdown(socket.SHUT_WR)  # end of input means stop too, should a write be still buffered
+            self._sock.shutdown(
+                socket.SHUT_WR
+            )  # end of input means stop too, should a write be still buffered
         except OSError:
             pass
         try:
@@ -238,8 +265,9 @@ class EngineProcess:
         metrics, requests = self.metrics, self._requests
         ttft, itl, e2e = metrics.ttft, metrics.itl, metrics.e2e
         delivered = 0
-        for request_id, token_id, time_s, finish in zip(steps.request_ids, steps.token_ids, steps.times_s,
-                                                        steps.finish, strict=True):
+        for request_id, token_id, time_s, finish in zip(
+            steps.request_ids, steps.token_ids, steps.times_s, steps.finish, strict=True
+        ):
             stream = requests.get(request_id)
             if stream is None:  # cancelled meanwhile
                 continue
@@ -303,9 +331,12 @@ class _Wire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.engine._stopping:
             code = self.engine.proc.poll()
-            self.engine._fail("the engine process exited" + (f" with code {code}" if code is not None else ""))
+            self.engine._fail(
+                "the engine process exited" + (f" with code {code}" if code is not None else "")
+            )
 
 
 def now() -> float:
-    """The clock token times are measured on (``time.perf_counter``, as the engine's; system-wide on Linux)."""
+    """The clock token times are measured on (``time.perf_counter``, as the engine's; system-wide on
+    Linux)."""
     return time.perf_counter()

@@ -14,8 +14,31 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -23,7 +46,9 @@ class Histogram:
     """A Prometheus histogram for the per-token path: ``observe`` is one bisect and two additions (no lock,
     no loop over buckets), for a single writer (the asyncio thread, which also serves the scrapes)."""
 
-    def __init__(self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, *, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
         self.name, self.documentation = name, documentation
         self._bounds = [float(b) for b in buckets]
         self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound (+Inf)
@@ -51,27 +76,62 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("kiln_requests", "HTTP requests answered, by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.finished = Counter("kiln_requests_finished", "Generation requests that ended, by finish reason "
-                                "(stop, length, cancelled, aborted, error)", ["reason"], registry=r)
-        self.rejected = Counter("kiln_requests_rejected", "Requests refused before generation, by reason "
-                                "(queue_full, draining, invalid, too_large, unauthorized)", ["reason"], registry=r)
+        self.requests = Counter(
+            "kiln_requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.finished = Counter(
+            "kiln_requests_finished",
+            "Generation requests that ended, by finish reason (stop, length, cancelled, aborted, error)",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "kiln_requests_rejected",
+            "Requests refused before generation, by reason "
+            "(queue_full, draining, invalid, too_large, unauthorized)",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("kiln_time_to_first_token_seconds", "Arrival to first token (queueing + prefill)",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kiln_inter_token_latency_seconds", "Gap between consecutive tokens of a request",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("kiln_e2e_request_latency_seconds", "Arrival to last token",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("kiln_batch_size", "Requests served by one engine step (decode batch or "
-                                    "requests prefilled together)", buckets=_BATCH_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "kiln_time_to_first_token_seconds",
+            "Arrival to first token (queueing + prefill)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kiln_inter_token_latency_seconds",
+            "Gap between consecutive tokens of a request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kiln_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            "Requests served by one engine step (decode batch or requests prefilled together)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("kiln_num_requests_running", "Requests holding a KV cache slot", registry=r)
         self.waiting = Gauge("kiln_num_requests_waiting", "Admitted requests waiting for a slot", registry=r)
-        self.kv_cache_usage = Gauge("kiln_kv_cache_usage_ratio", "KV cache positions held by running requests / "
-                                    "all positions (max_batch_size x max_seq_len)", registry=r)
-        self.kv_slots_used = Gauge("kiln_kv_cache_slots_used", "KV cache slots (sequences) in use", registry=r)
-        self.limit = Gauge("kiln_engine_limit", "The engine's build limits and the server's queue bound",
-                           ["limit"], registry=r)
+        self.kv_cache_usage = Gauge(
+            "kiln_kv_cache_usage_ratio",
+            "KV cache positions held by running requests / all positions (max_batch_size x max_seq_len)",
+            registry=r,
+        )
+        self.kv_slots_used = Gauge(
+            "kiln_kv_cache_slots_used", "KV cache slots (sequences) in use", registry=r
+        )
+        self.limit = Gauge(
+            "kiln_engine_limit",
+            "The engine's build limits and the server's queue bound",
+            ["limit"],
+            registry=r,
+        )
         self.draining = Gauge("kiln_draining", "1 while the server drains after SIGTERM/SIGINT", registry=r)

@@ -40,7 +40,8 @@ class _Sampling(BaseModel):
     user: str | None = None
 
     def unsupported(self) -> str | None:
-        """The first field set to something kiln cannot do, with why; None when every field can be honoured."""
+        """The first field set to something kiln cannot do, with why; None when every field can be
+        honoured."""
         if self.n != 1:
             return f"n={self.n}: kiln serve returns one choice per prompt (n must be 1)"
         if self.presence_penalty or self.frequency_penalty:
@@ -130,8 +131,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -142,7 +146,8 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """The OpenAI error object (``{"error": {...}}``) the openai client turns into its exceptions."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

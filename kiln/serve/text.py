@@ -24,14 +24,18 @@ class TextCodec:
 
         engine_dir = Path(engine_dir)
         if not (engine_dir / "tokenizer_config.json").is_file():
-            raise ModelSourceError(f"{engine_dir}: the engine has no tokenizer files; rebuild it with "
-                                   "`kiln compile ... --tokenizer HF_MODEL_DIR`")
+            raise ModelSourceError(
+                f"{engine_dir}: the engine has no tokenizer files; rebuild it with "
+                "`kiln compile ... --tokenizer HF_MODEL_DIR`"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(engine_dir)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         generation_config = engine_dir / "generation_config.json"
         if generation_config.is_file():  # models such as Llama 3 end turns on more than one id
             configured = json.loads(generation_config.read_text()).get("eos_token_id")
-            eos += configured if isinstance(configured, list) else [configured] if configured is not None else []
+            eos += (
+                configured if isinstance(configured, list) else [configured] if configured is not None else []
+            )
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in eos))
         self._backend, self._decode_stream = _rust_decoder(self.tokenizer)
 
@@ -44,19 +48,24 @@ class TextCodec:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation rendered by the model's own chat template, ready for the assistant turn."""
+        """Token ids of a conversation rendered by the model's own chat template, ready for the assistant
+        turn."""
         if not self.has_chat_template:
-            raise GenerationLimitError("this model's tokenizer has no chat template; use /v1/completions with a "
-                                       "prompt, or rebuild the engine from a model dir that ships one")
-        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                                  tokenize=False)
+            raise GenerationLimitError(
+                "this model's tokenizer has no chat template; use /v1/completions with a "
+                "prompt, or rebuild the engine from a model dir that ships one"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def stream(self, stop: Sequence[str] = (), stop_token_ids: Iterable[int] = (), *,
-               incremental: bool = True) -> TextStream:
+    def stream(
+        self, stop: Sequence[str] = (), stop_token_ids: Iterable[int] = (), *, incremental: bool = True
+    ) -> TextStream:
         return TextStream(self, stop, stop_token_ids, incremental=incremental or bool(stop))
 
 
@@ -83,8 +92,14 @@ class TextStream:
     ``incremental=False`` (a non-streaming request without stop strings) tokens are only collected.
     """
 
-    def __init__(self, codec: TextCodec, stop: Sequence[str], stop_token_ids: Iterable[int], *,
-                 incremental: bool = True) -> None:
+    def __init__(
+        self,
+        codec: TextCodec,
+        stop: Sequence[str],
+        stop_token_ids: Iterable[int],
+        *,
+        incremental: bool = True,
+    ) -> None:
         self._codec = codec
         self._incremental = incremental
         self._stop = [s for s in stop if s]
@@ -95,7 +110,9 @@ class TextStream:
         self._prefix, self._read = 0, 0
         self._text = ""
         self._sent = 0
-        self._decoder = codec._decode_stream(skip_special_tokens=True) if codec._decode_stream and incremental else None
+        self._decoder = (
+            codec._decode_stream(skip_special_tokens=True) if codec._decode_stream and incremental else None
+        )
         self._pieces: list[str] = []  # what was sent, while there is no stop string to hold text back for
         self.stopped = False
         """True once a stop string was found: the caller should cancel the request."""
@@ -117,10 +134,10 @@ class TextStream:
             self._text += piece
             return self._release(final=False)
         tokenizer = self._codec.tokenizer
-        before = tokenizer.decode(self._text_ids[self._prefix:self._read], skip_special_tokens=True)
-        after = tokenizer.decode(self._text_ids[self._prefix:], skip_special_tokens=True)
+        before = tokenizer.decode(self._text_ids[self._prefix : self._read], skip_special_tokens=True)
+        after = tokenizer.decode(self._text_ids[self._prefix :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._text += after[len(before):]
+            self._text += after[len(before) :]
             self._prefix, self._read = self._read, len(self._text_ids)
         return self._release(final=False)
 
@@ -131,7 +148,7 @@ class TextStream:
             self._sent = len(self._text)
         if not self.stopped:
             full = self._truncate(self._codec.decode(self._text_ids))
-            if full.startswith(self._text[:self._sent]):
+            if full.startswith(self._text[: self._sent]):
                 self._text = full
         return self._release(final=True)
 
@@ -149,9 +166,9 @@ class TextStream:
             found = [i for i in (self._text.find(s, self._sent) for s in self._stop) if i >= 0]
             if found:
                 self.stopped = True
-                self._text = self._text[:min(found)]
+                self._text = self._text[: min(found)]
                 final = True
         end = len(self._text) if final or self.stopped else max(self._sent, len(self._text) - self._hold)
-        piece = self._text[self._sent:end]
+        piece = self._text[self._sent : end]
         self._sent = end
         return piece

@@ -42,9 +42,17 @@ class Steps:
 
 def steps_frame(steps: Steps) -> bytes:
     n = len(steps.request_ids)
-    payload = b"".join((b"T", _STEPS.pack(steps.running, steps.waiting, steps.cached_tokens, n, len(steps.batch_sizes)),
-                        array("q", steps.request_ids).tobytes(), array("q", steps.token_ids).tobytes(),
-                        array("d", steps.times_s).tobytes(), steps.finish, array("I", steps.batch_sizes).tobytes()))
+    payload = b"".join(
+        (
+            b"T",
+            _STEPS.pack(steps.running, steps.waiting, steps.cached_tokens, n, len(steps.batch_sizes)),
+            array("q", steps.request_ids).tobytes(),
+            array("q", steps.token_ids).tobytes(),
+            array("d", steps.times_s).tobytes(),
+            steps.finish,
+            array("I", steps.batch_sizes).tobytes(),
+        )
+    )
     return _LENGTH.pack(len(payload)) + payload
 
 
@@ -52,11 +60,11 @@ def _steps(payload: memoryview) -> Steps:
     running, waiting, cached, n, k = _STEPS.unpack_from(payload, 0)
     at = _STEPS.size
     ids, tokens, times, sizes = array("q"), array("q"), array("d"), array("I")
-    ids.frombytes(payload[at:at + 8 * n])
-    tokens.frombytes(payload[at + 8 * n:at + 16 * n])
-    times.frombytes(payload[at + 16 * n:at + 24 * n])
-    finish = bytes(payload[at + 24 * n:at + 25 * n])
-    sizes.frombytes(payload[at + 25 * n:at + 25 * n + 4 * k])
+    ids.frombytes(payload[at : at + 8 * n])
+    tokens.frombytes(payload[at + 8 * n : at + 16 * n])
+    times.frombytes(payload[at + 16 * n : at + 24 * n])
+    finish = bytes(payload[at + 24 * n : at + 25 * n])
+    sizes.frombytes(payload[at + 25 * n : at + 25 * n + 4 * k])
     return Steps(running, waiting, cached, ids, tokens, times, finish, sizes)
 
 
@@ -75,7 +83,9 @@ class FrameReader:
             (length,) = _LENGTH.unpack_from(buffer, at)
             if len(buffer) - at - 4 < length:
                 break
-            with memoryview(buffer)[at + 5:at + 4 + length] as payload:  # released before the buffer shrinks
+            with memoryview(buffer)[
+                at + 5 : at + 4 + length
+            ] as payload:  # released before the buffer shrinks
                 frames.append(json.loads(bytes(payload)) if buffer[at + 4] == ord("J") else _steps(payload))
             at += 4 + length
         del buffer[:at]

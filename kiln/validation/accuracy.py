@@ -64,21 +64,24 @@ def rolling_windows(sequence: Sequence[int], window: int) -> list[list[int]]:
     tokens = list(sequence)
     windows, start = [], 0
     while start < len(tokens) - 1:
-        windows.append(tokens[start:start + window])
+        windows.append(tokens[start : start + window])
         start += window - 1
     return windows
 
 
-def window_stats(engine_logits: torch.Tensor, baseline_logits: torch.Tensor,
-                 token_ids: Sequence[int]) -> tuple[float, float, torch.Tensor, int]:
+def window_stats(
+    engine_logits: torch.Tensor, baseline_logits: torch.Tensor, token_ids: Sequence[int]
+) -> tuple[float, float, torch.Tensor, int]:
     """Summed NLL (engine, baseline), per-position KL(baseline || engine) and top-1 agreements of one window.
 
     Position ``i`` predicts ``token_ids[i + 1]``; the last position predicts nothing inside the window
     and is left out so each token is counted once across rolling windows.
     """
     if engine_logits.shape != baseline_logits.shape or engine_logits.shape[0] != len(token_ids):
-        raise ValueError(f"logits shapes {tuple(engine_logits.shape)} / {tuple(baseline_logits.shape)} do not "
-                         f"match {len(token_ids)} tokens: the engine and its baseline must share a vocabulary")
+        raise ValueError(
+            f"logits shapes {tuple(engine_logits.shape)} / {tuple(baseline_logits.shape)} do not "
+            f"match {len(token_ids)} tokens: the engine and its baseline must share a vocabulary"
+        )
     log_e = torch.log_softmax(engine_logits[:-1].float(), dim=-1)
     log_b = torch.log_softmax(baseline_logits[:-1].float(), dim=-1)
     targets = torch.tensor(token_ids[1:], dtype=torch.long).unsqueeze(1)
@@ -99,8 +102,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def greedy_match(engine: Engine, baseline: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 batch_size: int) -> tuple[float, float]:
+def greedy_match(
+    engine: Engine, baseline: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int
+) -> tuple[float, float]:
     """(exact match rate, mean prefix match) of the engine's greedy continuations vs the baseline's."""
     if not prompts:
         return math.nan, math.nan
@@ -118,7 +122,7 @@ def greedy_match(engine: Engine, baseline: Engine, prompts: Sequence[Sequence[in
 def _generate_batched(engine: Engine, requests: list[GenerationRequest], batch_size: int) -> list:
     results = []
     for start in range(0, len(requests), batch_size):
-        results.extend(engine.generate(requests[start:start + batch_size]))
+        results.extend(engine.generate(requests[start : start + batch_size]))
     return results
 
 
@@ -129,13 +133,21 @@ def prompts_from(sequences: Sequence[Sequence[int]], count: int, prompt_len: int
         return []
     last_start = len(flat) - prompt_len
     starts = sorted({round(i * last_start / max(count - 1, 1)) for i in range(count)})
-    return [flat[s:s + prompt_len] for s in starts]
+    return [flat[s : s + prompt_len] for s in starts]
 
 
-def evaluate_accuracy(engine: Engine, baseline: Engine, heldout_token_ids: Sequence[Sequence[int]], *,
-                      window: int, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                      batch_size: int = 8, task_evals: dict[str, object] | None = None,
-                      on_window: Callable[[int, int], None] | None = None) -> AccuracyResult:
+def evaluate_accuracy(
+    engine: Engine,
+    baseline: Engine,
+    heldout_token_ids: Sequence[Sequence[int]],
+    *,
+    window: int,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    task_evals: dict[str, object] | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> AccuracyResult:
     """Perplexity (engine and baseline), KL, top-1 agreement and greedy match of ``engine`` vs ``baseline``.
 
     ``window`` is the longest context either engine accepts (its ``max_seq_len``); ``prompts`` are the
@@ -143,8 +155,10 @@ def evaluate_accuracy(engine: Engine, baseline: Engine, heldout_token_ids: Seque
     """
     windows = [w for seq in heldout_token_ids for w in rolling_windows(seq, window)]
     if not windows:
-        raise CalibrationDataError("held-out set has no sequence of 2+ tokens: raise evaluation.heldout_tokens "
-                                   "or check the evaluation.heldout source")
+        raise CalibrationDataError(
+            "held-out set has no sequence of 2+ tokens: raise evaluation.heldout_tokens "
+            "or check the evaluation.heldout source"
+        )
     totals = _Totals()
     for index, tokens in enumerate(windows):
         engine_logits = engine.logits(tokens)
@@ -162,9 +176,18 @@ def evaluate_accuracy(engine: Engine, baseline: Engine, heldout_token_ids: Seque
     kl_all = torch.cat(totals.kl).double()
     exact, prefix = greedy_match(engine, baseline, prompts, max_new_tokens, batch_size)
     return AccuracyResult(
-        perplexity=ppl, baseline_perplexity=ppl_base, ppl_increase_pct=100.0 * (ppl - ppl_base) / ppl_base,
-        kl_divergence=float(kl_all.mean()), kl_divergence_p99=float(torch.quantile(kl_all, 0.99)),
-        top1_agreement=totals.agree / totals.tokens, greedy_exact_match=exact, greedy_prefix_match=prefix,
-        num_tokens=totals.tokens, num_windows=len(windows), window=window, num_prompts=len(prompts),
-        max_new_tokens=max_new_tokens, task_evals=dict(task_evals or {}))
-
+        perplexity=ppl,
+        baseline_perplexity=ppl_base,
+        ppl_increase_pct=100.0 * (ppl - ppl_base) / ppl_base,
+        kl_divergence=float(kl_all.mean()),
+        kl_divergence_p99=float(torch.quantile(kl_all, 0.99)),
+        top1_agreement=totals.agree / totals.tokens,
+        greedy_exact_match=exact,
+        greedy_prefix_match=prefix,
+        num_tokens=totals.tokens,
+        num_windows=len(windows),
+        window=window,
+        num_prompts=len(prompts),
+        max_new_tokens=max_new_tokens,
+        task_evals=dict(task_evals or {}),
+    )

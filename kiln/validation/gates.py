@@ -39,7 +39,8 @@ GATES: dict[str, GateSpec] = {
 }
 """Every field of :class:`kiln.profiles.Gates`. ``tokens_per_s`` is the peak output rate over the
 concurrency sweep; ``ttft_p90_ms`` is p90 time to first token at the sweep's lowest concurrency;
-``min_task_score`` maps ``TASK/METRIC`` to a minimum lm-eval score (a skipped task was not measured: it fails)."""
+``min_task_score`` maps ``TASK/METRIC`` to a minimum lm-eval score (a skipped task was not measured: it
+fails)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class GateFailure:
         if self.observed is None:
             return f"{self.gate}: {self.metric} was not measured (threshold {self.threshold:g}{unit})"
         op, word = (">", "over") if spec.bound == "max" else ("<", "short")
-        return (f"{self.gate}: {self.metric} {self.observed:.4g}{unit} {op} {self.threshold:g}{unit} "
-                f"({word} by {self.margin:.3g}{unit})")
+        return (
+            f"{self.gate}: {self.metric} {self.observed:.4g}{unit} {op} {self.threshold:g}{unit} "
+            f"({word} by {self.margin:.3g}{unit})"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,17 +84,27 @@ class GateVerdict:
         return not any(GATES[f.gate].accuracy for f in self.failures)
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "accuracy_passed": self.accuracy_passed, "checked": dict(self.checked),
-                "failures": [{**asdict(f), "message": str(f)} for f in self.failures]}
+        return {
+            "passed": self.passed,
+            "accuracy_passed": self.accuracy_passed,
+            "checked": dict(self.checked),
+            "failures": [{**asdict(f), "message": str(f)} for f in self.failures],
+        }
 
 
-def decide(gates: Gates, accuracy: AccuracyResult | Mapping[str, float], perf: PerfResult | None = None) -> GateVerdict:
+def decide(
+    gates: Gates, accuracy: AccuracyResult | Mapping[str, float], perf: PerfResult | None = None
+) -> GateVerdict:
     """Check every set gate against the measured metrics (an AccuracyResult + PerfResult, or flat metrics)."""
     metrics = accuracy if isinstance(accuracy, Mapping) else flat_metrics(accuracy, perf)
     failures, checked = [], {}
-    thresholds = [(gate, spec.metric, getattr(gates, gate)) for gate, spec in GATES.items() if gate != "min_task_score"]
-    thresholds += [("min_task_score", metric_name(*key.split("/", 1)), value)
-                   for key, value in (gates.min_task_score or {}).items()]
+    thresholds = [
+        (gate, spec.metric, getattr(gates, gate)) for gate, spec in GATES.items() if gate != "min_task_score"
+    ]
+    thresholds += [
+        ("min_task_score", metric_name(*key.split("/", 1)), value)
+        for key, value in (gates.min_task_score or {}).items()
+    ]
     for gate, metric, threshold in thresholds:
         spec = GATES[gate]
         if threshold is None:
@@ -107,14 +120,21 @@ def decide(gates: Gates, accuracy: AccuracyResult | Mapping[str, float], perf: P
     return GateVerdict(passed=not failures, failures=failures, checked=checked)
 
 
-def recommend(candidates: Mapping[str, Mapping[str, float]], select: Literal["fastest", "smallest"]) -> str | None:
+def recommend(
+    candidates: Mapping[str, Mapping[str, float]], select: Literal["fastest", "smallest"]
+) -> str | None:
     """The recommended name among ``candidates`` (name -> flat metrics of engines that passed their gates).
 
     ``fastest``: highest ``tokens_per_s`` (ties: smaller ``size_bytes``); ``smallest``: lowest
     ``size_bytes`` (ties: faster). None when there is no candidate or none has the deciding metric.
     """
-    primary, secondary = ("tokens_per_s", "size_bytes") if select == "fastest" else ("size_bytes", "tokens_per_s")
+    primary, secondary = (
+        ("tokens_per_s", "size_bytes") if select == "fastest" else ("size_bytes", "tokens_per_s")
+    )
     sign = {"tokens_per_s": -1.0, "size_bytes": 1.0}
-    ranked = [(sign[primary] * m[primary], sign[secondary] * m.get(secondary, math.inf * sign[secondary]), name)
-              for name, m in candidates.items() if m.get(primary) is not None]
+    ranked = [
+        (sign[primary] * m[primary], sign[secondary] * m.get(secondary, math.inf * sign[secondary]), name)
+        for name, m in candidates.items()
+        if m.get(primary) is not None
+    ]
     return min(ranked)[2] if ranked else None

@@ -1,4 +1,5 @@
-"""An lm-eval-harness model over a kiln :class:`~kiln.engine.base.Engine` (imported only when lm-eval is installed).
+"""An lm-eval-harness model over a kiln :class:`~kiln.engine.base.Engine` (imported only when lm-eval is
+installed).
 
 Scoring uses ``Engine.logits`` and generation ``Engine.generate``, so every backend is evaluated by the
 same code. Inputs longer than the engine's limits are truncated from the left, as lm-eval's own HF model
@@ -27,8 +28,9 @@ DEFAULT_MAX_GEN_TOKS = 256
 class EngineLM(TemplateLM):
     """lm-eval's ``LM`` interface (loglikelihood, loglikelihood_rolling, generate_until) on a kiln engine."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, *, max_seq_len: int, max_input_len: int,
-                 batch_size: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, tokenizer: Any, *, max_seq_len: int, max_input_len: int, batch_size: int = 1
+    ) -> None:
         super().__init__()
         if tokenizer.eos_token_id is None:
             raise ValueError("the engine's tokenizer has no eos token: lm-eval needs one to end generations")
@@ -64,24 +66,31 @@ class EngineLM(TemplateLM):
 
     # --- scoring --------------------------------------------------------------------------------------
     def continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """(sum of log p(continuation | context), whether greedy decoding reproduces it) from context logits."""
+        """(sum of log p(continuation | context), whether greedy decoding reproduces it) from context
+        logits."""
         if not continuation:
             raise ValueError("lm-eval sent an empty continuation to score")
         if len(continuation) > self.max_seq_len:
-            raise GenerationLimitError(f"a continuation of {len(continuation)} tokens exceeds the engine's "
-                                       f"max_seq_len {self.max_seq_len}: build the engine with a larger limit")
+            raise GenerationLimitError(
+                f"a continuation of {len(continuation)} tokens exceeds the engine's "
+                f"max_seq_len {self.max_seq_len}: build the engine with a larger limit"
+            )
         whole = context + continuation
         if len(whole) > self.max_seq_len + 1:
             self.truncated += 1
-        window = whole[-(self.max_seq_len + 1):][:-1]
-        logprobs = torch.log_softmax(self.engine.logits(window).float(), dim=-1)[-len(continuation):]
+        window = whole[-(self.max_seq_len + 1) :][:-1]
+        logprobs = torch.log_softmax(self.engine.logits(window).float(), dim=-1)[-len(continuation) :]
         target = torch.tensor(continuation, dtype=torch.long)
         logprob = float(logprobs.gather(1, target.unsqueeze(1)).sum())
         greedy = bool((logprobs.argmax(-1) == target).all())
         return logprob, greedy
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> list[tuple[float, bool]]:
         results = []
         for key, context, continuation in requests:
             answer = self.continuation_logprob(list(context), list(continuation))
@@ -94,9 +103,15 @@ class EngineLM(TemplateLM):
         """Whole-document log-likelihood in windows of ``max_seq_len`` (lm-eval's rolling scheme)."""
         totals = []
         for (string,) in (req.args for req in requests):
-            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_seq_len, context_len=1))
+            windows = map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_seq_len,
+                    context_len=1,
+                ),
+            )
             total = sum(self.continuation_logprob(list(ctx), list(cont))[0] for ctx, cont in windows)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             totals.append(total)
@@ -115,15 +130,21 @@ class EngineLM(TemplateLM):
                 self.truncated += 1
                 ids = ids[-room:]
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
-            sampling = SamplingParams(max_new_tokens=max_gen, temperature=temperature,
-                                      top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
-                                      seed=0 if temperature else None, stop_token_ids=(self.eot_token_id,))
+            sampling = SamplingParams(
+                max_new_tokens=max_gen,
+                temperature=temperature,
+                top_p=float(kwargs.get("top_p") or 1.0),
+                top_k=int(kwargs.get("top_k") or 0),
+                seed=0 if temperature else None,
+                stop_token_ids=(self.eot_token_id,),
+            )
             prepared.append((context, gen_kwargs, until, GenerationRequest(ids, sampling)))
         outputs: list[str] = []
         for start in range(0, len(prepared), self.batch_size):
-            chunk = prepared[start:start + self.batch_size]
+            chunk = prepared[start : start + self.batch_size]
             for (context, gen_kwargs, until, _), result in zip(
-                    chunk, self.engine.generate([p[3] for p in chunk]), strict=True):
+                chunk, self.engine.generate([p[3] for p in chunk]), strict=True
+            ):
                 text = self.tok_decode([t for t in result.token_ids if t != self.eot_token_id])
                 for stop in until:
                     if stop:

@@ -30,13 +30,15 @@ NO_TOKENIZER = "the engine dir has no tokenizer files (tokenizer_config.json): r
 
 @dataclass(frozen=True)
 class TaskEval:
-    """One ``evaluation.tasks`` entry: ``ran`` with its metrics, ``skipped`` (why) or ``error`` (what broke)."""
+    """One ``evaluation.tasks`` entry: ``ran`` with its metrics, ``skipped`` (why) or ``error`` (what
+    broke)."""
 
     status: Literal["ran", "skipped", "error"]
     source: str
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    """``metric`` (e.g. ``acc``; ``metric_filter`` for a non-default filter); ``subtask/metric`` for a group's members."""
+    """``metric`` (e.g. ``acc``; ``metric_filter`` for a non-default filter); ``subtask/metric`` for a
+    group's members."""
     samples: int | None = None
     limit: int | None = None
     truncated_inputs: int = 0
@@ -64,7 +66,8 @@ def task_key(spec: str) -> str:
 
 
 def metric_name(task: str, metric: str) -> str:
-    """Flat metric name of a task metric (``task_hellaswag_acc_norm``): what MLflow, gates and reports read."""
+    """Flat metric name of a task metric (``task_hellaswag_acc_norm``): what MLflow, gates and reports
+    read."""
     return "task_" + re.sub(r"[^a-z0-9]+", "_", f"{task}_{metric}".lower()).strip("_")
 
 
@@ -89,7 +92,8 @@ def task_notes(task_evals: Mapping[str, Any]) -> dict[str, str]:
 
 
 def cache_inputs(evaluation: Evaluation) -> dict[str, Any]:
-    """What a cached task eval depends on beyond the profile: lm-eval's version, task YAML and local data bytes.
+    """What a cached task eval depends on beyond the profile: lm-eval's version, task YAML and local data
+    bytes.
 
     For the validation step's cache key, so installing lm-eval or editing a task file re-measures.
     """
@@ -125,7 +129,8 @@ def _task_manager() -> Any:
 
 
 def task_problems(evaluation: Evaluation) -> list[tuple[Literal["error", "warning"], str]]:
-    """Pre-flight findings of ``evaluation.tasks``: unknown task names (errors), lm-eval missing (a warning)."""
+    """Pre-flight findings of ``evaluation.tasks``: unknown task names (errors), lm-eval missing (a
+    warning)."""
     if not evaluation.tasks:
         return []
     if not lm_eval_available():
@@ -149,8 +154,10 @@ def unknown_task_problems(evaluation: Evaluation) -> list[str]:
             continue
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        problems.append(f"evaluation.tasks[{index}]: unknown lm-eval task {name!r}; {hint}"
-                        "`lm-eval ls tasks` lists them, or give a task .yaml path")
+        problems.append(
+            f"evaluation.tasks[{index}]: unknown lm-eval task {name!r}; {hint}"
+            "`lm-eval ls tasks` lists them, or give a task .yaml path"
+        )
     return problems
 
 
@@ -180,15 +187,22 @@ def _load_reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"task data is not available ({text}): check the task YAML's dataset_path / data_files"
     if isinstance(exc, OSError) or "offline" in text.lower():  # ConnectionError: offline mode or no network
-        return (f"task data is not available offline ({text}); cache the dataset once where the hub is reachable "
-                "(HF_DATASETS_OFFLINE unset), or point a task YAML at local files")
+        return (
+            f"task data is not available offline ({text}); cache the dataset once where the hub is reachable "
+            "(HF_DATASETS_OFFLINE unset), or point a task YAML at local files"
+        )
     return f"could not load the task ({text})"
 
 
 def _finite_metrics(entry: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     metrics = {}
     for raw, value in entry.items():
-        if "," not in raw or "_stderr" in raw or isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            "," not in raw
+            or "_stderr" in raw
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+        ):
             continue
         metric, filt = raw.split(",", 1)
         name = metric if filt == "none" else f"{metric}_{filt}"
@@ -197,8 +211,15 @@ def _finite_metrics(entry: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return metrics
 
 
-def run_tasks(engine: Engine, engine_dir: Path, evaluation: Evaluation, *, max_seq_len: int, max_input_len: int,
-              batch_size: int = 1) -> dict[str, TaskEval]:
+def run_tasks(
+    engine: Engine,
+    engine_dir: Path,
+    evaluation: Evaluation,
+    *,
+    max_seq_len: int,
+    max_input_len: int,
+    batch_size: int = 1,
+) -> dict[str, TaskEval]:
     """Run ``evaluation.tasks`` on ``engine``; every entry gets a TaskEval (ran, skipped or error)."""
     specs = list(evaluation.tasks)
     if not specs:
@@ -213,8 +234,13 @@ def run_tasks(engine: Engine, engine_dir: Path, evaluation: Evaluation, *, max_s
     from kiln.hub import load_tokenizer
     from kiln.validation.lm_adapter import EngineLM
 
-    lm = EngineLM(engine, load_tokenizer(engine_dir), max_seq_len=max_seq_len, max_input_len=max_input_len,
-                  batch_size=batch_size)
+    lm = EngineLM(
+        engine,
+        load_tokenizer(engine_dir),
+        max_seq_len=max_seq_len,
+        max_input_len=max_input_len,
+        batch_size=batch_size,
+    )
     manager = _task_manager()
     out: dict[str, TaskEval] = {}
     for spec in specs:
@@ -227,14 +253,29 @@ def run_tasks(engine: Engine, engine_dir: Path, evaluation: Evaluation, *, max_s
         lm.truncated = 0
         # top-level items only, so a group's aggregate score is computed as lm-eval does for that group
         members = {child for children in (loaded.get("group_map") or {}).values() for child in children}
-        top = [obj for name, obj in {**(loaded.get("groups") or {}), **loaded["tasks"]}.items() if name not in members]
+        top = [
+            obj
+            for name, obj in {**(loaded.get("groups") or {}), **loaded["tasks"]}.items()
+            if name not in members
+        ]
         try:
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=top, task_manager=manager, limit=evaluation.task_limit,
-                bootstrap_iters=0, log_samples=False)
+                model=lm,
+                tasks=top,
+                task_manager=manager,
+                limit=evaluation.task_limit,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
         except Exception as exc:  # noqa: BLE001 - recorded as an error row, the build goes on
-            out[key] = TaskEval("error", spec, f"{type(exc).__name__}: {exc}", limit=evaluation.task_limit,
-                                truncated_inputs=lm.truncated, lm_eval_version=version)
+            out[key] = TaskEval(
+                "error",
+                spec,
+                f"{type(exc).__name__}: {exc}",
+                limit=evaluation.task_limit,
+                truncated_inputs=lm.truncated,
+                lm_eval_version=version,
+            )
             continue
         per_task = results["results"]
         own = next((n for n in (key, spec) if n in per_task), None)
@@ -245,6 +286,13 @@ def run_tasks(engine: Engine, engine_dir: Path, evaluation: Evaluation, *, max_s
             if name != own:
                 metrics.update(_finite_metrics(entry, f"{name}/"))
         samples = sum(int(v.get("effective", 0)) for v in (results.get("n-samples") or {}).values())
-        out[key] = TaskEval("ran", spec, metrics=metrics, samples=samples, limit=evaluation.task_limit,
-                            truncated_inputs=lm.truncated, lm_eval_version=version)
+        out[key] = TaskEval(
+            "ran",
+            spec,
+            metrics=metrics,
+            samples=samples,
+            limit=evaluation.task_limit,
+            truncated_inputs=lm.truncated,
+            lm_eval_version=version,
+        )
     return out

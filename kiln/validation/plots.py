@@ -28,8 +28,9 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def latency_throughput(curves: Mapping[str, PerfResult | Mapping[str, Any]], path: Path,
-                       title: str = "latency vs throughput") -> Path:
+def latency_throughput(
+    curves: Mapping[str, PerfResult | Mapping[str, Any]], path: Path, title: str = "latency vs throughput"
+) -> Path:
     """One line per recipe over its concurrency sweep: ITL p50 and TTFT p90 against output tokens/s."""
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     itl_ax, ttft_ax = fig.subplots(1, 2)
@@ -43,8 +44,14 @@ def latency_throughput(curves: Mapping[str, PerfResult | Mapping[str, Any]], pat
             ys = [p[key][q] for p in points if p[key]]
             (line,) = ax.plot(xs, ys, marker="o", label=name)
             for x, y, p in zip(xs, ys, [p for p in points if p[key]], strict=True):
-                ax.annotate(f"c{p['concurrency']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=line.get_color())
+                ax.annotate(
+                    f"c{p['concurrency']}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=line.get_color(),
+                )
     itl_ax.set(xlabel="output tokens/s", ylabel="inter-token latency p50 (ms)", title="decode")
     ttft_ax.set(xlabel="output tokens/s", ylabel="time to first token p90 (ms)", title="prefill")
     for ax in (itl_ax, ttft_ax):
@@ -56,7 +63,8 @@ def latency_throughput(curves: Mapping[str, PerfResult | Mapping[str, Any]], pat
 
 
 def pareto_front(points: Sequence[tuple[float, float]], *, maximize_x: bool) -> list[tuple[float, float]]:
-    """The points no other point beats on both axes (lower y is better; x is better low, or high if maximize_x)."""
+    """The points no other point beats on both axes (lower y is better; x is better low, or high if
+    maximize_x)."""
     ordered = sorted(points, key=lambda p: (-p[0] if maximize_x else p[0], p[1]))
     front: list[tuple[float, float]] = []
     for x, y in ordered:
@@ -65,7 +73,9 @@ def pareto_front(points: Sequence[tuple[float, float]], *, maximize_x: bool) -> 
     return front
 
 
-def accuracy_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "perplexity vs size and speed") -> Path:
+def accuracy_pareto(
+    rows: Sequence[Mapping[str, Any]], path: Path, title: str = "perplexity vs size and speed"
+) -> Path:
     """Perplexity against engine size and against tokens/s for every recipe x target, with the Pareto fronts.
 
     ``rows`` carry ``recipe``, ``target``, ``metrics`` (perplexity, size_bytes, tokens_per_s), ``passed``
@@ -73,8 +83,10 @@ def accuracy_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = 
     """
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     size_ax, speed_ax = fig.subplots(1, 2)
-    for ax, key, scale, label, maximize in ((size_ax, "size_bytes", 1 / 2**20, "engine size (MiB)", False),
-                                            (speed_ax, "tokens_per_s", 1.0, "output tokens/s (peak)", True)):
+    for ax, key, scale, label, maximize in (
+        (size_ax, "size_bytes", 1 / 2**20, "engine size (MiB)", False),
+        (speed_ax, "tokens_per_s", 1.0, "output tokens/s (peak)", True),
+    ):
         plotted = []
         for row in rows:
             metrics = row.get("metrics") or {}
@@ -85,8 +97,13 @@ def accuracy_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = 
             marker = "*" if row.get("recommended") else "o"
             style = {"color": "C0"} if row.get("passed", True) else {"facecolors": "none", "edgecolors": "C3"}
             ax.scatter([x], [y], marker=marker, s=140 if marker == "*" else 40, **style)
-            ax.annotate(f"{row['recipe']}@{row['target']}", (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(
+                f"{row['recipe']}@{row['target']}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         front = pareto_front(plotted, maximize_x=maximize)
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), linestyle="--", color="C1", label="Pareto front")

@@ -80,7 +80,9 @@ def mark_recommended(rows: Sequence[ReportRow], select: Literal["fastest", "smal
     """Per target, the passing row ``recommend`` picks gets ``recommended=True``; every other row False."""
     best = {}
     for target in dict.fromkeys(r.target for r in rows):
-        best[target] = recommend({r.recipe: r.metrics for r in rows if r.target == target and r.passed}, select)
+        best[target] = recommend(
+            {r.recipe: r.metrics for r in rows if r.target == target and r.passed}, select
+        )
     return [r.model_copy(update={"recommended": best[r.target] == r.recipe}) for r in rows]
 
 
@@ -113,18 +115,26 @@ def _version(row: ReportRow) -> str:
 
 
 def markdown(results: BuildResults) -> str:
-    """The report as markdown (what the build's Prefect artifact shows); failing gates listed with their numbers."""
+    """The report as markdown (what the build's Prefect artifact shows); failing gates listed with their
+    numbers."""
     header = ["recipe", "target", *[c[0] for c in _COLUMNS], "verdict", "version"]
     lines = [f"# kiln build `{results.build}`", ""]
     if results.model:
         lines += [f"model `{results.model}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results.rows:
-        cells = [row.recipe + (" ★" if row.recommended else ""), row.target,
-                 *[_num(row.metrics, metric, fmt, scale) for _, metric, fmt, scale in _COLUMNS],
-                 _verdict(row), _version(row)]
+        cells = [
+            row.recipe + (" ★" if row.recommended else ""),
+            row.target,
+            *[_num(row.metrics, metric, fmt, scale) for _, metric, fmt, scale in _COLUMNS],
+            _verdict(row),
+            _version(row),
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", f"★ recommended for its target: the {results.select} engine among those that pass every gate."]
+    lines += [
+        "",
+        f"★ recommended for its target: the {results.select} engine among those that pass every gate.",
+    ]
     failed = [r for r in results.rows if r.passed is False]
     if failed:
         lines += ["", "## Gate failures (not registered)", ""]
@@ -134,7 +144,9 @@ def markdown(results: BuildResults) -> str:
     lines += task_lines(results)
     skipped = [r for r in results.rows if r.status == "skipped"]
     if skipped:
-        lines += ["", "## Skipped", ""] + [f"- {r.recipe} x {r.target}: {r.verdict or 'skipped'}" for r in skipped]
+        lines += ["", "## Skipped", ""] + [
+            f"- {r.recipe} x {r.target}: {r.verdict or 'skipped'}" for r in skipped
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,18 +154,25 @@ def task_lines(results: BuildResults) -> list[str]:
     """A markdown section of the lm-eval task scores (``task_*`` metrics) and the tasks that did not run."""
     body = []
     for row in results.rows:
-        scores = ", ".join(f"{k.removeprefix('task_')} {v:.4g}" for k, v in sorted(row.metrics.items())
-                           if k.startswith("task_"))
+        scores = ", ".join(
+            f"{k.removeprefix('task_')} {v:.4g}"
+            for k, v in sorted(row.metrics.items())
+            if k.startswith("task_")
+        )
         notes = [f"{task}: {note}" for task, note in sorted(row.task_notes.items())]
         if scores or notes:
-            body.append(f"- **{row.recipe} x {row.target}**: " + "; ".join(([scores] if scores else []) + notes))
+            body.append(
+                f"- **{row.recipe} x {row.target}**: " + "; ".join(([scores] if scores else []) + notes)
+            )
     return ["", "## Task evals (lm-eval)", "", *body] if body else []
 
 
 def rich_table(results: BuildResults) -> Table:
     """The same table for the terminal (``kiln report``)."""
-    table = Table(title=f"kiln build {results.build}" + (f" — {results.model}" if results.model else ""),
-                  caption=f"★ recommended ({results.select} passing engine per target)")
+    table = Table(
+        title=f"kiln build {results.build}" + (f" — {results.model}" if results.model else ""),
+        caption=f"★ recommended ({results.select} passing engine per target)",
+    )
     table.add_column("recipe")
     table.add_column("target")
     for title, *_ in _COLUMNS:
@@ -163,9 +182,13 @@ def rich_table(results: BuildResults) -> Table:
     for row in results.rows:
         style = {True: "green", False: "red"}.get(row.passed, "dim")
         verdict = _verdict(row)  # failing gates are listed under the table, with their numbers
-        table.add_row(row.recipe + (" ★" if row.recommended else ""), row.target,
-                      *[_num(row.metrics, metric, fmt, scale) for _, metric, fmt, scale in _COLUMNS],
-                      f"[{style}]{verdict}[/]", _version(row))
+        table.add_row(
+            row.recipe + (" ★" if row.recommended else ""),
+            row.target,
+            *[_num(row.metrics, metric, fmt, scale) for _, metric, fmt, scale in _COLUMNS],
+            f"[{style}]{verdict}[/]",
+            _version(row),
+        )
     return table
 
 
@@ -180,14 +203,21 @@ def failure_lines(results: BuildResults) -> list[str]:
 
 
 def curve_from_metrics(metrics: Mapping[str, float]) -> dict[str, Any]:
-    """A concurrency sweep rebuilt from flat metrics (``tokens_per_s_c4``, ``itl_p50_ms_c4``...) for plotting."""
+    """A concurrency sweep rebuilt from flat metrics (``tokens_per_s_c4``, ``itl_p50_ms_c4``...) for
+    plotting."""
     levels = sorted(int(k.rsplit("_c", 1)[1]) for k in metrics if re.fullmatch(r"tokens_per_s_c\d+", k))
     points = []
     for c in levels:
         itl = {"p50": metrics[f"itl_p50_ms_c{c}"]} if f"itl_p50_ms_c{c}" in metrics else None
         ttft = {"p90": metrics[f"ttft_p90_ms_c{c}"]} if f"ttft_p90_ms_c{c}" in metrics else None
-        points.append({"concurrency": c, "output_tokens_per_s": metrics[f"tokens_per_s_c{c}"], "itl_ms": itl,
-                       "ttft_ms": ttft})
+        points.append(
+            {
+                "concurrency": c,
+                "output_tokens_per_s": metrics[f"tokens_per_s_c{c}"],
+                "itl_ms": itl,
+                "ttft_ms": ttft,
+            }
+        )
     return {"points": points}
 
 
@@ -218,9 +248,13 @@ def _write_report(results: BuildResults, out: Path) -> WrittenReport:
     results_path = out / RESULTS_FILE
     results_path.write_text(results.to_json())
     rows = [r.model_dump() for r in results.rows if r.metrics]
-    written = [plots.accuracy_pareto(rows, out / PARETO_PLOT, title=f"{results.build}: perplexity vs size and speed")]
+    written = [
+        plots.accuracy_pareto(rows, out / PARETO_PLOT, title=f"{results.build}: perplexity vs size and speed")
+    ]
     for target in dict.fromkeys(r.target for r in results.rows):
-        curves = {r.recipe: curve_from_metrics(r.metrics) for r in results.rows if r.target == target and r.metrics}
+        curves = {
+            r.recipe: curve_from_metrics(r.metrics) for r in results.rows if r.target == target and r.metrics
+        }
         if any(c["points"] for c in curves.values()):
             name = f"latency_vs_throughput-{target}.png"
             written.append(plots.latency_throughput(curves, out / name, title=f"{results.build} on {target}"))
@@ -230,14 +264,20 @@ def _write_report(results: BuildResults, out: Path) -> WrittenReport:
 def load_results(build_or_path: str | Path) -> BuildResults:
     """A build's results by name (under ``KILN_HOME/reports``) or from a ``results.json`` path."""
     candidate = Path(build_or_path)
-    if candidate.suffix != ".json" and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(build_or_path)):
-        raise KilnInputError(f"{str(build_or_path)!r} is neither a build name (letters, digits, _ . -) nor a "
-                             "results .json file")
+    if candidate.suffix != ".json" and not re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(build_or_path)
+    ):
+        raise KilnInputError(
+            f"{str(build_or_path)!r} is neither a build name (letters, digits, _ . -) nor a "
+            "results .json file"
+        )
     path = candidate if candidate.suffix == ".json" else report_dir(str(build_or_path)) / RESULTS_FILE
     if not path.is_file():
         known = sorted(p.parent.name for p in (constants.kiln_home() / "reports").glob(f"*/{RESULTS_FILE}"))
-        raise KilnInputError(f"no build results at {path}; known builds under {constants.kiln_home() / 'reports'}: "
-                             f"{', '.join(known) or 'none'} (run `kiln build` first, or pass a results.json path)")
+        raise KilnInputError(
+            f"no build results at {path}; known builds under {constants.kiln_home() / 'reports'}: "
+            f"{', '.join(known) or 'none'} (run `kiln build` first, or pass a results.json path)"
+        )
     try:
         return BuildResults.model_validate(json.loads(path.read_text()))
     except (json.JSONDecodeError, ValidationError) as exc:
@@ -246,7 +286,9 @@ def load_results(build_or_path: str | Path) -> BuildResults:
 
 def latest_build() -> str | None:
     """The build whose results were written last, for ``kiln report`` without arguments."""
-    found = sorted((constants.kiln_home() / "reports").glob(f"*/{RESULTS_FILE}"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        (constants.kiln_home() / "reports").glob(f"*/{RESULTS_FILE}"), key=lambda p: p.stat().st_mtime
+    )
     return found[-1].parent.name if found else None
 
 
@@ -264,14 +306,29 @@ def log_to_mlflow(written: WrittenReport, results: BuildResults, tracking_uri: s
     client = R.client(tracking_uri)
     with R.mlflow_errors(tracking_uri, f"log report {results.build}"):
         experiment_id = R.ensure_experiment(client, tracking_uri, model)
-        runs = client.search_runs([experiment_id], f"tags.`{REPORT_RUN_TAG}` = '{results.build}'", max_results=1)
-        run_id = runs[0].info.run_id if runs else client.create_run(
-            experiment_id, run_name=f"report.{results.build}",
-            tags={REPORT_RUN_TAG: results.build, "kiln.model": model}).info.run_id
+        runs = client.search_runs(
+            [experiment_id], f"tags.`{REPORT_RUN_TAG}` = '{results.build}'", max_results=1
+        )
+        run_id = (
+            runs[0].info.run_id
+            if runs
+            else client.create_run(
+                experiment_id,
+                run_name=f"report.{results.build}",
+                tags={REPORT_RUN_TAG: results.build, "kiln.model": model},
+            ).info.run_id
+        )
         for row in results.rows:
             client.set_tag(run_id, f"kiln.verdict.{row.recipe}.{row.target}", _verdict(row))
             task_keys = sorted(k for k in row.metrics if k.startswith("task_"))
-            for key in ("perplexity", "ppl_increase_pct", "top1_agreement", "tokens_per_s", "size_bytes", *task_keys):
+            for key in (
+                "perplexity",
+                "ppl_increase_pct",
+                "top1_agreement",
+                "tokens_per_s",
+                "size_bytes",
+                *task_keys,
+            ):
                 if key in row.metrics:
                     client.log_metric(run_id, f"{row.recipe}.{row.target}.{key}", row.metrics[key])
         out = written.results_path.parent

@@ -1,8 +1,8 @@
 """The validation result document (JSON, with a JSON Schema in ``kiln/schemas``) and its flat metrics.
 
 The document is what gets stored next to an engine (MLflow artifact, step cache); the flat metrics
-(``perplexity``, ``tokens_per_s``, ``ttft_p90_ms_c4``, ``task_hellaswag_acc`` ...) are what gates, MLflow metrics and the
-report table read.
+(``perplexity``, ``tokens_per_s``, ``ttft_p90_ms_c4``, ``task_hellaswag_acc`` ...) are what gates, MLflow
+metrics and the report table read.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ from kiln.validation.perf import PerfResult
 SCHEMA_ID = "kiln.validation-result/1"
 SCHEMA_FILE = "validation-result.schema.json"
 
-_ACCURACY_METRICS = ("perplexity", "baseline_perplexity", "ppl_increase_pct", "kl_divergence", "kl_divergence_p99",
-                     "top1_agreement", "greedy_exact_match", "greedy_prefix_match")
+_ACCURACY_METRICS = (
+    "perplexity",
+    "baseline_perplexity",
+    "ppl_increase_pct",
+    "kl_divergence",
+    "kl_divergence_p99",
+    "top1_agreement",
+    "greedy_exact_match",
+    "greedy_prefix_match",
+)
 
 
-def flat_metrics(accuracy: AccuracyResult | None, perf: PerfResult | None,
-                 size_bytes: int | None = None) -> dict[str, float]:
+def flat_metrics(
+    accuracy: AccuracyResult | None, perf: PerfResult | None, size_bytes: int | None = None
+) -> dict[str, float]:
     """Every finite number worth a metric, under stable names; per-concurrency ones end in ``_c{N}``."""
     metrics: dict[str, float] = {}
     if accuracy is not None:
@@ -40,8 +49,9 @@ def flat_metrics(accuracy: AccuracyResult | None, perf: PerfResult | None,
         metrics["tokens_per_s"] = perf.best_tokens_per_s
         metrics["ttft_p90_ms"] = perf.ttft_p90_ms
         metrics["peak_memory_bytes"] = perf.peak_memory_bytes
-        metrics["roofline_pct"] = max((p.roofline_pct for p in perf.points if p.roofline_pct is not None),
-                                      default=None)
+        metrics["roofline_pct"] = max(
+            (p.roofline_pct for p in perf.points if p.roofline_pct is not None), default=None
+        )
         for p in perf.points:
             c = p.concurrency
             metrics[f"tokens_per_s_c{c}"] = p.output_tokens_per_s
@@ -58,13 +68,25 @@ def flat_metrics(accuracy: AccuracyResult | None, perf: PerfResult | None,
 def environment() -> dict[str, Any]:
     """Where the numbers were taken: they only compare between equal environments."""
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "machine": platform.machine(), "cuda_device": cuda}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cuda_device": cuda,
+    }
 
 
-def build_document(*, engine: dict[str, Any], baseline: dict[str, Any], heldout: dict[str, Any],
-                   accuracy: AccuracyResult | None, perf: PerfResult | None, timings_s: dict[str, float],
-                   verdict: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_document(
+    *,
+    engine: dict[str, Any],
+    baseline: dict[str, Any],
+    heldout: dict[str, Any],
+    accuracy: AccuracyResult | None,
+    perf: PerfResult | None,
+    timings_s: dict[str, float],
+    verdict: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The validation result of one engine as a JSON-ready dict that conforms to the schema."""
     document = {
         "schema": SCHEMA_ID,
