@@ -98,6 +98,9 @@ def add_fp8_kv(checkpoint: Path, model) -> None:
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
 
 
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
 def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
@@ -131,8 +134,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def throughput(engine, conc: int, n_requests: int, isl: int, osl: int, vocab: int) -> dict:
-    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=osl)) for p in prompts(vocab, n_requests, isl, 3)]
+def throughput(engine, conc: int, n_requests: int, isl: int, osl: int, vocab: int, sampled: bool = False) -> dict:
+    """``sampled``: every request samples (temperature 0.8, top-p 0.95, its own seed) instead of greedy."""
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=osl, **SAMPLED, seed=i) if sampled
+                                  else SamplingParams(max_new_tokens=osl))
+                for i, p in enumerate(prompts(vocab, n_requests, isl, 3))]
     warm = requests[: min(len(requests), conc)]
     t0 = time.perf_counter()
     engine.generate([GenerationRequest(r.prompt_token_ids, SamplingParams(max_new_tokens=min(osl, 64))) for r in warm],
@@ -146,7 +152,7 @@ def throughput(engine, conc: int, n_requests: int, isl: int, osl: int, vocab: in
     total = sum(len(r.token_ids) for r in res)
     ttft = [r.ttft_s * 1e3 for r in res]
     itl = [1e3 * (b - a) for r in res for a, b in zip(r.token_times_s, r.token_times_s[1:], strict=False)]
-    out = {"concurrency": conc, "requests": n_requests, "isl": isl, "osl": osl,
+    out = {"concurrency": conc, "requests": n_requests, "isl": isl, "osl": osl, "sampled": sampled,
            "output_tok_s": round(total / wall, 1), "wall_s": round(wall, 3), "warmup_s": round(warm_s, 2),
            "ttft_ms_p50": round(_pct(ttft, 0.5), 2), "ttft_ms_p99": round(_pct(ttft, 0.99), 2),
            "itl_ms_p50": round(_pct(itl, 0.5), 3), "itl_ms_p99": round(_pct(itl, 0.99), 3)}
@@ -227,6 +233,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="concurrency of a profiled generate at the first scenario's ISL/OSL (0: none)")
     parser.add_argument("--packed-mask-prefill", action="store_true",
                         help="the earlier prefill: every packed pass attends through one [T, T] mask (before/after)")
+    parser.add_argument("--sampled", type=int, default=0,
+                        help="concurrency of a second run at the first scenario's ISL/OSL with sampled requests")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--name", default="engine_throughput_gpu")
     args = parser.parse_args()
@@ -304,6 +312,9 @@ def main() -> None:
             key = f"{isl}/{osl}@{conc}"
             out[key] = run.stage(f"{precision}_{key}", throughput, loaded[1], conc, max(1, int(per_slot * conc)),
                                  isl, osl, vocab)
+            if args.sampled == conc and (isl, osl) == scenarios[0][:2]:
+                out[f"{key}:sampled"] = run.stage(f"{precision}_{key}_sampled", throughput, loaded[1], conc,
+                                                  max(1, int(per_slot * conc)), isl, osl, vocab, True)
             if args.profile == conc and (isl, osl) == scenarios[0][:2]:
                 out[f"profile@{conc}"] = run.stage(f"profile_{precision}_{conc}", profile, loaded[1], conc, isl,
                                                    osl, vocab, args.out, f"{args.name}_profile_{precision}_{conc}")
@@ -326,7 +337,8 @@ def write_markdown(r: dict, path: Path) -> None:
         for v in res.values():
             if not isinstance(v, dict) or "output_tok_s" not in v:
                 continue
-            lines.append(f"| {precision} | {v['isl']}/{v['osl']} | {v['concurrency']} | {v['requests']} | "
+            mode = " sampled" if v.get("sampled") else ""
+            lines.append(f"| {precision}{mode} | {v['isl']}/{v['osl']} | {v['concurrency']} | {v['requests']} | "
                          f"{v['output_tok_s']:,.0f} | {v['ttft_ms_p50']} / {v['ttft_ms_p99']} | "
                          f"{v['itl_ms_p50']} / {v['itl_ms_p99']} | {v.get('peak_gpu_mem_gb', '')} |")
     lines += ["", "Batch-1 decode (32-token prompt, 128 new tokens, median of 3):", ""]
