@@ -364,7 +364,7 @@ def bench_shape(run: Run, key: str, args, bandwidth: dict | None, tgt: Target) -
         if engine is None:
             return
         try:
-            manifest = engine.manifest
+            manifest = engine.manifest.to_dict()
             r["program"] = manifest["program"]
             print(f"[{key}] kiln-engine.json program: {json.dumps(manifest['program'])}", flush=True)
             r["engine_weight_bytes"] = engine.model.weight_bytes()

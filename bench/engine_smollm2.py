@@ -77,7 +77,7 @@ def compare(recipe: str, kv: str, work: Path) -> dict:
             row["reference_margin_there"] = round((ref[first].max() - ref[first, result.token_ids[first]]).item(), 4)
         rows.append(row)
     engine.close()
-    return {"recipe": recipe, "kv_cache": kv, "quant_algo": engine.manifest["quant_algo"], "export_gap": gap,
+    return {"recipe": recipe, "kv_cache": kv, "quant_algo": engine.manifest.quant_algo, "export_gap": gap,
             "prompts": rows, "identical": sum(r["identical"] for r in rows), "seconds": round(time.perf_counter() - t0, 1)}
 
 

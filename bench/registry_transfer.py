@@ -54,8 +54,10 @@ def make_engine(root: Path, size_mb: int, files: int) -> Path:
     (root / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM", "dtype": "bfloat16"}))
     import torch
 
-    (root / "kiln-engine.json").write_text(json.dumps({"backend": "torch", "device": "cpu", "sm": None,
-                                                       "versions": {"torch": torch.__version__}}))
+    (root / "kiln-engine.json").write_text(json.dumps({
+        "format_version": 1, "backend": "torch", "target": "cpu", "device": "cpu", "sm": None,
+        "dtype": "bfloat16", "limits": {}, "toolchain": {"torch": torch.__version__},
+        "program": {"compile": "none", "cuda_graphs": False}, "model": {}, "layout": []}))
     return root
 
 
@@ -79,12 +81,14 @@ def main() -> None:
         os.environ.update(s3.env)
         os.environ.pop("AWS_ENDPOINT_URL", None)
         os.environ["KILN_HOME"] = str(work / "home")
+        from kiln.engine.manifest import read
         from kiln.profiles import Registry
         from kiln.registry import publish
         from kiln.registry import s3 as s3_module
         from kiln.registry.store import download_version, open_store, scan_dir, sha256_file, upload_version
 
         engine = make_engine(work / "engine", args.size_mb, args.files)
+        engine_record = read(engine)
         files = scan_dir(engine)
         total = sum(path.stat().st_size for _, path in files)
         total_mb = total / MB
@@ -128,18 +132,18 @@ def main() -> None:
         version = store.child(f"bench/cpu/{key}")
         up_s, (manifest, created) = timed(lambda: upload_version(
             version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-            engine={"backend": "torch"}, lineage={}))
+            engine=engine_record, lineage={}))
         assert created
         record("kiln upload_version (sha256 + multipart SHA-256 + manifest)", up_s)
         again_s, (_, created_again) = timed(lambda: upload_version(
             version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-            engine={"backend": "torch"}, lineage={}))
+            engine=engine_record, lineage={}))
         assert not created_again
         results["kiln upload of a published version (manifest there: no-op)"] = {"s": round(again_s, 3)}
         version.delete("manifest.json")  # the same files, no manifest: what a crashed publisher leaves
         record("kiln resume after crash (no manifest: HEAD + sha256 per file, manifest put)", timed(
             lambda: upload_version(version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-                                   engine={"backend": "torch"}, lineage={}))[0])
+                                   engine=engine_record, lineage={}))[0])
         down = work / "down"
         record("kiln download_version (download + sha256 verify)",
                timed(lambda: download_version(version, down, manifest))[0])
@@ -170,7 +174,7 @@ def main() -> None:
         for index in range(3):
             pre_key = f"{index + 3:02d}" * 32
             upload_version(open_store(registry.store_uri).child(f"bench/cpu/{pre_key}"), small, model="bench",
-                           target="cpu", recipe="fp8", build_key=pre_key, engine={"backend": "torch"}, lineage={})
+                           target="cpu", recipe="fp8", build_key=pre_key, engine=engine_record, lineage={})
             times.append(timed(lambda key=pre_key: publish(
                 small, registry=registry, build_key=key, lineage={"model_sha": "0" * 40},
                 metrics={"perplexity": 32.0}, params={"recipe.name": "fp8"}, artifacts=[], passed_gates=True,

@@ -162,7 +162,6 @@ def main() -> None:
     if engine_dir is None:
         return
     from kiln.engine.torch import TorchBackend
-    from kiln.validation.measure import engine_device
     from kiln.validation.perf import BenchPrompt, EngineRounds, decode_cost_from_dir, seeded_prompts, sweep
 
     prompts = [BenchPrompt(p, args.output_len) for p in
@@ -171,7 +170,7 @@ def main() -> None:
     engine = run.stage("load_in_process", TorchBackend().load, engine_dir)
     if engine is None:
         return
-    device = engine_device(json.loads((engine_dir / "kiln-engine.json").read_text()))
+    device = engine.manifest.device
     in_process = EngineRounds(engine)
     # every level once, untimed, before a server starts: Inductor's compiles land in the on-disk cache the
     # server's engine process then reads, and nothing compiles while the other side is measured

@@ -8,9 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from kiln import host
-from kiln.host import HostReport, tensorrt_llm_status
+from kiln.host import HostReport
 
-__all__ = ["collect", "family_rows", "families_markdown", "tensorrt_llm_status"]  # kiln.serve reads the last
+__all__ = ["collect", "family_rows", "families_markdown"]
 
 
 def collect() -> HostReport:

@@ -90,7 +90,8 @@ class ContractError(KilnError):
 
 
 class EngineMismatchError(KilnError):
-    """An engine was built for another GPU SM or toolchain than this machine's."""
+    """An engine was built for another GPU SM or toolchain than this machine's, or its ``kiln-engine.json`` is
+    missing, malformed or of another format (:func:`kiln.engine.manifest.read` names the file and field)."""
 
 
 class GenerationLimitError(KilnInputError):

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from kiln.cli import app
+from kiln.engine.manifest import read
 from kiln.errors import (
     EngineMismatchError,
     IntegrityError,
@@ -52,8 +53,10 @@ def make_engine(root: Path, *, seed: int = 0, files: int = 3, size: int = 20_000
     root.mkdir(parents=True)
     for index in range(files):
         (root / f"rank{index}.safetensors").write_bytes(rng.randbytes(size))
-    record = {"backend": "torch", "device": "cuda" if sm else "cpu", "sm": sm, "dtype": "bfloat16",
-              "versions": {"torch": TORCH_VERSION}}
+    record = {"format_version": 1, "backend": "torch", "target": "h100" if sm else "cpu",
+              "device": "cuda" if sm else "cpu", "sm": sm, "dtype": "bfloat16", "limits": {},
+              "toolchain": {"torch": TORCH_VERSION}, "program": {"compile": "none", "cuda_graphs": False},
+              "model": {}, "layout": []}
     (root / "kiln-engine.json").write_text(json.dumps(record))
     return root
 
@@ -226,7 +229,7 @@ def test_crash_between_upload_and_registration_is_completed_by_rerun(server_regi
     engine = make_engine(tmp_path / "engine")
     version_store = open_store(server_registry.store_uri).child(f"{model}/cpu/{key(3)}")
     upload_version(version_store, engine, model=model, target="cpu", recipe="fp8", build_key=key(3),
-                   engine={"backend": "torch"}, lineage={})
+                   engine=read(engine), lineage={})
     client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
     experiment = client.create_experiment(f"kiln/{model}")
     stale = client.create_run(experiment, tags={"kiln.build_key": key(3)}).info.run_id

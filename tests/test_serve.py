@@ -564,8 +564,10 @@ def test_serve_a_registry_reference_fetches_verifies_and_refuses_another_gpu(eng
     gpu_engine = tmp_path / "gpu-engine"
     gpu_engine.mkdir()
     (gpu_engine / "rank0.safetensors").write_bytes(b"0" * 100)
-    (gpu_engine / "kiln-engine.json").write_text(json.dumps({"backend": "torch", "device": "cuda", "sm": "sm90",
-                                                            "gpu": "h100", "toolchain": {"torch": "2.13.0"}}))
+    (gpu_engine / "kiln-engine.json").write_text(json.dumps({
+        "format_version": 1, "backend": "torch", "target": "h100", "device": "cuda", "sm": "sm90",
+        "gpu": "h100", "dtype": "bfloat16", "limits": {}, "toolchain": {"torch": "2.13.0"},
+        "program": {"compile": "inductor", "cuda_graphs": True}, "model": {}, "layout": []}))
     publish(gpu_engine, registry=registry, build_key="b" * 64, lineage={**lineage, "target": "h100"},
             metrics={}, params={}, artifacts=[], passed_gates=True, recommended=False)
     refused = runner.invoke(app, ["serve", "tiny@v1", "--target", "h100"])
@@ -594,9 +596,11 @@ def test_tensorrt_llm_engine_dir_prints_the_trtllm_serve_command_where_it_cannot
     artifact.mkdir()
     (artifact / "llm_api_options.yaml").write_text("kv_cache_config: {free_gpu_memory_fraction: 0.9}\n")
     (artifact / "kiln-engine.json").write_text(json.dumps({
-        "format_version": 1, "backend": "tensorrt_llm", "artifact": "hf_checkpoint", "device": "cuda", "sm": "sm90",
-        "gpu": "h100", "toolchain": {"tensorrt_llm": "1.3.0"}, "limits": {"max_batch_size": 8},
-        "llm_api": {"options_file": "llm_api_options.yaml"}}))
+        "format_version": 1, "backend": "tensorrt_llm", "artifact": "hf_checkpoint", "target": "h100-trtllm",
+        "device": "cuda", "sm": "sm90", "gpu": "h100", "dtype": "bfloat16",
+        "toolchain": {"tensorrt_llm": "1.3.0"}, "limits": {"max_batch_size": 8},
+        "contract": {"series": "1.3", "source": "tensorrt_llm-1.3.json"},
+        "llm_api": {"class": "tensorrt_llm:LLM", "settings": {}, "options_file": "llm_api_options.yaml"}}))
     result = runner.invoke(app, ["serve", str(artifact), "--port", "8123"])
     assert result.exit_code != 0
     assert (f"trtllm-serve {artifact} --backend pytorch --extra_llm_api_options {artifact / 'llm_api_options.yaml'} "

@@ -24,6 +24,10 @@ from kiln.registry.store import (
 )
 
 KEY = "ab" * 32
+ENGINE = {"format_version": 1, "backend": "torch", "target": "t", "device": "cpu", "dtype": "float32",
+          "limits": {}, "toolchain": {"torch": "2.0.0"}, "program": {"compile": "none", "cuda_graphs": False},
+          "model": {}, "layout": []}
+"""The engine record a version carries (kiln-engine.json); the store only keeps it."""
 
 
 def make_engine_dir(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
@@ -40,7 +44,7 @@ def make_engine_dir(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
 
 def _upload(store, engine: Path, events: list[TransferEvent] | None = None, on_progress=None):
     return upload_version(store.child(f"m/t/{KEY}"), engine, model="m", target="t", recipe="r", build_key=KEY,
-                          engine={"backend": "torch"}, lineage={"model_sha": "abc"},
+                          engine=ENGINE, lineage={"model_sha": "abc"},
                           on_progress=events.append if events is not None else on_progress)
 
 
@@ -113,8 +117,8 @@ def test_tampered_file_fails_download_and_leaves_output_untouched(tmp_path: Path
 
 def test_manifest_with_unsafe_path_is_refused(tmp_path: Path) -> None:
     store = open_store((tmp_path / "store").as_uri())
-    bad = Manifest(model="m", target="t", recipe="r", build_key=KEY, created_at="now", engine={}, lineage={},
-                   files=[{"path": "../escape.txt", "size": 1, "sha256": "0" * 64}])
+    bad = Manifest(model="m", target="t", recipe="r", build_key=KEY, created_at="now", engine=ENGINE,
+                   lineage={}, files=[{"path": "../escape.txt", "size": 1, "sha256": "0" * 64}])
     with pytest.raises(IntegrityError, match="unsafe path"):
         download_version(store, tmp_path / "out", bad)
 
@@ -132,8 +136,9 @@ def test_bad_store_uris_and_dirs_are_input_errors(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(KilnInputError, match="not empty"):
-        download_version(store, tmp_path / "out", Manifest(model="m", target="t", recipe="r", build_key=KEY,
-                                                            created_at="now", engine={}, lineage={}, files=[]))
+        empty = Manifest(model="m", target="t", recipe="r", build_key=KEY, created_at="now", engine=ENGINE,
+                         lineage={}, files=[])
+        download_version(store, tmp_path / "out", empty)
 
 
 # --- real S3: SeaweedFS (verifies checksums, enforces signatures and If-None-Match) -----------------------

@@ -108,7 +108,7 @@ def test_bf16_engine_close_to_hf_bf16(tiny_hf: Path, unquantized, tmp_path: Path
 
     checkpoint, _, _ = unquantized
     engine = build(checkpoint, tmp_path / "engine", dtype="bfloat16")
-    assert engine.manifest["dtype"] == "bfloat16"
+    assert engine.manifest.dtype == "bfloat16"
     assert engine.model.embedding.dtype == torch.bfloat16
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.bfloat16).eval()
     ids = token_ids(40)
@@ -137,7 +137,7 @@ def test_quantized_logits_match_modelopt_fake_quant(tiny_hf: Path, unquantized, 
     quant = json.loads((checkpoint / "config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == (quant_algo, kv_algo)
     engine = build(checkpoint, tmp_path / "engine")
-    assert (engine.manifest["quant_algo"], engine.manifest["kv_cache_quant_algo"]) == (quant_algo, kv_algo)
+    assert (engine.manifest.quant_algo, engine.manifest.kv_cache_quant_algo) == (quant_algo, kv_algo)
     ids = token_ids(40)
     got = engine.logits(ids)
     assert (got - hf_logits(fake_quant, ids)).abs().max().item() <= tol
@@ -224,7 +224,7 @@ def test_kiln_quantize_checkpoint_runs_in_engine(tmp_path: Path, rope_theta: flo
     out = quantize(hf_dir, Recipe(name="w8", quantization="int8_wo"), layouts=[(1, 1)], output_dir=tmp_path / "q",
                    dtype="float16", device="cpu", lineage={}, calibration=None, formats=("trtllm",))
     engine = build(out.trtllm_dirs["tp1pp1"], tmp_path / "engine")
-    assert engine.manifest["quant_algo"] == "W8A16"
+    assert engine.manifest.quant_algo == "W8A16"
     ids = token_ids(120)
     reference = fake_quant_model(hf_dir, "int8_wo")  # weight-only: no calibration data, same scales
     # the int8_wo tolerance plus kiln.quantize's fp16 load; a wrong RoPE base is ~10x off at 120 positions

@@ -12,6 +12,7 @@ import torch
 
 from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import GenerationRequest, SamplingParams
+from kiln.engine.manifest import read
 from kiln.engine.torch import TorchBackend, check_compatible
 from kiln.errors import (
     BackendUnavailableError,
@@ -187,7 +188,7 @@ def test_load_refuses_other_torch_minor(engine_dir: Path, tmp_path: Path) -> Non
 
 def test_load_refuses_other_backend_and_cuda_engine_without_gpu(engine_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineMismatchError, match="backend 'tensorrt_llm'"):
-        check_compatible({**json.loads((engine_dir / ENGINE_MANIFEST).read_text()), "backend": "tensorrt_llm"}, engine_dir)
+        check_compatible(read(engine_dir).model_copy(update={"backend": "tensorrt_llm"}), engine_dir)
     cuda = _edited(engine_dir, tmp_path, device="cuda", sm="sm90", gpu="h100")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -201,7 +202,7 @@ def test_load_refuses_other_sm(engine_dir: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
-    manifest = {**json.loads((engine_dir / ENGINE_MANIFEST).read_text()), "device": "cuda", "sm": "sm90", "gpu": "h100"}
+    manifest = read(engine_dir).model_copy(update={"device": "cuda", "sm": "sm90", "gpu": "h100"})
     with pytest.raises(EngineMismatchError, match=r"built for sm90 \(h100\); this GPU is sm80 \(NVIDIA A100\)"):
         check_compatible(manifest, engine_dir)
 

@@ -12,6 +12,7 @@ import yaml
 
 from kiln.constants import ENGINE_MANIFEST
 from kiln.engine.base import GenerationRequest, SamplingParams, get_backend
+from kiln.engine.manifest import EngineManifest
 from kiln.engine.trtllm import api, backend
 from kiln.errors import BackendUnavailableError, ContractError, ModelSourceError, UnsupportedCombinationError
 from tests.fixtures.models import make_tiny_llama
@@ -132,7 +133,9 @@ def test_wrong_backend_target_is_refused() -> None:
 def test_engine_from_another_toolchain_or_gpu_is_refused(tmp_path: Path) -> None:
     from kiln.errors import EngineMismatchError
 
-    manifest = {"artifact": "engine", "sm": "sm90", "toolchain": {"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1"}}
+    # only what check_loadable reads (a whole record is read() and checked in test_manifest.py)
+    manifest = EngineManifest.model_construct(artifact="engine", sm="sm90",
+                                              toolchain={"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1"})
     backend.check_loadable(manifest, tmp_path, {"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1", "gpu_sm": "sm90"})
     with pytest.raises(EngineMismatchError, match="tensorrt_llm 1.2.1"):
         backend.check_loadable(manifest, tmp_path, {"tensorrt_llm": "1.2.0", "gpu_sm": "sm90"})
@@ -249,7 +252,7 @@ def test_stop_tokens_are_kept_as_kiln_s_torch_engine_keeps_them(tmp_path: Path) 
     expected = torch_engine.generate([GenerationRequest(prompt, stopped)])[0]
     assert expected.finish_reason == "stop" and expected.token_ids == free[: index + 1]  # the torch engine keeps it
 
-    manifest = {"limits": cpu.limits.model_dump()}
+    manifest = EngineManifest.model_construct(limits=cpu.limits)  # only what TensorRTLLMEngine reads
     trt = backend.TensorRTLLMEngine(tmp_path, manifest, _FakeTrtLLM(free), api.load_contract("1.2"),
                                     lambda **kw: types.SimpleNamespace(**kw))
     trt._sample_memory = lambda: None  # no CUDA device here

@@ -75,12 +75,14 @@ def bench_command(
         count = max(max(levels), requests)
         settings: dict = {}
         if engine_dir is not None:
+            from kiln.engine import manifest as engine_manifest
             from kiln.engine.base import get_backend
-            from kiln.validation.measure import engine_device, engine_limits, read_manifest
+            from kiln.registry.fetch import verify_if_fetched
             from kiln.validation.perf import EngineRounds, decode_cost_from_dir
 
-            manifest = read_manifest(engine_dir)
-            engine = get_backend(str(manifest.get("backend"))).load(engine_dir)
+            verify_if_fetched(engine_dir)
+            manifest = engine_manifest.read(engine_dir)
+            engine = get_backend(manifest.backend).load(engine_dir)
             vocab = int(engine.logits([0]).shape[-1])
             if rows is not None:
                 from kiln.serve.text import TextCodec
@@ -88,8 +90,8 @@ def bench_command(
                 codec = TextCodec(engine_dir)
                 rows = [(codec.encode_prompt(p) if isinstance(p, str) else p, n) for p, n in rows]
             run_round, source = EngineRounds(engine), str(engine_dir)
-            device = engine_device(manifest)
-            settings = {"device": device, "max_batch_size": engine_limits(manifest).max_batch_size,
+            device = manifest.device
+            settings = {"device": device, "max_batch_size": manifest.limits.max_batch_size,
                         "decode_cost": decode_cost_from_dir(engine_dir), "peak_memory_bytes": engine.memory_bytes}
         else:
             from kiln.serve.client import OpenAIRounds

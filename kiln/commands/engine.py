@@ -99,12 +99,14 @@ def generate_command(
         from transformers import AutoTokenizer
 
         from kiln.constants import TOKENIZER_CONFIG
+        from kiln.engine import manifest as engine_manifest
         from kiln.engine.base import GenerationRequest, SamplingParams
-        from kiln.engine.torch.backend import read_manifest
         from kiln.errors import ModelSourceError
+        from kiln.registry.fetch import verify_if_fetched
 
         items = _read_prompts(prompt, input_file)
-        manifest = read_manifest(engine_dir)
+        verify_if_fetched(engine_dir)
+        manifest = engine_manifest.read(engine_dir)
         if not (engine_dir / TOKENIZER_CONFIG).is_file():
             raise ModelSourceError(f"{engine_dir}: the engine has no tokenizer files; rebuild it with "
                                    "`kiln compile ... --tokenizer HF_MODEL_DIR`")
@@ -124,10 +126,10 @@ def generate_command(
 
         # a multi-rank engine runs as one process per rank (`torchrun --nproc-per-node N kiln generate ...`);
         # every rank generates in lockstep and only the first prints
-        joined = manifest["backend"] == "torch" and init_from_launcher(manifest["device"])
+        joined = manifest.backend == "torch" and init_from_launcher(manifest.device)
         rank = dist.get_rank() if joined else 0
         try:
-            engine = get_backend(manifest["backend"]).load(engine_dir)
+            engine = get_backend(manifest.backend).load(engine_dir)
             if warmup:  # first calls allocate, capture CUDA graphs, compile: not what tokens/s should measure
                 engine.generate([GenerationRequest(r.prompt_token_ids, replace(
                     r.sampling, max_new_tokens=min(2, r.sampling.max_new_tokens))) for r in requests])

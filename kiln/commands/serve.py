@@ -7,10 +7,14 @@ import logging
 import os
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from kiln.commands._common import cli_errors, console, err_console
+
+if TYPE_CHECKING:
+    from kiln.engine.manifest import EngineManifest
 
 
 def _loopback(host: str) -> bool:
@@ -42,18 +46,16 @@ def serve_command(
 ) -> None:
     """Serve the OpenAI API (completions, chat, streaming, /metrics) with in-flight batching."""
     with cli_errors():
-        from kiln.engine.torch.backend import read_manifest
-        from kiln.errors import EngineMismatchError
+        from kiln.engine import manifest as engine_manifest
+        from kiln.registry.fetch import verify_if_fetched
         from kiln.serve.source import resolve
 
         served = resolve(model, target, tracking_uri=tracking_uri)
-        manifest = read_manifest(served.engine_dir)
-        if manifest.get("backend") == "tensorrt_llm":
+        verify_if_fetched(served.engine_dir)  # a fetched or cached copy must still hold the registered bytes
+        manifest = engine_manifest.read(served.engine_dir)
+        if manifest.backend == "tensorrt_llm":
             _exec_trtllm(served.engine_dir, manifest, host, port, api_key)
             return
-        if manifest.get("backend") != "torch":
-            raise EngineMismatchError(f"{served.engine_dir}: backend {manifest.get('backend')!r} cannot be served "
-                                      "by kiln serve (torch engines; tensorrt_llm runs trtllm-serve)")
         if not _loopback(host) and not api_key:
             err_console.print(f"[bold yellow]warning:[/] binding {host} without --api-key: anyone who can reach "
                               "this port can use the model", highlight=False)
@@ -66,15 +68,16 @@ def serve_command(
                                  api_key=api_key or None, max_waiting=max_waiting, max_body_bytes=max_body_bytes,
                                  log_requests=log_requests, drain_timeout_s=drain_timeout)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-        limits = manifest["limits"]
-        console.print(f"serving [bold]{settings.model_name}[/] ({served.source}; torch on {manifest['device']}, "
-                      f"max_batch_size {limits['max_batch_size']}, max_input_len {limits['max_input_len']}, "
-                      f"max_seq_len {limits['max_seq_len']}) at http://{host}:{port}/v1 "
+        limits = manifest.limits
+        console.print(f"serving [bold]{settings.model_name}[/] ({served.source}; torch on {manifest.device}, "
+                      f"max_batch_size {limits.max_batch_size}, max_input_len {limits.max_input_len}, "
+                      f"max_seq_len {limits.max_seq_len}) at http://{host}:{port}/v1 "
                       f"({'API key required' if api_key else 'no API key'})", highlight=False)
         serve_engine(engine, served.engine_dir, settings, host=host, port=port)
 
 
-def _exec_trtllm(engine_dir: Path, manifest: dict, host: str, port: int, api_key: str | None) -> None:
+def _exec_trtllm(engine_dir: Path, manifest: EngineManifest, host: str, port: int,
+                 api_key: str | None) -> None:
     """Hand a TensorRT-LLM artifact to ``trtllm-serve`` where it runs; elsewhere say where and how, exit non-zero."""
     from kiln.errors import BackendUnavailableError, KilnInputError
     from kiln.serve.server import trtllm_serve_command, trtllm_serve_problem
@@ -88,9 +91,9 @@ def _exec_trtllm(engine_dir: Path, manifest: dict, host: str, port: int, api_key
     if problem is not None:
         print(command)  # unwrapped, to copy: the command to run where the artifact can run
         raise BackendUnavailableError(
-            f"{engine_dir} is a TensorRT-LLM {manifest.get('artifact')} for {manifest.get('sm')} "
-            f"({manifest.get('gpu') or 'GPU'}); it cannot be served here: {problem}. On a machine of its target "
-            f"with TensorRT-LLM {manifest.get('toolchain', {}).get('tensorrt_llm') or ''} (NVIDIA's image, "
+            f"{engine_dir} is a TensorRT-LLM {manifest.artifact} for {manifest.sm} "
+            f"({manifest.gpu or 'GPU'}); it cannot be served here: {problem}. On a machine of its target "
+            f"with TensorRT-LLM {manifest.toolchain.get('tensorrt_llm') or ''} (NVIDIA's image, "
             "deploy/README.md) run the trtllm-serve command printed above")
     err_console.print(f"exec: {command}", highlight=False, soft_wrap=True)
     os.execvp(argv[0], argv)

@@ -1,10 +1,11 @@
 """GPU-aware fetch for serving: resolve ``NAME@ALIAS``, check this machine can run it, download, verify.
 
-The engine record (``kiln-engine.json``, copied into the manifest at publish) says what an engine
-needs: ``sm`` (``sm90``; absent or ``cpu`` for CPU engines), ``backend`` and toolchain versions (a
-``versions`` or ``toolchain`` mapping of package -> version, e.g. ``{"torch": "2.13.0"}``). TensorRT
-engines only run on the SM and the TensorRT-LLM/TensorRT versions they were built with; torch engines on
-their SM and torch major.minor. The check runs on the manifest, before a byte of the engine is fetched.
+The engine record (``kiln-engine.json``, :class:`kiln.engine.manifest.EngineManifest`, copied into the
+manifest at publish) says what an engine needs: its format, ``sm`` (``sm90``; None for CPU engines),
+``backend`` and ``toolchain`` (package -> version, e.g. ``{"torch": "2.13.0"}``). TensorRT engines only run
+on the SM and the TensorRT-LLM/TensorRT versions they were built with; torch engines on their SM and torch
+major.minor. The check runs on the manifest, before a byte of the engine is fetched. A fetched dir keeps
+the manifest (``kiln-manifest.json``): :func:`verify_if_fetched` re-checks its files before it is loaded.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from kiln import constants
+from kiln.engine.manifest import FORMAT_VERSION, EngineManifest
 from kiln.errors import EngineMismatchError, IntegrityError, NotPromotableError
 from kiln.host import installed_versions
 from kiln.registry import mlflow_registry as R
 from kiln.registry import naming as N
-from kiln.registry.store import ProgressFn, download_version, open_store, verified_manifest
+from kiln.registry.store import (
+    FETCHED_MANIFEST,
+    ProgressFn,
+    download_version,
+    open_store,
+    verified_manifest,
+    verify_dir,
+)
 
 
 class ForcedFetchWarning(UserWarning):
@@ -55,31 +64,22 @@ def machine_profile() -> dict[str, Any]:
     return {"sm": sm, "gpu": gpu, "versions": versions}
 
 
-def _engine_versions(engine: dict[str, Any]) -> dict[str, str]:
-    versions: dict[str, str] = {}
-    for key in ("toolchain", "versions"):
-        if isinstance(engine.get(key), dict):
-            versions.update({str(k): str(v) for k, v in engine[key].items()})
-    for package in ("torch", "tensorrt_llm", "tensorrt"):
-        if isinstance(engine.get(f"{package}_version"), str):
-            versions.setdefault(package, engine[f"{package}_version"])
-    return versions
-
-
 def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def compatibility_problems(engine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def compatibility_problems(engine: EngineManifest, machine: dict[str, Any]) -> list[str]:
     """Why an engine with record ``engine`` cannot run on ``machine`` (empty when it can)."""
     problems = []
-    need_sm = _sm(engine.get("sm"))
+    if engine.format_version != FORMAT_VERSION:
+        problems.append(f"its engine format is {engine.format_version}, this kiln reads {FORMAT_VERSION}")
+    need_sm = _sm(engine.sm)
     if need_sm is not None and need_sm != machine.get("sm"):
         here = f"{machine['sm']} ({machine.get('gpu')})" if machine.get("sm") else "no CUDA GPU"
-        problems.append(f"built for {need_sm} ({engine.get('gpu') or 'GPU'}), this machine has {here}")
-    built = _engine_versions(engine)
+        problems.append(f"built for {need_sm} ({engine.gpu or 'GPU'}), this machine has {here}")
+    built = {package: str(version) for package, version in engine.toolchain.items() if version is not None}
     have = machine.get("versions", {})
-    if engine.get("backend") == "tensorrt_llm":
+    if engine.backend == "tensorrt_llm":
         for package in ("tensorrt_llm", "tensorrt"):
             if package in built and have.get(package) != built[package]:
                 problems.append(f"built with {package} {built[package]}, this machine has "
@@ -135,3 +135,10 @@ def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool 
         warnings.warn(f"FORCED fetch of an engine this machine cannot run as built: {detail}",
                       ForcedFetchWarning, stacklevel=2)
     return download_version(version, Path(output_dir), manifest, on_progress)
+
+
+def verify_if_fetched(engine_dir: Path) -> None:
+    """Before loading ``engine_dir``: when ``fetch`` wrote it, every file must still match the registered
+    manifest it left there (``IntegrityError`` naming the file otherwise); a dir built here has no record."""
+    if (Path(engine_dir) / FETCHED_MANIFEST).is_file():
+        verify_dir(Path(engine_dir))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import constants
+from kiln.engine import manifest as engine_manifest
 from kiln.errors import KilnInputError, RegistryConfigError
 from kiln.profiles import Registry
 from kiln.redact import redact as _redact
@@ -80,20 +81,6 @@ def _name_of(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return value["name"]
     return None
-
-
-def _engine_record(engine_dir: Path) -> dict[str, Any]:
-    path = engine_dir / constants.ENGINE_MANIFEST
-    if not path.is_file():
-        raise KilnInputError(f"{engine_dir}: no {constants.ENGINE_MANIFEST}; publish engine dirs built by a kiln "
-                             "backend (it records the SM and toolchain that fetch checks)")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise KilnInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise KilnInputError(f"{path}: expected a JSON object")
-    return record
 
 
 def flat_params(prefix: str, value: Any) -> dict[str, str]:
@@ -154,7 +141,7 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
     # Secrets are dropped before anything is written: the manifest, run params/tags and artifacts.
     lineage = _scrub(dict(lineage))
     params = _scrub({**flat_params("lineage", lineage), **params})
-    engine = _engine_record(engine_dir)
+    engine = engine_manifest.read(engine_dir)  # what fetch checks machines against: refuse a dir without one
     tracking_uri, store_uri = registry.resolved_tracking_uri, registry.resolved_store_uri
     mlflow_client = R.client(tracking_uri)
 
@@ -177,8 +164,8 @@ def publish(engine_dir: Path, *, registry: Registry, build_key: str, lineage: di
     gates = "passed" if passed_gates else "failed"
     tags = {N.TAG_MODEL: model, N.TAG_TARGET: target, N.TAG_RECIPE: recipe, N.TAG_BUILD_KEY: build_key,
             N.TAG_GATES: gates, N.TAG_RECOMMENDED: str(bool(recommended)).lower(), N.TAG_STORE_URI: version_store.uri,
-            N.TAG_MANIFEST_SHA256: manifest_sha, N.TAG_BACKEND: str(engine.get("backend", "")),
-            N.TAG_SM: str(engine.get("sm") or engine.get("device") or "")}
+            N.TAG_MANIFEST_SHA256: manifest_sha, N.TAG_BACKEND: engine.backend,
+            N.TAG_SM: engine.sm or engine.device}
 
     with R.mlflow_errors(tracking_uri, f"register {name}"):
         experiment_id = R.ensure_experiment(mlflow_client, tracking_uri, model)

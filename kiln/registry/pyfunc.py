@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from kiln import constants
+from kiln.engine.manifest import EngineManifest
 from kiln.errors import IntegrityError, KilnInputError
 from kiln.registry.naming import FILES_DIR
 
@@ -53,11 +54,11 @@ def signature() -> Any:
     return ModelSignature(inputs, outputs, ParamSchema(params))
 
 
-def _requirements(engine: dict[str, Any]) -> list[str]:
+def _requirements(engine: EngineManifest) -> list[str]:
     """What loading needs: kiln itself, MLflow, and the runtime the engine is tied to (major.minor for torch)."""
     found = [f"{DISTRIBUTION}=={importlib.metadata.version(DISTRIBUTION)}", f"mlflow=={importlib.metadata.version('mlflow')}"]
-    toolchain = engine.get("toolchain") or engine.get("versions") or {}
-    if engine.get("backend") == "tensorrt_llm" and toolchain.get("tensorrt_llm"):
+    toolchain = engine.toolchain
+    if engine.backend == "tensorrt_llm" and toolchain.get("tensorrt_llm"):
         found.append(f"tensorrt_llm=={toolchain['tensorrt_llm']}")
     elif toolchain.get("torch"):
         major_minor = ".".join(str(toolchain["torch"]).split("+")[0].split(".")[:2])
@@ -80,7 +81,7 @@ def flavor_files(manifest: Any, manifest_bytes: bytes) -> dict[str, bytes]:
                   metadata={"kiln": {"manifest": constants.STORE_MANIFEST,
                                      "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                                      "model": manifest.model, "target": manifest.target, "recipe": manifest.recipe,
-                                     "build_key": manifest.build_key, "backend": manifest.engine.get("backend")}})
+                                     "build_key": manifest.build_key, "backend": manifest.engine.backend}})
     mlflow.pyfunc.add_to_model(model, loader_module=LOADER_MODULE, data=FILES_DIR, python_env="python_env.yaml",
                                conda_env="conda.yaml")
     python_env = {"python": python, "build_dependencies": ["pip", "setuptools", "wheel"],
@@ -116,7 +117,7 @@ def _load_pyfunc(data_path: str) -> KilnEngineModel:
     manifest = verified_manifest(raw, str(root / constants.STORE_MANIFEST), expected, "its MLmodel records")
     (files / FETCHED_MANIFEST).write_bytes(manifest.to_bytes())
     verify_dir(files)  # every engine file against the manifest, before a byte of it is loaded
-    engine = get_backend(str(manifest.engine.get("backend"))).load(files)
+    engine = get_backend(manifest.engine.backend).load(files)
     return KilnEngineModel(engine, TextCodec(files))
 
 

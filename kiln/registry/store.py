@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_serializer
 
 from kiln import constants
+from kiln.engine.manifest import EngineManifest, problems
 from kiln.errors import IntegrityError, KilnInputError, RegistryConfigError, RegistryError
 from kiln.registry.naming import FILES_DIR
 
@@ -56,8 +57,14 @@ class Manifest(BaseModel):
     build_key: str
     created_at: str
     files: list[FileEntry]
-    engine: dict[str, Any]
+    engine: EngineManifest
+    """The engine dir's ``kiln-engine.json``, copied at publish: what fetch checks a machine against."""
     lineage: dict[str, Any]
+
+    @field_serializer("engine")
+    def _engine_as_recorded(self, engine: EngineManifest) -> dict[str, Any]:
+        # as read: the bytes of a version's manifest are what its registered sha256 covers
+        return engine.to_dict()
 
     @property
     def total_bytes(self) -> int:
@@ -71,8 +78,8 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:
-            raise IntegrityError(f"{where}: manifest is not a kiln manifest ({exc.error_count()} problem(s): "
-                                 f"{exc.errors()[0]['msg']}); the version is corrupt - republish it") from None
+            raise IntegrityError(f"{where}: manifest is not a kiln manifest ({problems(exc)}); the version "
+                                 "is corrupt - republish it") from None
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,7 @@ def read_manifest(version: Store) -> Manifest | None:
 
 
 def upload_version(version: Store, local_dir: Path, *, model: str, target: str, recipe: str, build_key: str,
-                   engine: dict[str, Any], lineage: dict[str, Any],
+                   engine: EngineManifest, lineage: dict[str, Any],
                    on_progress: ProgressFn | None = None) -> tuple[Manifest, bool]:
     """Upload ``local_dir`` into the version store, manifest last; returns (manifest, created).
 

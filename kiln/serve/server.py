@@ -14,10 +14,10 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
+from kiln.engine.manifest import EngineManifest
 from kiln.serve.app import ServerState, ServeSettings, create_app
 from kiln.serve.loop import EngineProcess
 
@@ -81,26 +81,26 @@ def serve_engine(engine: EngineProcess, engine_dir: Path, settings: ServeSetting
 # -- TensorRT-LLM artifacts -------------------------------------------------------------------------------------
 
 
-def trtllm_serve_command(engine_dir: Path, manifest: dict[str, Any], host: str, port: int) -> list[str]:
+def trtllm_serve_command(engine_dir: Path, manifest: EngineManifest, host: str, port: int) -> list[str]:
     """The ``trtllm-serve`` argv for a kiln TensorRT-LLM artifact (flags of tensorrt_llm/commands/serve.py:
     MODEL, --tokenizer, --host, --port, --backend {pytorch, tensorrt (alias trt)}, --extra_llm_api_options)."""
     engine_dir = Path(engine_dir)
     argv = ["trtllm-serve", str(engine_dir)]
-    if manifest.get("artifact") == "engine":  # a trtllm-build engine dir: the TensorRT backend, our tokenizer copy
+    if manifest.artifact == "engine":  # a trtllm-build engine dir: the TensorRT backend, our tokenizer copy
         argv += ["--backend", "trt", "--tokenizer", str(engine_dir)]
     else:  # an HF checkpoint for the PyTorch backend, with the LLM API settings kiln validated it with
         argv += ["--backend", "pytorch"]
-        options = (manifest.get("llm_api") or {}).get("options_file") or "llm_api_options.yaml"
+        options = manifest.llm_api.options_file if manifest.llm_api is not None else "llm_api_options.yaml"
         if (engine_dir / options).is_file():
             argv += ["--extra_llm_api_options", str(engine_dir / options)]
     return [*argv, "--host", host, "--port", str(port)]
 
 
-def trtllm_serve_problem(engine_dir: Path, manifest: dict[str, Any]) -> str | None:
+def trtllm_serve_problem(engine_dir: Path, manifest: EngineManifest) -> str | None:
     """Why ``trtllm-serve`` cannot serve this artifact here (None when it can)."""
-    from kiln.doctor import tensorrt_llm_status
     from kiln.engine.trtllm.backend import check_loadable, toolchain
     from kiln.errors import EngineMismatchError
+    from kiln.host import tensorrt_llm_status
 
     status = tensorrt_llm_status()
     if not status.importable or not status.version:

@@ -4,7 +4,8 @@ A reference (``NAME@production``, ``NAME@v3``; with ``--target T`` the registere
 resolved to its version first, then fetched with :func:`kiln.registry.fetch` (which refuses an engine this
 machine's GPU or toolchain cannot run and verifies every sha256) into
 ``$KILN_HOME/serving/<registered model>/v<N>-<manifest sha>``. A later start of the same version reuses that
-copy only while its manifest still is the registered one, and the engine loader re-verifies every file.
+copy only while its manifest still is the registered one, and ``kiln serve`` re-verifies every file
+(``kiln.registry.fetch.verify_if_fetched``) before the engine loads.
 """
 
 from __future__ import annotations

@@ -44,10 +44,10 @@ def warm_up(engine: Any) -> None:
 def load(engine_dir: Path) -> Any:
     """The engine of ``engine_dir``, single-rank, warmed up."""
     from kiln.engine.base import get_backend
-    from kiln.engine.torch.backend import read_manifest
+    from kiln.engine.manifest import read
     from kiln.errors import BackendUnavailableError
 
-    engine = get_backend(str(read_manifest(engine_dir).get("backend"))).load(engine_dir)
+    engine = get_backend(read(engine_dir).backend).load(engine_dir)
     if engine.pp.enabled or engine.tp.world_size > 1:
         raise BackendUnavailableError("kiln serve runs single-rank engines; this one has several ranks "
                                       "(serve it with one process per rank is not supported yet)")

@@ -18,9 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kiln.constants import ENGINE_MANIFEST
+from kiln.engine import manifest as engine_manifest
 from kiln.engine.base import Engine, get_backend
-from kiln.errors import CalibrationDataError, EngineMismatchError
+from kiln.engine.manifest import EngineManifest
+from kiln.errors import CalibrationDataError
 from kiln.profiles import BuildLimits, Evaluation
 from kiln.validation.accuracy import evaluate_accuracy, prompts_from
 from kiln.validation.perf import decode_cost_from_dir, measure_performance, sweep_settings
@@ -28,25 +29,6 @@ from kiln.validation.results import build_document, flat_metrics, validate_docum
 
 RESULT_FILE = "validation.json"
 LATENCY_PLOT = "latency_vs_throughput.png"
-
-
-def read_manifest(engine_dir: Path) -> dict[str, Any]:
-    """The engine's ``kiln-engine.json`` (backend, limits, device); refuses a dir without one."""
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise EngineMismatchError(f"{engine_dir}: no {ENGINE_MANIFEST}; pass an engine dir built by "
-                                  "`kiln compile` or a build (it records the backend and build limits)")
-    return json.loads(path.read_text())
-
-
-def engine_limits(manifest: dict[str, Any]) -> BuildLimits:
-    limits = manifest.get("limits") or (manifest.get("target") or {}).get("limits") or {}
-    return BuildLimits.model_validate(limits)
-
-
-def engine_device(manifest: dict[str, Any]) -> str:
-    device = manifest.get("device") or (manifest.get("target") or {}).get("device")
-    return str(device) if device else "cpu"
 
 
 def heldout_token_ids(heldout: Any) -> tuple[list[list[int]], dict[str, Any]]:
@@ -78,11 +60,8 @@ def _progress(description: str) -> Iterator[Progress]:
         yield progress
 
 
-def load_engine(engine_dir: Path, manifest: dict[str, Any]) -> Engine:
-    backend = manifest.get("backend")
-    if not backend:
-        raise EngineMismatchError(f"{engine_dir}/{ENGINE_MANIFEST} names no backend; rebuild the engine")
-    return get_backend(str(backend)).load(Path(engine_dir))
+def load_engine(engine_dir: Path, manifest: EngineManifest) -> Engine:
+    return get_backend(manifest.backend).load(Path(engine_dir))
 
 
 def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits: BuildLimits) -> dict[str, Any]:
@@ -112,16 +91,17 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
     started = time.perf_counter()
     engine_dir, baseline_dir = Path(engine_dir), Path(baseline_dir)
     token_ids, heldout_info = heldout_token_ids(heldout)
-    manifest = read_manifest(engine_dir)
-    base_manifest = manifest if baseline_dir.resolve() == engine_dir.resolve() else read_manifest(baseline_dir)
-    limits, base_limits = engine_limits(manifest), engine_limits(base_manifest)
+    manifest = engine_manifest.read(engine_dir)
+    same = baseline_dir.resolve() == engine_dir.resolve()
+    base_manifest = manifest if same else engine_manifest.read(baseline_dir)
+    limits, base_limits = manifest.limits, base_manifest.limits
     engine = load_engine(engine_dir, manifest)
-    baseline = engine if base_manifest is manifest else load_engine(baseline_dir, base_manifest)
+    baseline = engine if same else load_engine(baseline_dir, base_manifest)
     try:
         loaded = time.perf_counter()
         window = min(limits.max_seq_len, base_limits.max_seq_len)
         gen_len = evaluation.max_new_tokens
-        perf_requests, perf_gen_len = sweep_settings(evaluation, engine_device(manifest))
+        perf_requests, perf_gen_len = sweep_settings(evaluation, manifest.device)
         prompt_len = min(evaluation.prompt_len, limits.max_input_len, base_limits.max_input_len,
                          window - max(gen_len, perf_gen_len))
         if prompt_len < 1:
@@ -142,7 +122,7 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
             task = progress.add_task(f"perf {engine_dir.name}", total=len(set(evaluation.concurrency)))
             perf = measure_performance(
                 engine, evaluation, prompt_len=prompt_len, gen_len=perf_gen_len, seed=seed,
-                device=engine_device(manifest), vocab_size=None, max_batch_size=limits.max_batch_size,
+                device=manifest.device, vocab_size=None, max_batch_size=limits.max_batch_size,
                 decode_cost=decode_cost_from_dir(engine_dir), min_requests=perf_requests,
                 on_level=lambda _c: progress.advance(task))
         finished = time.perf_counter()
@@ -152,10 +132,10 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
             baseline.close()
     size = dir_size(engine_dir)
     document = build_document(
-        engine={"engine_dir": str(engine_dir), "backend": manifest.get("backend"), "device": engine_device(manifest),
-                "size_bytes": size, "manifest": manifest},
-        baseline={"engine_dir": str(baseline_dir), "backend": base_manifest.get("backend"),
-                  "device": engine_device(base_manifest), "size_bytes": dir_size(baseline_dir)},
+        engine={"engine_dir": str(engine_dir), "backend": manifest.backend, "device": manifest.device,
+                "size_bytes": size, "manifest": manifest.to_dict()},
+        baseline={"engine_dir": str(baseline_dir), "backend": base_manifest.backend,
+                  "device": base_manifest.device, "size_bytes": dir_size(baseline_dir)},
         heldout=heldout_info, accuracy=accuracy, perf=perf,
         timings_s={"load": loaded - started, "tasks": measured_tasks - loaded, "accuracy": measured_accuracy - measured_tasks,
                    "performance": finished - measured_accuracy, "total": finished - started})

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from kiln.constants import ENGINE_MANIFEST
+from kiln.engine import manifest as engine_manifest
 from kiln.engine.base import Engine, GenerationRequest, SamplingParams
 from kiln.errors import GenerationLimitError
 from kiln.profiles import Evaluation
@@ -172,12 +173,11 @@ def decode_cost_from_dir(engine_dir: Path) -> DecodeCost | None:
     """
     engine_dir = Path(engine_dir)
     weights = sum(p.stat().st_size for p in engine_dir.rglob("*.safetensors"))
-    manifest = engine_dir / ENGINE_MANIFEST
-    if manifest.is_file() and weights:
-        data = json.loads(manifest.read_text())
-        model = data.get("model") or {}
+    if (engine_dir / ENGINE_MANIFEST).is_file() and weights:
+        manifest = engine_manifest.read(engine_dir)
+        model = manifest.model or {}  # a torch engine's shape; TensorRT-LLM's is in its config.json
         if {"num_layers", "num_kv_heads", "head_size"} <= model.keys():
-            kv_bytes = 1 if model.get("kv_cache_quant_algo") else _DTYPE_BYTES.get(str(data.get("dtype")), 2)
+            kv_bytes = 1 if manifest.kv_cache_quant_algo else _DTYPE_BYTES[manifest.dtype]
             return DecodeCost(weight_bytes=_tensor_bytes(engine_dir, skip=EMBEDDING),
                               kv_bytes_per_token=2 * model["num_layers"] * model["num_kv_heads"] * model["head_size"] * kv_bytes)
     config_path = next((p for p in sorted(engine_dir.rglob("config.json"))

@@ -1,6 +1,6 @@
 """kiln's portable engine: runs TensorRT-LLM checkpoints with torch on CPUs and CUDA GPUs."""
 
-from kiln.engine.torch.backend import TorchBackend, check_compatible, read_manifest
+from kiln.engine.torch.backend import TorchBackend, check_compatible
 from kiln.engine.torch.runtime import TorchEngine
 
-__all__ = ["TorchBackend", "TorchEngine", "check_compatible", "read_manifest"]
+__all__ = ["TorchBackend", "TorchEngine", "check_compatible"]

@@ -11,7 +11,6 @@ toolchain starts warm.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kiln.constants import ENGINE_MANIFEST
+from kiln.engine import manifest as engine_manifest
 from kiln.engine.base import copy_tokenizer
+from kiln.engine.manifest import FORMAT_VERSION, EngineManifest, TorchProgram
 from kiln.engine.torch import kernels
 from kiln.engine.torch.hf_checkpoint import convert_hf, is_hf_checkpoint, read_hf_spec
 from kiln.engine.torch.model import DecoderModel, KVCache, layer_count
@@ -40,7 +40,6 @@ from kiln.errors import (
 )
 from kiln.profiles import Target
 
-FORMAT_VERSION = 1
 INDUCTOR_CACHE = "program.inductor-cache"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,19 +61,19 @@ def _device_sm(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
-def default_program(target: Target) -> dict[str, Any]:
-    """The compiled program per device, chosen by measurement (bench/results/engine_gpu.md, H100, 1B
-    Llama shape, batch 1): the decode step Inductor-compiled and replayed as CUDA graphs ran 684 tok/s
-    bf16 / 844 tok/s FP8 vs 406 / 376 tok/s for eager kernels under CUDA graphs (the fusion of the
-    norm/RoPE/quantize elementwise ops is what pays); static shapes and coordinate-descent tuning did
-    not pay for their compile time (bench/results/engine_gpu_profile.json). On CUDA with Triton, kiln's own
-    decode kernels too (``kernels.py``: fused RoPE + cache write + split-KV attention; the batch-1 GEMV
-    per weight shape where ``TorchBackend.compile`` measures it faster than cuBLAS; numbers in
-    bench/results/engine_gpu_h200.md). On CPU: eager kernels (no CUDA graphs; Inductor's CPU compile
-    costs minutes on small hosts and was not measured to pay)."""
+def default_program(target: Target) -> TorchProgram:
+    """The compiled program per device, chosen by measurement (the runs and their numbers are in
+    bench/results/: engine_gpu*.md, engine_gpu_profile*.json). On CUDA: the decode step Inductor-compiled
+    and replayed as CUDA graphs (the fusion of the norm/RoPE/quantize elementwise ops is what pays; static
+    shapes and coordinate-descent tuning did not pay for their compile time) and, with Triton, kiln's own
+    decode kernels (``kernels.py``: fused RoPE + cache write + split-KV attention; the batch-1 GEMV per
+    weight shape where ``TorchBackend.compile`` measures it faster than cuBLAS). On CPU: eager kernels (no
+    CUDA graphs; Inductor's CPU compile costs minutes on small hosts and was not measured to pay)."""
     if target.device == "cuda":
-        return {"compile": "inductor", "cuda_graphs": True, **({"attention": "triton"} if kernels.triton else {})}
-    return {"compile": "none", "cuda_graphs": False}
+        if kernels.triton:
+            return TorchProgram(compile="inductor", cuda_graphs=True, attention="triton")
+        return TorchProgram(compile="inductor", cuda_graphs=True)
+    return TorchProgram(compile="none", cuda_graphs=False)
 
 
 class TorchBackend:
@@ -138,29 +137,17 @@ class TorchBackend:
                                        f"{sum(layers_per_stage)} in all, but config.json says {spec.num_layers}; re-export it")
             tokenizer_source = copy_tokenizer(staging, [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"),
                                                         lineage.get("hf_dir"), checkpoint_dir])
-            sm = target.sm if target.device == "cuda" else None
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "backend": self.name,
-                "target": target.name,
-                "device": target.device,
-                "sm": sm,
-                "gpu": target.gpu,
-                "dtype": target.dtype,
-                "quant_algo": spec.quant_algo,
-                "kv_cache_quant_algo": spec.kv_cache_quant_algo,
-                "limits": target.limits.model_dump(),
-                "toolchain": _toolchain(),
-                "program": self._program(target, dtype, gemv_shapes),
-                "model_sha": lineage.get("model_sha") or lineage.get("sha"),
-                "checkpoint_sha256": hash_directory(checkpoint_dir),
-                "tokenizer": tokenizer_source,
-                "lineage": lineage,
-                "model": spec.to_json(),
-                "layout": layouts,
-            }
-            (staging / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            if precompile and target.device == "cuda" and manifest["program"]["compile"] == "inductor":
+            manifest = EngineManifest(
+                format_version=FORMAT_VERSION, backend="torch", target=target.name, device=target.device,
+                sm=target.sm if target.device == "cuda" else None, gpu=target.gpu, dtype=target.dtype,
+                quant_algo=spec.quant_algo, kv_cache_quant_algo=spec.kv_cache_quant_algo,
+                limits=target.limits, toolchain=_toolchain(),
+                program=self._program(target, dtype, gemv_shapes),
+                model_sha=lineage.get("model_sha") or lineage.get("sha"),
+                checkpoint_sha256=hash_directory(checkpoint_dir), tokenizer=tokenizer_source, lineage=lineage,
+                model=spec.to_json(), layout=layouts)
+            engine_manifest.write(staging, manifest)
+            if precompile and target.device == "cuda" and manifest.program.compile == "inductor":
                 self._precompile(staging)
             if output_dir.exists():
                 shutil.rmtree(output_dir)
@@ -174,15 +161,12 @@ class TorchBackend:
         return output_dir
 
     def load(self, engine_dir: Path, *, program: dict[str, Any] | None = None) -> TorchEngine:
-        """Load an engine dir on this machine; ``program`` overrides the built one (benchmarks)."""
+        """Load an engine dir on this machine; ``program`` overrides the built one (benchmarks). A dir fetched
+        from the registry is the caller's to verify first (``kiln.registry.fetch.verify_if_fetched``)."""
         engine_dir = Path(engine_dir)
-        from kiln.registry.store import FETCHED_MANIFEST, verify_dir
-
-        if (engine_dir / FETCHED_MANIFEST).is_file():  # fetched from the registry: its bytes must still match
-            verify_dir(engine_dir)
-        manifest = read_manifest(engine_dir)
+        manifest = engine_manifest.read(engine_dir)
         check_compatible(manifest, engine_dir)
-        spec = ModelSpec.from_json(manifest["model"])
+        spec = ModelSpec.from_json(manifest.model)
         world = TensorParallel.current().world_size
         ranks = spec.tp_size * spec.pp_size
         if world != ranks:
@@ -191,28 +175,29 @@ class TorchBackend:
                 f"process group has {world}: launch one process per rank, e.g. `torchrun --nproc-per-node {ranks} ...`")
         tp, pp = process_layout(spec.tp_size, spec.pp_size)
         device = torch.device("cpu")
-        if manifest["device"] == "cuda":
+        if manifest.device == "cuda":
             local = int(os.environ.get("LOCAL_RANK", pp.rank % torch.cuda.device_count()))
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
-        program = {**manifest["program"], **(program or {})}
+        built = manifest.program.model_dump(exclude_unset=True)
+        run = TorchProgram.model_validate({**built, **(program or {})})
         cache_file = engine_dir / INDUCTOR_CACHE
-        if program.get("compile") == "inductor" and cache_file.is_file():
+        if run.compile == "inductor" and cache_file.is_file():
             torch.compiler.load_cache_artifacts(cache_file.read_bytes())
-        dtype = DTYPES[manifest["dtype"]]
+        dtype = DTYPES[manifest.dtype]
         tensors = load_file(engine_dir / f"rank{pp.rank}.safetensors")
         scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-        model = DecoderModel(spec, manifest["layout"][pp.rank], tensors, dtype=dtype, device=device, tp=tp, pp=pp,
-                             scaled_mm=scaled_mm, program=program)
-        limits = manifest["limits"]
+        model = DecoderModel(spec, manifest.layout[pp.rank], tensors, dtype=dtype, device=device, tp=tp,
+                             pp=pp, scaled_mm=scaled_mm, program=run.model_dump())
+        limits = manifest.limits
         layers = len(model.layers)
-        cache = KVCache(spec, tp, layers, limits["max_batch_size"], limits["max_seq_len"], dtype, device,
+        cache = KVCache(spec, tp, layers, limits.max_batch_size, limits.max_seq_len, dtype, device,
                         kv_cache_scales(spec, tensors, layers))
-        return TorchEngine(engine_dir, manifest, model, cache, tp, pp, program)
+        return TorchEngine(engine_dir, manifest, model, cache, tp, pp, run)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple]) -> dict[str, Any]:
+    def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple]) -> TorchProgram:
         """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this GPU
         and, for integer weights (``linear.tune_quant``), the kernel per row bucket (keys ``int8_wo:NxK``,
         ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16": config or None, "large": "int_mm" or None}``)."""
@@ -226,7 +211,8 @@ class TorchBackend:
         if torch.cuda.get_device_capability(device) < (8, 9):  # no FP8 GEMM: those weights run dequantized
             dense = {s for s in dense if not s[0]}
         integer = {s for s in gemv_shapes if not isinstance(s[0], bool)}
-        return {**program, "gemv": {**kernels.tune_gemv(dense, device, dtype), **tune_quant(integer, device, dtype)}}
+        gemv = {**kernels.tune_gemv(dense, device, dtype), **tune_quant(integer, device, dtype)}
+        return TorchProgram.model_validate({**program.model_dump(exclude_unset=True), "gemv": gemv})
 
     @staticmethod
     def _check_fit(spec: ModelSpec, target: Target, checkpoint_dir: Path) -> None:
@@ -245,8 +231,7 @@ class TorchBackend:
         engine = self.load(engine_dir)
         from kiln.engine.base import GenerationRequest, SamplingParams
 
-        limits = engine.manifest["limits"]
-        for batch in sorted({1, limits["max_batch_size"]}):
+        for batch in sorted({1, engine.max_batch_size}):
             requests = [GenerationRequest([1] * 4, SamplingParams(max_new_tokens=4))] * batch
             engine.generate(requests)
         artifacts = torch.compiler.save_cache_artifacts()
@@ -267,33 +252,21 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise ModelSourceError(f"{engine_dir}: no {ENGINE_MANIFEST}; not an engine dir (build one with `kiln compile`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{path}: not valid JSON: {exc}") from None
-
-
-def check_compatible(manifest: dict[str, Any], engine_dir: Path) -> None:
-    """Refuse an engine built for another backend, format, torch major.minor or GPU SM, naming both sides."""
-    if manifest.get("backend") != "torch":
-        raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.get('backend')!r}, not torch")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise EngineMismatchError(f"{engine_dir}: engine format {manifest.get('format_version')} but this kiln reads "
-                                  f"format {FORMAT_VERSION}: rebuild it with `kiln compile`")
-    built = manifest["toolchain"]["torch"]
-    if _torch_minor(built) != _torch_minor(torch.__version__):
+def check_compatible(manifest: EngineManifest, engine_dir: Path) -> None:
+    """Refuse an engine built for another backend, torch major.minor or GPU SM, naming both sides (``read``
+    has refused other formats)."""
+    if manifest.backend != "torch":
+        raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.backend!r}, not torch")
+    built = manifest.toolchain.get("torch")
+    if not isinstance(built, str) or _torch_minor(built) != _torch_minor(torch.__version__):
         raise EngineMismatchError(f"{engine_dir}: built with torch {built}, this machine has torch {torch.__version__} "
                                   "(major.minor must match): rebuild the engine here or install that torch")
-    if manifest["device"] != "cuda":
+    if manifest.device != "cuda":
         return
     if not torch.cuda.is_available():
-        raise EngineMismatchError(f"{engine_dir}: built for CUDA {manifest['sm']} ({manifest.get('gpu')}); this machine "
-                                  "has no CUDA GPU: load it on a worker with that GPU")
+        raise EngineMismatchError(f"{engine_dir}: built for CUDA {manifest.sm} ({manifest.gpu}); this "
+                                  "machine has no CUDA GPU: load it on a worker with that GPU")
     here = _device_sm(torch.device("cuda", torch.cuda.current_device()))
-    if here != manifest["sm"]:
-        raise EngineMismatchError(f"{engine_dir}: built for {manifest['sm']} ({manifest.get('gpu')}); this GPU is "
+    if here != manifest.sm:
+        raise EngineMismatchError(f"{engine_dir}: built for {manifest.sm} ({manifest.gpu}); this GPU is "
                                   f"{here} ({torch.cuda.get_device_name()}): rebuild for this target")

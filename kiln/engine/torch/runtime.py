@@ -17,11 +17,11 @@ from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from kiln.engine.manifest import EngineManifest, TorchProgram
 from kiln.engine.torch.model import DecoderModel, KVCache
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.sampling import new_generator, sample
@@ -80,24 +80,24 @@ class _Running:
 class TorchEngine:
     """A loaded engine dir; see ``TorchBackend.load``."""
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], model: DecoderModel, cache: KVCache,
-                 tp: TensorParallel, pp: PipelineParallel, program: dict[str, Any]) -> None:
+    def __init__(self, engine_dir: Path, manifest: EngineManifest, model: DecoderModel, cache: KVCache,
+                 tp: TensorParallel, pp: PipelineParallel, program: TorchProgram) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.model, self.cache, self.tp, self.pp = model, cache, tp, pp
-        limits = manifest["limits"]
+        limits = manifest.limits
         self.max_batch_size, self.max_input_len, self.max_seq_len = (
-            limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"])
+            limits.max_batch_size, limits.max_input_len, limits.max_seq_len)
         self.device = model.device
         # prompt tokens prefilled together in one pass (bounds the packed attention mask, T x T)
-        self.max_num_tokens = max(limits.get("max_num_tokens") or 0, self.max_input_len)
+        self.max_num_tokens = max(limits.max_num_tokens, self.max_input_len)
         # Point-to-point sends between stages are neither captured in CUDA graphs nor compiled here: a
         # pipeline-parallel engine runs its decode step eagerly (no multi-GPU machine to measure them on).
-        self.cuda_graphs = bool(program.get("cuda_graphs")) and self.device.type == "cuda" and not self.pp.enabled
+        self.cuda_graphs = program.cuda_graphs and self.device.type == "cuda" and not self.pp.enabled
         self._decode_fn = model.decode
-        if program.get("compile") == "inductor" and not self.pp.enabled:
-            self._decode_fn = torch.compile(model.decode, dynamic=program.get("dynamic", True),
-                                            options=program.get("inductor_options"))
+        if program.compile == "inductor" and not self.pp.enabled:
+            self._decode_fn = torch.compile(model.decode, dynamic=program.dynamic,
+                                            options=program.inductor_options)
         self._batch_buckets = buckets(self.max_batch_size, 1)
         self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
         # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.

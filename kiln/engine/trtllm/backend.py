@@ -37,8 +37,10 @@ import torch
 import yaml
 
 from kiln.constants import ENGINE_MANIFEST
+from kiln.engine import manifest as engine_manifest
 from kiln.engine.base import GenerationRequest, GenerationResult, copy_tokenizer
 from kiln.engine.base import SamplingParams as KilnSampling
+from kiln.engine.manifest import FORMAT_VERSION, ContractRef, EngineManifest, LlmApi, TrtBuild, TrtCheckpoint
 from kiln.engine.trtllm import api
 from kiln.errors import (
     BackendUnavailableError,
@@ -51,7 +53,6 @@ from kiln.errors import (
 )
 from kiln.profiles import Target
 
-FORMAT_VERSION = 1
 BUILD_LOG = "trtllm-build.log"
 LLM_API_OPTIONS = "llm_api_options.yaml"
 WORK_POOL_TEMPLATE = "deploy/trtllm-work-pool.json"
@@ -192,20 +193,20 @@ def build_engine(checkpoint_dir: Path, target: Target, output_dir: Path, lineage
         check_engine_dir(staging, facts.world_size, contract)
         tokenizer = copy_tokenizer(staging, [lineage.get("tokenizer_dir"), lineage.get("model_dir"), lineage.get("hf_dir"),
                                                checkpoint_dir])
-        manifest = _manifest(target, contract, tools, lineage, artifact="engine", quant_algo=facts.quant_algo,
-                             kv_cache_quant_algo=facts.kv_cache_quant_algo,
-                             checkpoint_sha256=hash_directory(checkpoint_dir), tokenizer=tokenizer)
-        manifest["build"] = {"command": [str(a) for a in argv], "seconds": round(seconds, 1),
-                             "gather_context_logits": "--gather_context_logits" in argv,
-                             # what trtllm-build builds, which the argv states explicitly (contract build_logic)
-                             "plugins": api.attention_plugins(facts, target.sm_number, contract).to_dict(),
-                             "checkpoint_dir": str(checkpoint_dir),
-                             "checkpoint": {"architecture": facts.architecture, "dtype": facts.dtype,
-                                            "tp_size": facts.tp_size, "pp_size": facts.pp_size,
-                                            "producer": facts.producer}}
-        # the command names the staging dir; record the final one so it can be re-run as written
-        manifest["build"]["command"] = [str(output_dir) if a == str(staging) else a for a in manifest["build"]["command"]]
-        (staging / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        build = TrtBuild(
+            # the command names the staging dir; record the final one so it can be re-run as written
+            command=[str(output_dir) if str(a) == str(staging) else str(a) for a in argv],
+            seconds=round(seconds, 1),
+            gather_context_logits="--gather_context_logits" in argv,
+            # what trtllm-build builds, which the argv states explicitly (contract build_logic)
+            plugins=api.attention_plugins(facts, target.sm_number, contract).to_dict(),
+            checkpoint_dir=str(checkpoint_dir),
+            checkpoint=TrtCheckpoint(architecture=facts.architecture, dtype=facts.dtype,
+                                     tp_size=facts.tp_size, pp_size=facts.pp_size, producer=facts.producer))
+        engine_manifest.write(staging, _manifest(
+            target, contract, tools, lineage, artifact="engine", quant_algo=facts.quant_algo,
+            kv_cache_quant_algo=facts.kv_cache_quant_algo, checkpoint_sha256=hash_directory(checkpoint_dir),
+            tokenizer=tokenizer, build=build))
     return output_dir
 
 
@@ -274,12 +275,12 @@ def package_hf_checkpoint(hf_dir: Path, target: Target, output_dir: Path, lineag
         (staging / LLM_API_OPTIONS).write_text(
             "# TensorRT-LLM LLM API settings kiln validated this checkpoint with; pass them as LLM(model=DIR, **these)\n"
             "# or `trtllm-serve DIR --extra_llm_api_options llm_api_options.yaml`.\n" + yaml.safe_dump(settings))
-        manifest = _manifest(target, contract, tools or toolchain(), lineage, artifact="hf_checkpoint",
-                             quant_algo=quant_algo, kv_cache_quant_algo=kv_algo,
-                             checkpoint_sha256=hash_directory(hf_dir), tokenizer=str(hf_dir))
-        manifest["llm_api"] = {"class": contract.llm_class("hf_checkpoint"), "settings": settings,
-                               "options_file": LLM_API_OPTIONS}
-        (staging / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        llm_api = LlmApi(llm_class=contract.llm_class("hf_checkpoint"), settings=settings,
+                         options_file=LLM_API_OPTIONS)
+        engine_manifest.write(staging, _manifest(
+            target, contract, tools or toolchain(), lineage, artifact="hf_checkpoint", quant_algo=quant_algo,
+            kv_cache_quant_algo=kv_algo, checkpoint_sha256=hash_directory(hf_dir), tokenizer=str(hf_dir),
+            llm_api=llm_api))
     return output_dir
 
 
@@ -298,28 +299,18 @@ def _hf_dir(checkpoint_dir: Path, lineage: dict) -> Path:
 # --- shared ---------------------------------------------------------------------------------------------------
 
 
-def _manifest(target: Target, contract: api.Contract, tools: dict[str, Any], lineage: dict, *, artifact: str,
-              quant_algo: str | None, kv_cache_quant_algo: str | None, checkpoint_sha256: str,
-              tokenizer: str | None) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "backend": "tensorrt_llm",
-        "artifact": artifact,
-        "target": target.name,
-        "device": "cuda",
-        "sm": tools.get("gpu_sm") or target.sm,
-        "gpu": target.gpu,
-        "dtype": target.dtype,
-        "quant_algo": quant_algo,
-        "kv_cache_quant_algo": kv_cache_quant_algo,
-        "limits": target.limits.model_dump(),
-        "toolchain": tools,
-        "contract": {"series": contract.series, "source": contract.source},
-        "model_sha": lineage.get("model_sha") or lineage.get("sha"),
-        "checkpoint_sha256": checkpoint_sha256,
-        "tokenizer": tokenizer,
-        "lineage": lineage,
-    }
+def _manifest(target: Target, contract: api.Contract, tools: dict[str, Any], lineage: dict, *,
+              artifact: str, quant_algo: str | None, kv_cache_quant_algo: str | None, checkpoint_sha256: str,
+              tokenizer: str | None, build: TrtBuild | None = None,
+              llm_api: LlmApi | None = None) -> EngineManifest:
+    sections = {"build": build} if artifact == "engine" else {"llm_api": llm_api}
+    return EngineManifest(
+        format_version=FORMAT_VERSION, backend="tensorrt_llm", artifact=artifact, target=target.name,
+        device="cuda", sm=tools.get("gpu_sm") or target.sm, gpu=target.gpu, dtype=target.dtype,
+        quant_algo=quant_algo, kv_cache_quant_algo=kv_cache_quant_algo, limits=target.limits, toolchain=tools,
+        contract=ContractRef(series=contract.series, source=contract.source),
+        model_sha=lineage.get("model_sha") or lineage.get("sha"), checkpoint_sha256=checkpoint_sha256,
+        tokenizer=tokenizer, lineage=lineage, **sections)
 
 
 @contextmanager
@@ -336,31 +327,19 @@ def _staging(output_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise ModelSourceError(f"{engine_dir}: no {ENGINE_MANIFEST}; not a kiln artifact (build one with `kiln compile`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("backend") != "tensorrt_llm":
-        raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.get('backend')!r}, not tensorrt_llm")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise EngineMismatchError(f"{engine_dir}: manifest format {manifest.get('format_version')}, this kiln reads "
-                                  f"{FORMAT_VERSION}: rebuild it with `kiln compile`")
-    return manifest
-
-
-def check_loadable(manifest: dict[str, Any], engine_dir: Path, tools: dict[str, Any]) -> None:
+def check_loadable(manifest: EngineManifest, engine_dir: Path, tools: dict[str, Any]) -> None:
     """Refuse an engine built by another TensorRT-LLM/TensorRT or for another SM, naming both sides."""
-    if manifest["artifact"] != "engine":
+    if manifest.artifact != "engine":
         return  # an HF checkpoint is portable across GPUs and versions the contract allows
-    built = manifest["toolchain"]
+    built = manifest.toolchain
     for key in ("tensorrt_llm", "tensorrt"):
         if built.get(key) and tools.get(key) and built[key] != tools[key]:
             raise EngineMismatchError(f"{engine_dir}: built with {key} {built[key]}, this machine has {tools[key]}: "
                                       "TensorRT engines only load with the exact version that built them; rebuild here")
-    if tools.get("gpu_sm") != manifest["sm"]:
-        raise EngineMismatchError(f"{engine_dir}: built for {manifest['sm']} ({built.get('gpu_name')}); this machine's "
-                                  f"GPU is {tools.get('gpu_sm')} ({tools.get('gpu_name')}): rebuild for this target")
+    if tools.get("gpu_sm") != manifest.sm:
+        raise EngineMismatchError(f"{engine_dir}: built for {manifest.sm} ({built.get('gpu_name')}); this "
+                                  f"machine's GPU is {tools.get('gpu_sm')} ({tools.get('gpu_name')}): "
+                                  "rebuild for this target")
 
 
 # --- the backend ------------------------------------------------------------------------------------------------
@@ -395,21 +374,26 @@ class TensorRTLLMBackend:
         from kiln.host import tensorrt_llm_status
 
         engine_dir = Path(engine_dir)
-        manifest = read_manifest(engine_dir)
+        manifest = engine_manifest.read(engine_dir)
+        if manifest.backend != "tensorrt_llm":
+            raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.backend!r}, not "
+                                      "tensorrt_llm")
         trt = tensorrt_llm_status()
         if not trt.importable or not trt.version:
-            raise BackendUnavailableError(f"{engine_dir} is a TensorRT-LLM {manifest['artifact']}; {trt.why}. Load it on "
-                                          f"a worker started from NVIDIA's TensorRT-LLM image ({WORK_POOL_TEMPLATE})")
+            raise BackendUnavailableError(f"{engine_dir} is a TensorRT-LLM {manifest.artifact}; {trt.why}. "
+                                          "Load it on a worker started from NVIDIA's TensorRT-LLM image "
+                                          f"({WORK_POOL_TEMPLATE})")
         check_loadable(manifest, engine_dir, toolchain())
         contract = api.contract_for(trt.version)
-        artifact = manifest["artifact"]
-        if artifact == "engine" and not manifest.get("build", {}).get("gather_context_logits"):
+        artifact = str(manifest.artifact)
+        if manifest.build is not None and not manifest.build.gather_context_logits:
             raise EngineMismatchError(f"{engine_dir}: built without --gather_context_logits, so validation cannot read "
                                       "prompt logits; rebuild it with kiln")
         module_name, attr = contract.llm_class(artifact).split(":")
         llm_cls = getattr(importlib.import_module(module_name), attr)
         llmapi = importlib.import_module(api.LLMAPI_MODULE)
-        kwargs = api.llm_kwargs(artifact, engine_dir, manifest.get("llm_api", {}).get("settings", {}), contract)
+        settings = manifest.llm_api.settings if manifest.llm_api is not None else {}
+        kwargs = api.llm_kwargs(artifact, engine_dir, settings, contract)
         kwargs["kv_cache_config"] = llmapi.KvCacheConfig(**kwargs["kv_cache_config"])
         return TensorRTLLMEngine(engine_dir, manifest, llm_cls(**kwargs), contract, llmapi.SamplingParams)
 
@@ -417,7 +401,7 @@ class TensorRTLLMBackend:
 class TensorRTLLMEngine:
     """A loaded TensorRT-LLM artifact behind kiln's ``Engine`` protocol: streamed batched generation and context logits."""
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], llm: Any, contract: api.Contract,
+    def __init__(self, engine_dir: Path, manifest: EngineManifest, llm: Any, contract: api.Contract,
                  sampling_cls: type) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
@@ -427,15 +411,15 @@ class TensorRTLLMEngine:
         self._peak = 0
 
     def _check(self, token_ids: list[int], max_new_tokens: int) -> None:
-        limits = self.manifest["limits"]
+        limits = self.manifest.limits
         if not token_ids:
             raise GenerationLimitError("empty prompt: pass at least one token id")
-        if len(token_ids) > limits["max_input_len"]:
-            raise GenerationLimitError(f"prompt of {len(token_ids)} tokens exceeds max_input_len {limits['max_input_len']} "
-                                       f"of {self.engine_dir}")
-        if len(token_ids) + max_new_tokens > limits["max_seq_len"]:
+        if len(token_ids) > limits.max_input_len:
+            raise GenerationLimitError(f"prompt of {len(token_ids)} tokens exceeds max_input_len "
+                                       f"{limits.max_input_len} of {self.engine_dir}")
+        if len(token_ids) + max_new_tokens > limits.max_seq_len:
             raise GenerationLimitError(f"prompt {len(token_ids)} + {max_new_tokens} new tokens exceeds max_seq_len "
-                                       f"{limits['max_seq_len']} of {self.engine_dir}")
+                                       f"{limits.max_seq_len} of {self.engine_dir}")
 
     def _params(self, sampling: KilnSampling, *, context_logits: bool = False) -> Any:
         return self._sampling_cls(**api.sampling_kwargs(sampling, self._contract, context_logits=context_logits))
