@@ -113,13 +113,16 @@ if triton is not None:
         k_new = _rope(row + (H + kvh) * D, offs_d, cos, sin, D // 2, D).to(dtype)
         v_new = tl.load(row + (H + KVH + kvh) * D + offs_d).to(dtype)
         cache = b.to(tl.int64) * stride_cb + kvh * stride_ch  # int64: a large cache passes 2^31 elements
+        score_scale = sm_scale
         if FP8_KV:
             k_scale, v_scale = tl.load(K_SCALE), tl.load(V_SCALE)
             k_store = tl.clamp(k_new.to(tl.float32) / k_scale, -448.0, 448.0).to(KC.dtype.element_ty)
             v_store = tl.clamp(v_new.to(tl.float32) / v_scale, -448.0, 448.0).to(VC.dtype.element_ty)
-            # attention sees what the cache holds, as in the torch path
-            k_new = (k_store.to(tl.float32) * k_scale).to(dtype)
-            v_new = (v_store.to(tl.float32) * v_scale).to(dtype)
+            # Attention sees what the cache holds, in cache units: e4m3 -> bf16 is exact, and the scales
+            # come out of the sums (k_scale into the scores, v_scale into the output), so the loop does no
+            # per-element multiply (measured: with one, the FP8 cache read slower than the bf16 one).
+            k_new, v_new = k_store.to(tl.float32).to(dtype), v_store.to(tl.float32).to(dtype)
+            score_scale = sm_scale * k_scale
         else:
             k_store, v_store = k_new, v_new
         start = s * chunk
@@ -138,12 +141,11 @@ if triton is not None:
             k = tl.load(KC + kv_ptr, mask=old[:, None], other=0.0)
             v = tl.load(VC + kv_ptr, mask=old[:, None], other=0.0)
             if FP8_KV:
-                k = (k.to(tl.float32) * k_scale).to(dtype)
-                v = (v.to(tl.float32) * v_scale).to(dtype)
+                k, v = k.to(tl.float32).to(dtype), v.to(tl.float32).to(dtype)
             is_new = (offs_n == pos)[:, None]
             k = tl.where(is_new, k_new[None, :], k)
             v = tl.where(is_new, v_new[None, :], v)
-            scores = _dot(q, tl.trans(k), DOT_F32) * sm_scale
+            scores = _dot(q, tl.trans(k), DOT_F32) * score_scale
             scores = tl.where((offs_n < end)[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -151,6 +153,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(dtype), v, DOT_F32)
             m_i = m_new
+        if FP8_KV:
+            acc = acc * v_scale
         if SINGLE:
             out = OUT + b * (H * D) + (kvh * G + offs_h)[:, None] * D + offs_d[None, :]
             tl.store(out, (acc / l_i[:, None]).to(dtype), mask=hmask[:, None])
@@ -357,14 +361,17 @@ def attention_splits(batch: int, kv_heads: int, length: int, sm_count: int) -> t
     return -(-length // chunk), chunk
 
 
-# (BLOCK_N keys per loop step, num_warps, num_stages) of the attention kernel; bench/engine_gpu_attention.py
-# races the candidates per cache dtype and batch on the GPU (results in bench/results)
+# (BLOCK_N keys per loop step, num_warps, num_stages) of the attention kernel: the default, and the winners
+# of bench/engine_gpu_attention.py on the H200 at batch >= 64 (bench/results/engine_gpu_attention_h200.md:
+# a third pipeline stage for the bf16 cache, larger key blocks on fewer warps for the FP8 one)
 ATTENTION_LAUNCH = (32, 4, 2)
+LARGE_BATCH_LAUNCH = {False: (32, 4, 3), True: (64, 2, 2)}
+LARGE_BATCH = 64
 
 
 def attention_launch(batch: int, fp8: bool) -> tuple[int, int, int]:
-    """The attention kernel's launch shape for a decode batch (see ``ATTENTION_LAUNCH``)."""
-    return ATTENTION_LAUNCH
+    """The attention kernel's launch shape for a decode batch with a bf16 or FP8 cache."""
+    return LARGE_BATCH_LAUNCH[fp8] if batch >= LARGE_BATCH else ATTENTION_LAUNCH
 
 
 @torch.library.custom_op("kiln::decode_attention", mutates_args=("k_cache", "v_cache"))
