@@ -66,8 +66,14 @@ class Scheduler(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
-    def add(self, request: GenerationRequest, request_id: Hashable | None = None, *,
-            submitted_at: float | None = None, check: bool = True) -> Hashable:
+    def add(
+        self,
+        request: GenerationRequest,
+        request_id: Hashable | None = None,
+        *,
+        submitted_at: float | None = None,
+        check: bool = True,
+    ) -> Hashable:
         """Queue a request (refused with GenerationLimitError when it exceeds the engine's limits)."""
 
     def step(self) -> list[TokenEvent]:
@@ -97,15 +103,18 @@ class Engine(Protocol):
 
 @runtime_checkable
 class StreamingEngine(Engine, Protocol):
-    """An engine a server can drive token by token (the torch engine; TensorRT-LLM serves with trtllm-serve)."""
+    """An engine a server can drive token by token (the torch engine; TensorRT-LLM serves with
+    trtllm-serve)."""
 
     max_batch_size: int
     max_input_len: int
     max_seq_len: int
 
-    def scheduler(self, concurrency: int | None = None, *,
-                  on_event: Callable[[TokenEvent], None] | None = None) -> Scheduler:
-        """A scheduler over the engine's KV cache (one at a time); ``on_event`` sees each token as it is made."""
+    def scheduler(
+        self, concurrency: int | None = None, *, on_event: Callable[[TokenEvent], None] | None = None
+    ) -> Scheduler:
+        """A scheduler over the engine's KV cache (one at a time); ``on_event`` sees each token as it is
+        made."""
 
     def check_request(self, request: GenerationRequest, where: str = "request") -> None:
         """Raise GenerationLimitError, naming the limit, when ``request`` does not fit the engine."""
@@ -117,7 +126,8 @@ class Backend(Protocol):
     name: str
 
     def check_available(self, target: Target) -> None:
-        """Raise ``BackendUnavailableError`` (saying where it runs) if this machine cannot build for target."""
+        """Raise ``BackendUnavailableError`` (saying where it runs) if this machine cannot build for
+        target."""
 
     def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict) -> Path:
         """Build the engine dir (with ``kiln-engine.json``) and return it."""
@@ -127,7 +137,8 @@ class Backend(Protocol):
 
 
 def copy_tokenizer(staging: Path, candidates: list) -> str | None:
-    """Copy the tokenizer files of the first candidate dir that has one into an engine dir (it must serve alone)."""
+    """Copy the tokenizer files of the first candidate dir that has one into an engine dir (it must serve
+    alone)."""
     import shutil
 
     from kiln.constants import MODEL_SIDE_FILES, TOKENIZER_CONFIG

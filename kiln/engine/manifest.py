@@ -29,8 +29,14 @@ class _Record(BaseModel):
     # outlive the kiln that wrote them (workers and servers of one registry run different kiln releases), so
     # a newer kiln may add a key within one format_version and an older one must still read, fetch and serve
     # that engine; the registry's manifest sha256 also needs the record to round-trip byte for byte.
-    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=(), validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        protected_namespaces=(),
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
 
 class _Closed(BaseModel):
@@ -157,8 +163,11 @@ class EngineManifest(_Record):
             needed.append((_ARTIFACT_SECTIONS[self.artifact], f"{self.artifact} artifact"))
         if self.device == "cuda":
             needed.append(("sm", "cuda engine"))
-        missing = [f"{name}: missing (every {kind} records it)" for name, kind in needed
-                   if getattr(self, name) is None]
+        missing = [
+            f"{name}: missing (every {kind} records it)"
+            for name, kind in needed
+            if getattr(self, name) is None
+        ]
         if missing:
             raise PydanticCustomError("backend_section", "; ".join(missing))
         return self
@@ -172,8 +181,10 @@ def read(engine_dir: Path) -> EngineManifest:
     """The ``kiln-engine.json`` of ``engine_dir``; else ``EngineMismatchError`` naming the file and field."""
     path = Path(engine_dir) / ENGINE_MANIFEST
     if not path.is_file():
-        raise EngineMismatchError(f"{engine_dir}: no {ENGINE_MANIFEST}, so not an engine dir; pass one built "
-                                  "by `kiln compile` or a build (the record says what it was built for)")
+        raise EngineMismatchError(
+            f"{engine_dir}: no {ENGINE_MANIFEST}, so not an engine dir; pass one built "
+            "by `kiln compile` or a build (the record says what it was built for)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -182,8 +193,10 @@ def read(engine_dir: Path) -> EngineManifest:
         raise EngineMismatchError(f"{path}: expected a JSON object, got {type(data).__name__}; {REBUILD}")
     found = data.get("format_version")
     if isinstance(found, int) and found != FORMAT_VERSION:  # before the fields: another format has others
-        raise EngineMismatchError(f"{path}: engine format {found} but this kiln reads format "
-                                  f"{FORMAT_VERSION}: {REBUILD}, or use the kiln release that built it")
+        raise EngineMismatchError(
+            f"{path}: engine format {found} but this kiln reads format "
+            f"{FORMAT_VERSION}: {REBUILD}, or use the kiln release that built it"
+        )
     try:
         return EngineManifest.model_validate(data)
     except ValidationError as exc:

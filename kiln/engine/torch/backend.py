@@ -53,7 +53,12 @@ def _toolchain() -> dict[str, str | None]:
         triton = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton = None
-    return {"torch": torch.__version__, "triton": triton, "cuda": torch.version.cuda, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "triton": triton,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
 
 
 def _device_sm(device: torch.device) -> str:
@@ -83,20 +88,34 @@ class TorchBackend:
 
     def check_available(self, target: Target) -> None:
         if target.backend != "torch":
-            raise UnsupportedCombinationError(f"target {target.name!r} has backend {target.backend!r}, not torch")
+            raise UnsupportedCombinationError(
+                f"target {target.name!r} has backend {target.backend!r}, not torch"
+            )
         if target.device != "cuda":
             return
         if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"target {target.name!r} needs a CUDA GPU ({target.sm}); this machine has "
-                                          "none: run this step on a worker of the target's work pool "
-                                          f"({target.work_pool})")
+            raise BackendUnavailableError(
+                f"target {target.name!r} needs a CUDA GPU ({target.sm}); this machine has "
+                "none: run this step on a worker of the target's work pool "
+                f"({target.work_pool})"
+            )
         found = sorted({_device_sm(torch.device("cuda", i)) for i in range(torch.cuda.device_count())})
         if target.sm not in found:
-            raise BackendUnavailableError(f"target {target.name!r} is {target.sm}; this machine's GPUs are "
-                                          f"{', '.join(found)}: build on a {target.sm} worker ({target.work_pool})")
+            raise BackendUnavailableError(
+                f"target {target.name!r} is {target.sm}; this machine's GPUs are "
+                f"{', '.join(found)}: build on a {target.sm} worker ({target.work_pool})"
+            )
 
-    def compile(self, checkpoint_dir: Path, target: Target, output_dir: Path, lineage: dict,
-                *, tokenizer_dir: Path | None = None, precompile: bool = True) -> Path:
+    def compile(
+        self,
+        checkpoint_dir: Path,
+        target: Target,
+        output_dir: Path,
+        lineage: dict,
+        *,
+        tokenizer_dir: Path | None = None,
+        precompile: bool = True,
+    ) -> Path:
         """Build ``output_dir`` (replaced atomically) from a TensorRT-LLM checkpoint or a ModelOpt unified HF
         checkpoint (the families ModelOpt exports only that way); see the module doc.
 
@@ -118,7 +137,8 @@ class TorchBackend:
         try:
             layouts = []
             layers_per_stage = [0] * spec.pp_size
-            gemv_shapes: set[tuple] = set()  # (fp8, N, K) of bf16/FP8 weights, (kind, N, K, group) of integer ones
+            # (fp8, N, K) of bf16/FP8 weights, (kind, N, K, group) of integer ones
+            gemv_shapes: set[tuple] = set()
             for rank in range(spec.tp_size * spec.pp_size):
                 if hf:  # an HF export is one unsharded rank (read_hf_spec gives tp 1 x pp 1)
                     tensors, layout = convert_hf(checkpoint_dir, spec, family, rope, dtype)
@@ -126,26 +146,52 @@ class TorchBackend:
                     tensors, layout = convert_rank(checkpoint_dir, rank, spec, dtype)
                 save_file(_unshared(tensors), staging / f"rank{rank}.safetensors")
                 layouts.append(layout)
-                gemv_shapes |= {(kind == "fp8", *tensors[f"{name}.weight"].shape) for name, kind in layout.items()
-                                if kind in ("dense", "fp8") and tensors[f"{name}.weight"].dim() == 2}
-                gemv_shapes |= {kernels.quant_shape(kind, tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"])
-                                for name, kind in layout.items()
-                                if kind in kernels.QUANT_KINDS and tensors[f"{name}.weight"].dim() == 2}
+                gemv_shapes |= {
+                    (kind == "fp8", *tensors[f"{name}.weight"].shape)
+                    for name, kind in layout.items()
+                    if kind in ("dense", "fp8") and tensors[f"{name}.weight"].dim() == 2
+                }
+                gemv_shapes |= {
+                    kernels.quant_shape(kind, tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"])
+                    for name, kind in layout.items()
+                    if kind in kernels.QUANT_KINDS and tensors[f"{name}.weight"].dim() == 2
+                }
                 layers_per_stage[rank // spec.tp_size] = layer_count(layout)
             if sum(layers_per_stage) != spec.num_layers:
-                raise ModelSourceError(f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "
-                                       f"{sum(layers_per_stage)} in all, but config.json says {spec.num_layers}; re-export it")
-            tokenizer_source = copy_tokenizer(staging, [tokenizer_dir, lineage.get("tokenizer_dir"), lineage.get("model_dir"),
-                                                        lineage.get("hf_dir"), checkpoint_dir])
+                raise ModelSourceError(
+                    f"{checkpoint_dir}: its {spec.pp_size} pipeline stages hold {layers_per_stage} layers, "
+                    f"{sum(layers_per_stage)} in all, but config.json says {spec.num_layers}; re-export it"
+                )
+            tokenizer_source = copy_tokenizer(
+                staging,
+                [
+                    tokenizer_dir,
+                    lineage.get("tokenizer_dir"),
+                    lineage.get("model_dir"),
+                    lineage.get("hf_dir"),
+                    checkpoint_dir,
+                ],
+            )
             manifest = EngineManifest(
-                format_version=FORMAT_VERSION, backend="torch", target=target.name, device=target.device,
-                sm=target.sm if target.device == "cuda" else None, gpu=target.gpu, dtype=target.dtype,
-                quant_algo=spec.quant_algo, kv_cache_quant_algo=spec.kv_cache_quant_algo,
-                limits=target.limits, toolchain=_toolchain(),
+                format_version=FORMAT_VERSION,
+                backend="torch",
+                target=target.name,
+                device=target.device,
+                sm=target.sm if target.device == "cuda" else None,
+                gpu=target.gpu,
+                dtype=target.dtype,
+                quant_algo=spec.quant_algo,
+                kv_cache_quant_algo=spec.kv_cache_quant_algo,
+                limits=target.limits,
+                toolchain=_toolchain(),
                 program=self._program(target, dtype, gemv_shapes),
                 model_sha=lineage.get("model_sha") or lineage.get("sha"),
-                checkpoint_sha256=hash_directory(checkpoint_dir), tokenizer=tokenizer_source, lineage=lineage,
-                model=spec.to_json(), layout=layouts)
+                checkpoint_sha256=hash_directory(checkpoint_dir),
+                tokenizer=tokenizer_source,
+                lineage=lineage,
+                model=spec.to_json(),
+                layout=layouts,
+            )
             engine_manifest.write(staging, manifest)
             if precompile and target.device == "cuda" and manifest.program.compile == "inductor":
                 self._precompile(staging)
@@ -153,7 +199,8 @@ class TorchBackend:
                 shutil.rmtree(output_dir)
             staging.rename(output_dir)
         except BaseException as exc:
-            if (full := disk_full("compile", output_dir, exc)) not in (None, exc):  # staging goes in `finally`
+            # staging goes in `finally`
+            if (full := disk_full("compile", output_dir, exc)) not in (None, exc):
                 raise full from exc
             raise
         finally:
@@ -171,8 +218,10 @@ class TorchBackend:
         ranks = spec.tp_size * spec.pp_size
         if world != ranks:
             raise EngineMismatchError(
-                f"{engine_dir}: engine has tp_size {spec.tp_size} x pp_size {spec.pp_size} = {ranks} rank(s) but this "
-                f"process group has {world}: launch one process per rank, e.g. `torchrun --nproc-per-node {ranks} ...`")
+                f"{engine_dir}: engine has tp_size {spec.tp_size} x pp_size {spec.pp_size} = {ranks} "
+                f"rank(s) but this process group has {world}: launch one process per rank, e.g. `torchrun "
+                f"--nproc-per-node {ranks} ...`"
+            )
         tp, pp = process_layout(spec.tp_size, spec.pp_size)
         device = torch.device("cpu")
         if manifest.device == "cuda":
@@ -187,20 +236,38 @@ class TorchBackend:
         dtype = DTYPES[manifest.dtype]
         tensors = load_file(engine_dir / f"rank{pp.rank}.safetensors")
         scaled_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-        model = DecoderModel(spec, manifest.layout[pp.rank], tensors, dtype=dtype, device=device, tp=tp,
-                             pp=pp, scaled_mm=scaled_mm, program=run.model_dump())
+        model = DecoderModel(
+            spec,
+            manifest.layout[pp.rank],
+            tensors,
+            dtype=dtype,
+            device=device,
+            tp=tp,
+            pp=pp,
+            scaled_mm=scaled_mm,
+            program=run.model_dump(),
+        )
         limits = manifest.limits
         layers = len(model.layers)
-        cache = KVCache(spec, tp, layers, limits.max_batch_size, limits.max_seq_len, dtype, device,
-                        kv_cache_scales(spec, tensors, layers))
+        cache = KVCache(
+            spec,
+            tp,
+            layers,
+            limits.max_batch_size,
+            limits.max_seq_len,
+            dtype,
+            device,
+            kv_cache_scales(spec, tensors, layers),
+        )
         return TorchEngine(engine_dir, manifest, model, cache, tp, pp, run)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
     def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple]) -> TorchProgram:
-        """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this GPU
-        and, for integer weights (``linear.tune_quant``), the kernel per row bucket (keys ``int8_wo:NxK``,
-        ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16": config or None, "large": "int_mm" or None}``)."""
+        """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this
+        GPU and, for integer weights (``linear.tune_quant``), the kernel per row bucket (keys ``int8_wo:NxK``,
+        ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16": config or None, "large": "int_mm" or
+        None}``)."""
         from kiln.engine.torch.linear import tune_quant
 
         program = default_program(target)
@@ -219,12 +286,15 @@ class TorchBackend:
         limits = target.limits
         if limits.tp_size != spec.tp_size or limits.pp_size != spec.pp_size:
             raise UnsupportedCombinationError(
-                f"{checkpoint_dir}: checkpoint is tp{spec.tp_size}pp{spec.pp_size} but target {target.name!r} "
-                f"asks for tp{limits.tp_size}pp{limits.pp_size}: use the checkpoint exported for that layout")
+                f"{checkpoint_dir}: checkpoint is tp{spec.tp_size}pp{spec.pp_size} but target "
+                f"{target.name!r} asks for tp{limits.tp_size}pp{limits.pp_size}: use the checkpoint "
+                "exported for that layout"
+            )
         if limits.max_seq_len > spec.max_position_embeddings:
             raise UnsupportedCombinationError(
                 f"target {target.name!r}: limits.max_seq_len {limits.max_seq_len} exceeds the model's "
-                f"max_position_embeddings {spec.max_position_embeddings}: lower limits.max_seq_len")
+                f"max_position_embeddings {spec.max_position_embeddings}: lower limits.max_seq_len"
+            )
 
     def _precompile(self, engine_dir: Path) -> None:
         """Compile the decode step for the common buckets and keep Inductor's artifacts in the engine dir."""
@@ -259,14 +329,20 @@ def check_compatible(manifest: EngineManifest, engine_dir: Path) -> None:
         raise EngineMismatchError(f"{engine_dir}: built for backend {manifest.backend!r}, not torch")
     built = manifest.toolchain.get("torch")
     if not isinstance(built, str) or _torch_minor(built) != _torch_minor(torch.__version__):
-        raise EngineMismatchError(f"{engine_dir}: built with torch {built}, this machine has torch {torch.__version__} "
-                                  "(major.minor must match): rebuild the engine here or install that torch")
+        raise EngineMismatchError(
+            f"{engine_dir}: built with torch {built}, this machine has torch {torch.__version__} "
+            "(major.minor must match): rebuild the engine here or install that torch"
+        )
     if manifest.device != "cuda":
         return
     if not torch.cuda.is_available():
-        raise EngineMismatchError(f"{engine_dir}: built for CUDA {manifest.sm} ({manifest.gpu}); this "
-                                  "machine has no CUDA GPU: load it on a worker with that GPU")
+        raise EngineMismatchError(
+            f"{engine_dir}: built for CUDA {manifest.sm} ({manifest.gpu}); this "
+            "machine has no CUDA GPU: load it on a worker with that GPU"
+        )
     here = _device_sm(torch.device("cuda", torch.cuda.current_device()))
     if here != manifest.sm:
-        raise EngineMismatchError(f"{engine_dir}: built for {manifest.sm} ({manifest.gpu}); this GPU is "
-                                  f"{here} ({torch.cuda.get_device_name()}): rebuild for this target")
+        raise EngineMismatchError(
+            f"{engine_dir}: built for {manifest.sm} ({manifest.gpu}); this GPU is "
+            f"{here} ({torch.cuda.get_device_name()}): rebuild for this target"
+        )

@@ -1,4 +1,5 @@
-"""Elementwise steps of the eager passes (the admission prefill, perplexity) as one Inductor kernel each on CUDA.
+"""Elementwise steps of the eager passes (the admission prefill, perplexity) as one Inductor kernel each on
+CUDA.
 
 Eager, an RMSNorm, a RoPE rotation, a SiLU gate or an FP8 activation quantization is several passes over a
 ``[tokens, hidden]`` tensor; at thousands of prompt tokens those passes cost more than the GEMMs between
@@ -18,7 +19,8 @@ F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 
 def on_cuda(fn: F) -> F:
-    """``fn`` compiled with dynamic shapes (one graph for every token count) when called eagerly on CUDA tensors."""
+    """``fn`` compiled with dynamic shapes (one graph for every token count) when called eagerly on CUDA
+    tensors."""
     compiled = torch.compile(fn, dynamic=True)
 
     @functools.wraps(fn)

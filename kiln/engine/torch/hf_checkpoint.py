@@ -27,13 +27,18 @@ from kiln.hub import config_int, weight_files
 
 QUANT_CONFIG = "hf_quant_config.json"
 # ModelOpt's HF tensor suffixes -> the TensorRT-LLM checkpoint's, which runtime_tensors reads
-_QUANT_SUFFIXES = {"weight_scale": "weights_scaling_factor", "input_scale": "activation_scaling_factor",
-                   "pre_quant_scale": "prequant_scaling_factor", "weight_scale_2": "weights_scaling_factor_2"}
+_QUANT_SUFFIXES = {
+    "weight_scale": "weights_scaling_factor",
+    "input_scale": "activation_scaling_factor",
+    "pre_quant_scale": "prequant_scaling_factor",
+    "weight_scale_2": "weights_scaling_factor_2",
+}
 ALL_KINDS = ("dense", "fp8", "int8_sq", "int8_wo", "int4")
 
 
 def is_hf_checkpoint(directory: Path) -> bool:
-    """An HF checkpoint's config.json names ``architectures``; a TensorRT-LLM checkpoint's names ``architecture``."""
+    """An HF checkpoint's config.json names ``architectures``; a TensorRT-LLM checkpoint's names
+    ``architecture``."""
     path = Path(directory) / "config.json"
     try:
         return "architectures" in json.loads(path.read_text())
@@ -53,7 +58,9 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         try:
             quant = dict(json.loads(quant_path.read_text()).get("quantization") or {})
         except (OSError, ValueError) as exc:
-            raise ModelSourceError(f"{quant_path}: not valid JSON ({exc}); re-export the checkpoint") from None
+            raise ModelSourceError(
+                f"{quant_path}: not valid JSON ({exc}); re-export the checkpoint"
+            ) from None
     return config, quant, path
 
 
@@ -73,14 +80,19 @@ def _rope_tables(directory: Path, layer_types: list[str], max_seq_len: int) -> R
         kind = params.get("rope_type", "default")
         if kind == "default":
             dim = int(head * params.get("partial_rotary_factor", 1.0))
-            inv = 1.0 / (float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            inv = 1.0 / (
+                float(params["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+            )
             tables[layer_type] = (inv, 1.0)
             continue
         if kind not in ROPE_INIT_FUNCTIONS:
-            raise ModelSourceError(f"{directory}/config.json: rope_type {kind!r} is not one transformers knows "
-                                   f"({', '.join(ROPE_INIT_FUNCTIONS)})")
-        inv, scaling = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=max_seq_len,
-                                                 layer_type=layer_type if per_type else None)
+            raise ModelSourceError(
+                f"{directory}/config.json: rope_type {kind!r} is not one transformers knows "
+                f"({', '.join(ROPE_INIT_FUNCTIONS)})"
+            )
+        inv, scaling = ROPE_INIT_FUNCTIONS[kind](
+            config, "cpu", seq_len=max_seq_len, layer_type=layer_type if per_type else None
+        )
         tables[layer_type] = (inv.float().cpu(), float(scaling))
     return tables
 
@@ -108,32 +120,44 @@ def read_hf_spec(directory: Path, max_seq_len: int | None = None) -> tuple[Model
         raise ModelSourceError(f"{path}: layer_types has {len(layer_types)} entries for {num_layers} layers")
     sliding = "sliding_attention" in layer_types
     max_seq_len = max_seq_len or need("max_position_embeddings")
-    # all-full layer types name one table "default" (what rope_kind answers when the spec keeps no layer types)
+    # all-full layer types name one table "default" (what rope_kind answers when the spec keeps no layer
+    # types)
     tables = _rope_tables(Path(directory), layer_types if sliding else [], max_seq_len)
     rotary = 2 * next(iter(tables.values()))[0].numel()
     numerics = {**family.numerics(config), **family.fixed_numerics}
     spec = ModelSpec(
-        architecture=architecture, dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-        num_layers=num_layers, hidden_size=hidden, num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads), head_size=head_size,
-        intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
+        architecture=architecture,
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_size=head_size,
+        intermediate_size=need("intermediate_size"),
+        vocab_size=need("vocab_size"),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))),
+        rope_theta=float(
+            (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+        ),
         max_position_embeddings=need("max_position_embeddings"),
-        quant_algo=quant_algo, kv_cache_quant_algo=kv_algo,
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=kv_algo,
         group_size=quant.get("group_size") if quant_algo and "W4" in quant_algo else None,
-        exclude_modules=tuple(quant.get("exclude_modules") or ()), family=family.name,
+        exclude_modules=tuple(quant.get("exclude_modules") or ()),
+        family=family.name,
         layer_types=tuple(layer_types) if sliding else (),
         sliding_window=int(config["sliding_window"]) if sliding else None,
         rotary_dim=rotary if rotary != head_size else None,
-        rope_tables=tuple(tables), rope_attention_scaling={k: v[1] for k, v in tables.items()},
+        rope_tables=tuple(tables),
+        rope_attention_scaling={k: v[1] for k, v in tables.items()},
         **numerics,
     )
     return spec, family, tables
 
 
-def convert_hf(directory: Path, spec: ModelSpec, family: Family, rope: RopeTables, dtype: torch.dtype
-               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def convert_hf(
+    directory: Path, spec: ModelSpec, family: Family, rope: RopeTables, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of the HF checkpoint in the engine's runtime layout (one rank), and its linear kinds."""
     directory = Path(directory)
     source = _load(directory)
@@ -144,8 +168,10 @@ def convert_hf(directory: Path, spec: ModelSpec, family: Family, rope: RopeTable
 
     def take(name: str) -> torch.Tensor:
         if name not in source:
-            raise ModelSourceError(f"{where}: missing tensor {name!r}; is this a {spec.architecture} checkpoint "
-                                   "exported by ModelOpt export_hf_checkpoint (or save_pretrained)?")
+            raise ModelSourceError(
+                f"{where}: missing tensor {name!r}; is this a {spec.architecture} checkpoint "
+                "exported by ModelOpt export_hf_checkpoint (or save_pretrained)?"
+            )
         return source[name]
 
     def norm(name: str) -> torch.Tensor:
@@ -155,8 +181,11 @@ def convert_hf(directory: Path, spec: ModelSpec, family: Family, rope: RopeTable
 
     def linear(hf: str, engine: str, into: dict[str, torch.Tensor] | None = None) -> str:
         prefix = f"{hf}."
-        part = {f"{engine}.{_QUANT_SUFFIXES.get(k[len(prefix):], k[len(prefix):])}": v
-                for k, v in source.items() if k.startswith(prefix)}
+        part = {
+            f"{engine}.{_QUANT_SUFFIXES.get(k[len(prefix) :], k[len(prefix) :])}": v
+            for k, v in source.items()
+            if k.startswith(prefix)
+        }
         if f"{engine}.weight" not in part:
             take(f"{hf}.weight")
         try:
@@ -196,23 +225,39 @@ def convert_hf(directory: Path, spec: ModelSpec, family: Family, rope: RopeTable
                 # TensorRT-LLM's names: fc is the activated (gate) projection, gate the up projection
                 for module, engine in zip(names.gate_up, ("mlp.fc", "mlp.gate"), strict=True):
                     layout[base + engine] = linear(hf + module, base + engine)
-                fuse_rows([f"{base}mlp.fc", f"{base}mlp.gate"], f"{base}mlp.gate_up", out, layout, ("dense", "fp8"))
+                fuse_rows(
+                    [f"{base}mlp.fc", f"{base}mlp.gate"], f"{base}mlp.gate_up", out, layout, ("dense", "fp8")
+                )
             layout[f"{base}mlp.proj"] = linear(hf + names.down, f"{base}mlp.proj")
         if spec.kv_cache_quant_algo:
             for which in "kv":  # ModelOpt writes k_scale / v_scale on the attention's k and v projections
-                found = [k for k in source if k.startswith(f"{hf}self_attn.") and k.endswith(f".{which}_scale")]
+                found = [
+                    k for k in source if k.startswith(f"{hf}self_attn.") and k.endswith(f".{which}_scale")
+                ]
                 if len(found) != 1:
-                    raise ModelSourceError(f"{where}: expected one {hf}self_attn.*.{which}_scale for the FP8 KV "
-                                           f"cache, found {found}; re-export with the fp8 kv_cache_dtype recipe")
+                    raise ModelSourceError(
+                        f"{where}: expected one {hf}self_attn.*.{which}_scale for the FP8 KV "
+                        f"cache, found {found}; re-export with the fp8 kv_cache_dtype recipe"
+                    )
                 out[f"{base}attention.{which}_cache_scale"] = source[found[0]].float().reshape(())
     return out, layout
 
 
-def _experts(spec: ModelSpec, names: Any, hf: str, base: str, take: Any, linear: Any,
-             out: dict[str, torch.Tensor], layout: dict[str, str]) -> None:
+def _experts(
+    spec: ModelSpec,
+    names: Any,
+    hf: str,
+    base: str,
+    take: Any,
+    linear: Any,
+    out: dict[str, torch.Tensor],
+    layout: dict[str, str],
+) -> None:
     """A MoE layer: the router (kept unquantized, as ModelOpt excludes it) and each projection of every
     expert stacked into ``[experts, ...]`` tensors (``moe.fc|gate|proj``), one kind for all experts."""
-    out[f"{base}moe.router.weight"] = take(f"{hf}{names.router}.weight").to(out["transformer.vocab_embedding.weight"].dtype)
+    out[f"{base}moe.router.weight"] = take(f"{hf}{names.router}.weight").to(
+        out["transformer.vocab_embedding.weight"].dtype
+    )
     for slot, template in zip(("fc", "gate", "proj"), names.experts, strict=True):
         per_expert: list[dict[str, torch.Tensor]] = []
         kinds = set()
@@ -221,8 +266,10 @@ def _experts(spec: ModelSpec, names: Any, hf: str, base: str, take: Any, linear:
             kinds.add(linear(hf + template.format(e=e), "x", into=tensors))
             per_expert.append({k[2:]: v for k, v in tensors.items()})
         if len(kinds) != 1:
-            raise ModelSourceError(f"{hf}{template}: experts are quantized differently ({sorted(kinds)}); "
-                                   "re-export with one recipe for every expert")
+            raise ModelSourceError(
+                f"{hf}{template}: experts are quantized differently ({sorted(kinds)}); "
+                "re-export with one recipe for every expert"
+            )
         for field in per_expert[0]:
             out[f"{base}moe.{slot}.{field}"] = torch.stack([t[field] for t in per_expert])
         layout[f"{base}moe.{slot}"] = kinds.pop()

@@ -51,8 +51,9 @@ def _fp8_quantize(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     return _fp8_round(x.float() * inv_scale)
 
 
-def runtime_tensors(name: str, tensors: dict[str, torch.Tensor], quant_algo: str | None,
-                    dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+def runtime_tensors(
+    name: str, tensors: dict[str, torch.Tensor], quant_algo: str | None, dtype: torch.dtype
+) -> tuple[str, dict[str, torch.Tensor]]:
     """Convert one checkpoint linear (``name.weight`` + scales) into (kind, runtime tensors).
 
     W4A8-AWQ becomes an FP8 linear here (its int4 x group scale weights, re-quantized to FP8 with
@@ -73,11 +74,19 @@ def runtime_tensors(name: str, tensors: dict[str, torch.Tensor], quant_algo: str
     if weight_scale is None:
         raise ValueError(f"{name}.weight is {weight.dtype} but {name}.weights_scaling_factor is missing")
     if quant_algo == "FP8":
-        return "fp8", {**out, "weight": weight.view(torch.float8_e4m3fn), "weight_scale": weight_scale.float().reshape(()),
-                       "input_scale": input_scale.float().reshape(())}
+        return "fp8", {
+            **out,
+            "weight": weight.view(torch.float8_e4m3fn),
+            "weight_scale": weight_scale.float().reshape(()),
+            "input_scale": input_scale.float().reshape(()),
+        }
     if quant_algo == "W8A8_SQ_PER_CHANNEL":
-        return "int8_sq", {**out, "weight": weight, "weight_scale": weight_scale.float(),
-                           "input_scale": input_scale.float().reshape(())}
+        return "int8_sq", {
+            **out,
+            "weight": weight,
+            "weight_scale": weight_scale.float(),
+            "input_scale": input_scale.float().reshape(()),
+        }
     if quant_algo == "W8A16":
         return "int8_wo", {**out, "weight": weight, "weight_scale": weight_scale.float()}
     if quant_algo in ("W4A16", "W4A16_AWQ"):
@@ -87,17 +96,30 @@ def runtime_tensors(name: str, tensors: dict[str, torch.Tensor], quant_algo: str
         q = unpack_int4(weight.view(torch.int8)).float()
         group = q.shape[1] // weight_scale.shape[1]
         dequant = q * weight_scale.float().repeat_interleave(group, dim=1)
-        return "fp8", {**out, "weight": _fp8_round(dequant / scale2), "weight_scale": scale2,
-                       "input_scale": input_scale.float().reshape(())}
+        return "fp8", {
+            **out,
+            "weight": _fp8_round(dequant / scale2),
+            "weight_scale": scale2,
+            "input_scale": input_scale.float().reshape(()),
+        }
     raise ValueError(f"{name}: quant_algo {quant_algo!r} has no runtime layout")
 
 
 class QuantLinear(nn.Module):
-    """``y = reduce(x @ W^T) + b`` for one runtime kind; ``reduce`` is the tensor-parallel all-reduce of row-parallel layers."""
+    """``y = reduce(x @ W^T) + b`` for one runtime kind; ``reduce`` is the tensor-parallel all-reduce of
+    row-parallel layers."""
 
-    def __init__(self, kind: str, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device,
-                 scaled_mm: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 gemv: dict[str, list[int] | None] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        scaled_mm: bool,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gemv: dict[str, list[int] | None] | None = None,
+    ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown linear kind {kind!r}; known: {', '.join(KINDS)}")
@@ -114,8 +136,10 @@ class QuantLinear(nn.Module):
         self.int4pack = self.int4_scales_zeros = None
         if gemv and kind in kernels.QUANT_KINDS:
             shape = kernels.quant_shape(kind, weight, scale)
-            choice = {bucket: option if _servable(option, shape, device, dtype) else None
-                      for bucket, option in (gemv.get(kernels.quant_key(*shape)) or {}).items()}
+            choice = {
+                bucket: option if _servable(option, shape, device, dtype) else None
+                for bucket, option in (gemv.get(kernels.quant_key(*shape)) or {}).items()
+            }
             self.quant = choice if any(choice.values()) else None
         if kind == "dense" or self.scaled_mm:
             self.weight, self.weight_scale = weight.to(device), None if scale is None else scale.to(device)
@@ -126,9 +150,12 @@ class QuantLinear(nn.Module):
             self.weight, self.weight_scale = weight.to(device), scale.to(device)
             if kind == "int4" and self.quant is not None and kernels.TINYGEMM in self.quant.values():
                 self.group = weight.shape[1] // scale.shape[1]
-                self.int4pack, self.int4_scales_zeros = kernels.int4pack(self.weight, self.weight_scale, dtype)
+                self.int4pack, self.int4_scales_zeros = kernels.int4pack(
+                    self.weight, self.weight_scale, dtype
+                )
                 if all(self.quant.get(b) == kernels.TINYGEMM for b in INT4_BUCKETS):
-                    self.weight = self.weight_scale = None  # tinygemm serves every row count: one copy in memory
+                    # tinygemm serves every row count: one copy in memory
+                    self.weight = self.weight_scale = None
             if kind == "int4" and self.quant is not None and self.weight_scale is not None:
                 # group-major storage of the same [out, in/group] scales: a kernel's rows read adjacent floats
                 self.weight_scale = self.weight_scale.t().contiguous().t()
@@ -138,7 +165,8 @@ class QuantLinear(nn.Module):
             self.gemv = gemv.get(kernels.gemv_key(self.scaled_mm, *self.weight.shape))
         self.out_scale = None
         if (self.gemv and self.scaled_mm) or (self.quant is not None and kind == "int8_sq"):
-            self.out_scale = self.input_scale * self.weight_scale  # FP8: a scalar; int8_sq: per output channel
+            # FP8: a scalar; int8_sq: per output channel
+            self.out_scale = self.input_scale * self.weight_scale
 
     def _dequantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8":
@@ -153,7 +181,9 @@ class QuantLinear(nn.Module):
             q = _fp8_quantize(x, self.inv_input_scale)
             return q if self.scaled_mm else (q.float() * self.input_scale).to(self.dtype)
         # int8_sq: scale = amax/127 but the full int8 range -128..127, exactly as ModelOpt's fake quant
-        return (torch.round(x.float() * self.inv_input_scale).clamp_(-128, 127) * self.input_scale).to(self.dtype)
+        return (torch.round(x.float() * self.inv_input_scale).clamp_(-128, 127) * self.input_scale).to(
+            self.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x)
@@ -163,20 +193,26 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.dim() == 2 and x.shape[0] == 1:
-            return kernels.gemv(x, self.weight, self.pre_quant_scale, self.inv_input_scale, self.out_scale, self.gemv)
-        if self.quant is not None and x.dim() != 2 and self.weight is None:  # tinygemm only: rows of any shape
+            return kernels.gemv(
+                x, self.weight, self.pre_quant_scale, self.inv_input_scale, self.out_scale, self.gemv
+            )
+        # tinygemm only: rows of any shape
+        if self.quant is not None and x.dim() != 2 and self.weight is None:
             return self._matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         if self.quant is not None and x.dim() == 2:
             option = self._option(x.shape[0])
             if isinstance(option, list):
                 scale = self.out_scale if self.kind == "int8_sq" else self.weight_scale
-                return kernels.qmatmul(x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind,
-                                       option)
+                return kernels.qmatmul(
+                    x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind, option
+                )
             if option == kernels.INT_MM:
                 return self._int8_gemm(x)
             if option == kernels.FUSED:
                 scale = self.out_scale if self.kind == "int8_sq" else self.weight_scale
-                return kernels.fused_gemv(x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind)
+                return kernels.fused_gemv(
+                    x, self.weight, scale, self.pre_quant_scale, self.inv_input_scale, self.kind
+                )
             if option is not None:
                 # AWQ's pre-quant scale as its own multiply: Inductor fuses it into the op that made x
                 if self.pre_quant_scale is not None:
@@ -206,7 +242,8 @@ class QuantLinear(nn.Module):
         return self.quant.get("large")
 
     def read_bytes(self, rows: int = 1) -> int:
-        """Bytes of the tensors a call with ``rows`` rows reads (the weight copy its kernel uses, scales, bias)."""
+        """Bytes of the tensors a call with ``rows`` rows reads (the weight copy its kernel uses, scales,
+        bias)."""
         option = self._option(rows) if self.quant is not None else None
         if option == kernels.TINYGEMM:
             tensors = [self.int4pack, self.int4_scales_zeros]
@@ -227,8 +264,13 @@ class QuantLinear(nn.Module):
 
     def _fp8_gemm(self, xq: torch.Tensor) -> torch.Tensor:
         lead, k = xq.shape[:-1], xq.shape[-1]
-        y = torch._scaled_mm(xq.reshape(-1, k), self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                             out_dtype=self.dtype)
+        y = torch._scaled_mm(
+            xq.reshape(-1, k),
+            self.weight.t(),
+            scale_a=self.input_scale,
+            scale_b=self.weight_scale,
+            out_dtype=self.dtype,
+        )
         return y.reshape(*lead, -1)
 
 
@@ -242,20 +284,27 @@ TUNE_MAX_ERR = 2e-2  # a candidate further than this from the torch path (of the
 _TUNED: dict[tuple, dict] = {}  # (kind, N, K, group, device, dtype) -> times: one race per shape per process
 
 
-def _servable(option: list[int] | str | None, shape: tuple[str, int, int, int], device: torch.device,
-              dtype: torch.dtype) -> bool:
-    """Whether ``option`` (a ``program.gemv`` entry) runs here; one that does not falls back to the torch path."""
+def _servable(
+    option: list[int] | str | None, shape: tuple[str, int, int, int], device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether ``option`` (a ``program.gemv`` entry) runs here; one that does not falls back to the torch
+    path."""
     if option is None:
         return False
     if option == kernels.TINYGEMM:
         return kernels.tinygemm_available(device, dtype) and kernels.tinygemm_fits(*shape[1:])
     if option == kernels.FUSED and device.type == "cpu":
-        return kernels.interpreting()  # its eager math, what the tests check; Inductor compiles it on CUDA only
+        # its eager math, what the tests check; Inductor compiles it on CUDA only
+        return kernels.interpreting()
     return kernels.available(device, dtype)
 
 
-def tune_quant(shapes: set[tuple[str, int, int, int]], device: torch.device, dtype: torch.dtype,
-               report: dict | None = None) -> dict[str, dict[str, list[int] | str | None]]:
+def tune_quant(
+    shapes: set[tuple[str, int, int, int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    report: dict | None = None,
+) -> dict[str, dict[str, list[int] | str | None]]:
     """For each integer-weight shape ``(kind, N, K, group)`` (``kernels.quant_shape``): the fastest way to
     run one row (``m1``), 2-16 rows (``m16``, timed at 16), int4's 17-64 (``m64``, timed at 64) and the
     rest (``large``: timed at 64, int4 at ``INT4_LARGE_ROWS``): a ``kernels.qmatmul`` config, a named
@@ -280,8 +329,11 @@ def tune_quant(shapes: set[tuple[str, int, int, int]], device: torch.device, dty
             choice[bucket] = options[best][0]
         chosen[key] = choice
         if report is not None:
-            report[key] = {**times["meta"], **{b: {label: ms for label, (_, ms) in o.items()}
-                                                 for b, o in times.items() if b != "meta"}, "chosen": choice}
+            report[key] = {
+                **times["meta"],
+                **{b: {label: ms for label, (_, ms) in o.items()} for b, o in times.items() if b != "meta"},
+                "chosen": choice,
+            }
     return chosen
 
 
@@ -304,14 +356,18 @@ def _random_quant(kind: str, n: int, k: int, group: int, device: torch.device) -
     return tensors
 
 
-def _buckets(kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> dict[str, list]:
+def _buckets(
+    kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, list]:
     """The options raced per row bucket for one shape (the torch path, ``None``, first: the reference)."""
     shape = (kind, n, k, group)
     extra = [o for o in (kernels.TINYGEMM,) if kind == "int4" and _servable(o, shape, device, dtype)]
     # Inductor-fused GEMV for the int8 kinds (int4 has tinygemm): one compile per shape at build time
     fused = [kernels.FUSED] if device.type == "cuda" and kind != "int4" else []
-    buckets = {"m1": [None, *kernels.quant_candidates(kind, k, group, 1), *extra, *fused],
-               "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M), *extra]}
+    buckets = {
+        "m1": [None, *kernels.quant_candidates(kind, k, group, 1), *extra, *fused],
+        "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M), *extra],
+    }
     if kind == "int8_sq" and n % 8 == 0 and k % 8 == 0:
         buckets["large"] = [None, kernels.INT_MM]
     elif kind == "int4":
@@ -327,7 +383,9 @@ def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dty
     weight_bytes = (n // 2 if kind == "int4" else n) * k + (n * (k // group) if kind == "int4" else n) * 4
     copies = max(2, min(16, (256 << 20) // weight_bytes))
     weights = [_random_quant(kind, n, k, group, device) for _ in range(copies)]
-    out: dict = {"meta": {"kind": kind, "n": n, "k": k, "group": group, "bytes": weight_bytes, "copies": copies}}
+    out: dict = {
+        "meta": {"kind": kind, "n": n, "k": k, "group": group, "bytes": weight_bytes, "copies": copies}
+    }
     for bucket, options in _buckets(kind, n, k, group, device, dtype).items():
         rows = INT4_LARGE_ROWS if kind == "int4" and bucket == "large" else TUNE_ROWS[bucket]
         x = torch.randn(rows, k, device=device, dtype=dtype)
@@ -336,7 +394,10 @@ def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dty
         for option in options:
             program = None if option is None else {key: {bucket: option}}
             try:
-                layers = [QuantLinear(kind, t, dtype=dtype, device=device, scaled_mm=False, gemv=program) for t in weights]
+                layers = [
+                    QuantLinear(kind, t, dtype=dtype, device=device, scaled_mm=False, gemv=program)
+                    for t in weights
+                ]
                 y = layers[0](x).float()
                 if reference is None:
                     reference = y
@@ -344,7 +405,10 @@ def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dty
                 if not err <= TUNE_MAX_ERR:  # NaN fails too
                     timed[_label(option)] = (option, f"off the torch path by {err:.2e} of the output range")
                     continue
-                timed[_label(option)] = (option, kernels._chain_ms(lambda i, layers=layers, x=x: layers[i](x), copies))
+                timed[_label(option)] = (
+                    option,
+                    kernels._chain_ms(lambda i, layers=layers, x=x: layers[i](x), copies),
+                )
             except Exception as exc:  # a candidate that does not compile on this GPU is left out
                 timed[_label(option)] = (option, f"{type(exc).__name__}: {exc}"[:300])
             finally:

@@ -31,8 +31,21 @@ if kernels.triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _expert_gemv_kernel(X, W, IDS, SCALE, Y, N, K, stride_we, stride_wn, SCALE_ROWS: tl.constexpr,
-                            HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _expert_gemv_kernel(
+        X,
+        W,
+        IDS,
+        SCALE,
+        Y,
+        N,
+        K,
+        stride_we,
+        stride_wn,
+        SCALE_ROWS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pair = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -55,8 +68,9 @@ if kernels.triton is not None:
 
 
 @torch.library.custom_op("kiln::expert_gemv", mutates_args=())
-def expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, scale: torch.Tensor | None
-                ) -> torch.Tensor:
+def expert_gemv(
+    x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
     """Row ``p`` of ``x [P, K]`` times ``weight[experts[p]]^T`` (``weight [E, N, K]``, read in place), float32
     accumulation, in ``x``'s dtype; ``scale`` ``[E]`` or ``[E, N]`` dequantizes 8-bit weights."""
     pairs, k = x.shape
@@ -64,15 +78,28 @@ def expert_gemv(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor, sc
     y = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
     block_n, block_k = 16, 256
     _expert_gemv_kernel[(pairs, triton.cdiv(n, block_n))](
-        x.contiguous(), weight, experts.contiguous(), scale if scale is not None else x, y, n, k, weight.stride(0),
-        weight.stride(1), SCALE_ROWS=scale is not None and scale.dim() == 2, HAS_SCALE=scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        x.contiguous(),
+        weight,
+        experts.contiguous(),
+        scale if scale is not None else x,
+        y,
+        n,
+        k,
+        weight.stride(0),
+        weight.stride(1),
+        SCALE_ROWS=scale is not None and scale.dim() == 2,
+        HAS_SCALE=scale is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
     return y
 
 
 @expert_gemv.register_fake
 def _(x, weight, experts, scale):
     return x.new_empty(x.shape[0], weight.shape[1])
+
 
 SLOTS = ("fc", "gate", "proj")
 KINDS = ("dense", "fp8", "int8_sq", "int8_wo")
@@ -81,13 +108,17 @@ KINDS = ("dense", "fp8", "int8_sq", "int8_wo")
 class StackedExperts(nn.Module):
     """One projection (gate, up or down) of every expert: ``[E, out, in]`` weights and their scales."""
 
-    def __init__(self, kind: str, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, kind: str, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"MoE experts of kind {kind!r} are not supported; supported: {', '.join(KINDS)}")
         self.kind, self.dtype = kind, dtype
         get = tensors.get
-        self.pre_quant_scale = None if get("pre_quant_scale") is None else tensors["pre_quant_scale"].to(device, dtype)
+        self.pre_quant_scale = (
+            None if get("pre_quant_scale") is None else tensors["pre_quant_scale"].to(device, dtype)
+        )
         self.input_scale = None if get("input_scale") is None else tensors["input_scale"].float().to(device)
         weight, scale = tensors["weight"], get("weight_scale")
         self.kernel = kernels.available(device, dtype)  # pairs through expert_gemv, weights read in place
@@ -108,11 +139,14 @@ class StackedExperts(nn.Module):
         weight = self.weight[experts]
         if self.weight_scale is None:
             return weight
-        return self._dequantize(weight if weight.dim() == 3 else weight[None], self.weight_scale[experts].reshape(
-            (-1,) + self.weight_scale.shape[1:])).reshape(weight.shape)
+        return self._dequantize(
+            weight if weight.dim() == 3 else weight[None],
+            self.weight_scale[experts].reshape((-1,) + self.weight_scale.shape[1:]),
+        ).reshape(weight.shape)
 
     def quantize_input(self, x: torch.Tensor, experts: torch.Tensor | int) -> torch.Tensor:
-        """The activations each expert sees: AWQ/SmoothQuant pre-quant scale, then its per-tensor quantizer."""
+        """The activations each expert sees: AWQ/SmoothQuant pre-quant scale, then its per-tensor
+        quantizer."""
         if self.pre_quant_scale is not None:
             pqs = self.pre_quant_scale[experts]
             x = x * (pqs if pqs.dim() == x.dim() else pqs[None])
@@ -140,15 +174,22 @@ class StackedExperts(nn.Module):
 class MoE(nn.Module):
     """Router + experts of one layer; ``activation`` is the family's (SwiGLU for Mixtral and Qwen3-MoE)."""
 
-    def __init__(self, router: torch.Tensor, experts: dict[str, StackedExperts], top_k: int, normalize: bool,
-                 activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        router: torch.Tensor,
+        experts: dict[str, StackedExperts],
+        top_k: int,
+        normalize: bool,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         super().__init__()
         self.router, self.top_k, self.normalize, self.activation = router, top_k, normalize, activation
         self.fc, self.gate, self.proj = (experts[s] for s in SLOTS)
         self.num_experts = router.shape[0]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights ``[T, k]`` in the engine dtype, expert ids ``[T, k]``), as transformers' routers compute them."""
+        """(weights ``[T, k]`` in the engine dtype, expert ids ``[T, k]``), as transformers' routers compute
+        them."""
         probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
@@ -175,23 +216,26 @@ class MoE(nn.Module):
         return out.view(x.shape[0], self.top_k, -1).sum(dim=1)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        routing = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device).scatter(1, ids, weights)
+        routing = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device).scatter(
+            1, ids, weights
+        )
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
-            out = out + self._expert(x, e) * routing[:, e:e + 1]
+            out = out + self._expert(x, e) * routing[:, e : e + 1]
         return out
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host read per layer (prefill)
+        # one host read per layer (prefill)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token_of = order // self.top_k
         out = torch.zeros_like(x)
         start = 0
         for e, count in enumerate(counts):
             if count:
-                rows = token_of[start:start + count]
-                y = self._expert(x[rows], e) * weights.reshape(-1)[order[start:start + count], None]
+                rows = token_of[start : start + count]
+                y = self._expert(x[rows], e) * weights.reshape(-1)[order[start : start + count], None]
                 out.index_add_(0, rows, y)
             start += count
         return out

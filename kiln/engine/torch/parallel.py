@@ -28,7 +28,8 @@ class TensorParallel:
 
     @classmethod
     def current(cls) -> TensorParallel:
-        """The process group this process belongs to (rank 0 of 1 when torch.distributed is not initialised)."""
+        """The process group this process belongs to (rank 0 of 1 when torch.distributed is not
+        initialised)."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()

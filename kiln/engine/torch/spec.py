@@ -96,10 +96,15 @@ class ModelSpec:
         return None
 
     def rope_kind(self, layer: int) -> str:
-        return self.layer_types[layer] if self.layer_types and self.layer_types[layer] in self.rope_tables else "default"
+        return (
+            self.layer_types[layer]
+            if self.layer_types and self.layer_types[layer] in self.rope_tables
+            else "default"
+        )
 
     def local_heads(self, tp_size: int) -> tuple[int, int]:
-        """(query heads, kv heads) one tensor-parallel rank holds; kv heads replicate when fewer than ranks."""
+        """(query heads, kv heads) one tensor-parallel rank holds; kv heads replicate when fewer than
+        ranks."""
         return self.num_heads // tp_size, max(1, self.num_kv_heads // tp_size)
 
     def kv_bytes_per_token(self, element_size: int) -> int:
@@ -108,18 +113,24 @@ class ModelSpec:
 
 
 def check_quantization(quant: dict[str, Any], where: str) -> tuple[str | None, str | None]:
-    """(quant_algo, kv_cache_quant_algo) of a checkpoint's quantization record, refused unless the torch engine
-    runs them; ``where`` prefixes each field name (the file, and the record's key in it)."""
+    """(quant_algo, kv_cache_quant_algo) of a checkpoint's quantization record, refused unless the torch
+    engine runs them; ``where`` prefixes each field name (the file, and the record's key in it)."""
     quant_algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
     if quant_algo not in QUANT_ALGOS:
-        raise ModelSourceError(f"{where}quant_algo: {quant_algo!r} is not supported by the torch engine; "
-                               f"supported: {', '.join(str(a) for a in QUANT_ALGOS)}")
+        raise ModelSourceError(
+            f"{where}quant_algo: {quant_algo!r} is not supported by the torch engine; "
+            f"supported: {', '.join(str(a) for a in QUANT_ALGOS)}"
+        )
     if kv_algo not in KV_CACHE_QUANT_ALGOS:
-        raise ModelSourceError(f"{where}kv_cache_quant_algo: {kv_algo!r}; "
-                               f"supported: {', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}")
+        raise ModelSourceError(
+            f"{where}kv_cache_quant_algo: {kv_algo!r}; "
+            f"supported: {', '.join(str(a) for a in KV_CACHE_QUANT_ALGOS)}"
+        )
     if quant.get("has_zero_point"):
-        raise ModelSourceError(f"{where}has_zero_point: true is not supported (ModelOpt AWQ exports symmetric "
-                               "INT4 without zero points)")
+        raise ModelSourceError(
+            f"{where}has_zero_point: true is not supported (ModelOpt AWQ exports symmetric "
+            "INT4 without zero points)"
+        )
     return quant_algo, kv_algo
 
 
@@ -147,19 +158,24 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
     architecture = need("architecture", str)
     family = family_for(architecture, f"{path}: architecture")
     if family.engine_source != "trtllm":
-        raise ModelSourceError(f"{path}: {architecture} ({family.name}) compiles from ModelOpt's unified HF "
-                               "checkpoint, not a TensorRT-LLM checkpoint: pass the HF export dir")
+        raise ModelSourceError(
+            f"{path}: {architecture} ({family.name}) compiles from ModelOpt's unified HF "
+            "checkpoint, not a TensorRT-LLM checkpoint: pass the HF export dir"
+        )
     if config.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
-        raise ModelSourceError(f"{path}: position_embedding_type: {config['position_embedding_type']!r}; "
-                               "allowed: rope_gpt_neox")
+        raise ModelSourceError(
+            f"{path}: position_embedding_type: {config['position_embedding_type']!r}; allowed: rope_gpt_neox"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise ModelSourceError(f"{path}: hidden_act: {config['hidden_act']!r}; allowed: silu")
     if float(config.get("rotary_pct", 1.0)) != 1.0:
         raise ModelSourceError(f"{path}: rotary_pct: {config['rotary_pct']!r}; allowed: 1.0")
     window = config.get("sliding_window") or config.get("max_attention_window_size")
     if window and int(window) < need("max_position_embeddings"):
-        raise ModelSourceError(f"{path}: sliding_window {window} is not supported by the torch engine; "
-                               "use a checkpoint with full attention")
+        raise ModelSourceError(
+            f"{path}: sliding_window {window} is not supported by the torch engine; "
+            "use a checkpoint with full attention"
+        )
 
     quant = config.get("quantization") or {}
     quant_algo, kv_algo = check_quantization(quant, f"{path}: quantization.")
@@ -167,7 +183,9 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
     if scaling:
         kind = scaling.get("type") or scaling.get("rope_type")
         if kind not in ROPE_SCALING_TYPES:
-            raise ModelSourceError(f"{path}: rotary_scaling.type: {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)}")
+            raise ModelSourceError(
+                f"{path}: rotary_scaling.type: {kind!r}; supported: {', '.join(ROPE_SCALING_TYPES)}"
+            )
         scaling = {**scaling, "type": kind}
 
     mapping = config.get("mapping") or {}
@@ -197,21 +215,31 @@ def read_spec(checkpoint_dir: Path) -> ModelSpec:
         **family.fixed_numerics,
     )
     if not 1 <= spec.pp_size <= spec.num_layers:
-        raise ModelSourceError(f"{path}: mapping.pp_size {spec.pp_size} must be between 1 and the model's "
-                               f"{spec.num_layers} layers")
-    if spec.num_heads % spec.tp_size or (spec.num_kv_heads % spec.tp_size and spec.tp_size % spec.num_kv_heads):
-        raise ModelSourceError(f"{path}: mapping.tp_size {spec.tp_size} does not divide {spec.num_heads} heads / "
-                               f"{spec.num_kv_heads} kv heads")
+        raise ModelSourceError(
+            f"{path}: mapping.pp_size {spec.pp_size} must be between 1 and the model's "
+            f"{spec.num_layers} layers"
+        )
+    if spec.num_heads % spec.tp_size or (
+        spec.num_kv_heads % spec.tp_size and spec.tp_size % spec.num_kv_heads
+    ):
+        raise ModelSourceError(
+            f"{path}: mapping.tp_size {spec.tp_size} does not divide {spec.num_heads} heads / "
+            f"{spec.num_kv_heads} kv heads"
+        )
     ranks = spec.tp_size * spec.pp_size
-    missing = [f"rank{r}.safetensors" for r in range(ranks) if not (path.parent / f"rank{r}.safetensors").is_file()]
+    missing = [
+        f"rank{r}.safetensors" for r in range(ranks) if not (path.parent / f"rank{r}.safetensors").is_file()
+    ]
     if missing:
-        raise ModelSourceError(f"{path.parent}: missing {', '.join(missing)} for tp_size {spec.tp_size} x "
-                               f"pp_size {spec.pp_size}")
+        raise ModelSourceError(
+            f"{path.parent}: missing {', '.join(missing)} for tp_size {spec.tp_size} x pp_size {spec.pp_size}"
+        )
     return spec
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """RoPE inverse frequencies (float32), with the checkpoint's scaling applied exactly as HF transformers does."""
+    """RoPE inverse frequencies (float32), with the checkpoint's scaling applied exactly as HF transformers
+    does."""
     dim = spec.head_size
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = spec.rope_scaling

@@ -19,8 +19,9 @@ from kiln.engine.torch.spec import ModelSpec
 from kiln.errors import ModelSourceError
 
 
-def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.dtype
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def convert_rank(
+    checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read ``rank{rank}.safetensors`` and return (runtime tensors, linear name -> kind)."""
     path = Path(checkpoint_dir) / f"rank{rank}.safetensors"
     source = load_file(path)
@@ -29,8 +30,10 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
 
     def take(name: str) -> torch.Tensor:
         if name not in source:
-            raise ModelSourceError(f"{path}: missing tensor {name!r}; is this a {spec.architecture} checkpoint "
-                                   "exported by ModelOpt export_tensorrt_llm_checkpoint?")
+            raise ModelSourceError(
+                f"{path}: missing tensor {name!r}; is this a {spec.architecture} checkpoint "
+                "exported by ModelOpt export_tensorrt_llm_checkpoint?"
+            )
         return source[name]
 
     def add_linear(name: str, quant_algo: str | None) -> None:
@@ -61,7 +64,9 @@ def convert_rank(checkpoint_dir: Path, rank: int, spec: ModelSpec, dtype: torch.
                 out[f"{base}.attention.{norm}.weight"] = take(f"{base}.attention.{norm}.weight").to(dtype)
         for name in LINEARS:
             add_linear(f"{base}.{name}", spec.quant_algo)
-        fuse_rows([f"{base}.mlp.fc", f"{base}.mlp.gate"], f"{base}.mlp.gate_up", out, layout, ("dense", "fp8"))
+        fuse_rows(
+            [f"{base}.mlp.fc", f"{base}.mlp.gate"], f"{base}.mlp.gate_up", out, layout, ("dense", "fp8")
+        )
         if spec.kv_cache_quant_algo:
             for which in ("k", "v"):
                 scale = source.get(f"{base}.attention.{which}_cache_scaling_factor")
@@ -77,21 +82,29 @@ def stage_layers(tensors: dict[str, torch.Tensor], spec: ModelSpec, path: Path) 
     found = {int(name.split(".")[2]) for name in tensors if name.startswith("transformer.layers.")}
     count = len(found)
     if found != set(range(count)) or (spec.pp_size == 1 and count != spec.num_layers):
-        raise ModelSourceError(f"{path}: holds decoder layers {sorted(found)[:8]}..., expected 0..{spec.num_layers - 1} "
-                               f"of {spec.num_layers} (pp_size {spec.pp_size}); re-export the checkpoint")
+        raise ModelSourceError(
+            f"{path}: holds decoder layers {sorted(found)[:8]}..., expected 0..{spec.num_layers - 1} "
+            f"of {spec.num_layers} (pp_size {spec.pp_size}); re-export the checkpoint"
+        )
     return count
 
 
-def fuse_rows(parts: list[str], fused: str, tensors: dict[str, torch.Tensor], layout: dict[str, str],
-              kinds: tuple[str, ...]) -> bool:
+def fuse_rows(
+    parts: list[str],
+    fused: str,
+    tensors: dict[str, torch.Tensor],
+    layout: dict[str, str],
+    kinds: tuple[str, ...],
+) -> bool:
     """Concatenate linears that read the same input into one GEMM (``fused``) where that is exact: the same
     kind (one of ``kinds``), per-row tensors (weights, biases, per-channel or per-group scales) stacked, and
     every shared tensor (per-tensor scales, pre-quant scales) equal across the parts, as ModelOpt's
-    TensorRT-LLM export makes them for fused layers (``preprocess_linear_fusion``). Otherwise nothing changes."""
+    TensorRT-LLM export makes them for fused layers (``preprocess_linear_fusion``). Otherwise nothing
+    changes."""
     kind = layout[parts[0]]
     if kind not in kinds or any(layout[p] != kind for p in parts):
         return False
-    fields = [{k[len(p) + 1:] for k in tensors if k.startswith(f"{p}.")} for p in parts]
+    fields = [{k[len(p) + 1 :] for k in tensors if k.startswith(f"{p}.")} for p in parts]
     if any(f != fields[0] for f in fields):
         return False
     merged = {}
@@ -112,10 +125,16 @@ def fuse_rows(parts: list[str], fused: str, tensors: dict[str, torch.Tensor], la
     return True
 
 
-def kv_cache_scales(spec: ModelSpec, tensors: dict[str, torch.Tensor], num_layers: int
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def kv_cache_scales(
+    spec: ModelSpec, tensors: dict[str, torch.Tensor], num_layers: int
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per local layer (K scale, V scale) of an FP8 KV cache, or None for an unquantized cache."""
     if not spec.kv_cache_quant_algo:
         return None
-    return [(tensors[f"transformer.layers.{i}.attention.k_cache_scale"], tensors[f"transformer.layers.{i}.attention.v_cache_scale"])
-            for i in range(num_layers)]
+    return [
+        (
+            tensors[f"transformer.layers.{i}.attention.k_cache_scale"],
+            tensors[f"transformer.layers.{i}.attention.v_cache_scale"],
+        )
+        for i in range(num_layers)
+    ]

@@ -25,21 +25,56 @@ CONTRACT_SERIES = ("1.2", "1.3")
 """Contract files shipped with kiln; a TensorRT-LLM version maps to the newest series not above it."""
 
 BUILD_FLAGS_USED = (
-    "--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_tokens",
-    "--max_beam_width", "--kv_cache_type", "--gemm_plugin", "--gpt_attention_plugin", "--context_fmha",
-    "--use_paged_context_fmha", "--remove_input_padding", "--use_fp8_context_fmha", "--gather_context_logits",
-    "--workers", "--log_level",
+    "--checkpoint_dir",
+    "--output_dir",
+    "--max_batch_size",
+    "--max_input_len",
+    "--max_seq_len",
+    "--max_num_tokens",
+    "--max_beam_width",
+    "--kv_cache_type",
+    "--gemm_plugin",
+    "--gpt_attention_plugin",
+    "--context_fmha",
+    "--use_paged_context_fmha",
+    "--remove_input_padding",
+    "--use_fp8_context_fmha",
+    "--gather_context_logits",
+    "--workers",
+    "--log_level",
 )
-LLM_ARGS_USED = ("model", "tokenizer", "skip_tokenizer_init", "tensor_parallel_size", "pipeline_parallel_size",
-                 "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "kv_cache_config")
+LLM_ARGS_USED = (
+    "model",
+    "tokenizer",
+    "skip_tokenizer_init",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "max_batch_size",
+    "max_input_len",
+    "max_seq_len",
+    "max_num_tokens",
+    "kv_cache_config",
+)
 KV_CACHE_CONFIG_USED = ("free_gpu_memory_fraction", "enable_block_reuse")
-SAMPLING_PARAMS_USED = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "end_id", "pad_id",
-                        "detokenize", "return_context_logits", "include_stop_str_in_output")
+SAMPLING_PARAMS_USED = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop_token_ids",
+    "end_id",
+    "pad_id",
+    "detokenize",
+    "return_context_logits",
+    "include_stop_str_in_output",
+)
 RESULT_FIELDS_USED = ("outputs", "context_logits", "token_ids", "finish_reason")
 HF_QUANT_KEYS_USED = ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules")
 ENGINE_CONFIG_KEYS_USED = ("version", "pretrained_config", "build_config")
 LLMAPI_MODULE = "tensorrt_llm.llmapi"
-"""Where ``SamplingParams`` and ``KvCacheConfig`` are exported (contract ``llm_api.BuildConfig_QuantConfig_...``)."""
+"""Where ``SamplingParams`` and ``KvCacheConfig`` are exported (contract
+``llm_api.BuildConfig_QuantConfig_...``)."""
 ENGINE_FILE = "rank{rank}.engine"
 """One serialized engine per rank next to ``config.json`` (contract ``engine_dir.engine_files``); the LLM API
 detects an engine dir by ``config.json`` + ``*.engine`` and only after it found no ``*.safetensors``
@@ -53,7 +88,8 @@ KV_FREE_GPU_MEMORY_FRACTION = 0.9
 """Share of free GPU memory the paged KV cache may take (TensorRT-LLM's own default, stated explicitly)."""
 
 LINEAR_NAMES = ("qkv", "dense", "fc", "gate", "proj")
-"""Last name component of a decoder linear in a TensorRT-LLM checkpoint (``transformer.layers.N.attention.qkv``)."""
+"""Last name component of a decoder linear in a TensorRT-LLM checkpoint
+(``transformer.layers.N.attention.qkv``)."""
 _FLOAT_DTYPES = {"F16", "BF16", "F32"}
 
 
@@ -67,7 +103,8 @@ class Contract:
 
     @property
     def engine_path(self) -> bool:
-        """Whether this series builds TensorRT engines with ``trtllm-build`` (1.2) or only serves HF checkpoints."""
+        """Whether this series builds TensorRT engines with ``trtllm-build`` (1.2) or only serves HF
+        checkpoints."""
         return bool(self.data.get("kiln", {}).get("engine_path"))
 
     def build_flags(self) -> dict[str, dict[str, Any]]:
@@ -105,8 +142,9 @@ class Contract:
         return self._fields("llm_api", "SamplingParams", "fields_verified")
 
     def result_fields(self) -> set[str]:
-        return (self._fields("llm_api", "result", "request_output_fields")
-                | self._fields("llm_api", "result", "completion_output_fields"))
+        return self._fields("llm_api", "result", "request_output_fields") | self._fields(
+            "llm_api", "result", "completion_output_fields"
+        )
 
     def hf_quant_config_file(self) -> str:
         """The file ModelOpt writes next to an HF export and TensorRT-LLM's PyTorch backend reads."""
@@ -136,7 +174,9 @@ class Contract:
         """``module:attr`` of the LLM class that serves ``artifact`` in this series."""
         path = self.data.get("kiln", {}).get("llm_class", {}).get(artifact)
         if not path:
-            raise ContractError(f"{self.source}: TensorRT-LLM {self.series} has no LLM class for artifact {artifact!r}")
+            raise ContractError(
+                f"{self.source}: TensorRT-LLM {self.series} has no LLM class for artifact {artifact!r}"
+            )
         return path
 
 
@@ -158,15 +198,25 @@ def missing_uses(contract: Contract) -> list[str]:
     need("RequestOutput/CompletionOutput field", RESULT_FIELDS_USED, contract.result_fields())
     need("hf_quant_config.json key", HF_QUANT_KEYS_USED, contract.hf_quant_keys())
     need("QuantAlgo value", {s.quant_algo for s in SCHEMES.values() if s.quant_algo}, contract.quant_algos())
-    need("kv_cache_quant_algo value", {v[1] for v in KV_SCHEMES.values() if v[1]}, contract.kv_cache_quant_algos())
+    need(
+        "kv_cache_quant_algo value",
+        {v[1] for v in KV_SCHEMES.values() if v[1]},
+        contract.kv_cache_quant_algos(),
+    )
     # where each recipe runs (kiln.engine.trtllm.support): a fact per artifact kiln serves, per algo it emits
     support = contract.data.get("support") or {}
     for artifact in (("engine",) if contract.engine_path else ()) + ("hf_checkpoint",):
         facts = support.get(artifact) or {}
-        need(f"support fact {artifact}.quant_algo", {s.quant_algo or "NO_QUANT" for s in SCHEMES.values()},
-             set(facts.get("quant_algo") or {}))
-        need(f"support fact {artifact}.kv_cache_quant_algo", {v[1] for v in KV_SCHEMES.values() if v[1]},
-             set(facts.get("kv_cache_quant_algo") or {}))
+        need(
+            f"support fact {artifact}.quant_algo",
+            {s.quant_algo or "NO_QUANT" for s in SCHEMES.values()},
+            set(facts.get("quant_algo") or {}),
+        )
+        need(
+            f"support fact {artifact}.kv_cache_quant_algo",
+            {v[1] for v in KV_SCHEMES.values() if v[1]},
+            set(facts.get("kv_cache_quant_algo") or {}),
+        )
     if contract.engine_path:
         need("build_logic", ("fp8_context_fmha",), set(contract.data.get("build_logic") or {}))
     return problems
@@ -176,7 +226,9 @@ def load_contract(series: str, path: Path | None = None) -> Contract:
     """The contract of ``series`` shipped in ``kiln/contracts`` (or read from ``path``)."""
     if path is None:
         if series not in CONTRACT_SERIES:
-            raise ContractError(f"no TensorRT-LLM contract for series {series!r}; kiln ships {', '.join(CONTRACT_SERIES)}")
+            raise ContractError(
+                f"no TensorRT-LLM contract for series {series!r}; kiln ships {', '.join(CONTRACT_SERIES)}"
+            )
         return _packaged_contract(series)
     try:
         data = json.loads(Path(path).read_text())
@@ -188,19 +240,26 @@ def load_contract(series: str, path: Path | None = None) -> Contract:
 @functools.cache
 def _packaged_contract(series: str) -> Contract:
     resource = resources.files("kiln") / "contracts" / f"tensorrt_llm-{series}.json"
-    return Contract(series=series, data=json.loads(resource.read_text()), source=f"kiln/contracts/tensorrt_llm-{series}.json")
+    return Contract(
+        series=series,
+        data=json.loads(resource.read_text()),
+        source=f"kiln/contracts/tensorrt_llm-{series}.json",
+    )
 
 
 def series_for(version: str) -> str:
-    """The contract series for a TensorRT-LLM version string (``1.2.1`` -> ``1.2``, ``1.4.0rc1`` -> ``1.3``)."""
+    """The contract series for a TensorRT-LLM version string (``1.2.1`` -> ``1.2``, ``1.4.0rc1`` ->
+    ``1.3``)."""
     match = re.match(r"^(\d+)\.(\d+)", version.strip())
     if not match:
         raise ContractError(f"cannot read TensorRT-LLM version {version!r}; expected e.g. 1.2.1")
     major_minor = (int(match[1]), int(match[2]))
     known = [s for s in CONTRACT_SERIES if tuple(int(p) for p in s.split(".")) <= major_minor]
     if not known:
-        raise ContractError(f"TensorRT-LLM {version} is older than kiln supports ({CONTRACT_SERIES[0]}.x is the oldest); "
-                            "use NVIDIA's TensorRT-LLM 1.2 image or newer")
+        raise ContractError(
+            f"TensorRT-LLM {version} is older than kiln supports ({CONTRACT_SERIES[0]}.x is the oldest); "
+            "use NVIDIA's TensorRT-LLM 1.2 image or newer"
+        )
     return known[-1]
 
 
@@ -239,18 +298,27 @@ class CheckpointFacts:
         quant = config.get("quantization") or {}
         architecture = config.get("architecture")
         if not isinstance(architecture, str):
-            raise ModelSourceError(f"{where}: no 'architecture' in config.json; is this a TensorRT-LLM checkpoint "
-                                   "(ModelOpt export_tensorrt_llm_checkpoint) rather than an HF model dir?")
+            raise ModelSourceError(
+                f"{where}: no 'architecture' in config.json; is this a TensorRT-LLM checkpoint "
+                "(ModelOpt export_tensorrt_llm_checkpoint) rather than an HF model dir?"
+            )
         tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-        return cls(architecture=architecture, dtype=str(config.get("dtype", "float16")),
-                   quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
-                   world_size=int(mapping.get("world_size", tp * pp)), tp_size=tp, pp_size=pp,
-                   producer=dict(config.get("producer") or {}))
+        return cls(
+            architecture=architecture,
+            dtype=str(config.get("dtype", "float16")),
+            quant_algo=quant.get("quant_algo"),
+            kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
+            world_size=int(mapping.get("world_size", tp * pp)),
+            tp_size=tp,
+            pp_size=pp,
+            producer=dict(config.get("producer") or {}),
+        )
 
 
 @dataclass(frozen=True)
 class AttentionPlugins:
-    """The context-attention plugin settings trtllm-build really builds with (it overrides what it is given)."""
+    """The context-attention plugin settings trtllm-build really builds with (it overrides what it is
+    given)."""
 
     context_fmha: bool
     use_paged_context_fmha: bool
@@ -258,28 +326,38 @@ class AttentionPlugins:
     notes: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"context_fmha": self.context_fmha, "use_paged_context_fmha": self.use_paged_context_fmha,
-                "use_fp8_context_fmha": self.use_fp8_context_fmha, "notes": list(self.notes)}
+        return {
+            "context_fmha": self.context_fmha,
+            "use_paged_context_fmha": self.use_paged_context_fmha,
+            "use_fp8_context_fmha": self.use_fp8_context_fmha,
+            "notes": list(self.notes),
+        }
 
 
 def attention_plugins(checkpoint: CheckpointFacts, sm: int | None, contract: Contract) -> AttentionPlugins:
-    """What trtllm-build's ``build()`` makes of kiln's request (context FMHA + paged context FMHA, FP8 context FMHA
-    wherever it applies) for this checkpoint on this SM: the contract's ``build_logic.fp8_context_fmha`` rules.
+    """What trtllm-build's ``build()`` makes of kiln's request (context FMHA + paged context FMHA, FP8 context
+    FMHA wherever it applies) for this checkpoint on this SM: the contract's ``build_logic.fp8_context_fmha``
+    rules.
 
     FP8 context FMHA applies only to FP8 / W4A8_AWQ / NVFP4 checkpoints from SM89 on, and with paged context
-    FMHA only together with an FP8 KV cache; an FP8 KV cache without it, or an INT8 KV cache, turns paged context
-    FMHA off. kiln passes the result explicitly, so the argv and kiln-engine.json describe the engine built."""
+    FMHA only together with an FP8 KV cache; an FP8 KV cache without it, or an INT8 KV cache, turns paged
+    context FMHA off. kiln passes the result explicitly, so the argv and kiln-engine.json describe the engine
+    built."""
     rules = (contract.data.get("build_logic") or {}).get("fp8_context_fmha")
     if not rules:
-        raise ContractError(f"{contract.source} lacks build_logic.fp8_context_fmha (what trtllm-build does with FP8 "
-                            "context FMHA); kiln cannot say which attention kernels the engine gets")
+        raise ContractError(
+            f"{contract.source} lacks build_logic.fp8_context_fmha (what trtllm-build does with FP8 "
+            "context FMHA); kiln cannot say which attention kernels the engine gets"
+        )
     algos, min_sm = set(rules["quant_algos"]), int(rules["min_sm"])
     fp8_kv, int8_kv = checkpoint.kv_cache_quant_algo == "FP8", checkpoint.kv_cache_quant_algo == "INT8"
     paged, fp8, notes = True, True, []
     if checkpoint.quant_algo not in algos:
         fp8 = False
-        notes.append(f"FP8 context FMHA off: it applies only to {', '.join(sorted(algos))} checkpoints "
-                     f"(quant_algo {checkpoint.quant_algo})")
+        notes.append(
+            f"FP8 context FMHA off: it applies only to {', '.join(sorted(algos))} checkpoints "
+            f"(quant_algo {checkpoint.quant_algo})"
+        )
         if fp8_kv:
             paged = False
             notes.append("paged context FMHA off: an FP8 KV cache without FP8 context FMHA")
@@ -295,24 +373,34 @@ def attention_plugins(checkpoint: CheckpointFacts, sm: int | None, contract: Con
     if int8_kv and paged:
         paged = False
         notes.append("paged context FMHA off: it does not run with an INT8 KV cache")
-    return AttentionPlugins(context_fmha=True, use_paged_context_fmha=paged, use_fp8_context_fmha=fp8, notes=tuple(notes))
+    return AttentionPlugins(
+        context_fmha=True, use_paged_context_fmha=paged, use_fp8_context_fmha=fp8, notes=tuple(notes)
+    )
 
 
-def checkpoint_problems(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]],
-                        contract: Contract) -> list[str]:
-    """What keeps trtllm-build from loading this checkpoint (``tensors``: name -> (safetensors dtype, shape) of one
-    rank), per the contract's ``checkpoint_reader`` facts: config keys, QuantConfig fields, RoPE base, and the
+def checkpoint_problems(
+    config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]], contract: Contract
+) -> list[str]:
+    """What keeps trtllm-build from loading this checkpoint (``tensors``: name -> (safetensors dtype, shape)
+    of one rank), per the contract's ``checkpoint_reader`` facts: config keys, QuantConfig fields, RoPE base,
+    and the
     tensors each quantized linear's TensorRT-LLM layer requires ('Required but not provided tensors')."""
     reader = contract.data.get("checkpoint_reader")
     if not reader:
         return []
-    problems = [f"config.json lacks {key!r}" for key in reader.get("config_required", []) if key not in config]
+    problems = [
+        f"config.json lacks {key!r}" for key in reader.get("config_required", []) if key not in config
+    ]
     quant = config.get("quantization") or {}
     if unknown := sorted(set(quant) - set(reader.get("quantization_fields", []))):
-        problems.append(f"quantization keys {unknown} are not QuantConfig fields (QuantConfig(**config) raises TypeError)")
+        problems.append(
+            f"quantization keys {unknown} are not QuantConfig fields (QuantConfig(**config) raises TypeError)"
+        )
     if str(config.get("position_embedding_type", "")).startswith("rope") and "rotary_base" not in config:
-        problems.append(f"no rotary_base: trtllm-build would use {reader.get('rotary_base_default')} "
-                        "(re-export with kiln quantize, which restores the model's RoPE base)")
+        problems.append(
+            f"no rotary_base: trtllm-build would use {reader.get('rotary_base_default')} "
+            "(re-export with kiln quantize, which restores the model's RoPE base)"
+        )
     algo = quant.get("quant_algo")
     expected = list((reader.get("linear_tensors") or {}).get(algo) or [])
     if quant.get("pre_quant_scale") and algo in ("W4A16_AWQ", "W4A8_AWQ"):
@@ -323,19 +411,30 @@ def checkpoint_problems(config: dict[str, Any], tensors: dict[str, tuple[str, tu
     for name, (dtype, _) in sorted(tensors.items()):
         prefix, _, leaf = name.rpartition(".")
         if leaf != "weight" or prefix.rpartition(".")[2] not in LINEAR_NAMES or dtype in _FLOAT_DTYPES:
-            continue  # not a decoder linear, or an unquantized one (excluded; or W8A16/W4A16 that trtllm-build quantizes)
+            # not a decoder linear, or an unquantized one (excluded; or W8A16/W4A16 that trtllm-build
+            # quantizes)
+            continue
         for field in expected:
             if f"{prefix}.{field}" not in tensors:
                 missing.setdefault(field, []).append(prefix)
     for field, prefixes in missing.items():
-        problems.append(f"{len(prefixes)} {algo} linear(s) lack {field!r} (e.g. {prefixes[0]}.{field}), which TensorRT-LLM's "
-                        "layer requires: load() raises 'Required but not provided tensors'")
+        problems.append(
+            f"{len(prefixes)} {algo} linear(s) lack {field!r} (e.g. {prefixes[0]}.{field}), which "
+            "TensorRT-LLM's layer requires: load() raises 'Required but not provided tensors'"
+        )
     return problems
 
 
-def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target, checkpoint: CheckpointFacts,
-                         contract: Contract, *, gather_context_logits: bool = True,
-                         executable: str = "trtllm-build") -> list[str]:
+def trtllm_build_command(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    target: Target,
+    checkpoint: CheckpointFacts,
+    contract: Contract,
+    *,
+    gather_context_logits: bool = True,
+    executable: str = "trtllm-build",
+) -> list[str]:
     """The ``trtllm-build`` argv for ``checkpoint`` on ``target``: pure, and checked against ``contract``.
 
     Limits come from the target; parallelism from the checkpoint's mapping (trtllm-build has no
@@ -349,9 +448,10 @@ def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target,
     limits = target.limits
     if checkpoint.world_size != limits.tp_size * limits.pp_size:
         raise ContractError(
-            f"{checkpoint_dir}: checkpoint mapping is tp {checkpoint.tp_size} x pp {checkpoint.pp_size}, target "
-            f"{target.name!r} wants tp {limits.tp_size} x pp {limits.pp_size}; trtllm-build takes parallelism from the "
-            "checkpoint, so export it for the target's layout")
+            f"{checkpoint_dir}: checkpoint mapping is tp {checkpoint.tp_size} x pp {checkpoint.pp_size}, "
+            f"target {target.name!r} wants tp {limits.tp_size} x pp {limits.pp_size}; trtllm-build takes "
+            "parallelism from the checkpoint, so export it for the target's layout"
+        )
     plugins = attention_plugins(checkpoint, target.sm_number, contract)
     onoff = {True: "enable", False: "disable"}
     args: list[tuple[str, str | None]] = [
@@ -382,8 +482,10 @@ def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, target: Target,
 
 def _require_engine_path(contract: Contract) -> None:
     if not contract.engine_path:
-        raise ContractError(f"TensorRT-LLM {contract.series} has no TensorRT engine path in kiln's contract "
-                            f"({contract.source}); use artifact: hf_checkpoint for this target")
+        raise ContractError(
+            f"TensorRT-LLM {contract.series} has no TensorRT engine path in kiln's contract "
+            f"({contract.source}); use artifact: hf_checkpoint for this target"
+        )
 
 
 def _check_flags(args: list[tuple[str, str | None]], contract: Contract) -> None:
@@ -396,8 +498,10 @@ def _check_flags(args: list[tuple[str, str | None]], contract: Contract) -> None
         elif value is not None and (choices := contract.flag_choices(flag)) and value not in choices:
             problems.append(f"{flag} {value}: allowed {choices}")
     if problems:
-        raise ContractError(f"kiln's trtllm-build command disagrees with {contract.source} "
-                            f"(TensorRT-LLM {contract.series}): " + "; ".join(problems))
+        raise ContractError(
+            f"kiln's trtllm-build command disagrees with {contract.source} "
+            f"(TensorRT-LLM {contract.series}): " + "; ".join(problems)
+        )
 
 
 # --- LLM API (both paths) -----------------------------------------------------------------------------------
@@ -411,14 +515,17 @@ def _check_fields(kind: str, names: set[str], allowed: set[str], contract: Contr
 def kv_cache_config_kwargs(contract: Contract, *, enable_block_reuse: bool = True) -> dict[str, Any]:
     """``KvCacheConfig`` fields kiln sets. The KV dtype is left at its default: an engine has it built in,
     and the PyTorch backend's ``dtype='auto'`` follows the checkpoint's ``kv_cache_quant_algo``."""
-    kwargs: dict[str, Any] = {"free_gpu_memory_fraction": KV_FREE_GPU_MEMORY_FRACTION,
-                              "enable_block_reuse": enable_block_reuse}
+    kwargs: dict[str, Any] = {
+        "free_gpu_memory_fraction": KV_FREE_GPU_MEMORY_FRACTION,
+        "enable_block_reuse": enable_block_reuse,
+    }
     _check_fields("KvCacheConfig fields", set(kwargs), contract.kv_cache_config_fields(), contract)
     return kwargs
 
 
 def serving_settings(target: Target, contract: Contract) -> dict[str, Any]:
-    """The LLM API arguments that serve an HF checkpoint on ``target`` (also a ``--extra_llm_api_options`` file)."""
+    """The LLM API arguments that serve an HF checkpoint on ``target`` (also a ``--extra_llm_api_options``
+    file)."""
     limits = target.limits
     settings: dict[str, Any] = {
         "tensor_parallel_size": limits.tp_size,
@@ -433,7 +540,9 @@ def serving_settings(target: Target, contract: Contract) -> dict[str, Any]:
     return settings
 
 
-def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any], contract: Contract) -> dict[str, Any]:
+def llm_kwargs(
+    artifact: str, model_dir: Path, settings: dict[str, Any], contract: Contract
+) -> dict[str, Any]:
     """Keyword arguments of the LLM class that loads ``artifact`` for validation (kiln passes token ids, so
     no tokenizer is loaded). ``kv_cache_config`` stays a mapping; the runtime wraps it in ``KvCacheConfig``.
 
@@ -449,12 +558,20 @@ def llm_kwargs(artifact: str, model_dir: Path, settings: dict[str, Any], contrac
     return kwargs
 
 
-def sampling_kwargs(params: SamplingParams, contract: Contract, *, context_logits: bool = False) -> dict[str, Any]:
-    """``tensorrt_llm.SamplingParams`` fields for kiln's sampling: greedy is top_k=1 (the LLM API's greedy rule)."""
+def sampling_kwargs(
+    params: SamplingParams, contract: Contract, *, context_logits: bool = False
+) -> dict[str, Any]:
+    """``tensorrt_llm.SamplingParams`` fields for kiln's sampling: greedy is top_k=1 (the LLM API's greedy
+    rule)."""
     # include_stop_str_in_output: TensorRT-LLM otherwise trims a matched stop token from token_ids
     # (contract llm_api.result.stop_token_trimming); kiln's torch engine keeps it, and so must this one
-    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "end_id": END_ID_NONE, "pad_id": END_ID_NONE,
-                              "detokenize": False, "include_stop_str_in_output": True}
+    kwargs: dict[str, Any] = {
+        "max_tokens": params.max_new_tokens,
+        "end_id": END_ID_NONE,
+        "pad_id": END_ID_NONE,
+        "detokenize": False,
+        "include_stop_str_in_output": True,
+    }
     if params.temperature == 0:
         kwargs["top_k"] = 1
     else:
@@ -471,18 +588,27 @@ def sampling_kwargs(params: SamplingParams, contract: Contract, *, context_logit
     return kwargs
 
 
-def check_hf_quant_config(data: dict[str, Any], where: str, contract: Contract) -> tuple[str | None, str | None]:
-    """``(quant_algo, kv_cache_quant_algo)`` of a ModelOpt ``hf_quant_config.json``, refusing values this series lacks."""
+def check_hf_quant_config(
+    data: dict[str, Any], where: str, contract: Contract
+) -> tuple[str | None, str | None]:
+    """``(quant_algo, kv_cache_quant_algo)`` of a ModelOpt ``hf_quant_config.json``, refusing values this
+    series lacks."""
     from kiln.errors import ModelSourceError
 
     quant = data.get("quantization")
     if not isinstance(quant, dict):
-        raise ModelSourceError(f"{where}: no 'quantization' mapping; TensorRT-LLM reads quantization.quant_algo from it")
+        raise ModelSourceError(
+            f"{where}: no 'quantization' mapping; TensorRT-LLM reads quantization.quant_algo from it"
+        )
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
     if algo is not None and algo not in contract.quant_algos():
-        raise ContractError(f"{where}: quant_algo {algo!r} is not a QuantAlgo of TensorRT-LLM {contract.series} "
-                            f"({contract.source}); known: {sorted(contract.quant_algos())}")
+        raise ContractError(
+            f"{where}: quant_algo {algo!r} is not a QuantAlgo of TensorRT-LLM {contract.series} "
+            f"({contract.source}); known: {sorted(contract.quant_algos())}"
+        )
     if kv_algo is not None and kv_algo not in contract.kv_cache_quant_algos():
-        raise ContractError(f"{where}: kv_cache_quant_algo {kv_algo!r} is not supported by TensorRT-LLM "
-                            f"{contract.series}; known: {sorted(contract.kv_cache_quant_algos())}")
+        raise ContractError(
+            f"{where}: kv_cache_quant_algo {kv_algo!r} is not supported by TensorRT-LLM "
+            f"{contract.series}; known: {sorted(contract.kv_cache_quant_algos())}"
+        )
     return algo, kv_algo
