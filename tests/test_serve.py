@@ -472,7 +472,8 @@ def test_full_queue_gets_429_with_retry_after_and_never_hangs(engine_dir: Path, 
 
 
 def test_sigterm_drains_admitted_requests_and_refuses_new_ones(engine_dir: Path, tmp_path: Path) -> None:
-    srv = start_kiln_serve(engine_dir, tmp_path, "--max-waiting", "8")
+    # a drain bound far above the run's length: the default 30 s aborted requests on a loaded 2-core host
+    srv = start_kiln_serve(engine_dir, tmp_path, "--max-waiting", "8", "--drain-timeout", "300")
     body = {"prompt": "Count with me", "max_tokens": 200, "temperature": 0, "stream": True}
     results: list = [None] * 12  # 8 run, 4 wait for a slot
     threads = [threading.Thread(target=_stream_async, args=(srv.url, body, results, i)) for i in range(12)]

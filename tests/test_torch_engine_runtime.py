@@ -229,3 +229,24 @@ def test_compile_refusals(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="quant_algo: 'NVFP4' is not supported"):
         backend.compile(bad, target(), tmp_path / "f", {})
     assert not any((tmp_path / n).exists() for n in "abcdef")  # nothing half-built left behind
+
+
+def test_sampled_and_greedy_requests_joining_mid_run_get_their_alone_tokens(engine) -> None:
+    """Sampled steps are queued ahead on the device like greedy ones: requests admitted into a running
+    batch (concurrency 3 of 6), of different lengths, still get the tokens each gets alone."""
+    requests = [GenerationRequest(ids(5 + i, 20 + i),
+                                  SamplingParams(max_new_tokens=6 + 2 * i, temperature=1.0, top_p=0.9, seed=40 + i)
+                                  if i % 2 else greedy(7 + i)) for i in range(6)]
+    alone = [engine.generate([r])[0].token_ids for r in requests]
+    assert [r.token_ids for r in engine.generate(requests, concurrency=3)] == alone
+
+
+def test_compiled_decode_may_compile_a_graph_per_bucket(engine_dir: Path) -> None:
+    """dynamo's default of 8 graphs per function would leave most (batch, length) buckets of a large engine
+    eager: the limit covers a greedy and a sampled graph per bucket, with room for the compiled helpers."""
+    compiled = TorchBackend().load(engine_dir, program={"compile": "inductor"})  # compiles lazily: nothing runs
+    try:
+        buckets = len(compiled._batch_buckets) * len(compiled._length_buckets)
+        assert torch._dynamo.config.recompile_limit >= 2 * buckets + 8
+    finally:
+        compiled.close()

@@ -40,9 +40,12 @@ def buckets(limit: int, start: int) -> list[int]:
     return [*sizes, limit]
 
 
+_GREEDY = SamplingParams()
+
+
 @dataclass
 class _Step:
-    """A launched greedy decode step: the slots it decoded, who held them, and its tokens (read on demand)."""
+    """A launched decode step: the slots it decoded, who held them, and its tokens (read on demand)."""
 
     active: list[int]
     owners: list[_Running | None]
@@ -94,12 +97,20 @@ class TorchEngine:
         # Point-to-point sends between stages are neither captured in CUDA graphs nor compiled here: a
         # pipeline-parallel engine runs its decode step eagerly (no multi-GPU machine to measure them on).
         self.cuda_graphs = program.cuda_graphs and self.device.type == "cuda" and not self.pp.enabled
-        self._decode_fn = model.decode
-        if program.compile == "inductor" and not self.pp.enabled:
-            self._decode_fn = torch.compile(model.decode, dynamic=program.dynamic,
-                                            options=program.inductor_options)
         self._batch_buckets = buckets(self.max_batch_size, 1)
         self._length_buckets = buckets(self.max_seq_len, min(128, self.max_seq_len))
+        self._decode_fn = model.decode
+        if program.compile == "inductor" and not self.pp.enabled:
+            # Each (batch, length, greedy) bucket may need its own graph: the attended length is an int the
+            # attention kernel specializes on, and the integer kernels pick a design per batch size. Past
+            # dynamo's default of 8 the remaining buckets would silently run eager (measured: the 8B int8_sq
+            # engine at concurrency 64, bench/results/engine_gpu_recipes_h200.md).
+            graphs = 2 * len(self._batch_buckets) * len(self._length_buckets) + 8
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * graphs)
+            self._decode_fn = torch.compile(model.decode, dynamic=program.dynamic,
+                                            options=program.inductor_options)
         # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.
         self._inputs = torch.zeros(2, self.max_batch_size, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -212,9 +223,10 @@ class TorchEngine:
     def _length(self, slots: list[_Running | None], active: list[int], lookahead: int) -> int:
         return next(n for n in self._length_buckets if n > max(slots[i].position for i in active) + lookahead)
 
-    def _greedy(self, slots: list[_Running | None], active: list[int]) -> bool:
+    def _on_device(self) -> bool:
+        """Whether steps feed themselves on the device (sampled tokens -> next inputs), queued ahead."""
         # parallel ranks agree on sampled tokens through a broadcast: they keep the host-side path
-        return not self.pp.distributed and all(slots[i].request.sampling.temperature == 0 for i in active)
+        return not self.pp.distributed
 
     def _stage(self, slots: list[_Running | None], active: list[int]) -> None:
         """Upload each running request's last token and position; free slots below the batch bucket
@@ -226,9 +238,19 @@ class TorchEngine:
         self._inputs[:, :batch].copy_(torch.tensor(staged, dtype=torch.long), non_blocking=True)
 
     def _launch(self, slots: list[_Running | None], active: list[int], lookahead: int) -> _Step:
-        """Queue one greedy decode step over the device-side inputs; its tokens are read later."""
+        """Queue one decode step over the device-side inputs, its tokens written back as the next step's
+        inputs (greedy: inside the step's graph; sampled: by the batched sampler after it); read later."""
         batch = self._batch(active)
-        out = self._decode(batch, self._length(slots, active, lookahead), greedy=True)
+        length = self._length(slots, active, lookahead)
+        if all(slots[i].request.sampling.temperature == 0 for i in active):
+            out = self._decode(batch, length, greedy=True)
+        else:
+            logits = self._decode(batch, length)
+            rows = [slots[i] if i in active else None for i in range(batch)]  # free slots: greedy dummies
+            out = sample(logits, [r.request.sampling if r else _GREEDY for r in rows],
+                         [r.generator if r else None for r in rows])
+            self._inputs[0, :batch].copy_(out)
+            self._inputs[1, :batch].add_(1)
         if self.device.type != "cuda":
             return _Step(active, list(slots), out, None)
         host = self._host_tokens[self._host_turn][:batch]
@@ -394,7 +416,7 @@ class Scheduler:
             active = [i for i, s in enumerate(slots) if s is not None]
             if ahead is None and not active:
                 return self._take_events()
-            if ahead is None and not engine._greedy(slots, active):
+            if ahead is None and not engine._on_device():
                 engine._stage(slots, active)
                 logits = engine._decode(engine._batch(active), engine._length(slots, active, 0))
                 if logits is not None:  # None on a pipeline stage before the last
@@ -406,7 +428,7 @@ class Scheduler:
             if ahead is None:
                 engine._stage(slots, active)
                 ahead = engine._launch(slots, active, lookahead=0)
-            # Greedy steps feed themselves on the device (argmax -> next input), so the following step
+            # Steps feed themselves on the device (argmax or sampled -> next input), so the following step
             # is queued before this one is read and the GPU never waits for Python. It is queued only
             # when no request can end by length with ``ahead`` and nobody waits to join; a request that
             # ends on a stop token (or is cancelled) meanwhile gets one extra token computed, never emitted.
