@@ -82,17 +82,28 @@ def compatibility_problems(engine: EngineManifest, machine: dict[str, Any]) -> l
     if engine.backend == "tensorrt_llm":
         for package in ("tensorrt_llm", "tensorrt"):
             if package in built and have.get(package) != built[package]:
-                problems.append(f"built with {package} {built[package]}, this machine has "
-                                f"{have.get(package) or 'no ' + package}")
+                problems.append(
+                    f"built with {package} {built[package]}, this machine has "
+                    f"{have.get(package) or 'no ' + package}"
+                )
     elif "torch" in built:
         if not have.get("torch") or _major_minor(have["torch"]) != _major_minor(built["torch"]):
-            problems.append(f"built with torch {built['torch']}, this machine has torch {have.get('torch') or 'none'} "
-                            "(major.minor must match)")
+            problems.append(
+                f"built with torch {built['torch']}, this machine has torch {have.get('torch') or 'none'} "
+                "(major.minor must match)"
+            )
     return problems
 
 
-def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool = False, *,
-          tracking_uri: str | None = None, on_progress: ProgressFn | None = None) -> Path:
+def fetch(
+    name_at_alias: str,
+    target: str | None,
+    output_dir: Path,
+    force: bool = False,
+    *,
+    tracking_uri: str | None = None,
+    on_progress: ProgressFn | None = None,
+) -> Path:
     """Download ``NAME@ALIAS`` (or ``NAME@vN``) of ``target`` into ``output_dir``, every file verified.
 
     Refuses (EngineMismatchError) when this machine's GPU SM or toolchain differs from the engine's
@@ -106,34 +117,52 @@ def fetch(name_at_alias: str, target: str | None, output_dir: Path, force: bool 
     mlflow_client = R.client(tracking_uri)
     with R.mlflow_errors(tracking_uri, f"fetch {name}@{selector}"):
         mv = R.get_version(mlflow_client, name, selector)
-        unrecorded = [line for line in R.unrecorded_aliases(mlflow_client, name)
-                      if ref.alias and line.startswith(f"{name}@{ref.alias} ")]
+        unrecorded = [
+            line
+            for line in R.unrecorded_aliases(mlflow_client, name)
+            if ref.alias and line.startswith(f"{name}@{ref.alias} ")
+        ]
     for line in unrecorded:
         warnings.warn(line, UnrecordedAliasWarning, stacklevel=2)
     tags = mv.tags or {}
     if tags.get(N.TAG_GATES) == "failed" and ref.alias:
-        raise NotPromotableError(f"{name}@{selector} points at v{mv.version}, which failed its gates; move the alias")
+        raise NotPromotableError(
+            f"{name}@{selector} points at v{mv.version}, which failed its gates; move the alias"
+        )
     if tags.get(N.TAG_STATE) != N.STATE_PUBLISHED:
         # A publisher crashed after creating the version: its files may be complete but its record is not.
-        raise NotPromotableError(f"{name} v{mv.version} is not completely published ({N.TAG_STATE}="
-                                 f"{tags.get(N.TAG_STATE, 'unset')}); rerun the build that published it "
-                                 "(it completes the same version), then fetch")
+        raise NotPromotableError(
+            f"{name} v{mv.version} is not completely published ({N.TAG_STATE}="
+            f"{tags.get(N.TAG_STATE, 'unset')}); rerun the build that published it "
+            "(it completes the same version), then fetch"
+        )
     version = open_store(mv.source)
     raw = version.get_bytes(constants.STORE_MANIFEST)
     if raw is None:
-        raise IntegrityError(f"{name} v{mv.version}: no manifest at {mv.source}; its files are gone or were never "
-                             "completely uploaded. Rerun the build that published it")
+        raise IntegrityError(
+            f"{name} v{mv.version}: no manifest at {mv.source}; its files are gone or were never "
+            "completely uploaded. Rerun the build that published it"
+        )
     expected = tags.get(N.TAG_MANIFEST_SHA256)
-    manifest = verified_manifest(raw, f"{mv.source}/{constants.STORE_MANIFEST}", expected,
-                                 f"registered with {name} v{mv.version} ({expected})")
+    manifest = verified_manifest(
+        raw,
+        f"{mv.source}/{constants.STORE_MANIFEST}",
+        expected,
+        f"registered with {name} v{mv.version} ({expected})",
+    )
     problems = compatibility_problems(manifest.engine, machine_profile())
     if problems:
         detail = f"{name} v{mv.version} ({manifest.recipe}): " + "; ".join(problems)
         if not force:
-            raise EngineMismatchError(f"{detail}. Fetch it on a machine of its target ({manifest.target}), fetch "
-                                      "the version built for this one, or pass --force to download anyway")
-        warnings.warn(f"FORCED fetch of an engine this machine cannot run as built: {detail}",
-                      ForcedFetchWarning, stacklevel=2)
+            raise EngineMismatchError(
+                f"{detail}. Fetch it on a machine of its target ({manifest.target}), fetch "
+                "the version built for this one, or pass --force to download anyway"
+            )
+        warnings.warn(
+            f"FORCED fetch of an engine this machine cannot run as built: {detail}",
+            ForcedFetchWarning,
+            stacklevel=2,
+        )
     return download_version(version, Path(output_dir), manifest, on_progress)
 
 

@@ -78,8 +78,10 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:
-            raise IntegrityError(f"{where}: manifest is not a kiln manifest ({problems(exc)}); the version "
-                                 "is corrupt - republish it") from None
+            raise IntegrityError(
+                f"{where}: manifest is not a kiln manifest ({problems(exc)}); the version "
+                "is corrupt - republish it"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class Store(ABC):
 
     @abstractmethod
     def put_file(self, local: Path, key: str, *, size: int, sha256: str) -> None:
-        """Upload ``local`` (already hashed); the backend verifies the bytes against ``sha256`` where it can."""
+        """Upload ``local`` (already hashed); the backend verifies the bytes against ``sha256`` where it
+        can."""
 
     @abstractmethod
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
@@ -154,8 +157,10 @@ def open_store(uri: str) -> Store:
         from kiln.registry.s3 import S3Store
 
         return S3Store.from_uri(uri)
-    raise RegistryConfigError(f"store URI {uri!r}: unsupported scheme; use file:///ABSOLUTE/DIR or "
-                              "s3://BUCKET/PREFIX (set store_uri in the profile's registry or KILN_STORE_URI)")
+    raise RegistryConfigError(
+        f"store URI {uri!r}: unsupported scheme; use file:///ABSOLUTE/DIR or "
+        "s3://BUCKET/PREFIX (set store_uri in the profile's registry or KILN_STORE_URI)"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -185,14 +190,19 @@ def safe_relpath(rel: str, where: str) -> str:
     """Refuse manifest paths that would land outside the output dir (absolute, ``..``, backslashes)."""
     pure = PurePosixPath(rel)
     if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or rel.startswith("~"):
-        raise IntegrityError(f"{where}: manifest lists unsafe path {rel!r}; refusing to write outside the output dir")
+        raise IntegrityError(
+            f"{where}: manifest lists unsafe path {rel!r}; refusing to write outside the output dir"
+        )
     return rel
 
 
 def verified_manifest(raw: bytes, where: str, expected_sha256: str | None, recorded_by: str) -> Manifest:
-    """The manifest in ``raw`` (read from ``where``), checked against the sha256 ``recorded_by`` holds, if any."""
+    """The manifest in ``raw`` (read from ``where``), checked against the sha256 ``recorded_by`` holds, if
+    any."""
     if expected_sha256 and hashlib.sha256(raw).hexdigest() != expected_sha256:
-        raise IntegrityError(f"{where}: sha256 differs from the one {recorded_by}; the stored version was modified")
+        raise IntegrityError(
+            f"{where}: sha256 differs from the one {recorded_by}; the stored version was modified"
+        )
     return Manifest.from_bytes(raw, where)
 
 
@@ -202,9 +212,18 @@ def read_manifest(version: Store) -> Manifest | None:
     return None if data is None else Manifest.from_bytes(data, f"{version.uri}/{constants.STORE_MANIFEST}")
 
 
-def upload_version(version: Store, local_dir: Path, *, model: str, target: str, recipe: str, build_key: str,
-                   engine: EngineManifest, lineage: dict[str, Any],
-                   on_progress: ProgressFn | None = None) -> tuple[Manifest, bool]:
+def upload_version(
+    version: Store,
+    local_dir: Path,
+    *,
+    model: str,
+    target: str,
+    recipe: str,
+    build_key: str,
+    engine: EngineManifest,
+    lineage: dict[str, Any],
+    on_progress: ProgressFn | None = None,
+) -> tuple[Manifest, bool]:
     """Upload ``local_dir`` into the version store, manifest last; returns (manifest, created).
 
     An existing manifest wins (the version is immutable): nothing is uploaded and ``created`` is False.
@@ -226,9 +245,16 @@ def upload_version(version: Store, local_dir: Path, *, model: str, target: str, 
         done += entry.size
         if on_progress:
             on_progress(TransferEvent(rel, entry.size, skipped, index, len(entries), done, total))
-    manifest = Manifest(model=model, target=target, recipe=recipe, build_key=build_key,
-                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), files=entries,
-                        engine=engine, lineage=lineage)
+    manifest = Manifest(
+        model=model,
+        target=target,
+        recipe=recipe,
+        build_key=build_key,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files=entries,
+        engine=engine,
+        lineage=lineage,
+    )
     if version.put_bytes_if_absent(constants.STORE_MANIFEST, manifest.to_bytes()):
         return manifest, True
     # Another writer published this build key between our check and our put: theirs is the version.
@@ -238,15 +264,18 @@ def upload_version(version: Store, local_dir: Path, *, model: str, target: str, 
     return winner, False
 
 
-def download_version(version: Store, output_dir: Path, manifest: Manifest,
-                     on_progress: ProgressFn | None = None) -> Path:
+def download_version(
+    version: Store, output_dir: Path, manifest: Manifest, on_progress: ProgressFn | None = None
+) -> Path:
     """Download every manifest file into ``output_dir`` and verify size + sha256; all or nothing.
 
     Files land in a temp sibling dir that is renamed into place only after every checksum matched, so
     a tampered or truncated file leaves ``output_dir`` untouched. ``output_dir`` must not exist or be empty.
     """
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise KilnInputError(f"{output_dir}: output dir exists and is not empty; choose a new dir or remove it")
+        raise KilnInputError(
+            f"{output_dir}: output dir exists and is not empty; choose a new dir or remove it"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.kiln-", dir=output_dir.parent))
     try:
@@ -258,20 +287,26 @@ def download_version(version: Store, output_dir: Path, manifest: Manifest,
             try:
                 version.get_file(f"{FILES_DIR}/{rel}", local)
             except FileNotFoundError:
-                raise IntegrityError(f"{version.uri}: {rel} is listed in the manifest but missing from the store; "
-                                     "the version is damaged - republish it") from None
+                raise IntegrityError(
+                    f"{version.uri}: {rel} is listed in the manifest but missing from the store; "
+                    "the version is damaged - republish it"
+                ) from None
             size = local.stat().st_size
             actual = sha256_file(local)
             if size != entry.size or actual != entry.sha256:
                 raise IntegrityError(
                     f"{version.uri}/{FILES_DIR}/{rel}: checksum mismatch (expected sha256 {entry.sha256}, "
                     f"{entry.size} bytes; got {actual}, {size} bytes): the stored file was modified or "
-                    "corrupted; nothing was written to the output dir. Republish the version or fetch another."
+                    "corrupted; nothing was written to the output dir. Republish the version or fetch "
+                    "another."
                 )
             done += entry.size
             if on_progress:
-                on_progress(TransferEvent(rel, entry.size, False, index, len(manifest.files), done,
-                                          manifest.total_bytes))
+                on_progress(
+                    TransferEvent(
+                        rel, entry.size, False, index, len(manifest.files), done, manifest.total_bytes
+                    )
+                )
         (staging / FETCHED_MANIFEST).write_bytes(manifest.to_bytes())
         if output_dir.exists():
             output_dir.rmdir()
@@ -291,11 +326,15 @@ def verify_dir(engine_dir: Path) -> Manifest:
     for entry in manifest.files:
         path = engine_dir / safe_relpath(entry.path, str(record))
         if not path.is_file() or path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
-            raise IntegrityError(f"{path}: missing or does not match its sha256 {entry.sha256}; fetch the engine again")
+            raise IntegrityError(
+                f"{path}: missing or does not match its sha256 {entry.sha256}; fetch the engine again"
+            )
     return manifest
 
 
 def list_version_keys(store: Store, model: str, target: str) -> list[str]:
     """Build keys under ``<model>/<target>/`` that are complete versions (have a manifest)."""
     keys = store.list_dirs(f"{model}/{target}")
-    return [key for key in keys if store.stat(f"{model}/{target}/{key}/{constants.STORE_MANIFEST}") is not None]
+    return [
+        key for key in keys if store.stat(f"{model}/{target}/{key}/{constants.STORE_MANIFEST}") is not None
+    ]

@@ -33,10 +33,14 @@ class DrainingServer(uvicorn.Server):
         self._deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Not recorded in _captured_signals: uvicorn would re-raise it after a clean shutdown (exit by signal).
+        # Not recorded in _captured_signals: uvicorn would re-raise it after a clean shutdown (exit by
+        # signal).
         if self.kiln.draining:
-            log.warning("second %s: exiting without waiting for %d request(s)", signal.Signals(sig).name,
-                        self.kiln.loop.in_flight)
+            log.warning(
+                "second %s: exiting without waiting for %d request(s)",
+                signal.Signals(sig).name,
+                self.kiln.loop.in_flight,
+            )
             self.should_exit = self.force_exit = True
             return
         self._deadline = time.monotonic() + self.kiln.settings.drain_timeout_s
@@ -51,16 +55,27 @@ class DrainingServer(uvicorn.Server):
             log.info("drained: every admitted request finished")
             return True
         if time.monotonic() > self._deadline:
-            log.warning("drain timeout (%g s): aborting %d request(s)", self.kiln.settings.drain_timeout_s,
-                        self.kiln.loop.in_flight)
+            log.warning(
+                "drain timeout (%g s): aborting %d request(s)",
+                self.kiln.settings.drain_timeout_s,
+                self.kiln.loop.in_flight,
+            )
             self.kiln.loop.abort_all("server shut down (drain timeout)")
             return True
         return False
 
 
-def serve_engine(engine: EngineProcess, engine_dir: Path, settings: ServeSettings, *, host: str, port: int,
-                 log_level: str = "info") -> None:
-    """Serve a started engine process until a signal drains the server (blocks); the engine process stops with it.
+def serve_engine(
+    engine: EngineProcess,
+    engine_dir: Path,
+    settings: ServeSettings,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+) -> None:
+    """Serve a started engine process until a signal drains the server (blocks); the engine process stops with
+    it.
 
     uvicorn picks its fastest HTTP parser and event loop that are installed (httptools, uvloop: what
     ``uvicorn[standard]`` adds), else h11 and asyncio."""
@@ -71,19 +86,29 @@ def serve_engine(engine: EngineProcess, engine_dir: Path, settings: ServeSetting
     try:
         disable_created_metrics()  # no *_created series: this process exports only its own registry
         app = create_app(engine, TextCodec(engine_dir), settings)
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http="auto",
-                                loop="auto", timeout_graceful_shutdown=5, server_header=False)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            http="auto",
+            loop="auto",
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
         DrainingServer(config, app.state).run()
     finally:
         engine.stop()
 
 
-# -- TensorRT-LLM artifacts -------------------------------------------------------------------------------------
+# -- TensorRT-LLM artifacts ----------------------------------------------------------------------------------
 
 
 def trtllm_serve_command(engine_dir: Path, manifest: EngineManifest, host: str, port: int) -> list[str]:
     """The ``trtllm-serve`` argv for a kiln TensorRT-LLM artifact (flags of tensorrt_llm/commands/serve.py:
-    MODEL, --tokenizer, --host, --port, --backend {pytorch, tensorrt (alias trt)}, --extra_llm_api_options)."""
+    MODEL, --tokenizer, --host, --port, --backend {pytorch, tensorrt (alias trt)},
+    --extra_llm_api_options)."""
     engine_dir = Path(engine_dir)
     argv = ["trtllm-serve", str(engine_dir)]
     if manifest.artifact == "engine":  # a trtllm-build engine dir: the TensorRT backend, our tokenizer copy

@@ -26,20 +26,29 @@ class Served:
     source: str
 
 
-def resolve(model: str, target: str | None, *, tracking_uri: str | None = None,
-            cache_root: Path | None = None) -> Served:
+def resolve(
+    model: str, target: str | None, *, tracking_uri: str | None = None, cache_root: Path | None = None
+) -> Served:
     """The engine dir to serve for ``model`` (a dir, ``NAME@ALIAS`` or ``NAME@vN``)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if target is not None:
-            raise KilnInputError(f"--target {target} names a registered model's target; {model} is an engine dir "
-                                 "(drop --target)")
+            raise KilnInputError(
+                f"--target {target} names a registered model's target; {model} is an engine dir "
+                "(drop --target)"
+            )
         return Served(path.resolve(), path.resolve().name, str(path.resolve()))
     if "@" not in model:
-        raise KilnInputError(f"{model!r}: neither an engine dir nor a registry reference NAME@ALIAS / NAME@vN "
-                             "(e.g. smollm2@production --target cpu)")
-    return _fetch(model, target, tracking_uri or constants.default_tracking_uri(),
-                  cache_root or constants.kiln_home() / "serving")
+        raise KilnInputError(
+            f"{model!r}: neither an engine dir nor a registry reference NAME@ALIAS / NAME@vN "
+            "(e.g. smollm2@production --target cpu)"
+        )
+    return _fetch(
+        model,
+        target,
+        tracking_uri or constants.default_tracking_uri(),
+        cache_root or constants.kiln_home() / "serving",
+    )
 
 
 def _fetch(ref_text: str, target: str | None, tracking_uri: str, cache_root: Path) -> Served:
@@ -55,14 +64,19 @@ def _fetch(ref_text: str, target: str | None, tracking_uri: str, cache_root: Pat
         mv = R.get_version(R.client(tracking_uri), name, selector)
     tags = mv.tags or {}
     version = str(mv.version)
-    if ref.alias and tags.get(N.TAG_GATES) == "failed":  # what fetch refuses for an alias, checked before the cache
-        raise NotPromotableError(f"{name}@{selector} points at v{version}, which failed its gates; move the alias")
+    # what fetch refuses for an alias, checked before the cache
+    if ref.alias and tags.get(N.TAG_GATES) == "failed":
+        raise NotPromotableError(
+            f"{name}@{selector} points at v{version}, which failed its gates; move the alias"
+        )
     expected = tags.get(N.TAG_MANIFEST_SHA256) or ""
     dest = cache_root / name / f"v{version}-{expected[:12] or 'unverified'}"
     record = dest / FETCHED_MANIFEST
     if record.is_file() and expected and hashlib.sha256(record.read_bytes()).hexdigest() != expected:
-        raise IntegrityError(f"{dest}: its manifest is not the one registered with {name} v{version}; remove the dir "
-                             "and serve again (it is fetched anew)")
+        raise IntegrityError(
+            f"{dest}: its manifest is not the one registered with {name} v{version}; remove the dir "
+            "and serve again (it is fetched anew)"
+        )
     if not record.is_file():
         # the version resolved above, pinned: an alias moving meanwhile cannot swap what lands in dest
         fetch(f"{ref.name}@v{version}", target, dest, tracking_uri=tracking_uri)

@@ -1,7 +1,7 @@
 """The engine process of ``kiln serve``: loads the engine, warms it up, then runs its scheduler.
 
-Started by :class:`kiln.serve.loop.EngineProcess` as ``python -m kiln.serve.worker --fd N ENGINE_DIR`` with one
-end of a Unix socket pair (frames of :mod:`kiln.serve.wire`). The engine runs in a process of its own so
+Started by :class:`kiln.serve.loop.EngineProcess` as ``python -m kiln.serve.worker --fd N ENGINE_DIR`` with
+one end of a Unix socket pair (frames of :mod:`kiln.serve.wire`). The engine runs in a process of its own so
 that the HTTP process's per-token work (parsing, detokenizing, one SSE write per token per client) never
 holds the interpreter lock the decode loop needs; this process does nothing per token but pack it.
 
@@ -38,7 +38,9 @@ def warm_up(engine: Any) -> None:
 
     sizes = [1] if engine.device.type == "cpu" else sorted({1, engine.max_batch_size})
     for size in sizes:
-        engine.generate([GenerationRequest([0] * min(4, engine.max_input_len), SamplingParams(max_new_tokens=2))] * size)
+        engine.generate(
+            [GenerationRequest([0] * min(4, engine.max_input_len), SamplingParams(max_new_tokens=2))] * size
+        )
 
 
 def load(engine_dir: Path) -> Any:
@@ -49,8 +51,10 @@ def load(engine_dir: Path) -> Any:
 
     engine = get_backend(read(engine_dir).backend).load(engine_dir)
     if engine.pp.enabled or engine.tp.world_size > 1:
-        raise BackendUnavailableError("kiln serve runs single-rank engines; this one has several ranks "
-                                      "(serve it with one process per rank is not supported yet)")
+        raise BackendUnavailableError(
+            "kiln serve runs single-rank engines; this one has several ranks "
+            "(serve it with one process per rank is not supported yet)"
+        )
     warm_up(engine)
     return engine
 
@@ -70,7 +74,8 @@ class _Sender:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.queue: deque[Any] = deque()  # bytes (a frame), a token tuple (request id, token, time, finish) or gauges
+        # bytes (a frame), a token tuple (request id, token, time, finish) or gauges
+        self.queue: deque[Any] = deque()
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kiln-engine-sender", daemon=True)
@@ -156,9 +161,12 @@ def serve(engine: Any, sock: socket.socket) -> int:
 
     queue, started = sender.queue, set()
 
-    def on_event(event: Any) -> None:  # the engine thread, as each token is made (a prefill's before its decode)
+    # the engine thread, as each token is made (a prefill's before its decode)
+    def on_event(event: Any) -> None:
         result, request_id = event.result, event.request_id
-        queue.append((request_id, event.token_id, event.time_s, _FINISH_CODE[result.finish_reason] if result else 0))
+        queue.append(
+            (request_id, event.token_id, event.time_s, _FINISH_CODE[result.finish_reason] if result else 0)
+        )
         if result is not None:
             started.discard(request_id)
         elif request_id not in started:  # a first token: out now, not after the decode step that follows
@@ -183,8 +191,10 @@ def serve(engine: Any, sock: socket.socket) -> int:
             if add["id"] in cancels:
                 continue
             sampling = add["sampling"]
-            request = GenerationRequest(add["prompt"], SamplingParams(**{**sampling, "stop_token_ids": tuple(
-                sampling.get("stop_token_ids") or ())}))
+            request = GenerationRequest(
+                add["prompt"],
+                SamplingParams(**{**sampling, "stop_token_ids": tuple(sampling.get("stop_token_ids") or ())}),
+            )
             try:
                 engine.check_request(request, add.get("where") or "request")
             except GenerationLimitError as exc:
@@ -215,7 +225,9 @@ def serve(engine: Any, sock: socket.socket) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kiln.serve.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the HTTP process")
+    parser.add_argument(
+        "--fd", type=int, required=True, help="this end of the socket pair to the HTTP process"
+    )
     parser.add_argument("engine_dir", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
@@ -231,8 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name in ("SIGINT", "SIGTERM"):  # the HTTP process drains on these and tells this one when to stop
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    sock.sendall(json_frame({"ready": {"max_batch_size": engine.max_batch_size, "max_input_len": engine.max_input_len,
-                                       "max_seq_len": engine.max_seq_len, "device": str(engine.device)}}))
+    sock.sendall(
+        json_frame(
+            {
+                "ready": {
+                    "max_batch_size": engine.max_batch_size,
+                    "max_input_len": engine.max_input_len,
+                    "max_seq_len": engine.max_seq_len,
+                    "device": str(engine.device),
+                }
+            }
+        )
+    )
     try:
         return serve(engine, sock)
     finally:

@@ -36,15 +36,25 @@ def heldout_token_ids(heldout: Any) -> tuple[list[list[int]], dict[str, Any]]:
     if isinstance(heldout, dict):
         ids, sha, source = heldout.get("token_ids"), heldout.get("sha256"), heldout.get("source")
     elif hasattr(heldout, "token_ids"):
-        ids, sha, source = heldout.token_ids, getattr(heldout, "sha256", None), getattr(heldout, "source", None)
+        ids, sha, source = (
+            heldout.token_ids,
+            getattr(heldout, "sha256", None),
+            getattr(heldout, "source", None),
+        )
     else:
         ids, sha, source = heldout, None, None
     if not ids or not all(isinstance(seq, Sequence) for seq in ids):
-        raise CalibrationDataError("held-out set is empty or not a list of token-id lists: check evaluation.heldout "
-                                   "and evaluation.heldout_tokens in the profile")
+        raise CalibrationDataError(
+            "held-out set is empty or not a list of token-id lists: check evaluation.heldout "
+            "and evaluation.heldout_tokens in the profile"
+        )
     token_ids = [list(map(int, seq)) for seq in ids]
-    info = {"sha256": sha, "source": source, "num_sequences": len(token_ids),
-            "num_tokens": sum(len(s) for s in token_ids)}
+    info = {
+        "sha256": sha,
+        "source": source,
+        "num_sequences": len(token_ids),
+        "num_tokens": sum(len(s) for s in token_ids),
+    }
     return token_ids, info
 
 
@@ -55,8 +65,15 @@ def dir_size(path: Path) -> int:
 @contextmanager
 def _progress(description: str) -> Iterator[Progress]:
     console = Console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not sys.stderr.isatty()) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
         yield progress
 
 
@@ -64,7 +81,9 @@ def load_engine(engine_dir: Path, manifest: EngineManifest) -> Engine:
     return get_backend(manifest.backend).load(Path(engine_dir))
 
 
-def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits: BuildLimits) -> dict[str, Any]:
+def _task_evals(
+    engine: Engine, engine_dir: Path, evaluation: Evaluation, limits: BuildLimits
+) -> dict[str, Any]:
     """lm-eval tasks of ``evaluation.tasks`` on the engine; skipped ones are said on the console too."""
     if not evaluation.tasks:
         return {}
@@ -72,8 +91,14 @@ def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits
 
     with _progress("tasks") as progress:
         progress.add_task(f"lm-eval tasks {engine_dir.name}", total=None)
-        evals = run_tasks(engine, engine_dir, evaluation, max_seq_len=limits.max_seq_len,
-                          max_input_len=limits.max_input_len, batch_size=limits.max_batch_size)
+        evals = run_tasks(
+            engine,
+            engine_dir,
+            evaluation,
+            max_seq_len=limits.max_seq_len,
+            max_input_len=limits.max_input_len,
+            batch_size=limits.max_batch_size,
+        )
     console = Console(stderr=True)
     for key, result in evals.items():
         if result.status != "ran":
@@ -81,8 +106,15 @@ def _task_evals(engine: Engine, engine_dir: Path, evaluation: Evaluation, limits
     return {key: result.to_dict() for key, result in evals.items()}
 
 
-def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluation: Evaluation, *,
-                   output_dir: Path | None = None, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+def measure_engine(
+    engine_dir: Path,
+    baseline_dir: Path,
+    heldout: Any,
+    evaluation: Evaluation,
+    *,
+    output_dir: Path | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Accuracy vs the baseline engine and the performance sweep of ``engine_dir``.
 
     Returns the flat metrics and ``{"validation.json": document}`` (schema-checked); with ``output_dir``
@@ -102,29 +134,50 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
         window = min(limits.max_seq_len, base_limits.max_seq_len)
         gen_len = evaluation.max_new_tokens
         perf_requests, perf_gen_len = sweep_settings(evaluation, manifest.device)
-        prompt_len = min(evaluation.prompt_len, limits.max_input_len, base_limits.max_input_len,
-                         window - max(gen_len, perf_gen_len))
+        prompt_len = min(
+            evaluation.prompt_len,
+            limits.max_input_len,
+            base_limits.max_input_len,
+            window - max(gen_len, perf_gen_len),
+        )
         if prompt_len < 1:
-            raise CalibrationDataError(f"evaluation.max_new_tokens ({gen_len}) / perf_max_new_tokens ({perf_gen_len}) "
-                                       f"leave no room for a prompt in the engine's max_seq_len ({window}); lower "
-                                       f"them below {window}")
+            raise CalibrationDataError(
+                f"evaluation.max_new_tokens ({gen_len}) / perf_max_new_tokens ({perf_gen_len}) "
+                f"leave no room for a prompt in the engine's max_seq_len ({window}); lower "
+                f"them below {window}"
+            )
         prompts = prompts_from(token_ids, evaluation.prompts, prompt_len)
         task_evals = _task_evals(engine, engine_dir, evaluation, limits)
         measured_tasks = time.perf_counter()
         with _progress("accuracy") as progress:
             task = progress.add_task(f"accuracy {engine_dir.name}", total=None)
             accuracy = evaluate_accuracy(
-                engine, baseline, token_ids, window=window, prompts=prompts, max_new_tokens=gen_len,
-                batch_size=min(limits.max_batch_size, base_limits.max_batch_size), task_evals=task_evals,
-                on_window=lambda done, total: progress.update(task, completed=done, total=total))
+                engine,
+                baseline,
+                token_ids,
+                window=window,
+                prompts=prompts,
+                max_new_tokens=gen_len,
+                batch_size=min(limits.max_batch_size, base_limits.max_batch_size),
+                task_evals=task_evals,
+                on_window=lambda done, total: progress.update(task, completed=done, total=total),
+            )
         measured_accuracy = time.perf_counter()
         with _progress("performance") as progress:
             task = progress.add_task(f"perf {engine_dir.name}", total=len(set(evaluation.concurrency)))
             perf = measure_performance(
-                engine, evaluation, prompt_len=prompt_len, gen_len=perf_gen_len, seed=seed,
-                device=manifest.device, vocab_size=None, max_batch_size=limits.max_batch_size,
-                decode_cost=decode_cost_from_dir(engine_dir), min_requests=perf_requests,
-                on_level=lambda _c: progress.advance(task))
+                engine,
+                evaluation,
+                prompt_len=prompt_len,
+                gen_len=perf_gen_len,
+                seed=seed,
+                device=manifest.device,
+                vocab_size=None,
+                max_batch_size=limits.max_batch_size,
+                decode_cost=decode_cost_from_dir(engine_dir),
+                min_requests=perf_requests,
+                on_level=lambda _c: progress.advance(task),
+            )
         finished = time.perf_counter()
     finally:
         engine.close()
@@ -132,13 +185,30 @@ def measure_engine(engine_dir: Path, baseline_dir: Path, heldout: Any, evaluatio
             baseline.close()
     size = dir_size(engine_dir)
     document = build_document(
-        engine={"engine_dir": str(engine_dir), "backend": manifest.backend, "device": manifest.device,
-                "size_bytes": size, "manifest": manifest.to_dict()},
-        baseline={"engine_dir": str(baseline_dir), "backend": base_manifest.backend,
-                  "device": base_manifest.device, "size_bytes": dir_size(baseline_dir)},
-        heldout=heldout_info, accuracy=accuracy, perf=perf,
-        timings_s={"load": loaded - started, "tasks": measured_tasks - loaded, "accuracy": measured_accuracy - measured_tasks,
-                   "performance": finished - measured_accuracy, "total": finished - started})
+        engine={
+            "engine_dir": str(engine_dir),
+            "backend": manifest.backend,
+            "device": manifest.device,
+            "size_bytes": size,
+            "manifest": manifest.to_dict(),
+        },
+        baseline={
+            "engine_dir": str(baseline_dir),
+            "backend": base_manifest.backend,
+            "device": base_manifest.device,
+            "size_bytes": dir_size(baseline_dir),
+        },
+        heldout=heldout_info,
+        accuracy=accuracy,
+        perf=perf,
+        timings_s={
+            "load": loaded - started,
+            "tasks": measured_tasks - loaded,
+            "accuracy": measured_accuracy - measured_tasks,
+            "performance": finished - measured_accuracy,
+            "total": finished - started,
+        },
+    )
     validate_document(document)
     if output_dir is not None:
         output_dir = Path(output_dir)
