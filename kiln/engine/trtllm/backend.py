@@ -59,8 +59,7 @@ LLM_API_OPTIONS = "llm_api_options.yaml"
 WORK_POOL_TEMPLATE = "deploy/trtllm-work-pool.json"
 
 
-# --- where it runs
-# ---------------------------------------------------------------------------------------------
+# --- where it runs ------------------------------------------------------------------------------------------
 
 
 def unavailable_reason(target: Target) -> str | None:
@@ -126,8 +125,7 @@ def toolchain() -> dict[str, Any]:
     }
 
 
-# --- engine path (1.2)
-# ---------------------------------------------------------------------------------------
+# --- engine path (1.2) --------------------------------------------------------------------------------------
 
 
 def read_checkpoint(checkpoint_dir: Path) -> api.CheckpointFacts:
@@ -310,8 +308,7 @@ def check_engine_dir(engine_dir: Path, world_size: int, contract: api.Contract) 
     return config
 
 
-# --- checkpoint path (>= 1.3)
-# --------------------------------------------------------------------------------
+# --- checkpoint path (>= 1.3) -------------------------------------------------------------------------------
 
 
 def read_hf_quantization(hf_dir: Path, contract: api.Contract) -> tuple[str | None, str | None]:
@@ -412,8 +409,7 @@ def _hf_dir(checkpoint_dir: Path, lineage: dict) -> Path:
     )
 
 
-# --- shared
-# ---------------------------------------------------------------------------------------------------
+# --- shared -------------------------------------------------------------------------------------------------
 
 
 def _manifest(
@@ -486,8 +482,7 @@ def check_loadable(manifest: EngineManifest, engine_dir: Path, tools: dict[str, 
         )
 
 
-# --- the backend
-# ------------------------------------------------------------------------------------------------
+# --- the backend --------------------------------------------------------------------------------------------
 
 
 class TensorRTLLMBackend:

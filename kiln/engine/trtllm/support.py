@@ -185,8 +185,7 @@ def artifact_problem(
     return None
 
 
-# --- the document
-# -------------------------------------------------------------------------------------------------
+# --- the document -------------------------------------------------------------------------------------------
 
 DOC_ROWS: tuple[tuple[str, str, str | None], ...] = tuple(
     [(name, QUANT, s.quant_algo) for name, s in SCHEMES.items()]
