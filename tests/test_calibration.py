@@ -1,4 +1,5 @@
-"""kiln.calibration on real text (Debian fortunes, files, a dataset repo in the hub cache) and SmolLM2's tokenizer."""
+"""kiln.calibration on real text (Debian fortunes, files, a dataset repo in the hub cache) and SmolLM2's
+tokenizer."""
 
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def test_seed_changes_the_samples_and_the_sha(tokenizer):
 def test_corpus_split_keeps_near_duplicates_on_one_side(tmp_path):
     quote = "The only thing we have to fear is fear itself, and perhaps the dark and the dentist"
     texts = [f"{quote}.\n\t\t-- variant {i}" for i in range(40)]
-    texts += [f"Unrelated paragraph number {i} about {w} and other things"
-              for i, w in enumerate(["boats", "trains", "cats", "rain", "bread"] * 20)]
+    texts += [
+        f"Unrelated paragraph number {i} about {w} and other things"
+        for i, w in enumerate(["boats", "trains", "cats", "rain", "bread"] * 20)
+    ]
     corpus = load_corpus(f"file:{_write_jsonl(tmp_path / 'c.jsonl', texts)}")
 
     calibration, heldout = set(corpus.calibration_part), set(corpus.heldout_part)
@@ -123,7 +126,9 @@ def test_file_sources_txt_and_jsonl(tokenizer, fortunes_documents, tmp_path):
 
 
 def test_bad_inputs_fail_before_calibration(tokenizer, tmp_path):
-    small = _write_jsonl(tmp_path / "small.jsonl", [f"Sentence {i} of a very short corpus." for i in range(30)])
+    small = _write_jsonl(
+        tmp_path / "small.jsonl", [f"Sentence {i} of a very short corpus." for i in range(30)]
+    )
     with pytest.raises(CalibrationDataError, match=r"calibration.num_samples: .* yields only \d+ windows"):
         calibration_set(Calibration(dataset=f"file:{small}", num_samples=64, seq_len=256), tokenizer)
     with pytest.raises(CalibrationDataError, match=r"calibration.dataset: file .*missing.txt does not exist"):
@@ -137,7 +142,9 @@ def test_bad_inputs_fail_before_calibration(tokenizer, tmp_path):
     (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(CalibrationDataError, match=r"must be .txt .* or .jsonl"):
         calibration_set(Calibration(dataset=f"file:{tmp_path / 'data.csv'}"), tokenizer)
-    with pytest.raises(CalibrationDataError, match="unknown built-in corpus 'shakespeare'; built-ins: fortunes"):
+    with pytest.raises(
+        CalibrationDataError, match="unknown built-in corpus 'shakespeare'; built-ins: fortunes"
+    ):
         calibration_set(Calibration(dataset="builtin:shakespeare"), tokenizer)
     with pytest.raises(CalibrationDataError, match="evaluation.heldout_tokens: the held-out part"):
         heldout_set(Evaluation(heldout=f"file:{small}", heldout_tokens=4096), tokenizer)
@@ -154,24 +161,43 @@ def test_builtin_jargon_is_a_second_domain(tokenizer):
     assert jargon.sha256 != fortunes.sha256 and jargon.source.startswith("builtin:jargon#")
 
 
-def test_hf_dataset_is_read_pinned_from_the_offline_cache(local_hub: LocalHub, tokenizer, fortunes_documents,
-                                                           monkeypatch, tmp_path):
+def test_hf_dataset_is_read_pinned_from_the_offline_cache(
+    local_hub: LocalHub, tokenizer, fortunes_documents, monkeypatch, tmp_path
+):
     from huggingface_hub import snapshot_download
 
     rows = "".join(json.dumps({"text": t, "label": 0}) + "\n" for t in fortunes_documents[:600])
-    sha = local_hub.create_repo("kiln-test/corpus", {"data/train.jsonl": rows.encode(), "README.md": b"# corpus\n"},
-                                repo_type="dataset")
+    sha = local_hub.create_repo(
+        "kiln-test/corpus",
+        {"data/train.jsonl": rows.encode(), "README.md": b"# corpus\n"},
+        repo_type="dataset",
+    )
     reference = f"hf:kiln-test/corpus@{sha}:train:text"
-    with pytest.raises(CalibrationDataError, match=r"not in the offline cache .*hf download kiln-test/corpus"):
+    with pytest.raises(
+        CalibrationDataError, match=r"not in the offline cache .*hf download kiln-test/corpus"
+    ):
         calibration_set(Calibration(dataset=reference, num_samples=4, seq_len=64), tokenizer)
 
-    snapshot_download("kiln-test/corpus", repo_type="dataset", revision="main", cache_dir=constants.hf_cache_dir(),
-                      endpoint=local_hub.url)  # what `hf download` does on a connected machine
+    snapshot_download(
+        "kiln-test/corpus",
+        repo_type="dataset",
+        revision="main",
+        cache_dir=constants.hf_cache_dir(),
+        endpoint=local_hub.url,
+    )  # what `hf download` does on a connected machine
     local_hub.requests.clear()
     first = calibration_set(Calibration(dataset=reference, num_samples=4, seq_len=64), tokenizer)
-    by_branch = calibration_set(Calibration(dataset="hf:kiln-test/corpus@main", num_samples=4, seq_len=64), tokenizer)
-    as_file = calibration_set(Calibration(dataset=f"file:{_write_jsonl(tmp_path / 'same.jsonl', fortunes_documents[:600])}",
-                                          num_samples=4, seq_len=64), tokenizer)
+    by_branch = calibration_set(
+        Calibration(dataset="hf:kiln-test/corpus@main", num_samples=4, seq_len=64), tokenizer
+    )
+    as_file = calibration_set(
+        Calibration(
+            dataset=f"file:{_write_jsonl(tmp_path / 'same.jsonl', fortunes_documents[:600])}",
+            num_samples=4,
+            seq_len=64,
+        ),
+        tokenizer,
+    )
 
     assert local_hub.requests == []  # read from the cache only
     assert first.source.startswith(f"hf:kiln-test/corpus@{sha}:train:text#calibration")

@@ -51,9 +51,15 @@ def _profile(model_dir: Path, int4_limit: float) -> dict:
     return {
         "name": "ckgate",
         "model": {"local_dir": str(model_dir)},
-        "recipes": [{"name": "int8", "quantization": "int8_wo"},
-                    {"name": "int4", "quantization": "int4_wo", "group_size": 32,
-                     "gates": {"max_ppl_increase_pct": int4_limit}}],
+        "recipes": [
+            {"name": "int8", "quantization": "int8_wo"},
+            {
+                "name": "int4",
+                "quantization": "int4_wo",
+                "group_size": 32,
+                "gates": {"max_ppl_increase_pct": int4_limit},
+            },
+        ],
         "targets": [{"name": "cpu", "dtype": "float32", "limits": LIMITS}],
         "gates": {"max_ppl_increase_pct": 1000.0},
         "evaluation": EVALUATION,
@@ -62,14 +68,17 @@ def _profile(model_dir: Path, int4_limit: float) -> dict:
 
 
 def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_others_build(
-        prefect_harness, kiln_home: Path, fitted_model_dir: Path) -> None:
+    prefect_harness, kiln_home: Path, fitted_model_dir: Path
+) -> None:
     from mlflow import MlflowClient
 
     from kiln import progress
     from kiln.flows.build import build
 
     seen: list[tuple[str, str, str]] = []
-    with progress.listening(lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None):
+    with progress.listening(
+        lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None
+    ):
         outcomes = {o.recipe: o for o in build(profile=_profile(fitted_model_dir, 0.0))}
 
     assert outcomes["int8"].status == "registered" and outcomes["int8"].version
@@ -77,8 +86,12 @@ def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_
     assert bad.status == "failed-gates" and bad.version is None and bad.uri is None and not bad.recommended
     increase = bad.metrics["ppl_increase_pct"]
     assert increase > 0.0 and bad.metrics["baseline_perplexity"] > 1
-    assert bad.metrics["perplexity"] == pytest.approx(bad.metrics["baseline_perplexity"] * (1 + increase / 100))
-    assert bad.verdict.startswith(f"fail: checkpoint max_ppl_increase_pct: ppl_increase_pct {increase:.4g} % > 0 %")
+    assert bad.metrics["perplexity"] == pytest.approx(
+        bad.metrics["baseline_perplexity"] * (1 + increase / 100)
+    )
+    assert bad.verdict.startswith(
+        f"fail: checkpoint max_ppl_increase_pct: ppl_increase_pct {increase:.4g} % > 0 %"
+    )
     assert f"fake-quant perplexity {bad.metrics['perplexity']:.4g} vs unquantized" in bad.verdict
 
     # nothing was exported, compiled or registered for int4; int8 went the whole way
@@ -86,9 +99,14 @@ def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_
     assert not any(step in {"validate", "register"} and detail.startswith("int4") for step, detail, _ in seen)
     engines = [json.loads(p.read_text()) for p in (kiln_home / "cache" / "compile").glob("*/record.json")]
     assert sorted(e["recipe"] for e in engines) == ["baseline", "int8"]
-    checkpoints = {r["recipe"]: r for r in (json.loads(p.read_text())
-                                            for p in (kiln_home / "cache" / "quantize").glob("*/record.json"))}
-    assert checkpoints["int4"]["trtllm_dirs"] == {} and checkpoints["int4"]["perplexity"]["increase_pct"] == increase
+    checkpoints = {
+        r["recipe"]: r
+        for r in (json.loads(p.read_text()) for p in (kiln_home / "cache" / "quantize").glob("*/record.json"))
+    }
+    assert (
+        checkpoints["int4"]["trtllm_dirs"] == {}
+        and checkpoints["int4"]["perplexity"]["increase_pct"] == increase
+    )
     assert not any("int4" in str(p.relative_to(kiln_home)) for p in (kiln_home / "store").rglob("*"))
     client = MlflowClient(tracking_uri=f"sqlite:///{kiln_home / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'ckgate.cpu'")
@@ -102,15 +120,21 @@ def test_a_recipe_over_its_checkpoint_gate_is_reported_and_never_compiled_while_
 
     # a rerun with identical inputs calibrates nothing and gives the same verdict from the cached numbers
     seen.clear()
-    with progress.listening(lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None):
+    with progress.listening(
+        lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None
+    ):
         again = {o.recipe: o for o in build(profile=_profile(fitted_model_dir, 0.0))}
     assert again["int4"].verdict == bad.verdict and again["int8"].version == outcomes["int8"].version
-    assert {d: s for st, d, s in seen if st == "quantize"} == {"baseline": "reused", "int8": "reused",
-                                                                "int4": "reused"}
+    assert {d: s for st, d, s in seen if st == "quantize"} == {
+        "baseline": "reused",
+        "int8": "reused",
+        "int4": "reused",
+    }
 
 
 def test_the_cached_gate_verdict_follows_the_threshold_and_recalibrates_only_when_it_must(
-        kiln_home: Path, fitted_model_dir: Path, modelopt_calls: list[int]) -> None:
+    kiln_home: Path, fitted_model_dir: Path, modelopt_calls: list[int]
+) -> None:
     """The checkpoint key leaves gates out: a tighter gate re-decides from the cached numbers; a looser one
     than a stored refusal needs the export it never wrote, so that one recalibrates."""
 
@@ -129,7 +153,9 @@ def test_the_cached_gate_verdict_follows_the_threshold_and_recalibrates_only_whe
         profile["recipes"] = [{"name": "int4", "quantization": "int4_wo", "group_size": 32}]
         profile["gates"] = {"max_ppl_increase_pct": limit}
         request = load_request(profile)
-        data = Datasets(calibration={}, heldout=heldout_set(request.evaluation, load_tokenizer(fitted_model_dir)))
+        data = Datasets(
+            calibration={}, heldout=heldout_set(request.evaluation, load_tokenizer(fitted_model_dir))
+        )
         return calibrate_and_quantize.fn(request, snapshot, request.recipes[0], data)
 
     loose = run(1000.0)  # passes: exported, numbers kept
@@ -138,7 +164,9 @@ def test_the_cached_gate_verdict_follows_the_threshold_and_recalibrates_only_whe
     assert increase > 0
     tight = run(increase / 2)  # re-decided from the cache: refused, no calibration
     assert not tight.passed and tight.reused and len(calls) == 1
-    assert "checkpoint max_ppl_increase_pct" in tight.verdict and tight.metrics()["ppl_increase_pct"] == increase
+    assert (
+        "checkpoint max_ppl_increase_pct" in tight.verdict and tight.metrics()["ppl_increase_pct"] == increase
+    )
 
     # a fresh cache: the first (tight) run stores a refusal without exports
     shutil.rmtree(kiln_home / "cache")
@@ -155,8 +183,12 @@ def test_asset_conversion_drops_the_gguf_quantization_config(tmp_path: Path) -> 
 
     converted = tmp_path / "SmolLM2"
     converted.mkdir()
-    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "model_type": "llama",
-              "quantization_config": {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576,
+        "model_type": "llama",
+        "quantization_config": {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"},
+    }
     (converted / "config.json").write_text(json.dumps(config))
     (converted / "model.safetensors").write_bytes(b"weights")
     (converted / "tokenizer.json").write_text("{}")
@@ -183,5 +215,13 @@ def test_quantize_refuses_a_config_that_says_gguf(tiny_llama_dir: Path, tmp_path
     config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     (tiny_llama_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(KilnInputError, match=r"already quantized \(gguf\).*delete quantization_config"):
-        quantize(tiny_llama_dir, Recipe(name="w8", quantization="int8_wo"), layouts=[(1, 1)],
-                 output_dir=tmp_path / "out", dtype="float32", device="cpu", lineage={}, calibration=None)
+        quantize(
+            tiny_llama_dir,
+            Recipe(name="w8", quantization="int8_wo"),
+            layouts=[(1, 1)],
+            output_dir=tmp_path / "out",
+            dtype="float32",
+            device="cpu",
+            lineage={},
+            calibration=None,
+        )

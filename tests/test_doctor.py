@@ -58,10 +58,25 @@ def test_doctor_says_why_a_trtllm_target_cannot_run_here(smollm2_dir: Path) -> N
 
 def test_doctor_refuses_a_model_that_cannot_fit(tmp_path: Path, smollm2_dir: Path) -> None:
     small = tmp_path / "l4.yaml"
-    small.write_text(yaml.safe_dump({
-        "name": "l4-trtllm", "backend": "tensorrt_llm", "device": "cuda", "gpu": "l4", "sm": "sm89",
-        "gpu_memory_gib": 24, "work_pool": "kiln-l4-trtllm",
-        "limits": {"max_batch_size": 512, "max_input_len": 4096, "max_seq_len": 8192, "max_num_tokens": 8192}}))
+    small.write_text(
+        yaml.safe_dump(
+            {
+                "name": "l4-trtllm",
+                "backend": "tensorrt_llm",
+                "device": "cuda",
+                "gpu": "l4",
+                "sm": "sm89",
+                "gpu_memory_gib": 24,
+                "work_pool": "kiln-l4-trtllm",
+                "limits": {
+                    "max_batch_size": 512,
+                    "max_input_len": 4096,
+                    "max_seq_len": 8192,
+                    "max_num_tokens": 8192,
+                },
+            }
+        )
+    )
     code, report = _json(["--target", str(small), "--recipe", "fp8", "--model", str(smollm2_dir)])
     assert code == 1
     memory = [f for f in report["findings"] if f["check"] == "memory"]
@@ -70,11 +85,23 @@ def test_doctor_refuses_a_model_that_cannot_fit(tmp_path: Path, smollm2_dir: Pat
 
 def test_doctor_checks_tp_pp_against_the_workers_gpus(tmp_path: Path) -> None:
     wide = tmp_path / "wide.yaml"
-    wide.write_text(yaml.safe_dump({"name": "wide", "backend": "tensorrt_llm", "device": "cuda", "sm": "sm90",
-                                    "gpus_per_worker": 2, "limits": {"tp_size": 2, "pp_size": 2}}))
+    wide.write_text(
+        yaml.safe_dump(
+            {
+                "name": "wide",
+                "backend": "tensorrt_llm",
+                "device": "cuda",
+                "sm": "sm90",
+                "gpus_per_worker": 2,
+                "limits": {"tp_size": 2, "pp_size": 2},
+            }
+        )
+    )
     code, report = _json(["--target", str(wide)])
     assert code == 1
-    assert any(f["check"] == "parallelism" and "gpus_per_worker is 2" in f["message"] for f in report["findings"])
+    assert any(
+        f["check"] == "parallelism" and "gpus_per_worker is 2" in f["message"] for f in report["findings"]
+    )
 
 
 def test_unknown_target_is_an_input_error() -> None:
@@ -88,16 +115,25 @@ def test_recipe_without_target_is_an_input_error() -> None:
 
 
 def test_doctor_command_line(kiln_home: Path) -> None:
-    """The installed entry point, as a user runs it on a machine: a table and exit code 1 for a target it cannot run."""
+    """The installed entry point, as a user runs it on a machine: a table and exit code 1 for a target it
+    cannot run."""
     env = {**os.environ, "KILN_PROFILES_DIR": str(ROOT / "profiles"), "COLUMNS": "200"}
-    done = subprocess.run([str(Path(sys.executable).with_name("kiln")), "doctor", "--target", "a100-trtllm", "--recipe", "fp8"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kiln")), "doctor", "--target", "a100-trtllm", "--recipe", "fp8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert "pre-flight for target a100-trtllm on this machine" in done.stdout
     assert "fp8 needs SM >= 89" in done.stdout
 
 
-def test_version_short_help_and_doctor_show_what_runs_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_version_short_help_and_doctor_show_what_runs_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from importlib.metadata import version
 
     assert runner.invoke(app, ["--version"]).output.strip() == f"kiln {version('kiln-llm')}"
