@@ -15,14 +15,20 @@ def test_short_and_full_event_names_give_the_documented_shape():
     assert event.event == "kiln.model.revision-changed"
     assert event.resource == {"prefect.resource.id": "kiln.model.org/model", "kiln.repo-id": "org/model"}
     assert event.payload == {"repo_id": "org/model", "revision": "abc123", "profile": "profiles/x.yaml"}
-    assert events.model_event("kiln.retraining.completed", "org/model", "v2").event == events.RETRAINING_COMPLETED
+    assert (
+        events.model_event("kiln.retraining.completed", "org/model", "v2").event
+        == events.RETRAINING_COMPLETED
+    )
 
 
-@pytest.mark.parametrize(("name", "repo", "revision", "message"), [
-    ("model-updated", "org/m", "abc", "allowed: revision-changed, retraining-completed"),
-    ("revision-changed", " ", "abc", "repo_id is empty"),
-    ("retraining-completed", "org/m", "", "revision is empty"),
-])
+@pytest.mark.parametrize(
+    ("name", "repo", "revision", "message"),
+    [
+        ("model-updated", "org/m", "abc", "allowed: revision-changed, retraining-completed"),
+        ("revision-changed", " ", "abc", "repo_id is empty"),
+        ("retraining-completed", "org/m", "", "revision is empty"),
+    ],
+)
 def test_bad_events_are_refused_naming_what_is_allowed(name, repo, revision, message):
     with pytest.raises(KilnInputError, match=message):
         events.model_event(name, repo, revision)
@@ -34,6 +40,8 @@ def test_kiln_emit_without_a_server_exits_2_and_says_how_to_point_at_one(monkeyp
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     # an earlier test's Prefect harness may still point this process at its server: clear that too
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        result = CliRunner().invoke(app, ["emit", "revision-changed", "--repo-id", "org/m", "--revision", "abc"])
+        result = CliRunner().invoke(
+            app, ["emit", "revision-changed", "--repo-id", "org/m", "--revision", "abc"]
+        )
     assert result.exit_code == 2
     assert "PREFECT_API_URL" in result.output

@@ -1,4 +1,5 @@
-"""The build flow in-process (Prefect's test harness): real steps on a tiny Llama, caching, skips, early failures."""
+"""The build flow in-process (Prefect's test harness): real steps on a tiny Llama, caching, skips, early
+failures."""
 
 from __future__ import annotations
 
@@ -29,18 +30,23 @@ def steps():
     from kiln import progress
 
     seen: list[tuple[str, str, str]] = []
-    with progress.listening(lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None):
+    with progress.listening(
+        lambda e: seen.append((e.step, e.detail, e.status)) if e.status != "running" else None
+    ):
         yield seen
 
 
 def _versions(kiln_home: Path, name: str) -> list:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{kiln_home / 'mlflow.db'}").search_model_versions(f"name = '{name}'")
+    return MlflowClient(tracking_uri=f"sqlite:///{kiln_home / 'mlflow.db'}").search_model_versions(
+        f"name = '{name}'"
+    )
 
 
 def test_build_registers_a_validated_version_then_an_identical_rebuild_reuses_every_step(
-        prefect_harness, kiln_home, tiny_hub_model_dir, steps):
+    prefect_harness, kiln_home, tiny_hub_model_dir, steps
+):
     from kiln.flows.build import build
 
     first = build(profile=_request(tiny_hub_model_dir))
@@ -50,18 +56,24 @@ def test_build_registers_a_validated_version_then_an_identical_rebuild_reuses_ev
     computed = {(s, d) for s, d, status in steps if status == "done"}
     assert {("quantize", "baseline"), ("compile", "baseline x cpu"), ("validate", "none x cpu")} <= computed
     markdown, links = _artifacts("kiln-build-flowtest", "kiln-engine-flowtest-none-cpu")
-    assert "| none" in markdown and f"flowtest.cpu v{first[0].version}" in markdown and first[0].uri in markdown
+    assert (
+        "| none" in markdown and f"flowtest.cpu v{first[0].version}" in markdown and first[0].uri in markdown
+    )
     # a local store and SQLite tracking have no page a browser opens from the Prefect UI: the path is text
     assert links == f"flowtest.cpu v{first[0].version}: `{first[0].uri}`"
     names, lines = _runs_and_logs()
-    assert "flowtest" in names and any(n.startswith("flowtest-cpu-") for n in names), names  # not "thistle-puffin"
-    assert any(line.startswith("done quantize baseline") for line in lines), lines[:20]  # kiln's steps in the run log
+    # not "thistle-puffin"
+    assert "flowtest" in names and any(n.startswith("flowtest-cpu-") for n in names), names
+    # kiln's steps in the run log
+    assert any(line.startswith("done quantize baseline") for line in lines), lines[:20]
 
     steps.clear()
     second = build(profile=_request(tiny_hub_model_dir))
     assert second[0].version == first[0].version and second[0].reused is True
     assert len(_versions(kiln_home, "flowtest.cpu")) == 1
-    expensive = [(s, d, status) for s, d, status in steps if s in {"quantize", "compile", "validate", "register"}]
+    expensive = [
+        (s, d, status) for s, d, status in steps if s in {"quantize", "compile", "validate", "register"}
+    ]
     assert expensive and all(status == "reused" for _, _, status in expensive), expensive
 
 
@@ -89,7 +101,9 @@ def _artifacts(markdown_key: str, link_key: str) -> tuple[str, str]:
 
     async def latest(key: str) -> str:
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
         assert found, f"no Prefect artifact {key!r}"
         return str(max(found, key=lambda a: a.created).data)
 
@@ -97,10 +111,15 @@ def _artifacts(markdown_key: str, link_key: str) -> tuple[str, str]:
     return markdown, link
 
 
-def test_changing_one_targets_limits_rebuilds_only_that_target(prefect_harness, kiln_home, tiny_hub_model_dir, steps):
+def test_changing_one_targets_limits_rebuilds_only_that_target(
+    prefect_harness, kiln_home, tiny_hub_model_dir, steps
+):
     from kiln.flows.build import build
 
-    targets = [{"name": "a", "dtype": "float32", "limits": LIMITS}, {"name": "b", "dtype": "float32", "limits": LIMITS}]
+    targets = [
+        {"name": "a", "dtype": "float32", "limits": LIMITS},
+        {"name": "b", "dtype": "float32", "limits": LIMITS},
+    ]
     build(profile=_request(tiny_hub_model_dir, targets=targets))
     steps.clear()
     targets[0] = {**targets[0], "limits": {**LIMITS, "max_batch_size": 4}}
@@ -114,7 +133,9 @@ def test_changing_one_targets_limits_rebuilds_only_that_target(prefect_harness, 
     assert by_target["a"].reused is False and by_target["b"].reused is True
 
 
-def test_an_impossible_recipe_target_pair_fails_before_any_work(prefect_harness, kiln_home, tiny_hub_model_dir, steps):
+def test_an_impossible_recipe_target_pair_fails_before_any_work(
+    prefect_harness, kiln_home, tiny_hub_model_dir, steps
+):
     from kiln.flows.build import build
 
     request = _request(tiny_hub_model_dir, recipes=[{"name": "fp4", "quantization": "nvfp4"}])
@@ -137,16 +158,21 @@ def test_network_steps_retry_transient_failures_only():
 
     unreachable = caused(ModelSourceError("model: cannot reach the hub"), httpx.ConnectError("refused"))
     busy = caused(RegistryError("MLflow answered 503"), RuntimeError("503"))
-    no_revision = caused(ModelSourceError("model.revision: 'nope' is not a branch"),
-                         RevisionNotFoundError("404 revision not found", response=httpx.Response(404, request=httpx.Request("GET", "http://hub"))))
+    no_revision = caused(
+        ModelSourceError("model.revision: 'nope' is not a branch"),
+        RevisionNotFoundError(
+            "404 revision not found", response=httpx.Response(404, request=httpx.Request("GET", "http://hub"))
+        ),
+    )
     assert transient(unreachable) and transient(busy) and transient(ConnectionResetError())
     assert not transient(no_revision)
     assert not transient(RegistryConfigError("store_uri: bucket missing"))
     assert not transient(TypeError("a bug")) and not transient(ModelSourceError("no safetensors"))
 
 
-def test_promote_revalidate_and_rollback_flows_move_and_check_production(prefect_harness, kiln_home,
-                                                                         tiny_hub_model_dir, tmp_path):
+def test_promote_revalidate_and_rollback_flows_move_and_check_production(
+    prefect_harness, kiln_home, tiny_hub_model_dir, tmp_path
+):
     import yaml
 
     from kiln.flows.build import build

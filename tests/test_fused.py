@@ -20,13 +20,19 @@ def _cases(device: str) -> list[tuple]:
     for tokens in (7, 300, 4096):  # one graph must serve every token count
         x = rand(tokens, 256)
         angle = rand(tokens, 1, 64, dtype=torch.float32)
-        out += [(_rms_norm, (x, rand(256), 1e-5)), (_rms_norm, (x, rand(256, dtype=torch.float32), 1e-6)),
-                (_rotate, (rand(tokens, 4, 64), angle.cos(), angle.sin())),
-                (_gate, (x, rand(tokens, 256), "silu")), (_gate, (x, rand(tokens, 256), "gelu_tanh")),
-                (_fp8_quantize, (x * 40, torch.tensor(0.5, device=device))),
-                (_to_fp8_cache, (x * 40, torch.tensor(0.25, device=device))),
-                (_from_fp8_cache, ((x * 40).to(torch.float8_e4m3fn), torch.tensor(0.25, device=device),
-                                   torch.bfloat16))]
+        out += [
+            (_rms_norm, (x, rand(256), 1e-5)),
+            (_rms_norm, (x, rand(256, dtype=torch.float32), 1e-6)),
+            (_rotate, (rand(tokens, 4, 64), angle.cos(), angle.sin())),
+            (_gate, (x, rand(tokens, 256), "silu")),
+            (_gate, (x, rand(tokens, 256), "gelu_tanh")),
+            (_fp8_quantize, (x * 40, torch.tensor(0.5, device=device))),
+            (_to_fp8_cache, (x * 40, torch.tensor(0.25, device=device))),
+            (
+                _from_fp8_cache,
+                ((x * 40).to(torch.float8_e4m3fn), torch.tensor(0.25, device=device), torch.bfloat16),
+            ),
+        ]
     return out
 
 

@@ -21,8 +21,14 @@ from tests.fixtures.hub import LocalHub, model_repo_files, pickle_bytes
 from tests.fixtures.models import make_tiny_llama
 
 REPO = "kiln-test/tiny-llama"
-EXPECTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "chat_template.jinja"}
+EXPECTED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+}
 FAKE_TOKEN = "hf_kilnFakeToken0123456789secret"
 
 
@@ -37,7 +43,9 @@ def _files_under(path: Path) -> set[str]:
     return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
 
 
-def test_branch_resolves_to_commit_and_only_allowed_files_are_downloaded(local_hub: LocalHub, repo_files, kiln_home):
+def test_branch_resolves_to_commit_and_only_allowed_files_are_downloaded(
+    local_hub: LocalHub, repo_files, kiln_home
+):
     sha = local_hub.create_repo(REPO, repo_files)
 
     snapshot = fetch_model(HubModel(repo_id=REPO, revision="main"))
@@ -45,7 +53,8 @@ def test_branch_resolves_to_commit_and_only_allowed_files_are_downloaded(local_h
     assert (snapshot.sha, snapshot.source, snapshot.repo_id, snapshot.revision) == (sha, "hub", REPO, "main")
     assert snapshot.path.name == sha and snapshot.path.is_relative_to(kiln_home / "hf")
     assert _files_under(snapshot.path) == EXPECTED_FILES
-    assert local_hub.downloaded(REPO) == EXPECTED_FILES  # README, .gitattributes and the pickle never left the hub
+    # README, .gitattributes and the pickle never left the hub
+    assert local_hub.downloaded(REPO) == EXPECTED_FILES
     assert (snapshot.path / "model.safetensors").read_bytes() == repo_files["model.safetensors"]
 
 
@@ -78,7 +87,9 @@ def test_moving_branch_gives_new_sha_and_new_snapshot(local_hub: LocalHub, repo_
     assert fetch_model(HubModel(repo_id=REPO, revision=first_sha)).path == first.path
 
 
-def test_offline_mode_uses_the_cached_snapshot_without_any_request(local_hub: LocalHub, repo_files, monkeypatch):
+def test_offline_mode_uses_the_cached_snapshot_without_any_request(
+    local_hub: LocalHub, repo_files, monkeypatch
+):
     local_hub.create_repo(REPO, repo_files)
     online = fetch_model(HubModel(repo_id=REPO))
     local_hub.requests.clear()
@@ -93,14 +104,19 @@ def test_offline_mode_uses_the_cached_snapshot_without_any_request(local_hub: Lo
 
 
 def test_offline_mode_from_the_environment_of_a_fresh_process(local_hub: LocalHub, repo_files, kiln_home):
-    # HF_HUB_OFFLINE set before huggingface_hub is imported, as a user's shell would: no request reaches the hub.
+    # HF_HUB_OFFLINE set before huggingface_hub is imported, as a user's shell would: no request reaches the
+    # hub.
     sha = local_hub.create_repo(REPO, repo_files)
     fetch_model(HubModel(repo_id=REPO))
     local_hub.requests.clear()
-    code = ("from kiln.hub import fetch_model; from kiln.profiles import HubModel; "
-            f"print(fetch_model(HubModel(repo_id={REPO!r})).sha)")
+    code = (
+        "from kiln.hub import fetch_model; from kiln.profiles import HubModel; "
+        f"print(fetch_model(HubModel(repo_id={REPO!r})).sha)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == sha
@@ -173,7 +189,9 @@ def test_tampered_download_fails_the_checksum(local_hub: LocalHub, repo_files):
     assert (snapshot.path / "model.safetensors").read_bytes() == good
 
 
-def test_token_reaches_the_hub_but_never_logs_or_errors(local_hub: LocalHub, repo_files, monkeypatch, caplog, capsys):
+def test_token_reaches_the_hub_but_never_logs_or_errors(
+    local_hub: LocalHub, repo_files, monkeypatch, caplog, capsys
+):
     local_hub.create_repo("kiln-test/private", repo_files, token=FAKE_TOKEN)
     hub_logger = logging.getLogger("huggingface_hub")
     monkeypatch.setattr(hub_logger, "level", logging.DEBUG)
@@ -250,16 +268,34 @@ def test_local_dir_pickles_and_missing_weights_are_refused(tiny_hub_model_dir: P
 
 
 def test_inspect_model_reads_shapes_from_headers(tmp_path: Path):
-    path = make_tiny_llama(tmp_path / "m", hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96, vocab=300,
-                           attention_bias=True)
+    path = make_tiny_llama(
+        tmp_path / "m",
+        hidden=64,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        intermediate=96,
+        vocab=300,
+        attention_bias=True,
+    )
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         expected_params = sum(handle.get_tensor(name).numel() for name in handle.keys())
 
     info = inspect_model(path)
 
-    assert (info.architecture, info.model_type, info.num_layers, info.hidden_size) == ("LlamaForCausalLM", "llama", 3, 64)
+    assert (info.architecture, info.model_type, info.num_layers, info.hidden_size) == (
+        "LlamaForCausalLM",
+        "llama",
+        3,
+        64,
+    )
     assert (info.num_heads, info.num_kv_heads, info.head_dim, info.intermediate_size) == (4, 2, 16, 96)
-    assert (info.vocab_size, info.torch_dtype, info.tie_word_embeddings, info.attention_bias) == (300, "bfloat16", False, True)
+    assert (info.vocab_size, info.torch_dtype, info.tie_word_embeddings, info.attention_bias) == (
+        300,
+        "bfloat16",
+        False,
+        True,
+    )
     assert info.param_count == expected_params
     assert inspect_model(make_tiny_llama(tmp_path / "nobias")).attention_bias is False
 
@@ -303,5 +339,8 @@ def test_inspect_model_refuses_a_config_that_disagrees_with_its_weights(tmp_path
     inspect_model(path)  # the honest config passes
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
-    with pytest.raises(ModelSourceError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \[128, 64\].*intermediate_size 256"):
+    with pytest.raises(
+        ModelSourceError,
+        match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \[128, 64\].*intermediate_size 256",
+    ):
         inspect_model(path)

@@ -23,16 +23,18 @@ from tests.fixtures.engine import export_checkpoint
 from tests.fixtures.models import make_tiny_llama
 from tests.test_trtllm_contract import H100_HF
 
-TARGET = Target(name="cpu-test", dtype="float32",
-                limits={"max_batch_size": 2, "max_input_len": 16, "max_seq_len": 32})
+TARGET = Target(
+    name="cpu-test", dtype="float32", limits={"max_batch_size": 2, "max_input_len": 16, "max_seq_len": 32}
+)
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("manifest")
     checkpoint = export_checkpoint(make_tiny_llama(root / "hf"), root / "ckpt", "none")[0]
-    return TorchBackend().compile(checkpoint, TARGET, root / "engine", {"model_sha": "abc123",
-                                                                        "recipe": "none"})
+    return TorchBackend().compile(
+        checkpoint, TARGET, root / "engine", {"model_sha": "abc123", "recipe": "none"}
+    )
 
 
 def edited(engine_dir: Path, tmp_path: Path, edit) -> Path:
@@ -66,9 +68,14 @@ def test_read_then_write_gives_back_the_same_bytes(engine_dir: Path, tmp_path: P
 
 def test_a_tensorrt_llm_hf_checkpoint_reads_with_its_llm_api_settings(tmp_path: Path) -> None:
     target = H100_HF.model_copy(update={"limits": BuildLimits(max_input_len=256, max_seq_len=512)})
-    out = trtllm.package_hf_checkpoint(make_tiny_llama(tmp_path / "hf"), target, tmp_path / "artifact", {},
-                                       api.load_contract("1.3"),
-                                       tools={"tensorrt_llm": "1.3.0", "gpu_sm": "sm90"})
+    out = trtllm.package_hf_checkpoint(
+        make_tiny_llama(tmp_path / "hf"),
+        target,
+        tmp_path / "artifact",
+        {},
+        api.load_contract("1.3"),
+        tools={"tensorrt_llm": "1.3.0", "gpu_sm": "sm90"},
+    )
     manifest = read(out)
     assert (manifest.backend, manifest.artifact, manifest.sm) == ("tensorrt_llm", "hf_checkpoint", "sm90")
     assert isinstance(manifest.llm_api, LlmApi) and manifest.llm_api.llm_class == "tensorrt_llm:LLM"
@@ -93,17 +100,24 @@ def without(key: str):
     return lambda record: {k: v for k, v in record.items() if k != key}
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (without("toolchain"), "toolchain: missing"),
-    (lambda r: {**r, "limits": {**r["limits"], "max_seq_len": "long"}},
-     "limits.max_seq_len: Input should be a valid integer"),
-    (lambda r: {**r, "backend": "onnx"}, "backend: Input should be 'torch' or 'tensorrt_llm'"),
-    (lambda r: {**r, "program": {**r["program"], "compile": "jit"}},
-     "program.compile: Input should be 'inductor' or 'none'"),
-    (without("program"), "program: missing (every torch engine records it)"),
-    (lambda r: {**r, "device": "cuda", "sm": None}, "sm: missing (every cuda engine records it)"),
-    (lambda r: {**r, "format_version": 2}, "engine format 2 but this kiln reads format 1"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (without("toolchain"), "toolchain: missing"),
+        (
+            lambda r: {**r, "limits": {**r["limits"], "max_seq_len": "long"}},
+            "limits.max_seq_len: Input should be a valid integer",
+        ),
+        (lambda r: {**r, "backend": "onnx"}, "backend: Input should be 'torch' or 'tensorrt_llm'"),
+        (
+            lambda r: {**r, "program": {**r["program"], "compile": "jit"}},
+            "program.compile: Input should be 'inductor' or 'none'",
+        ),
+        (without("program"), "program: missing (every torch engine records it)"),
+        (lambda r: {**r, "device": "cuda", "sm": None}, "sm: missing (every cuda engine records it)"),
+        (lambda r: {**r, "format_version": 2}, "engine format 2 but this kiln reads format 1"),
+    ],
+)
 def test_a_missing_or_invalid_field_is_named(engine_dir: Path, tmp_path: Path, edit, message: str) -> None:
     bad = edited(engine_dir, tmp_path, edit)
     where = re.escape(f"{bad / ENGINE_MANIFEST}: ")
@@ -114,8 +128,11 @@ def test_a_missing_or_invalid_field_is_named(engine_dir: Path, tmp_path: Path, e
 
 
 def test_keys_a_newer_kiln_adds_are_kept_and_written_back(engine_dir: Path, tmp_path: Path) -> None:
-    newer = edited(engine_dir, tmp_path, lambda r: {**r, "speculative": {"draft": "x"},
-                                                    "program": {**r["program"], "moe": "triton"}})
+    newer = edited(
+        engine_dir,
+        tmp_path,
+        lambda r: {**r, "speculative": {"draft": "x"}, "program": {**r["program"], "moe": "triton"}},
+    )
     manifest = read(newer)
     assert manifest.to_dict()["speculative"] == {"draft": "x"}
     assert manifest.to_dict()["program"]["moe"] == "triton"
@@ -124,12 +141,29 @@ def test_keys_a_newer_kiln_adds_are_kept_and_written_back(engine_dir: Path, tmp_
 
 def test_the_registry_manifest_embeds_the_record_and_round_trips_it(engine_dir: Path, tmp_path: Path) -> None:
     # a hand-written record without the optional keys: the copy must not grow them (its sha256 is registered)
-    record = {"format_version": 1, "backend": "torch", "target": "cpu", "device": "cpu", "dtype": "bfloat16",
-              "limits": {"max_batch_size": 4}, "toolchain": {"torch": "2.9.0", "triton": None},
-              "program": {"compile": "none", "cuda_graphs": False}, "model": {}, "layout": [{}]}
+    record = {
+        "format_version": 1,
+        "backend": "torch",
+        "target": "cpu",
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "limits": {"max_batch_size": 4},
+        "toolchain": {"torch": "2.9.0", "triton": None},
+        "program": {"compile": "none", "cuda_graphs": False},
+        "model": {},
+        "layout": [{}],
+    }
     for engine in (read(engine_dir), EngineManifest.model_validate(record)):
-        stored = Manifest(model="m", target="cpu", recipe="none", build_key="ab" * 32, created_at="now",
-                          files=[], engine=engine, lineage={}).to_bytes()
+        stored = Manifest(
+            model="m",
+            target="cpu",
+            recipe="none",
+            build_key="ab" * 32,
+            created_at="now",
+            files=[],
+            engine=engine,
+            lineage={},
+        ).to_bytes()
         again = Manifest.from_bytes(stored, "manifest.json")
         assert isinstance(again.engine, EngineManifest) and again.to_bytes() == stored
         assert json.loads(stored)["engine"] == engine.to_dict()
@@ -142,8 +176,16 @@ def test_the_registry_manifest_embeds_the_record_and_round_trips_it(engine_dir: 
 
 def test_a_fetched_dir_is_verified_by_the_caller_before_it_loads(engine_dir: Path, tmp_path: Path) -> None:
     version = open_store((tmp_path / "store").as_uri()).child("m/cpu/" + "cd" * 32)
-    manifest, _ = upload_version(version, engine_dir, model="m", target="cpu", recipe="none",
-                                 build_key="cd" * 32, engine=read(engine_dir), lineage={})
+    manifest, _ = upload_version(
+        version,
+        engine_dir,
+        model="m",
+        target="cpu",
+        recipe="none",
+        build_key="cd" * 32,
+        engine=read(engine_dir),
+        lineage={},
+    )
     fetched = download_version(version, tmp_path / "fetched", manifest)
     verify_if_fetched(fetched)
     verify_if_fetched(engine_dir)  # built here: nothing to check against

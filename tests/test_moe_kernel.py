@@ -48,15 +48,19 @@ CHECK = textwrap.dedent("""
         out = moe.expert_gemv(xs, w8, ids, scale)
         assert (out.float() - ref).abs().max().item() < 2e-3 * max(1.0, ref.abs().max().item())
     print("ok")
-""")
+""")  # noqa: E501 (the script run in a subprocess, kept as it is)
 
 
 def _run(device: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHECK, device], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK, device], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -30,8 +30,13 @@ def write_profile(root: Path, body: dict) -> Path:
 
 
 def base_body() -> dict:
-    return {"name": "t", "model": {"repo_id": "org/model", "revision": "main"}, "recipes": ["none"],
-            "targets": ["cpu"], "registry": {"model_name": "m"}}
+    return {
+        "name": "t",
+        "model": {"repo_id": "org/model", "revision": "main"},
+        "recipes": ["none"],
+        "targets": ["cpu"],
+        "registry": {"model_name": "m"},
+    }
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -70,7 +75,10 @@ def test_unknown_quantization_lists_allowed_values(tmp_path: Path) -> None:
 
 def test_seq_len_must_exceed_input_len(tmp_path: Path) -> None:
     target = {"name": "c", "limits": {"max_input_len": 512, "max_seq_len": 256}}
-    with pytest.raises(ProfileError, match=r"targets\.0\.limits.*max_seq_len \(256\) must be greater than max_input_len \(512\)"):
+    with pytest.raises(
+        ProfileError,
+        match=r"targets\.0\.limits.*max_seq_len \(256\) must be greater than max_input_len \(512\)",
+    ):
         load_request(write_profile(tmp_path, base_body() | {"targets": [target]}))
 
 
@@ -87,8 +95,12 @@ def test_cuda_target_requires_sm(tmp_path: Path) -> None:
 
 
 def test_fp8_on_ampere_is_refused_up_front(tmp_path: Path) -> None:
-    request = load_request(write_profile(tmp_path, base_body() | {"recipes": ["fp8"], "targets": ["a100-trtllm"]}))
-    with pytest.raises(UnsupportedCombinationError, match=r"fp8 needs SM >= 89; target 'a100-trtllm' is sm80"):
+    request = load_request(
+        write_profile(tmp_path, base_body() | {"recipes": ["fp8"], "targets": ["a100-trtllm"]})
+    )
+    with pytest.raises(
+        UnsupportedCombinationError, match=r"fp8 needs SM >= 89; target 'a100-trtllm' is sm80"
+    ):
         check_request_static(request)
 
 
@@ -119,7 +131,8 @@ def test_malformed_yaml_is_a_profile_error(tmp_path: Path) -> None:
 
 
 def test_a_profile_outside_the_repo_resolves_the_installed_library_with_kiln_profiles_dir_on_top(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The library ships inside the package: a request copied anywhere resolves ``none`` / ``cpu``; a
     KILN_PROFILES_DIR adds its own names on top (and wins a name both define)."""
     elsewhere = tmp_path / "elsewhere"
@@ -127,18 +140,47 @@ def test_a_profile_outside_the_repo_resolves_the_installed_library_with_kiln_pro
     monkeypatch.chdir(elsewhere)
     monkeypatch.delenv("KILN_PROFILES_DIR", raising=False)
     path = elsewhere / "req.yaml"
-    path.write_text(yaml.safe_dump({"name": "copied", "model": {"repo_id": "org/m"}, "recipes": ["none", "fp8"],
-                                    "targets": ["cpu"], "registry": {"model_name": "m"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "copied",
+                "model": {"repo_id": "org/m"},
+                "recipes": ["none", "fp8"],
+                "targets": ["cpu"],
+                "registry": {"model_name": "m"},
+            }
+        )
+    )
     request = load_request(path)
     assert [r.quantization for r in request.recipes] == ["none", "fp8"] and request.targets[0].name == "cpu"
 
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "recipes.yaml").write_text(yaml.safe_dump({"recipes": [
-        {"name": "fp8", "quantization": "fp8", "kv_cache_dtype": "fp8"}, {"name": "wo", "quantization": "int8_wo"}]}))
+    (mine / "recipes.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "recipes": [
+                    {"name": "fp8", "quantization": "fp8", "kv_cache_dtype": "fp8"},
+                    {"name": "wo", "quantization": "int8_wo"},
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("KILN_PROFILES_DIR", str(mine))
-    path.write_text(yaml.safe_dump({"name": "copied", "model": {"repo_id": "org/m"}, "recipes": ["none", "fp8", "wo"],
-                                    "targets": ["cpu"], "registry": {"model_name": "m"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "copied",
+                "model": {"repo_id": "org/m"},
+                "recipes": ["none", "fp8", "wo"],
+                "targets": ["cpu"],
+                "registry": {"model_name": "m"},
+            }
+        )
+    )
     request = load_request(path)
-    assert [(r.quantization, r.kv_cache_dtype) for r in request.recipes] == [("none", "auto"), ("fp8", "fp8"),
-                                                                             ("int8_wo", "auto")]
+    assert [(r.quantization, r.kv_cache_dtype) for r in request.recipes] == [
+        ("none", "auto"),
+        ("fp8", "fp8"),
+        ("int8_wo", "auto"),
+    ]

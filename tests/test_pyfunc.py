@@ -42,8 +42,17 @@ def reference(engine_dir: Path):
 
 
 def _publish(engine_dir: Path, registry: Registry, key: str = "c" * 64):
-    version = publish(engine_dir, registry=registry, build_key=key, lineage=LINEAGE, metrics={"perplexity": 9.0},
-                      params={}, artifacts=[], passed_gates=True, recommended=True)
+    version = publish(
+        engine_dir,
+        registry=registry,
+        build_key=key,
+        lineage=LINEAGE,
+        metrics={"perplexity": 9.0},
+        params={},
+        artifacts=[],
+        passed_gates=True,
+        recommended=True,
+    )
     promote(registry.model_name, version.version, "cpu", tracking_uri=registry.resolved_tracking_uri)
     return version
 
@@ -56,8 +65,11 @@ def published(engine_dir: Path, kiln_home: Path, monkeypatch: pytest.MonkeyPatch
     return registry, version
 
 
-def test_a_published_version_is_a_pyfunc_model_over_the_one_copy_of_the_engine(published, reference,
-                                                                              one_thread) -> None:  # noqa: F811
+def test_a_published_version_is_a_pyfunc_model_over_the_one_copy_of_the_engine(
+    published,
+    reference,
+    one_thread,  # noqa: F811
+) -> None:
     import mlflow.pyfunc
     import pandas as pd
 
@@ -66,9 +78,15 @@ def test_a_published_version_is_a_pyfunc_model_over_the_one_copy_of_the_engine(p
     mlmodel = yaml.safe_load((prefix / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
     assert (flavor["loader_module"], flavor["data"]) == ("kiln.registry.pyfunc", "files")
-    assert mlmodel["metadata"]["kiln"]["manifest_sha256"] == MlflowClient(registry.resolved_tracking_uri) \
-        .get_model_version("tiny.cpu", version.version).tags["kiln.manifest_sha256"]
-    assert any(line.startswith("kiln-llm==") for line in (prefix / "requirements.txt").read_text().splitlines())
+    assert (
+        mlmodel["metadata"]["kiln"]["manifest_sha256"]
+        == MlflowClient(registry.resolved_tracking_uri)
+        .get_model_version("tiny.cpu", version.version)
+        .tags["kiln.manifest_sha256"]
+    )
+    assert any(
+        line.startswith("kiln-llm==") for line in (prefix / "requirements.txt").read_text().splitlines()
+    )
     assert {"prompt", "messages"} == {c["name"] for c in json.loads(mlmodel["signature"]["inputs"])}
     # the weights are stored once: in the version's files/, not again for the flavor or in the run's artifacts
     weights = [p.relative_to(prefix).as_posix() for p in prefix.rglob("*.safetensors")]
@@ -103,40 +121,82 @@ def test_pyfunc_load_refuses_a_modified_weight_file(published) -> None:
         mlflow.pyfunc.load_model("models:/tiny.cpu@production")
 
 
-def test_mlflow_models_serve_answers_invocations(published, reference, kiln_home: Path, tmp_path: Path,
-                                                 one_thread) -> None:  # noqa: F811
+def test_mlflow_models_serve_answers_invocations(
+    published,
+    reference,
+    kiln_home: Path,
+    tmp_path: Path,
+    one_thread,  # noqa: F811
+) -> None:
     registry, _ = published
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin, as in an activated environment
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.resolved_tracking_uri, "KILN_HOME": str(kiln_home),
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-           "PATH": f"{mlflow.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = start_server("mlflow models serve", [str(mlflow), "models", "serve", "-m", "models:/tiny.cpu@production",
-                                                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                          env=env, log_path=tmp_path / "models-serve.log", ready_url=f"http://127.0.0.1:{port}/ping",
-                          timeout_s=180)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry.resolved_tracking_uri,
+        "KILN_HOME": str(kiln_home),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "PATH": f"{mlflow.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    server = start_server(
+        "mlflow models serve",
+        [
+            str(mlflow),
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny.cpu@production",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        log_path=tmp_path / "models-serve.log",
+        ready_url=f"http://127.0.0.1:{port}/ping",
+        timeout_s=180,
+    )
     try:
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120, json={
-            "dataframe_records": [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1]}], "params": {"max_tokens": 6}})
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=120,
+            json={
+                "dataframe_records": [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1]}],
+                "params": {"max_tokens": 6},
+            },
+        )
         assert answer.status_code == 200, answer.text
         predictions = answer.json()["predictions"]
     finally:
         server.stop()
     engine, codec = reference
-    assert [p["text"] for p in predictions] == [greedy_alone(engine, codec, codec.encode_prompt(p), 6)
-                                                for p in PROMPTS[:2]]
+    assert [p["text"] for p in predictions] == [
+        greedy_alone(engine, codec, codec.encode_prompt(p), 6) for p in PROMPTS[:2]
+    ]
     assert [p["completion_tokens"] for p in predictions] == [6, 6]
 
 
 @pytest.mark.servers
-def test_pyfunc_loads_from_an_mlflow_server_with_an_s3_store(engine_dir: Path, kiln_home: Path, s3_env,
-                                                             mlflow_server, reference, monkeypatch,
-                                                             one_thread) -> None:  # noqa: F811
+def test_pyfunc_loads_from_an_mlflow_server_with_an_s3_store(
+    engine_dir: Path,
+    kiln_home: Path,
+    s3_env,
+    mlflow_server,
+    reference,
+    monkeypatch,
+    one_thread,  # noqa: F811
+) -> None:
     import mlflow.pyfunc
 
-    registry = Registry(model_name=f"m-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
-                        store_uri=f"s3://{s3_env.make_bucket()}/engines")
+    registry = Registry(
+        model_name=f"m-{uuid.uuid4().hex[:8]}",
+        tracking_uri=mlflow_server.url,
+        store_uri=f"s3://{s3_env.make_bucket()}/engines",
+    )
     _publish(engine_dir, registry, key="d" * 64)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}.cpu@production")

@@ -46,10 +46,26 @@ CAL = _tokens(8, 64, seed=1)
 HELDOUT = _tokens(2, 64, seed=2)
 
 
-def _run(model_dir: Path, out: Path, recipe: Recipe, *, layouts=((1, 1),), calibration: TokenSet | None = CAL,
-         **kwargs) -> QuantizedCheckpoint:
-    return quantize(model_dir, recipe, layouts=list(layouts), output_dir=out, dtype="float16", device="cpu",
-                    lineage={"model_sha": "test-sha", "repo_id": "tiny"}, calibration=calibration, **kwargs)
+def _run(
+    model_dir: Path,
+    out: Path,
+    recipe: Recipe,
+    *,
+    layouts=((1, 1),),
+    calibration: TokenSet | None = CAL,
+    **kwargs,
+) -> QuantizedCheckpoint:
+    return quantize(
+        model_dir,
+        recipe,
+        layouts=list(layouts),
+        output_dir=out,
+        dtype="float16",
+        device="cpu",
+        lineage={"model_sha": "test-sha", "repo_id": "tiny"},
+        calibration=calibration,
+        **kwargs,
+    )
 
 
 def _tensors(directory: Path, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -60,29 +76,83 @@ def _hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
 
 
-# --- per-recipe exports ---------------------------------------------------------------------------------------
+# --- per-recipe exports -------------------------------------------------------------------------------------
 
 RECIPE_CASES = [
     # quantization, kv, group, expected quant_algo, kv algo, weight dtype, scale tensors on each linear
-    ("fp8", "auto", 128, "FP8", None, torch.float8_e4m3fn, {"weights_scaling_factor", "activation_scaling_factor"}),
-    ("fp8", "fp8", 128, "FP8", "FP8", torch.float8_e4m3fn, {"weights_scaling_factor", "activation_scaling_factor"}),
-    ("int8_sq", "auto", 128, "W8A8_SQ_PER_CHANNEL", None, torch.int8,
-     {"weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor"}),
+    (
+        "fp8",
+        "auto",
+        128,
+        "FP8",
+        None,
+        torch.float8_e4m3fn,
+        {"weights_scaling_factor", "activation_scaling_factor"},
+    ),
+    (
+        "fp8",
+        "fp8",
+        128,
+        "FP8",
+        "FP8",
+        torch.float8_e4m3fn,
+        {"weights_scaling_factor", "activation_scaling_factor"},
+    ),
+    (
+        "int8_sq",
+        "auto",
+        128,
+        "W8A8_SQ_PER_CHANNEL",
+        None,
+        torch.int8,
+        {"weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor"},
+    ),
     ("int8_wo", "auto", 128, "W8A16", None, torch.int8, {"weights_scaling_factor"}),
     ("int8_wo", "int8", 128, "W8A16", "INT8", torch.int8, {"weights_scaling_factor"}),
     # ModelOpt exports block-wise INT4 weight-only in the AWQ layout (TensorRT-LLM's W4A16_AWQ kernels)
     ("int4_wo", "auto", 32, "W4A16_AWQ", None, torch.int8, {"weights_scaling_factor"}),
-    ("int4_awq", "auto", 32, "W4A16_AWQ", None, torch.int8, {"weights_scaling_factor", "prequant_scaling_factor"}),
-    ("w4a8_awq", "auto", 32, "W4A8_AWQ", None, torch.int8,
-     {"weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor", "prequant_scaling_factor"}),
+    (
+        "int4_awq",
+        "auto",
+        32,
+        "W4A16_AWQ",
+        None,
+        torch.int8,
+        {"weights_scaling_factor", "prequant_scaling_factor"},
+    ),
+    (
+        "w4a8_awq",
+        "auto",
+        32,
+        "W4A8_AWQ",
+        None,
+        torch.int8,
+        {
+            "weights_scaling_factor",
+            "weights_scaling_factor_2",
+            "activation_scaling_factor",
+            "prequant_scaling_factor",
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize(("quant", "kv", "group", "algo", "kv_algo", "wdtype", "scales"), RECIPE_CASES,
-                         ids=[f"{c[0]}-kv{c[1]}" for c in RECIPE_CASES])
-def test_recipe_exports_trtllm_quant_algo_dtypes_and_scales(tiny_dir: Path, tmp_path: Path, quant: str, kv: str,
-                                                            group: int, algo: str, kv_algo: str | None,
-                                                            wdtype: torch.dtype, scales: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("quant", "kv", "group", "algo", "kv_algo", "wdtype", "scales"),
+    RECIPE_CASES,
+    ids=[f"{c[0]}-kv{c[1]}" for c in RECIPE_CASES],
+)
+def test_recipe_exports_trtllm_quant_algo_dtypes_and_scales(
+    tiny_dir: Path,
+    tmp_path: Path,
+    quant: str,
+    kv: str,
+    group: int,
+    algo: str,
+    kv_algo: str | None,
+    wdtype: torch.dtype,
+    scales: set[str],
+) -> None:
     recipe = Recipe(name="r", quantization=quant, kv_cache_dtype=kv, group_size=group)
     result = _run(tiny_dir, tmp_path, recipe)
     config = json.loads((result.trtllm_dirs["tp1pp1"] / "config.json").read_text())
@@ -97,7 +167,9 @@ def test_recipe_exports_trtllm_quant_algo_dtypes_and_scales(tiny_dir: Path, tmp_
     for linear in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"):
         prefix = f"transformer.layers.0.{linear}."
         assert tensors[prefix + "weight"].dtype == wdtype, linear
-        assert {k.removeprefix(prefix) for k in tensors if k.startswith(prefix)} == {"weight"} | scales, linear
+        assert {k.removeprefix(prefix) for k in tensors if k.startswith(prefix)} == {"weight"} | scales, (
+            linear
+        )
     assert tensors["lm_head.weight"].dtype == torch.float16  # excluded from quantization
     if kv_algo:
         assert tensors["transformer.layers.0.attention.kv_cache_scaling_factor"].numel() == 1
@@ -151,21 +223,31 @@ def test_qwen2_style_qkv_bias_is_exported(tmp_path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256,
-                         architectures=["Qwen2ForCausalLM"])
+    config = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        architectures=["Qwen2ForCausalLM"],
+    )
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
-    result = _run(tmp_path / "qwen", tmp_path / "out", Recipe(name="fp8", quantization="fp8"), formats=("trtllm",))
+    result = _run(
+        tmp_path / "qwen", tmp_path / "out", Recipe(name="fp8", quantization="fp8"), formats=("trtllm",)
+    )
     exported = json.loads((result.trtllm_dirs["tp1pp1"] / "config.json").read_text())
     assert exported["architecture"] == "Qwen2ForCausalLM" and exported["quantization"]["quant_algo"] == "FP8"
     assert _tensors(result.trtllm_dirs["tp1pp1"])["transformer.layers.0.attention.qkv.bias"].shape == (128,)
 
 
-# --- tensor parallel ------------------------------------------------------------------------------------------
+# --- tensor parallel ----------------------------------------------------------------------------------------
 
 
-def _merge_ranks(tp1: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]], heads: int,
-                 kv_heads: int) -> dict[str, torch.Tensor]:
+def _merge_ranks(
+    tp1: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tensor]], heads: int, kv_heads: int
+) -> dict[str, torch.Tensor]:
     """Undo TensorRT-LLM's TP split: replicated tensors stay, split ones concatenate along their split dim,
     and the fused qkv (each rank holds [q_r; k_r; v_r]) regroups as [q; k; v]."""
     merged = {}
@@ -190,12 +272,20 @@ def _merge_ranks(tp1: dict[str, torch.Tensor], ranks: list[dict[str, torch.Tenso
 
 @pytest.mark.parametrize("quant", ["none", "fp8", "int8_sq"])
 def test_tp2_shards_concatenate_to_tp1_weights(tiny_dir: Path, tmp_path: Path, quant: str) -> None:
-    result = _run(tiny_dir, tmp_path, Recipe(name=quant, quantization=quant), layouts=[(1, 1), (2, 1)],
-                  formats=("trtllm",))
+    result = _run(
+        tiny_dir,
+        tmp_path,
+        Recipe(name=quant, quantization=quant),
+        layouts=[(1, 1), (2, 1)],
+        formats=("trtllm",),
+    )
     assert set(result.trtllm_dirs) == {"tp1pp1", "tp2pp1"}
     tp2_dir = result.trtllm_dirs["tp2pp1"]
     assert json.loads((tp2_dir / "config.json").read_text())["mapping"]["tp_size"] == 2
-    assert sorted(p.name for p in tp2_dir.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
+    assert sorted(p.name for p in tp2_dir.glob("rank*.safetensors")) == [
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
     tp1 = _tensors(result.trtllm_dirs["tp1pp1"])
     ranks = [_tensors(tp2_dir, 0), _tensors(tp2_dir, 1)]
     assert set(ranks[0]) == set(ranks[1]) == set(tp1)
@@ -205,13 +295,18 @@ def test_tp2_shards_concatenate_to_tp1_weights(tiny_dir: Path, tmp_path: Path, q
         assert torch.equal(merged[name], full.float()), name
 
 
-# --- calibration behaviour ------------------------------------------------------------------------------------
+# --- calibration behaviour ----------------------------------------------------------------------------------
 
 
 def test_weight_only_recipes_need_no_calibration_data(tiny_dir: Path, tmp_path: Path) -> None:
     for quant in ("int8_wo", "int4_wo"):
-        result = _run(tiny_dir, tmp_path / quant, Recipe(name=quant, quantization=quant, group_size=32),
-                      calibration=None, formats=("trtllm",))
+        result = _run(
+            tiny_dir,
+            tmp_path / quant,
+            Recipe(name=quant, quantization=quant, group_size=32),
+            calibration=None,
+            formats=("trtllm",),
+        )
         assert not result.calibrated and result.calibration_sha256 is None
         assert "calibrate" in result.timings_s  # the weights were still quantized
 
@@ -227,7 +322,10 @@ def test_group_size_overrides_the_modelopt_preset() -> None:
     cfg = modelopt_config(Recipe(name="w4a8", quantization="w4a8_awq", group_size=64, kv_cache_dtype="int8"))
     weight = next(e for e in cfg["quant_cfg"] if e["quantizer_name"] == "*weight_quantizer")
     assert weight["cfg"][0]["block_sizes"][-1] == 64
-    assert cfg["quant_cfg"][-1] == {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}
+    assert cfg["quant_cfg"][-1] == {
+        "quantizer_name": "*[kv]_bmm_quantizer",
+        "cfg": {"num_bits": 8, "axis": None},
+    }
     import modelopt.torch.quantization as mtq  # the preset itself is untouched
 
     preset = next(e for e in mtq.W4A8_AWQ_BETA_CFG["quant_cfg"] if e["quantizer_name"] == "*weight_quantizer")
@@ -241,9 +339,17 @@ def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenSe
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=512, initializer_range=0.2,
-                         architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        architectures=["LlamaForCausalLM"],
+    )
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("sharp") / "model"
     model.save_pretrained(path)
@@ -257,15 +363,18 @@ def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TokenSe
     return path, TokenSet(windows, token_sha256(windows), "sampled from the model")
 
 
-def test_perplexity_gate_refuses_a_recipe_over_budget_before_export(sharp_model: tuple[Path, TokenSet],
-                                                                     tmp_path: Path) -> None:
+def test_perplexity_gate_refuses_a_recipe_over_budget_before_export(
+    sharp_model: tuple[Path, TokenSet], tmp_path: Path
+) -> None:
     model_dir, heldout = sharp_model
     int8 = Recipe(name="int8", quantization="int8_wo")
     int4 = Recipe(name="int4", quantization="int4_wo", group_size=64)
     ppl8 = _run(model_dir, tmp_path / "m8", int8, heldout=heldout, formats=("trtllm",)).perplexity
     ppl4 = _run(model_dir, tmp_path / "m4", int4, heldout=heldout, formats=("trtllm",)).perplexity
     assert ppl8 is not None and ppl4 is not None
-    assert ppl8.num_tokens == 2 * 63 and ppl8.heldout_sha256 == heldout.sha256 and ppl8.baseline == ppl4.baseline
+    assert (
+        ppl8.num_tokens == 2 * 63 and ppl8.heldout_sha256 == heldout.sha256 and ppl8.baseline == ppl4.baseline
+    )
     # 4-bit weights cost clearly more than 8-bit (whose change is within sampling noise on 126 tokens)
     assert ppl8.increase_pct < ppl4.increase_pct and ppl4.increase_pct > 5
     budget = (ppl8.increase_pct + ppl4.increase_pct) / 2
@@ -278,14 +387,22 @@ def test_perplexity_gate_refuses_a_recipe_over_budget_before_export(sharp_model:
     assert not (tmp_path / "fail").exists()
 
 
-# --- bad input: refused before the model is loaded -------------------------------------------------------------
+# --- bad input: refused before the model is loaded ----------------------------------------------------------
 
 
 def test_bad_inputs_are_refused_before_calibration(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cases = [
-        (Recipe(name="g", quantization="int4_awq", group_size=48), KilnInputError, r"group_size 48 does not divide.*hidden_size 64"),
-        (Recipe(name="n", quantization="nvfp4"), UnsupportedCombinationError, r"nvfp4 calibrates only on CUDA"),
+        (
+            Recipe(name="g", quantization="int4_awq", group_size=48),
+            KilnInputError,
+            r"group_size 48 does not divide.*hidden_size 64",
+        ),
+        (
+            Recipe(name="n", quantization="nvfp4"),
+            UnsupportedCombinationError,
+            r"nvfp4 calibrates only on CUDA",
+        ),
         (Recipe(name="f", quantization="fp8"), CalibrationDataError, r"no calibration tokens"),
         (Recipe(name="k", kv_cache_dtype="fp8"), CalibrationDataError, r"no calibration tokens"),
     ]
@@ -293,7 +410,12 @@ def test_bad_inputs_are_refused_before_calibration(tiny_dir: Path, tmp_path: Pat
         with pytest.raises(error, match=message):
             _run(tiny_dir, out, recipe, calibration=None)
     with pytest.raises(CalibrationDataError, match=r"beyond the model's vocab \(256\)"):
-        _run(tiny_dir, out, Recipe(name="f", quantization="fp8"), calibration=TokenSet([[5, 300]], "x", "other"))
+        _run(
+            tiny_dir,
+            out,
+            Recipe(name="f", quantization="fp8"),
+            calibration=TokenSet([[5, 300]], "x", "other"),
+        )
     with pytest.raises(KilnInputError, match=r"tp 3 does not divide the model's 4 attention heads"):
         _run(tiny_dir, out, Recipe(name="b"), layouts=[(3, 1)])
     with pytest.raises(UnsupportedCombinationError, match=r"no INT8 KV cache"):
@@ -308,14 +430,16 @@ def test_unsupported_architecture_and_prequantized_models_are_refused(tiny_dir: 
     shutil.copytree(tiny_dir, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ModelSourceError, match=r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ModelSourceError, match=r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+    ):
         _run(other, tmp_path / "o1", Recipe(name="b"))
     (other / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(KilnInputError, match=r"already quantized \(awq\)"):
         _run(other, tmp_path / "o2", Recipe(name="b"))
 
 
-# --- real model ----------------------------------------------------------------------------------------------
+# --- real model ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -327,27 +451,44 @@ def test_smollm2_fp8_fake_quant_perplexity_is_close_to_baseline(smollm2_dir: Pat
     tokenizer = load_tokenizer(smollm2_dir)
     calibration = calibration_set(Calibration(num_samples=16, seq_len=256), tokenizer)
     heldout = heldout_set(Evaluation(heldout_tokens=1024), tokenizer, exclude=calibration)
-    result = quantize(smollm2_dir, Recipe(name="fp8", quantization="fp8"), layouts=[(1, 1)], output_dir=tmp_path,
-                      dtype="bfloat16", device="cpu", lineage={}, calibration=calibration, heldout=heldout,
-                      formats=("trtllm",))
+    result = quantize(
+        smollm2_dir,
+        Recipe(name="fp8", quantization="fp8"),
+        layouts=[(1, 1)],
+        output_dir=tmp_path,
+        dtype="bfloat16",
+        device="cpu",
+        lineage={},
+        calibration=calibration,
+        heldout=heldout,
+        formats=("trtllm",),
+    )
     assert 20 < result.perplexity.baseline < 60  # a trained model on English text
     assert abs(result.perplexity.increase_pct) < 10
 
 
-# --- CLI -------------------------------------------------------------------------------------------------------
+# --- CLI ----------------------------------------------------------------------------------------------------
 
 
 def _profile(tmp_path: Path, model_dir: Path) -> Path:
     import yaml
 
     path = tmp_path / "quant.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "quant-test", "model": {"local_dir": str(model_dir)},
-        "recipes": [{"name": "int8-wo", "quantization": "int8_wo"},
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "quant-test",
+                "model": {"local_dir": str(model_dir)},
+                "recipes": [
+                    {"name": "int8-wo", "quantization": "int8_wo"},
                     {"name": "int8-kv", "quantization": "int8_wo", "kv_cache_dtype": "int8"},
-                    {"name": "nvfp4", "quantization": "nvfp4"}],
-        "targets": [{"name": "cpu", "device": "cpu", "dtype": "float32"}],
-        "registry": {"model_name": "tiny"}}))
+                    {"name": "nvfp4", "quantization": "nvfp4"},
+                ],
+                "targets": [{"name": "cpu", "device": "cpu", "dtype": "float32"}],
+                "registry": {"model_name": "tiny"},
+            }
+        )
+    )
     return path
 
 
@@ -357,11 +498,29 @@ def test_cli_quantize_writes_a_tp2_trtllm_checkpoint(tiny_dir: Path, tmp_path: P
     from kiln.cli import app
 
     out = tmp_path / "ckpt"
-    result = CliRunner().invoke(app, ["quantize", str(_profile(tmp_path, tiny_dir)), "--recipe", "int8-wo",
-                                      "--output", str(out), "--tp", "2", "--no-ppl", "--dtype", "float16"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            str(_profile(tmp_path, tiny_dir)),
+            "--recipe",
+            "int8-wo",
+            "--output",
+            str(out),
+            "--tp",
+            "2",
+            "--no-ppl",
+            "--dtype",
+            "float16",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "kiln-lineage.json", "rank0.safetensors",
-                                                      "rank1.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "kiln-lineage.json",
+        "rank0.safetensors",
+        "rank1.safetensors",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "W8A16" and config["mapping"]["tp_size"] == 2
     assert json.loads((out / "kiln-lineage.json").read_text())["recipe"] == "int8-wo"
@@ -369,22 +528,30 @@ def test_cli_quantize_writes_a_tp2_trtllm_checkpoint(tiny_dir: Path, tmp_path: P
     assert not list(tmp_path.glob(".*kiln-partial"))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--recipe", "fp16"], "--recipe 'fp16' is not one of its recipes: int8-wo, int8-kv, nvfp4"),
-    (["--recipe", "int8-wo", "--format", "onnx"], "--format 'onnx': allowed values are trtllm, hf"),
-    (["--recipe", "nvfp4", "--device", "cpu"], "nvfp4 needs CUDA to calibrate and run; target 'cpu' is a cpu target"),
-    (["--recipe", "int8-kv", "--format", "hf"], "no INT8 KV cache"),
-    (["--recipe", "int8-wo", "--format", "hf", "--tp", "2"], "--tp/--pp apply to --format trtllm"),
-])
-def test_cli_quantize_bad_input_exits_2(tiny_dir: Path, tmp_path: Path, kiln_home: Path, args: list[str],
-                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--recipe", "fp16"], "--recipe 'fp16' is not one of its recipes: int8-wo, int8-kv, nvfp4"),
+        (["--recipe", "int8-wo", "--format", "onnx"], "--format 'onnx': allowed values are trtllm, hf"),
+        (
+            ["--recipe", "nvfp4", "--device", "cpu"],
+            "nvfp4 needs CUDA to calibrate and run; target 'cpu' is a cpu target",
+        ),
+        (["--recipe", "int8-kv", "--format", "hf"], "no INT8 KV cache"),
+        (["--recipe", "int8-wo", "--format", "hf", "--tp", "2"], "--tp/--pp apply to --format trtllm"),
+    ],
+)
+def test_cli_quantize_bad_input_exits_2(
+    tiny_dir: Path, tmp_path: Path, kiln_home: Path, args: list[str], message: str
+) -> None:
     from typer.testing import CliRunner
 
     from kiln.cli import app
 
     out = tmp_path / "ckpt"
-    result = CliRunner().invoke(app, ["quantize", str(_profile(tmp_path, tiny_dir)), "--output", str(out),
-                                      "--no-ppl", *args])
+    result = CliRunner().invoke(
+        app, ["quantize", str(_profile(tmp_path, tiny_dir)), "--output", str(out), "--no-ppl", *args]
+    )
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()
@@ -398,8 +565,9 @@ def test_cli_quantize_refuses_a_non_empty_output(tiny_dir: Path, tmp_path: Path,
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(app, ["quantize", str(_profile(tmp_path, tiny_dir)), "--recipe", "int8-wo",
-                                      "--output", str(out)])
+    result = CliRunner().invoke(
+        app, ["quantize", str(_profile(tmp_path, tiny_dir)), "--recipe", "int8-wo", "--output", str(out)]
+    )
     assert result.exit_code == 2 and "not an empty directory" in result.output
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -418,9 +586,11 @@ def test_example_profile_lists_every_cpu_recipe() -> None:
     assert {r.kv_cache_dtype for r in request.recipes} == {"auto", "fp8"}
 
 
-def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path, kiln_home: Path,
-                                                                  modelopt_calls: list[int]) -> None:
-    """The build step calibrates once per recipe, exports per (tp, pp) of the targets, and caches by content."""
+def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(
+    tiny_dir: Path, kiln_home: Path, modelopt_calls: list[int]
+) -> None:
+    """The build step calibrates once per recipe, exports per (tp, pp) of the targets, and caches by
+    content."""
 
     from kiln.hub import ModelSnapshot as Snapshot
     from kiln.profiles import load_request
@@ -429,11 +599,18 @@ def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path,
 
     calls = modelopt_calls
     recipe = {"name": "sq", "quantization": "int8_sq"}
-    request = load_request({
-        "name": "two-targets", "model": {"local_dir": str(tiny_dir)}, "recipes": [recipe],
-        "targets": [{"name": "cpu-a", "dtype": "float16"},
-                    {"name": "cpu-tp2", "dtype": "float16", "gpus_per_worker": 2, "limits": {"tp_size": 2}}],
-        "registry": {"model_name": "tiny"}})
+    request = load_request(
+        {
+            "name": "two-targets",
+            "model": {"local_dir": str(tiny_dir)},
+            "recipes": [recipe],
+            "targets": [
+                {"name": "cpu-a", "dtype": "float16"},
+                {"name": "cpu-tp2", "dtype": "float16", "gpus_per_worker": 2, "limits": {"tp_size": 2}},
+            ],
+            "registry": {"model_name": "tiny"},
+        }
+    )
     snapshot = Snapshot(path=tiny_dir, sha="tiny-sha", source="local")
     data = Datasets(calibration={"sq": CAL}, heldout=None)
     first = calibrate_and_quantize.fn(request, snapshot, request.recipes[0], data)
@@ -443,35 +620,51 @@ def test_two_targets_share_one_calibration_and_a_rerun_reuses_it(tiny_dir: Path,
     assert len(calls) == 1 and again.reused and again.trtllm_dirs == first.trtllm_dirs
 
 
-# --- int4_wo: pre-quant scale flag and tensors agree for TensorRT-LLM (issue 18 item 1) -----------------------------
+# --- int4_wo: pre-quant scale flag and tensors agree for TensorRT-LLM (issue 18 item 1) ---------------------
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_int4_wo_export_config_and_tensors_agree(tiny_dir: Path, tmp_path: Path, tp: int) -> None:
     """ModelOpt 0.47 writes int4_wo as W4A16_AWQ with pre_quant_scale: true and no pre-quant scale tensor. The
-    TensorRT-LLM checkpoint now says false (trtllm-build's groupwise layer requires the tensor exactly when the flag
-    is true); the HF export keeps true and carries ones (TensorRT-LLM's PyTorch W4A16_AWQ loader reads them)."""
+    TensorRT-LLM checkpoint now says false (trtllm-build's groupwise layer requires the tensor exactly when
+    the flag is true); the HF export keeps true and carries ones (TensorRT-LLM's PyTorch W4A16_AWQ loader
+    reads them)."""
     from kiln.engine.trtllm import api
 
-    result = _run(tiny_dir, tmp_path, Recipe(name="r", quantization="int4_wo", group_size=32), layouts=[(tp, 1)],
-                  calibration=None)
+    result = _run(
+        tiny_dir,
+        tmp_path,
+        Recipe(name="r", quantization="int4_wo", group_size=32),
+        layouts=[(tp, 1)],
+        calibration=None,
+    )
     trt = result.trtllm_dirs[f"tp{tp}pp1"]
     config = json.loads((trt / "config.json").read_text())
-    assert config["quantization"]["quant_algo"] == "W4A16_AWQ" and config["quantization"]["pre_quant_scale"] is False
+    assert (
+        config["quantization"]["quant_algo"] == "W4A16_AWQ"
+        and config["quantization"]["pre_quant_scale"] is False
+    )
     for rank in range(tp):
         with safe_open(str(trt / f"rank{rank}.safetensors"), framework="pt") as handle:
             names = set(handle.keys())
-            tensors = {n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in names}
+            tensors = {
+                n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in names
+            }
         assert not any(n.endswith("prequant_scaling_factor") for n in names)
         assert api.checkpoint_problems(config, tensors, api.load_contract("1.2")) == []
     hf = result.hf_dir
     assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"]["pre_quant_scale"] is True
     tensors = load_file(str(hf / "model.safetensors"))
-    linears = [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and t.dtype == torch.uint8]
+    linears = [
+        n.removesuffix(".weight")
+        for n, t in tensors.items()
+        if n.endswith(".weight") and t.dtype == torch.uint8
+    ]
     assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per layer
     for name in linears:
         pqs = tensors[f"{name}.pre_quant_scale"]
-        assert pqs.dtype == torch.float16 and pqs.shape == (tensors[f"{name}.weight"].shape[1],)  # in_features
+        # in_features
+        assert pqs.dtype == torch.float16 and pqs.shape == (tensors[f"{name}.weight"].shape[1],)
         assert torch.equal(pqs, torch.ones_like(pqs))
     assert set(json.loads((trt / "kiln-lineage.json").read_text())) and result.quant_algo == "W4A16_AWQ"
 
@@ -485,8 +678,8 @@ def test_int4_awq_exports_are_left_as_modelopt_writes_them(tiny_dir: Path, tmp_p
 
 
 def test_int4_wo_engines_compute_as_before_the_pre_quant_scale_fix(tiny_dir: Path, tmp_path: Path) -> None:
-    """kiln's torch engine treats a missing pre-quant scale as ones: the ones written into the HF export and the
-    flag set in the TensorRT-LLM checkpoint change no logit."""
+    """kiln's torch engine treats a missing pre-quant scale as ones: the ones written into the HF export and
+    the flag set in the TensorRT-LLM checkpoint change no logit."""
     import shutil
 
     from safetensors.torch import save_file
@@ -494,15 +687,28 @@ def test_int4_wo_engines_compute_as_before_the_pre_quant_scale_fix(tiny_dir: Pat
     from kiln.engine.torch import TorchBackend
     from kiln.profiles import Target
 
-    result = _run(tiny_dir, tmp_path / "q", Recipe(name="r", quantization="int4_wo", group_size=32), calibration=None)
+    result = _run(
+        tiny_dir, tmp_path / "q", Recipe(name="r", quantization="int4_wo", group_size=32), calibration=None
+    )
     before = shutil.copytree(result.hf_dir, tmp_path / "hf-before")
     tensors = load_file(str(before / "model.safetensors"))
-    save_file({k: v for k, v in tensors.items() if not k.endswith(".pre_quant_scale")}, str(before / "model.safetensors"))
-    target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 1, "max_input_len": 32, "max_seq_len": 64})
+    save_file(
+        {k: v for k, v in tensors.items() if not k.endswith(".pre_quant_scale")},
+        str(before / "model.safetensors"),
+    )
+    target = Target(
+        name="cpu", dtype="float32", limits={"max_batch_size": 1, "max_input_len": 32, "max_seq_len": 64}
+    )
     backend = TorchBackend()
     ids = list(range(5, 29))
     logits = {}
-    for name, source in (("trtllm", result.trtllm_dirs["tp1pp1"]), ("hf", result.hf_dir), ("hf-before", before)):
-        logits[name] = backend.load(backend.compile(source, target, tmp_path / f"engine-{name}", {"model_sha": "t"})).logits(ids)
+    for name, source in (
+        ("trtllm", result.trtllm_dirs["tp1pp1"]),
+        ("hf", result.hf_dir),
+        ("hf-before", before),
+    ):
+        logits[name] = backend.load(
+            backend.compile(source, target, tmp_path / f"engine-{name}", {"model_sha": "t"})
+        ).logits(ids)
     assert torch.equal(logits["hf"], logits["hf-before"])
     assert (logits["trtllm"] - logits["hf"]).abs().max().item() < 1e-3

@@ -47,16 +47,27 @@ from kiln.registry.store import list_version_keys, open_store, upload_version
 TORCH_VERSION = importlib.metadata.version("torch")
 
 
-def make_engine(root: Path, *, seed: int = 0, files: int = 3, size: int = 20_000, sm: str | None = None) -> Path:
+def make_engine(
+    root: Path, *, seed: int = 0, files: int = 3, size: int = 20_000, sm: str | None = None
+) -> Path:
     """An engine dir of random bytes plus the record fetch checks (this machine's torch, CPU or ``sm``)."""
     rng = __import__("random").Random(seed)
     root.mkdir(parents=True)
     for index in range(files):
         (root / f"rank{index}.safetensors").write_bytes(rng.randbytes(size))
-    record = {"format_version": 1, "backend": "torch", "target": "h100" if sm else "cpu",
-              "device": "cuda" if sm else "cpu", "sm": sm, "dtype": "bfloat16", "limits": {},
-              "toolchain": {"torch": TORCH_VERSION}, "program": {"compile": "none", "cuda_graphs": False},
-              "model": {}, "layout": []}
+    record = {
+        "format_version": 1,
+        "backend": "torch",
+        "target": "h100" if sm else "cpu",
+        "device": "cuda" if sm else "cpu",
+        "sm": sm,
+        "dtype": "bfloat16",
+        "limits": {},
+        "toolchain": {"torch": TORCH_VERSION},
+        "program": {"compile": "none", "cuda_graphs": False},
+        "model": {},
+        "layout": [],
+    }
     (root / "kiln-engine.json").write_text(json.dumps(record))
     return root
 
@@ -65,26 +76,48 @@ def key(n: int) -> str:
     return f"{n:064x}"
 
 
-def do_publish(engine: Path, registry: Registry, build_key: str, *, passed: bool = True, recommended: bool = True,
-               recipe: str = "fp8", target: str = "cpu", report: Path | None = None, on_progress=None):
-    return publish(engine, registry=registry, build_key=build_key,
-                   lineage={"recipe": recipe, "target": target, "model_sha": "f" * 40, "calibration_sha256": "c" * 64},
-                   metrics={"perplexity": 32.5, "tokens_per_s": 120.0},
-                   params={"model_repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "recipe": recipe, "target": target},
-                   artifacts=[report] if report else [], passed_gates=passed, recommended=recommended,
-                   on_progress=on_progress)
+def do_publish(
+    engine: Path,
+    registry: Registry,
+    build_key: str,
+    *,
+    passed: bool = True,
+    recommended: bool = True,
+    recipe: str = "fp8",
+    target: str = "cpu",
+    report: Path | None = None,
+    on_progress=None,
+):
+    return publish(
+        engine,
+        registry=registry,
+        build_key=build_key,
+        lineage={"recipe": recipe, "target": target, "model_sha": "f" * 40, "calibration_sha256": "c" * 64},
+        metrics={"perplexity": 32.5, "tokens_per_s": 120.0},
+        params={"model_repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "recipe": recipe, "target": target},
+        artifacts=[report] if report else [],
+        passed_gates=passed,
+        recommended=recommended,
+        on_progress=on_progress,
+    )
 
 
 @pytest.fixture
 def server_registry(kiln_home: Path, s3_env, mlflow_server) -> Registry:
     """A fresh model name on the shared MLflow server, engines in a fresh SeaweedFS bucket."""
-    return Registry(model_name=f"m-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
-                    store_uri=f"s3://{s3_env.make_bucket()}/engines")
+    return Registry(
+        model_name=f"m-{uuid.uuid4().hex[:8]}",
+        tracking_uri=mlflow_server.url,
+        store_uri=f"s3://{s3_env.make_bucket()}/engines",
+    )
 
 
 # --- embedded default: SQLite + file:// under KILN_HOME -----------------------------------------------------
 
-def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kiln_home: Path, tmp_path: Path) -> None:
+
+def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(
+    kiln_home: Path, tmp_path: Path
+) -> None:
     registry = Registry(model_name="tiny")
     check_registry(registry)
     report = tmp_path / "report.md"
@@ -94,7 +127,9 @@ def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kil
     assert first.uri == (kiln_home / "store" / "tiny" / "cpu" / key(1)).as_uri()
     again = do_publish(make_engine(tmp_path / "a2"), registry, key(1))
     assert (again.version, again.reused) == ("1", True)
-    failed = do_publish(make_engine(tmp_path / "b", seed=1), registry, key(2), passed=False, recipe="int4_awq")
+    failed = do_publish(
+        make_engine(tmp_path / "b", seed=1), registry, key(2), passed=False, recipe="int4_awq"
+    )
     assert (failed.version, failed.candidate) == ("2", False)
 
     client = MlflowClient(registry.resolved_tracking_uri)
@@ -102,7 +137,8 @@ def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kil
     assert run.data.metrics["perplexity"] == 32.5 and run.data.params["recipe"] == "fp8"
     assert run.data.tags["kiln.lineage.model_sha"] == "f" * 40 and run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "kiln")} | {
-        a.path for a in client.list_artifacts(first.run_id, "reports")}
+        a.path for a in client.list_artifacts(first.run_id, "reports")
+    }
     assert {"kiln/manifest.json", "kiln/lineage.json", "reports/report.md"} <= artifacts
 
     runner = CliRunner()
@@ -114,7 +150,9 @@ def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kil
 
     refused = runner.invoke(app, ["promote", "tiny", "2", "--target", "cpu"])
     assert refused.exit_code == 2 and "failed its gates" in refused.output
-    promoted = runner.invoke(app, ["promote", "tiny", "candidate", "--target", "cpu", "--reason", "first rollout"])
+    promoted = runner.invoke(
+        app, ["promote", "tiny", "candidate", "--target", "cpu", "--reason", "first rollout"]
+    )
     assert promoted.exit_code == 0, promoted.output
     assert str(client.get_model_version_by_alias("tiny.cpu", "production").version) == "1"
 
@@ -126,8 +164,9 @@ def test_embedded_default_publish_is_idempotent_and_cli_promotes_and_fetches(kil
     assert busy.exit_code == 2 and "not empty" in busy.output
 
 
-def test_overrides_lineage_params_plots_and_no_secrets_in_mlflow(kiln_home: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overrides_lineage_params_plots_and_no_secrets_in_mlflow(
+    kiln_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,21 +177,38 @@ def test_overrides_lineage_params_plots_and_no_secrets_in_mlflow(kiln_home: Path
     store_dir, db = tmp_path / "override-store", tmp_path / "override.db"
     monkeypatch.setenv("KILN_STORE_URI", store_dir.as_uri())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    registry = Registry(model_name="sec", store_uri="file:///nonexistent/profile-store",
-                        tracking_uri="sqlite:////nonexistent/profile.db")  # both overridden by the variables
+    registry = Registry(
+        model_name="sec",
+        store_uri="file:///nonexistent/profile-store",
+        tracking_uri="sqlite:////nonexistent/profile.db",
+    )  # both overridden by the variables
     fig, ax = plt.subplots()
     ax.plot([1, 4], [100.0, 300.0])
     plot = tmp_path / "latency_vs_throughput.png"
     fig.savefig(plot)
     plt.close(fig)
-    lineage = {"recipe": "fp8", "target": "cpu", "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-               "model_sha": "f" * 40, "calibration_sha256": "c" * 64, "toolchain": {"torch": TORCH_VERSION},
-               "source": "https://user:hunter2pass@hub.example/models", "hf_token": "also-a-secret",
-               "note": f"downloaded with {secret}"}
-    published = publish(make_engine(tmp_path / "engine"), registry=registry, build_key=key(11), lineage=lineage,
-                        metrics={"perplexity": 31.0}, params={"recipe.name": "fp8", "api_token": "tok-xyz-987",
-                                                              "hub.auth": f"Bearer {secret}"},
-                        artifacts=[plot], passed_gates=True, recommended=True)
+    lineage = {
+        "recipe": "fp8",
+        "target": "cpu",
+        "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "model_sha": "f" * 40,
+        "calibration_sha256": "c" * 64,
+        "toolchain": {"torch": TORCH_VERSION},
+        "source": "https://user:hunter2pass@hub.example/models",
+        "hf_token": "also-a-secret",
+        "note": f"downloaded with {secret}",
+    }
+    published = publish(
+        make_engine(tmp_path / "engine"),
+        registry=registry,
+        build_key=key(11),
+        lineage=lineage,
+        metrics={"perplexity": 31.0},
+        params={"recipe.name": "fp8", "api_token": "tok-xyz-987", "hub.auth": f"Bearer {secret}"},
+        artifacts=[plot],
+        passed_gates=True,
+        recommended=True,
+    )
     assert published.uri == (store_dir / "sec" / "cpu" / key(11)).as_uri()
     assert db.is_file() and not (kiln_home / "mlflow.db").exists()
 
@@ -165,19 +221,25 @@ def test_overrides_lineage_params_plots_and_no_secrets_in_mlflow(kiln_home: Path
     assert params["api_token"] == params["hub.auth"] == params["lineage.hf_token"] == "***"
     assert params["lineage.source"] == "https://***@hub.example/models"
     assert params["lineage.note"] == "downloaded with ***"
-    png = Path(client.download_artifacts(published.run_id, "reports/latency_vs_throughput.png", str(tmp_path / "dl")))
+    png = Path(
+        client.download_artifacts(published.run_id, "reports/latency_vs_throughput.png", str(tmp_path / "dl"))
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    texts = [json.dumps(params), json.dumps(tags),
-             Path(client.download_artifacts(published.run_id, "kiln", str(tmp_path / "dl2"))).joinpath(
-                 "lineage.json").read_text(),
-             (store_dir / "sec" / "cpu" / key(11) / "manifest.json").read_text(),
-             json.dumps(client.get_model_version("sec.cpu", published.version).tags)]
+    texts = [
+        json.dumps(params),
+        json.dumps(tags),
+        Path(client.download_artifacts(published.run_id, "kiln", str(tmp_path / "dl2")))
+        .joinpath("lineage.json")
+        .read_text(),
+        (store_dir / "sec" / "cpu" / key(11) / "manifest.json").read_text(),
+        json.dumps(client.get_model_version("sec.cpu", published.version).tags),
+    ]
     for text in texts:
         for leaked in (secret, "hunter2pass", "also-a-secret", "tok-xyz-987"):
             assert leaked not in text
 
 
-# --- real servers: mlflow server + SeaweedFS -----------------------------------------------------------------
+# --- real servers: mlflow server + SeaweedFS ----------------------------------------------------------------
 
 _PUBLISHER = """
 import json, os, signal, sys
@@ -199,17 +261,25 @@ publish(Path(args["engine"]), registry=Registry(**args["registry"]), build_key=a
 
 @pytest.mark.servers
 def test_publisher_killed_between_uploads_leaves_no_version_and_rerun_publishes_exactly_one(
-        server_registry: Registry, tmp_path: Path) -> None:
+    server_registry: Registry, tmp_path: Path
+) -> None:
     engine = make_engine(tmp_path / "engine", files=4)
     args = {"engine": str(engine), "registry": server_registry.model_dump(), "key": key(7)}
-    proc = subprocess.run([sys.executable, "-c", _PUBLISHER, json.dumps(args)], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PUBLISHER, json.dumps(args)],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
     name = f"{server_registry.model_name}.cpu"
     store = open_store(server_registry.store_uri)
-    assert store.child(f"{server_registry.model_name}/cpu/{key(7)}").stat("files/kiln-engine.json") is not None
+    assert (
+        store.child(f"{server_registry.model_name}/cpu/{key(7)}").stat("files/kiln-engine.json") is not None
+    )
     assert list_version_keys(store, server_registry.model_name, "cpu") == []
     assert client.search_model_versions(f"name = '{name}'") == []
 
@@ -223,13 +293,23 @@ def test_publisher_killed_between_uploads_leaves_no_version_and_rerun_publishes_
 
 
 @pytest.mark.servers
-def test_crash_between_upload_and_registration_is_completed_by_rerun(server_registry: Registry, tmp_path: Path) -> None:
+def test_crash_between_upload_and_registration_is_completed_by_rerun(
+    server_registry: Registry, tmp_path: Path
+) -> None:
     """The state such a crash leaves: files + manifest in the store, a RUNNING run, no model version."""
     model = server_registry.model_name
     engine = make_engine(tmp_path / "engine")
     version_store = open_store(server_registry.store_uri).child(f"{model}/cpu/{key(3)}")
-    upload_version(version_store, engine, model=model, target="cpu", recipe="fp8", build_key=key(3),
-                   engine=read(engine), lineage={})
+    upload_version(
+        version_store,
+        engine,
+        model=model,
+        target="cpu",
+        recipe="fp8",
+        build_key=key(3),
+        engine=read(engine),
+        lineage={},
+    )
     client = MlflowClient(server_registry.tracking_uri, server_registry.tracking_uri)
     experiment = client.create_experiment(f"kiln/{model}")
     stale = client.create_run(experiment, tags={"kiln.build_key": key(3)}).info.run_id
@@ -243,7 +323,9 @@ def test_crash_between_upload_and_registration_is_completed_by_rerun(server_regi
 
 
 @pytest.mark.servers
-def test_promote_and_rollback_move_production_on_mlflow_server(server_registry: Registry, tmp_path: Path) -> None:
+def test_promote_and_rollback_move_production_on_mlflow_server(
+    server_registry: Registry, tmp_path: Path
+) -> None:
     model, tracking = server_registry.model_name, server_registry.tracking_uri
     for n in (1, 2, 3):
         do_publish(make_engine(tmp_path / f"e{n}", seed=n), server_registry, key(n))
@@ -272,12 +354,19 @@ def test_promote_and_rollback_move_production_on_mlflow_server(server_registry: 
     assert production() == "1"
 
     tags = client.get_model_version(name, "2").tags
-    assert tags["kiln.production.action"] == "rollback" and tags["kiln.production.reason"] == "latency regression"
+    assert (
+        tags["kiln.production.action"] == "rollback"
+        and tags["kiln.production.reason"] == "latency regression"
+    )
     assert "@" in tags["kiln.production.by"] and tags["kiln.production.at"].endswith("Z")
     history = json.loads(client.get_registered_model(name).tags["kiln.history.production"])
     assert [(h["action"], h["version"], h["previous"]) for h in history] == [
-        ("promote", "1", None), ("promote", "2", "1"), ("promote", "3", "2"),
-        ("rollback", "2", "3"), ("rollback", "1", "2")]
+        ("promote", "1", None),
+        ("promote", "2", "1"),
+        ("promote", "3", "2"),
+        ("rollback", "2", "3"),
+        ("rollback", "1", "2"),
+    ]
     listed = {info.version: info for info in list_versions(model, tracking_uri=tracking)}
     assert listed["1"].aliases == ["production"] and listed["3"].aliases == ["candidate"]
     assert listed["4"].passed_gates is False and listed["1"].metrics["perplexity"] == 32.5
@@ -296,7 +385,9 @@ def test_fetch_verifies_checksums_and_refuses_another_gpu(server_registry: Regis
         fetch(f"{model}@candidate", "h100", tmp_path / "refused", tracking_uri=tracking)
     assert not (tmp_path / "refused").exists()
     with pytest.warns(ForcedFetchWarning, match="sm90"):
-        forced = fetch(f"{model}@v{gpu.version}", "h100", tmp_path / "forced", force=True, tracking_uri=tracking)
+        forced = fetch(
+            f"{model}@v{gpu.version}", "h100", tmp_path / "forced", force=True, tracking_uri=tracking
+        )
     assert (forced / "kiln-engine.json").is_file()
 
     bucket, prefix = cpu.uri.removeprefix("s3://").split("/", 1)
@@ -317,7 +408,8 @@ def test_fetch_verifies_checksums_and_refuses_another_gpu(server_registry: Regis
 
 @pytest.mark.servers
 def test_mlflow_down_fails_clearly_before_any_upload_and_rerun_completes(
-        server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -346,7 +438,9 @@ def test_registry_misconfiguration_is_refused_before_work(server_registry: Regis
 
 
 @pytest.mark.servers
-def test_half_registered_version_is_refused_and_completed_by_rerun(server_registry: Registry, tmp_path: Path) -> None:
+def test_half_registered_version_is_refused_and_completed_by_rerun(
+    server_registry: Registry, tmp_path: Path
+) -> None:
     """A crash after create_model_version: the version exists, ``kiln.state=registering``, no alias yet."""
     model, tracking = server_registry.model_name, server_registry.tracking_uri
     engine = make_engine(tmp_path / "engine")
@@ -384,18 +478,31 @@ out = publish(Path(args["engine"]), registry=Registry(**args["registry"]), build
               lineage={"recipe": "fp8", "target": "cpu"}, metrics={"perplexity": 30.0}, params={}, artifacts=[],
               passed_gates=True, recommended=True)
 print(json.dumps({"version": str(out.version), "uri": out.uri}))
-"""
+"""  # noqa: E501 (the script run in a subprocess, kept as it is)
 
 
 @pytest.mark.servers
 @pytest.mark.slow
-def test_two_concurrent_publishers_of_one_build_leave_exactly_one_version(server_registry: Registry,
-                                                                          tmp_path: Path) -> None:
+def test_two_concurrent_publishers_of_one_build_leave_exactly_one_version(
+    server_registry: Registry, tmp_path: Path
+) -> None:
     engine = make_engine(tmp_path / "engine", files=4, size=200_000)
-    args = {"engine": str(engine), "registry": server_registry.model_dump(), "key": key(31),
-            "start_at": time.time() + 8}
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, json.dumps(args)], env=dict(os.environ),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = {
+        "engine": str(engine),
+        "registry": server_registry.model_dump(),
+        "key": key(31),
+        "start_at": time.time() + 8,
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, json.dumps(args)],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [proc.communicate(timeout=180) for proc in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-2000:]
@@ -469,7 +576,8 @@ class _Relay:
 
 @pytest.mark.servers
 def test_mlflow_down_after_upload_leaves_nothing_visible_and_rerun_completes(
-        server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     relay = _Relay(server_registry.tracking_uri)
     via_relay = server_registry.model_copy(update={"tracking_uri": relay.url})
@@ -486,7 +594,12 @@ def test_mlflow_down_after_upload_leaves_nothing_visible_and_rerun_completes(
     name = f"{server_registry.model_name}.cpu"
     assert client.search_model_versions(f"name = '{name}'") == []
     with pytest.raises(VersionNotFoundError):
-        fetch(f"{server_registry.model_name}@candidate", "cpu", tmp_path / "out", tracking_uri=server_registry.tracking_uri)
+        fetch(
+            f"{server_registry.model_name}@candidate",
+            "cpu",
+            tmp_path / "out",
+            tracking_uri=server_registry.tracking_uri,
+        )
 
     events: list[TransferEvent] = []
     published = do_publish(engine, server_registry, key(41), on_progress=events.append)
@@ -494,7 +607,9 @@ def test_mlflow_down_after_upload_leaves_nothing_visible_and_rerun_completes(
     assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
-def test_an_alias_moved_outside_kiln_is_noticed_by_versions_and_fetch(kiln_home: Path, tmp_path: Path) -> None:
+def test_an_alias_moved_outside_kiln_is_noticed_by_versions_and_fetch(
+    kiln_home: Path, tmp_path: Path
+) -> None:
     """Moved in the MLflow UI (any client), an alias bypasses kiln's recorded history: say so."""
     registry = Registry(model_name="moved")
     check_registry(registry)
@@ -508,10 +623,15 @@ def test_an_alias_moved_outside_kiln_is_noticed_by_versions_and_fetch(kiln_home:
     MlflowClient(registry.resolved_tracking_uri).set_registered_model_alias("moved.cpu", "production", "2")
     listed = runner.invoke(app, ["versions", "moved"], env={"COLUMNS": "200"})
     text = " ".join(listed.output.split())
-    assert listed.exit_code == 0 and "moved.cpu@production points at v2" in text and "moved outside kiln" in text
+    assert (
+        listed.exit_code == 0 and "moved.cpu@production points at v2" in text and "moved outside kiln" in text
+    )
     assert "last recorded move put it on v1" in text
-    fetched = runner.invoke(app, ["fetch", "moved@production", "--target", "cpu", "--output", str(tmp_path / "o")],
-                            env={"COLUMNS": "200"})
+    fetched = runner.invoke(
+        app,
+        ["fetch", "moved@production", "--target", "cpu", "--output", str(tmp_path / "o")],
+        env={"COLUMNS": "200"},
+    )
     assert fetched.exit_code == 0 and "moved outside kiln" in " ".join(fetched.output.split())
 
 
@@ -522,22 +642,32 @@ def test_runs_show_curves_their_source_and_open_on_the_runs_view(kiln_home: Path
 
     registry = Registry(model_name="curves")
     check_registry(registry)
-    published = publish(make_engine(tmp_path / "a"), registry=registry, build_key=key(7),
-                        lineage={"recipe": "fp8", "target": "cpu"},
-                        metrics={"itl_p50_ms_c1": 12.0, "itl_p50_ms_c4": 15.5, "tokens_per_s": 80.0},
-                        params={}, artifacts=[], passed_gates=True, recommended=True)
+    published = publish(
+        make_engine(tmp_path / "a"),
+        registry=registry,
+        build_key=key(7),
+        lineage={"recipe": "fp8", "target": "cpu"},
+        metrics={"itl_p50_ms_c1": 12.0, "itl_p50_ms_c4": 15.5, "tokens_per_s": 80.0},
+        params={},
+        artifacts=[],
+        passed_gates=True,
+        recommended=True,
+    )
     client = MlflowClient(registry.resolved_tracking_uri)
     history = client.get_metric_history(published.run_id, "itl_p50_ms")
     assert sorted((m.step, m.value) for m in history) == [(1, 12.0), (4, 15.5)]
     run = client.get_run(published.run_id)
     assert run.data.metrics["itl_p50_ms_c4"] == 15.5  # the names the gates read stay
-    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.name"].startswith("kiln")
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags[
+        "mlflow.source.name"
+    ].startswith("kiln")
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_an_interrupt_mid_registration_ends_the_run_killed_and_a_rerun_completes(kiln_home: Path, tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupt_mid_registration_ends_the_run_killed_and_a_rerun_completes(
+    kiln_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C (or kiln build's SIGTERM handler) lands while the version is being created: the MLflow run ends
     KILLED instead of RUNNING forever, and the rerun of the same build completes one version."""
     from kiln.registry import mlflow_registry
@@ -546,14 +676,17 @@ def test_an_interrupt_mid_registration_ends_the_run_killed_and_a_rerun_completes
     check_registry(registry)
     real = mlflow_registry.ensure_registered_model
 
-    def interrupted(*args, **kwargs):  # the signal arrives between logging the run and registering the version
+    # the signal arrives between logging the run and registering the version
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mlflow_registry, "ensure_registered_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         do_publish(make_engine(tmp_path / "a"), registry, key(9))
     client = MlflowClient(registry.resolved_tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(mlflow_registry.N.experiment_name("cut")).experiment_id])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(mlflow_registry.N.experiment_name("cut")).experiment_id]
+    )
     assert [r.info.status for r in runs] == ["KILLED"]
     monkeypatch.setattr(mlflow_registry, "ensure_registered_model", real)
     again = do_publish(make_engine(tmp_path / "a2"), registry, key(9))

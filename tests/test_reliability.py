@@ -49,14 +49,18 @@ def _point_at(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.servers
 @pytest.mark.slow  # its own SeaweedFS, started twice
 def test_s3_server_stopped_mid_upload_leaves_no_version_and_rerun_publishes_one(
-        kiln_home: Path, mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kiln_home: Path, mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "weed"
     s3 = launch_seaweedfs(root)  # private: this test kills it
     try:
         _point_at(s3, monkeypatch)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # a dead endpoint fails in seconds, not minutes
-        registry = Registry(model_name=f"m-{uuid.uuid4().hex[:8]}", tracking_uri=mlflow_server.url,
-                            store_uri=f"s3://{s3.make_bucket()}/engines")
+        registry = Registry(
+            model_name=f"m-{uuid.uuid4().hex[:8]}",
+            tracking_uri=mlflow_server.url,
+            store_uri=f"s3://{s3.make_bucket()}/engines",
+        )
         engine = make_engine(tmp_path / "engine", files=4)
 
         def kill_server_after_second_file(event) -> None:
@@ -81,19 +85,23 @@ def test_s3_server_stopped_mid_upload_leaves_no_version_and_rerun_publishes_one(
         s3.process.stop(grace_s=0.5)
 
 
-# --- MLflow server dies mid-publish --------------------------------------------------------------------------
+# --- MLflow server dies mid-publish -------------------------------------------------------------------------
 
 
 @pytest.mark.servers
 @pytest.mark.slow  # its own mlflow server, started twice (~25 s)
 def test_mlflow_server_stopped_mid_publish_is_completed_by_rerun_into_one_version(
-        kiln_home: Path, s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kiln_home: Path, s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "mlflow"
     server = launch_mlflow(root)  # private: this test kills it
     try:
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        registry = Registry(model_name=f"m-{uuid.uuid4().hex[:8]}", tracking_uri=server.url,
-                            store_uri=f"s3://{s3_env.make_bucket()}/engines")
+        registry = Registry(
+            model_name=f"m-{uuid.uuid4().hex[:8]}",
+            tracking_uri=server.url,
+            store_uri=f"s3://{s3_env.make_bucket()}/engines",
+        )
         engine = make_engine(tmp_path / "engine", files=3)
 
         def kill_mlflow_after_upload(event) -> None:
@@ -180,7 +188,8 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def test_hub_500s_are_transient_and_the_download_task_retries_into_one_snapshot(
-        prefect_harness, local_hub: LocalHub, tiny_hub_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefect_harness, local_hub: LocalHub, tiny_hub_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from prefect import flow
 
     from kiln.hub import fetch_model
@@ -193,7 +202,9 @@ def test_hub_500s_are_transient_and_the_download_task_retries_into_one_snapshot(
         # a hub that keeps failing: a clear error, classed transient (retried), nothing in the HF cache
         with pytest.raises(Exception) as error:
             fetch_model(HubModel(repo_id="org/flaky", revision="main"))
-        assert "is failing or busy (HTTP 500)" in str(error.value) or "cannot reach" in str(error.value), error.value
+        assert "is failing or busy (HTTP 500)" in str(error.value) or "cannot reach" in str(error.value), (
+            error.value
+        )
         assert "HF_TOKEN" not in str(error.value)  # a server error is not the user's credentials
         assert build_tasks.transient(error.value)
         assert not list(Path(os.environ["KILN_HOME"]).rglob("*.safetensors"))
@@ -204,8 +215,15 @@ def test_hub_500s_are_transient_and_the_download_task_retries_into_one_snapshot(
         from kiln.profiles import load_request
 
         monkeypatch.setenv("KILN_PROFILES_DIR", str(Path(__file__).resolve().parents[1] / "profiles"))
-        request = load_request({"name": "flaky", "model": {"repo_id": "org/flaky", "revision": "main"},
-                                "recipes": ["none"], "targets": ["cpu"], "registry": {"model_name": "flaky"}})
+        request = load_request(
+            {
+                "name": "flaky",
+                "model": {"repo_id": "org/flaky", "revision": "main"},
+                "recipes": ["none"],
+                "targets": ["cpu"],
+                "registry": {"model_name": "flaky"},
+            }
+        )
 
         @flow(name="kiln-flaky-hub")
         def fetch_once():
@@ -220,7 +238,8 @@ def test_hub_500s_are_transient_and_the_download_task_retries_into_one_snapshot(
 
 
 def test_a_hub_that_keeps_failing_exits_with_the_transient_code_not_the_input_code(
-        local_hub: LocalHub, tiny_hub_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local_hub: LocalHub, tiny_hub_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """5xx after every retry is the hub's trouble, not a bad profile: exit 75 (EX_TEMPFAIL), so a scheduler
     retries it later instead of paging someone to fix an input."""
     import yaml
@@ -233,17 +252,26 @@ def test_a_hub_that_keeps_failing_exits_with_the_transient_code_not_the_input_co
     proxy = _FlakyProxy(local_hub.url, failures=1000)
     monkeypatch.setenv("HF_ENDPOINT", proxy.url)
     profile = tmp_path / "down.yaml"
-    profile.write_text(yaml.safe_dump({"name": "down", "model": {"repo_id": "org/down", "revision": "main"},
-                                       "recipes": [{"name": "none", "quantization": "none"}],
-                                       "targets": [{"name": "cpu"}], "registry": {"model_name": "down"}}))
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "name": "down",
+                "model": {"repo_id": "org/down", "revision": "main"},
+                "recipes": [{"name": "none", "quantization": "none"}],
+                "targets": [{"name": "cpu"}],
+                "registry": {"model_name": "down"},
+            }
+        )
+    )
     try:
         with pytest.raises(HubUnavailableError) as error:
             from kiln.hub import fetch_model
 
             fetch_model(HubModel(repo_id="org/down", revision="main"))
         assert error.value.retryable and error.value.exit_code == 75
-        result = CliRunner().invoke(app, ["quantize", str(profile), "--recipe", "none", "--output",
-                                          str(tmp_path / "out")])
+        result = CliRunner().invoke(
+            app, ["quantize", str(profile), "--recipe", "none", "--output", str(tmp_path / "out")]
+        )
         assert result.exit_code == 75, result.output
         assert "failing or busy" in " ".join(result.output.split()) or "cannot reach" in result.output
     finally:
@@ -276,7 +304,9 @@ class _Out:
     size: int
 
 
-def test_disk_full_during_a_step_leaves_no_entry_and_a_rerun_with_space_computes_once(small_kiln_home: Path) -> None:
+def test_disk_full_during_a_step_leaves_no_entry_and_a_rerun_with_space_computes_once(
+    small_kiln_home: Path,
+) -> None:
     cache = StepCache("quantize")
     calls = []
 
@@ -303,7 +333,9 @@ def test_disk_full_during_a_step_leaves_no_entry_and_a_rerun_with_space_computes
     assert cache.run("k" * 64, small, _Out).reused and len(calls) == 2
 
 
-def test_disk_full_inside_safetensors_gets_the_clear_message_naming_the_step_and_path(small_kiln_home: Path) -> None:
+def test_disk_full_inside_safetensors_gets_the_clear_message_naming_the_step_and_path(
+    small_kiln_home: Path,
+) -> None:
     """safetensors reports ENOSPC only as text ("No space left on device (os error 28)"); the step says what
     to do, names the path, and keeps nothing partial."""
     import torch
@@ -325,12 +357,17 @@ def test_disk_full_inside_safetensors_gets_the_clear_message_naming_the_step_and
     assert error.value.errno == errno.ENOSPC and not cache.entry_dir("d" * 64).exists()
 
 
-def test_disk_full_in_the_store_leaves_no_version_and_rerun_publishes_one(small_kiln_home: Path,
-                                                                            tmp_path: Path) -> None:
+def test_disk_full_in_the_store_leaves_no_version_and_rerun_publishes_one(
+    small_kiln_home: Path, tmp_path: Path
+) -> None:
     """The embedded registry (file:// store + SQLite under KILN_HOME) on a full disk."""
     store_dir = small_kiln_home / "store"
-    registry = Registry(model_name="full", store_uri=store_dir.as_uri(),
-                        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # the DB elsewhere: only the store fills
+    registry = Registry(
+        model_name="full",
+        store_uri=store_dir.as_uri(),
+        # the DB elsewhere: only the store fills
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     big = make_engine(tmp_path / "engine-big", files=3, size=512 * 1024)
     with pytest.raises(RegistryError, match=r"store file://.*cannot write .*No space left on device"):
         do_publish(big, registry, key(23))
@@ -344,7 +381,7 @@ def test_disk_full_in_the_store_leaves_no_version_and_rerun_publishes_one(small_
     assert do_publish(small, registry, key(23)).reused and _versions(registry) == ["1"]
 
 
-# --- concurrency: different keys share one cache ---------------------------------------------------------------
+# --- concurrency: different keys share one cache ------------------------------------------------------------
 
 
 def _compute_key(root: str, key_: str, marker: str) -> tuple[str, bool]:
@@ -360,7 +397,7 @@ def _compute_key(root: str, key_: str, marker: str) -> tuple[str, bool]:
         return R(str(out), key_)
 
     hit = StepCache("quantize", root=Path(root)).run(key_, compute, R)
-    return hit.value.value + ":" + Path(hit.value.path, "w.bin").read_text()[:len(key_)], hit.reused
+    return hit.value.value + ":" + Path(hit.value.path, "w.bin").read_text()[: len(key_)], hit.reused
 
 
 def test_concurrent_steps_of_different_keys_share_a_cache_without_mixing(tmp_path: Path) -> None:
@@ -374,7 +411,7 @@ def test_concurrent_steps_of_different_keys_share_a_cache_without_mixing(tmp_pat
     assert sorted(reused for _, reused in results) == [False, False, True, True]
 
 
-# --- process killed during calibration, then rerun ---------------------------------------------------------------
+# --- process killed during calibration, then rerun ----------------------------------------------------------
 
 _CALIBRATE = """
 import json, os, signal, sys
@@ -408,12 +445,13 @@ def compute(out):
 
 hit = StepCache("quantize").run("c" * 64, compute, Out)
 print(json.dumps({"reused": hit.reused, "trtllm": hit.value.trtllm}))
-"""
+"""  # noqa: E501 (the script run in a subprocess, kept as it is)
 
 
 @pytest.mark.slow  # three ModelOpt runs in fresh processes (~1 min on 2 cores)
 def test_process_killed_during_calibration_leaves_no_checkpoint_and_rerun_computes_one(
-        kiln_home: Path, tiny_hub_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kiln_home: Path, tiny_hub_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
     import signal
     import sys
@@ -422,8 +460,13 @@ def test_process_killed_during_calibration_leaves_no_checkpoint_and_rerun_comput
 
     def run(kill: bool) -> subprocess.CompletedProcess:
         args = json.dumps({"model": str(tiny_hub_model_dir), "kill": kill})
-        return subprocess.run([sys.executable, "-c", _CALIBRATE, args], env=dict(os.environ), capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", _CALIBRATE, args],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     killed = run(kill=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -445,9 +488,20 @@ def test_concurrent_first_uses_of_a_fresh_mlflow_store_all_succeed(tmp_path: Pat
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = "import sys; from kiln.registry.mlflow_registry import check_tracking; check_tracking(sys.argv[1], 'm')"
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=tmp_path, text=True) for _ in range(4)]
+    code = (
+        "import sys; from kiln.registry.mlflow_registry import check_tracking; "
+        "check_tracking(sys.argv[1], 'm')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(outputs)[-3000:]
     from kiln.registry.naming import experiment_name
@@ -460,7 +514,8 @@ def test_concurrent_first_uses_of_a_fresh_mlflow_store_all_succeed(tmp_path: Pat
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_build_stops_in_seconds_with_one_line_exit_130_and_cancelled_runs(
-        tiny_hub_model_dir: Path, tmp_path: Path, signum: str) -> None:
+    tiny_hub_model_dir: Path, tmp_path: Path, signum: str
+) -> None:
     """Ctrl-C used to print a KeyboardInterrupt step line, hang minutes retrying the embedded server (which
     the terminal's Ctrl-C had killed too) and dump ~350 lines of tracebacks, leaving the runs Running. The
     signal goes to the whole process group, as a terminal sends Ctrl-C."""
@@ -474,17 +529,38 @@ def test_an_interrupted_build_stops_in_seconds_with_one_line_exit_130_and_cancel
 
     home = tmp_path / "home"
     profile = tmp_path / "p.yaml"
-    profile.write_text(yaml.safe_dump({
-        "name": "interrupted", "model": {"local_dir": str(tiny_hub_model_dir)},
-        "recipes": [{"name": "none", "quantization": "none"}, {"name": "wo", "quantization": "int8_wo"}],
-        "targets": [{"name": "cpu", "dtype": "float32",
-                     "limits": {"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128}}],
-        "evaluation": {"heldout_tokens": 2048, "prompts": 2, "max_new_tokens": 4, "concurrency": [1]},
-        "registry": {"model_name": "interrupted"}}))
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "name": "interrupted",
+                "model": {"local_dir": str(tiny_hub_model_dir)},
+                "recipes": [
+                    {"name": "none", "quantization": "none"},
+                    {"name": "wo", "quantization": "int8_wo"},
+                ],
+                "targets": [
+                    {
+                        "name": "cpu",
+                        "dtype": "float32",
+                        "limits": {"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128},
+                    }
+                ],
+                "evaluation": {"heldout_tokens": 2048, "prompts": 2, "max_new_tokens": 4, "concurrency": [1]},
+                "registry": {"model_name": "interrupted"},
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(KILN_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS="200")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "kiln"), "build", str(profile)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "kiln"), "build", str(profile)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 300
