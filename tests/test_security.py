@@ -1,5 +1,6 @@
 """Security: no unsafe deserialisation or remote code in kiln's source; secrets never reach logs, CLI errors,
-Prefect logs/artifacts (real Prefect harness) or MLflow (tests/test_registry.py::test_overrides_lineage_...)."""
+Prefect logs/artifacts (real Prefect harness) or MLflow
+(tests/test_registry.py::test_overrides_lineage_...)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,19 @@ def unsafe_uses(source: str, where: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         line = f"{where}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            found += [f"{line}: import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+            found += [
+                f"{line}: import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
             found.append(f"{line}: from {node.module} import ...")
         elif isinstance(node, ast.Call):
             func = node.func
             attr = func.attr if isinstance(func, ast.Attribute) else None
-            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+            owner = (
+                func.value.id
+                if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                else None
+            )
             remote = _kw(node, "trust_remote_code")
             if remote is not None and not _is_const(remote, False):
                 found.append(f"{line}: trust_remote_code not literally False")
@@ -48,8 +55,9 @@ def unsafe_uses(source: str, where: str) -> list[str]:
                 if not (isinstance(loader, ast.Attribute) and loader.attr in {"SafeLoader", "CSafeLoader"}):
                     found.append(f"{line}: yaml.{attr} without SafeLoader (use yaml.safe_load)")
             archive_filter = _kw(node, "filter")
-            if attr in {"extractall", "extract"} and not (isinstance(archive_filter, ast.Constant)
-                                                          and archive_filter.value == "data"):
+            if attr in {"extractall", "extract"} and not (
+                isinstance(archive_filter, ast.Constant) and archive_filter.value == "data"
+            ):
                 # any archive extraction must refuse paths outside the target dir (tarfile filter="data")
                 found.append(f"{line}: {attr}() without filter='data'")
             if isinstance(func, ast.Name) and func.id in {"eval", "exec"}:
@@ -58,14 +66,25 @@ def unsafe_uses(source: str, where: str) -> list[str]:
 
 
 def test_the_scanner_catches_each_unsafe_pattern() -> None:
-    bad = "\n".join([
-        "import pickle", "from dill import loads", "torch.load(p)", "torch.load(p, weights_only=False)",
-        "AutoModel.from_pretrained(p, trust_remote_code=True)", "f(trust_remote_code=flag)",
-        "yaml.load(text)", "tarfile.open(p).extractall(d)", "eval('1')",
-    ])
+    bad = "\n".join(
+        [
+            "import pickle",
+            "from dill import loads",
+            "torch.load(p)",
+            "torch.load(p, weights_only=False)",
+            "AutoModel.from_pretrained(p, trust_remote_code=True)",
+            "f(trust_remote_code=flag)",
+            "yaml.load(text)",
+            "tarfile.open(p).extractall(d)",
+            "eval('1')",
+        ]
+    )
     assert len(unsafe_uses(bad, "bad.py")) == 9
-    good = ("torch.load(p, weights_only=True)\nAutoConfig.from_pretrained(p, trust_remote_code=False)\n"
-            "yaml.safe_load(t)\nyaml.load(t, Loader=yaml.SafeLoader)\nt.extractall(d, filter='data')\nmodel.eval()\n")
+    good = (
+        "torch.load(p, weights_only=True)\nAutoConfig.from_pretrained(p, trust_remote_code=False)\n"
+        "yaml.safe_load(t)\nyaml.load(t, Loader=yaml.SafeLoader)\nt.extractall(d, "
+        "filter='data')\nmodel.eval()\n"
+    )
     assert unsafe_uses(good, "good.py") == []
 
 
@@ -127,8 +146,9 @@ def test_cli_errors_mask_secrets(fake_secrets, capsys: pytest.CaptureFixture) ->
     assert FAKE_AWS_SECRET not in err and "hunter2pw" not in err
 
 
-def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_secrets, kiln_home: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefect_logs_and_report_artifacts_mask_secrets(
+    prefect_harness, fake_secrets, kiln_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real report task publishes its Prefect artifacts; a flow logs through Prefect's API log handler."""
     from uuid import UUID
 
@@ -148,13 +168,28 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     tracking = "https://kiln:tracking-pw-42@mlflow.example"
-    request = load_request({"name": "sec-report", "model": {"repo_id": "org/model", "revision": "main"},
-                            "recipes": ["none"], "targets": ["cpu"],
-                            "registry": {"model_name": "sec", "tracking_uri": tracking}})
+    request = load_request(
+        {
+            "name": "sec-report",
+            "model": {"repo_id": "org/model", "revision": "main"},
+            "recipes": ["none"],
+            "targets": ["cpu"],
+            "registry": {"model_name": "sec", "tracking_uri": tracking},
+        }
+    )
     snapshot = Snapshot(path=kiln_home, sha="a" * 40, source="hub", repo_id="org/model", revision="main")
-    outcome = Outcome(recipe="none", target="cpu", status="registered", verdict="pass",
-                      metrics={"perplexity": 30.0}, recommended=True, model_name="sec.cpu", version="1",
-                      uri=f"s3://engines/sec/cpu/k?X-Amz-Credential={FAKE_AWS_SECRET}", build_key="k" * 64)
+    outcome = Outcome(
+        recipe="none",
+        target="cpu",
+        status="registered",
+        verdict="pass",
+        metrics={"perplexity": 30.0},
+        recommended=True,
+        model_name="sec.cpu",
+        version="1",
+        uri=f"s3://engines/sec/cpu/k?X-Amz-Credential={FAKE_AWS_SECRET}",
+        build_key="k" * 64,
+    )
 
     @flow(name="kiln-security-probe")
     def probe() -> tuple[str, str]:
@@ -170,7 +205,9 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
         artifacts = client.read_artifacts()
         # this run's logs only: the session's harness holds other tests' logs past the default page size
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])))
-    texts = [markdown] + [f"{a.key} {a.data} {a.description}" for a in artifacts] + [lg.message for lg in logs]
+    texts = (
+        [markdown] + [f"{a.key} {a.data} {a.description}" for a in artifacts] + [lg.message for lg in logs]
+    )
     assert any("kiln-build-sec-report" in t for t in texts)  # the artifacts were really read back
     assert any("using HF token ***" in t for t in texts)  # and the log line
     for text in texts:
@@ -178,8 +215,9 @@ def test_prefect_logs_and_report_artifacts_mask_secrets(prefect_harness, fake_se
             assert secret not in text, text
 
 
-def test_a_fetched_engine_is_verified_by_checksum_before_the_torch_backend_loads_it(kiln_home: Path,
-                                                                                      tmp_path: Path) -> None:
+def test_a_fetched_engine_is_verified_by_checksum_before_the_torch_backend_loads_it(
+    kiln_home: Path, tmp_path: Path
+) -> None:
     from typer.testing import CliRunner
 
     from kiln.cli import app
@@ -202,13 +240,28 @@ def test_masking_goes_by_what_is_a_secret_not_by_substrings() -> None:
     """``max_num_tokens`` is a build limit, not a credential; key-shaped values are masked under any name."""
     from kiln.redact import REDACTED, redact, scrub
 
-    params = scrub({"target.limits.max_num_tokens": 8192, "evaluation.heldout_tokens": 2048, "tokenizer_dir": "/m",
-                    "HF_TOKEN": "x" * 8, "lineage.aws_secret_access_key": "y" * 8, "db.password": "z" * 8,
-                    "registry.api_key": "k" * 8, "note": f"pushed with {FAKE_HF_TOKEN}", "author": "ana"})
+    params = scrub(
+        {
+            "target.limits.max_num_tokens": 8192,
+            "evaluation.heldout_tokens": 2048,
+            "tokenizer_dir": "/m",
+            "HF_TOKEN": "x" * 8,
+            "lineage.aws_secret_access_key": "y" * 8,
+            "db.password": "z" * 8,
+            "registry.api_key": "k" * 8,
+            "note": f"pushed with {FAKE_HF_TOKEN}",
+            "author": "ana",
+        }
+    )
     assert params["target.limits.max_num_tokens"] == 8192 and params["evaluation.heldout_tokens"] == 2048
     assert params["tokenizer_dir"] == "/m" and params["author"] == "ana"
-    assert all(params[k] == REDACTED for k in ("HF_TOKEN", "lineage.aws_secret_access_key", "db.password",
-                                               "registry.api_key"))
+    assert all(
+        params[k] == REDACTED
+        for k in ("HF_TOKEN", "lineage.aws_secret_access_key", "db.password", "registry.api_key")
+    )
     assert FAKE_HF_TOKEN not in params["note"] and REDACTED in params["note"]
     assert redact("key AKIAABCDEFGHIJKLMNOP used") == f"key {REDACTED} used"
-    assert redact("hf_quant_config.json and max_new_tokens stay") == "hf_quant_config.json and max_new_tokens stay"
+    assert (
+        redact("hf_quant_config.json and max_new_tokens stay")
+        == "hf_quant_config.json and max_new_tokens stay"
+    )

@@ -24,9 +24,18 @@ from kiln.registry.store import (
 )
 
 KEY = "ab" * 32
-ENGINE = {"format_version": 1, "backend": "torch", "target": "t", "device": "cpu", "dtype": "float32",
-          "limits": {}, "toolchain": {"torch": "2.0.0"}, "program": {"compile": "none", "cuda_graphs": False},
-          "model": {}, "layout": []}
+ENGINE = {
+    "format_version": 1,
+    "backend": "torch",
+    "target": "t",
+    "device": "cpu",
+    "dtype": "float32",
+    "limits": {},
+    "toolchain": {"torch": "2.0.0"},
+    "program": {"compile": "none", "cuda_graphs": False},
+    "model": {},
+    "layout": [],
+}
 """The engine record a version carries (kiln-engine.json); the store only keeps it."""
 
 
@@ -43,9 +52,17 @@ def make_engine_dir(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
 
 
 def _upload(store, engine: Path, events: list[TransferEvent] | None = None, on_progress=None):
-    return upload_version(store.child(f"m/t/{KEY}"), engine, model="m", target="t", recipe="r", build_key=KEY,
-                          engine=ENGINE, lineage={"model_sha": "abc"},
-                          on_progress=events.append if events is not None else on_progress)
+    return upload_version(
+        store.child(f"m/t/{KEY}"),
+        engine,
+        model="m",
+        target="t",
+        recipe="r",
+        build_key=KEY,
+        engine=ENGINE,
+        lineage={"model_sha": "abc"},
+        on_progress=events.append if events is not None else on_progress,
+    )
 
 
 class Interrupt(Exception):
@@ -56,6 +73,7 @@ def _interrupt_after(n: int):
     def hook(event: TransferEvent) -> None:
         if event.files_done == n:
             raise Interrupt
+
     return hook
 
 
@@ -63,7 +81,11 @@ def test_local_store_round_trip_writes_manifest_last_and_verifies(tmp_path: Path
     engine = make_engine_dir(tmp_path / "engine", {"rank0.safetensors": 300_000, "sub/config.json": 100})
     store = open_store((tmp_path / "store").as_uri())
     manifest, created = _upload(store, engine)
-    assert created and {e.path for e in manifest.files} == {"kiln-engine.json", "rank0.safetensors", "sub/config.json"}
+    assert created and {e.path for e in manifest.files} == {
+        "kiln-engine.json",
+        "rank0.safetensors",
+        "sub/config.json",
+    }
     entry = next(e for e in manifest.files if e.path == "rank0.safetensors")
     assert entry.sha256 == hashlib.sha256((engine / "rank0.safetensors").read_bytes()).hexdigest()
     assert list_version_keys(store, "m", "t") == [KEY]
@@ -117,8 +139,16 @@ def test_tampered_file_fails_download_and_leaves_output_untouched(tmp_path: Path
 
 def test_manifest_with_unsafe_path_is_refused(tmp_path: Path) -> None:
     store = open_store((tmp_path / "store").as_uri())
-    bad = Manifest(model="m", target="t", recipe="r", build_key=KEY, created_at="now", engine=ENGINE,
-                   lineage={}, files=[{"path": "../escape.txt", "size": 1, "sha256": "0" * 64}])
+    bad = Manifest(
+        model="m",
+        target="t",
+        recipe="r",
+        build_key=KEY,
+        created_at="now",
+        engine=ENGINE,
+        lineage={},
+        files=[{"path": "../escape.txt", "size": 1, "sha256": "0" * 64}],
+    )
     with pytest.raises(IntegrityError, match="unsafe path"):
         download_version(store, tmp_path / "out", bad)
 
@@ -136,18 +166,26 @@ def test_bad_store_uris_and_dirs_are_input_errors(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(KilnInputError, match="not empty"):
-        empty = Manifest(model="m", target="t", recipe="r", build_key=KEY, created_at="now", engine=ENGINE,
-                         lineage={}, files=[])
+        empty = Manifest(
+            model="m",
+            target="t",
+            recipe="r",
+            build_key=KEY,
+            created_at="now",
+            engine=ENGINE,
+            lineage={},
+            files=[],
+        )
         download_version(store, tmp_path / "out", empty)
 
 
 # --- real S3: SeaweedFS (verifies checksums, enforces signatures and If-None-Match) -----------------------
 
 
-
 @pytest.mark.servers
-def test_s3_multipart_upload_resume_and_download_verified(s3_env, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_multipart_upload_resume_and_download_verified(
+    s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's minimum part size
     bucket = s3_env.make_bucket()
     engine = make_engine_dir(tmp_path / "engine", {"rank0.safetensors": 12 * 1024 * 1024, "config.json": 500})
@@ -161,8 +199,9 @@ def test_s3_multipart_upload_resume_and_download_verified(s3_env, tmp_path: Path
     assert created and [e.skipped for e in events] == [True, True, False]
     assert list_version_keys(store, "m", "t") == [KEY]
 
-    head = s3_env.client().head_object(Bucket=bucket, Key=f"engines/m/t/{KEY}/files/rank0.safetensors",
-                                       ChecksumMode="ENABLED")
+    head = s3_env.client().head_object(
+        Bucket=bucket, Key=f"engines/m/t/{KEY}/files/rank0.safetensors", ChecksumMode="ENABLED"
+    )
     assert head["ChecksumSHA256"].endswith("-3")  # 3 parts, each SHA-256 verified by the server
     out = download_version(store.child(f"m/t/{KEY}"), tmp_path / "out", manifest)
     assert (out / "rank0.safetensors").read_bytes() == (engine / "rank0.safetensors").read_bytes()
@@ -195,7 +234,9 @@ def test_s3_tampered_object_fails_download(s3_env, tmp_path: Path) -> None:
 
 
 @pytest.mark.servers
-def test_s3_missing_bucket_bad_secret_and_dead_endpoint_are_clear(s3_env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_missing_bucket_bad_secret_and_dead_endpoint_are_clear(
+    s3_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(RegistryConfigError, match="bucket 'kiln-no-such-bucket' does not exist"):
         open_store("s3://kiln-no-such-bucket/x").check_writable()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")

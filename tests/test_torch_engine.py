@@ -7,7 +7,8 @@ from, with the scales the export actually writes: fp16 pre-quant scales, KV scal
 Tolerances (max |logit difference|, fp32 engine, logits of magnitude ~1):
 - unquantized vs HF fp32: 1e-4; bf16 engine vs HF bf16: argmax agreement >= 90% and max diff <= 0.1
   (both round differently in bf16; same greedy tokens is asserted in fp32);
-- FP8, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, FP8 + FP8 KV cache: 1e-4 (measured <= 4e-7: the same integer/FP8 grids, so only float
+- FP8, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, FP8 + FP8 KV cache: 1e-4 (measured <= 4e-7: the same integer/FP8 grids,
+so only float
   summation order differs);
 - W8A16: 1e-3 (measured 6.5e-4): bf16 weights of the tiny model land exactly on a .5 tie of the int8
   grid for ~0.05% of weights, and ModelOpt's export (``round(w / scale)`` in fp16) and its fake quant
@@ -40,14 +41,20 @@ VOCAB = 256
 
 
 def cpu_target(dtype: str = "float32", **limits: int) -> Target:
-    return Target(name="cpu-test", dtype=dtype,
-                  limits={"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128, **limits})
+    return Target(
+        name="cpu-test",
+        dtype=dtype,
+        limits={"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128, **limits},
+    )
 
 
 def build(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer_dir: Path | None = None):
     backend = TorchBackend()
-    return backend.load(backend.compile(checkpoint, cpu_target(dtype), out, {"model_sha": "test"},
-                                        tokenizer_dir=tokenizer_dir))
+    return backend.load(
+        backend.compile(
+            checkpoint, cpu_target(dtype), out, {"model_sha": "test"}, tokenizer_dir=tokenizer_dir
+        )
+    )
 
 
 def token_ids(n: int, seed: int = 3) -> list[int]:
@@ -81,14 +88,27 @@ def _variant(tmp: Path, *, rope_scaling: dict | None = None, **kwargs) -> Path:
     return hf
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param({}, id="llama-gqa"),
-    pytest.param({"tie": True, "kv_heads": 4}, id="tied-mha"),
-    pytest.param({"attention_bias": True}, id="qkv-bias"),
-    pytest.param({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, id="rope-llama3"),
-    pytest.param({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, id="rope-linear"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param({}, id="llama-gqa"),
+        pytest.param({"tie": True, "kv_heads": 4}, id="tied-mha"),
+        pytest.param({"attention_bias": True}, id="qkv-bias"),
+        pytest.param(
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+            id="rope-llama3",
+        ),
+        pytest.param({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, id="rope-linear"),
+    ],
+)
 def test_fp32_logits_and_greedy_match_hf(tmp_path: Path, variant: dict) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -99,8 +119,13 @@ def test_fp32_logits_and_greedy_match_hf(tmp_path: Path, variant: dict) -> None:
     ids = token_ids(48)  # past original_max_position_embeddings, so the scaled frequencies matter
     assert (engine.logits(ids) - hf_logits(hf, ids)).abs().max().item() < 1e-4
     prompt = ids[:7]
-    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 7:]
-    assert engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=24))])[0].token_ids == expected.tolist()
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[
+        0, 7:
+    ]
+    assert (
+        engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=24))])[0].token_ids
+        == expected.tolist()
+    )
 
 
 def test_bf16_engine_close_to_hf_bf16(tiny_hf: Path, unquantized, tmp_path: Path) -> None:
@@ -129,10 +154,19 @@ ALGOS = [
 ]
 
 
-@pytest.mark.parametrize(("recipe", "kv", "quant_algo", "kv_algo", "tol"), ALGOS,
-                         ids=[f"{a[0]}-kv{a[1]}" for a in ALGOS])
-def test_quantized_logits_match_modelopt_fake_quant(tiny_hf: Path, unquantized, tmp_path: Path, recipe: str,
-                                                    kv: str, quant_algo: str, kv_algo: str | None, tol: float) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "kv", "quant_algo", "kv_algo", "tol"), ALGOS, ids=[f"{a[0]}-kv{a[1]}" for a in ALGOS]
+)
+def test_quantized_logits_match_modelopt_fake_quant(
+    tiny_hf: Path,
+    unquantized,
+    tmp_path: Path,
+    recipe: str,
+    kv: str,
+    quant_algo: str,
+    kv_algo: str | None,
+    tol: float,
+) -> None:
     checkpoint, fake_quant = export_checkpoint(tiny_hf, tmp_path / "ckpt", recipe, kv_cache=kv)
     quant = json.loads((checkpoint / "config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == (quant_algo, kv_algo)
@@ -146,23 +180,43 @@ def test_quantized_logits_match_modelopt_fake_quant(tiny_hf: Path, unquantized, 
         assert engine.cache.k[0].dtype == torch.float8_e4m3fn
         # decode reads K/V back from the FP8 cache: greedy continuation must equal the fake-quant model's
         prompt = ids[:9]
-        expected = fake_quant.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
-                                       do_sample=False)[0, 9:].tolist()
-        assert engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=12))])[0].token_ids == expected
+        expected = fake_quant.generate(
+            torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )[0, 9:].tolist()
+        assert (
+            engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=12))])[0].token_ids
+            == expected
+        )
 
 
-SMOL_PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
-                "The three primary colors are", "Water boils at a temperature of"]
-# (recipe, kv cache, max |logit difference| to the checkpoint-aligned fake-quant model; measured, see docstring)
-SMOL_RECIPES = [("none", "auto", 1e-3), ("fp8", "auto", 6.0), ("fp8", "fp8", 6.0), ("int8_sq", "auto", 2.5),
-                ("int8_wo", "auto", 1e-3), ("int4_wo", "auto", 1e-3), ("int4_awq", "auto", 1e-3),
-                ("w4a8_awq", "auto", 10.0)]
+SMOL_PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+# (recipe, kv cache, max |logit difference| to the checkpoint-aligned fake-quant model; measured, see
+# docstring)
+SMOL_RECIPES = [
+    ("none", "auto", 1e-3),
+    ("fp8", "auto", 6.0),
+    ("fp8", "fp8", 6.0),
+    ("int8_sq", "auto", 2.5),
+    ("int8_wo", "auto", 1e-3),
+    ("int4_wo", "auto", 1e-3),
+    ("int4_awq", "auto", 1e-3),
+    ("w4a8_awq", "auto", 10.0),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "kv", "tol"), SMOL_RECIPES, ids=[f"{r}-kv{k}" for r, k, _ in SMOL_RECIPES])
-def test_smollm2_greedy_tokens_equal_fake_quant(smollm2_dir: Path, tmp_path: Path, recipe: str, kv: str,
-                                                tol: float) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "kv", "tol"), SMOL_RECIPES, ids=[f"{r}-kv{k}" for r, k, _ in SMOL_RECIPES]
+)
+def test_smollm2_greedy_tokens_equal_fake_quant(
+    smollm2_dir: Path, tmp_path: Path, recipe: str, kv: str, tol: float
+) -> None:
     """The acceptance check on the real model: SmolLM2's greedy tokens are the fake-quant model's.
 
     Two gaps, measured apart:
@@ -188,7 +242,9 @@ def test_smollm2_greedy_tokens_equal_fake_quant(smollm2_dir: Path, tmp_path: Pat
 
     from tests.fixtures.engine import align_to_checkpoint
 
-    checkpoint, fake_quant = export_checkpoint(smollm2_dir, tmp_path / "ckpt", recipe, kv_cache=kv, group_size=64)
+    checkpoint, fake_quant = export_checkpoint(
+        smollm2_dir, tmp_path / "ckpt", recipe, kv_cache=kv, group_size=64
+    )
     engine = build(checkpoint, tmp_path / "engine", tokenizer_dir=smollm2_dir)
     if recipe != "none":
         gap = align_to_checkpoint(fake_quant, checkpoint)
@@ -199,10 +255,11 @@ def test_smollm2_greedy_tokens_equal_fake_quant(smollm2_dir: Path, tmp_path: Pat
     prompts = [tok(p)["input_ids"] for p in SMOL_PROMPTS]
     results = engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=16)) for p in prompts])
     for prompt, result in zip(prompts, results, strict=True):
-        expected = fake_quant.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
-                                       do_sample=False)[0, len(prompt):].tolist()
+        expected = fake_quant.generate(
+            torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False
+        )[0, len(prompt) :].tolist()
         full = prompt + expected
-        ref, got = hf_logits(fake_quant, full)[len(prompt) - 1:], engine.logits(full)[len(prompt) - 1:]
+        ref, got = hf_logits(fake_quant, full)[len(prompt) - 1 :], engine.logits(full)[len(prompt) - 1 :]
         assert (got - ref).abs().max().item() <= tol
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.75
         if result.token_ids != expected:  # where the engine's greedy run leaves the reference's, a near tie
@@ -221,8 +278,17 @@ def test_kiln_quantize_checkpoint_runs_in_engine(tmp_path: Path, rope_theta: flo
     config = json.loads((hf_dir / "config.json").read_text())
     config["rope_parameters"] = {"rope_theta": rope_theta, "rope_type": "default"}
     (hf_dir / "config.json").write_text(json.dumps(config))
-    out = quantize(hf_dir, Recipe(name="w8", quantization="int8_wo"), layouts=[(1, 1)], output_dir=tmp_path / "q",
-                   dtype="float16", device="cpu", lineage={}, calibration=None, formats=("trtllm",))
+    out = quantize(
+        hf_dir,
+        Recipe(name="w8", quantization="int8_wo"),
+        layouts=[(1, 1)],
+        output_dir=tmp_path / "q",
+        dtype="float16",
+        device="cpu",
+        lineage={},
+        calibration=None,
+        formats=("trtllm",),
+    )
     engine = build(out.trtllm_dirs["tp1pp1"], tmp_path / "engine")
     assert engine.manifest.quant_algo == "W8A16"
     ids = token_ids(120)
@@ -236,9 +302,17 @@ def _tiny_arch(out: Path, architecture: str) -> Path:
     import transformers
 
     torch.manual_seed(0)
-    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 256,
-             "architectures": [architecture], "sliding_window": None}
+    shape = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "architectures": [architecture],
+        "sliding_window": None,
+    }
     family = architecture.removesuffix("ForCausalLM")
     config = getattr(transformers, f"{family}Config")(**shape)
     model = getattr(transformers, architecture)(config)
@@ -252,25 +326,43 @@ def _tiny_arch(out: Path, architecture: str) -> Path:
 
 @pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Qwen2ForCausalLM"])
 def test_mistral_and_qwen2_run_from_kiln_quantize_like_hf(tmp_path: Path, architecture: str) -> None:
-    """The real pipeline for the other supported families: ``kiln.quantize`` export -> engine -> HF's logits."""
+    """The real pipeline for the other supported families: ``kiln.quantize`` export -> engine -> HF's
+    logits."""
     from transformers import AutoModelForCausalLM
 
     from kiln.profiles import Recipe
     from kiln.quantize import quantize
 
     hf_dir = _tiny_arch(tmp_path / "hf", architecture)
-    out = quantize(hf_dir, Recipe(name="b"), layouts=[(1, 1)], output_dir=tmp_path / "q", dtype="float32",
-                   device="cpu", lineage={}, calibration=None, formats=("trtllm",))
+    out = quantize(
+        hf_dir,
+        Recipe(name="b"),
+        layouts=[(1, 1)],
+        output_dir=tmp_path / "q",
+        dtype="float32",
+        device="cpu",
+        lineage={},
+        calibration=None,
+        formats=("trtllm",),
+    )
     checkpoint = out.trtllm_dirs["tp1pp1"]
     assert json.loads((checkpoint / "config.json").read_text())["architecture"] == architecture
     if architecture == "Qwen2ForCausalLM":
         from safetensors.torch import load_file
 
-        assert load_file(checkpoint / "rank0.safetensors")["transformer.layers.0.attention.qkv.bias"].abs().max() > 0.1
+        assert (
+            load_file(checkpoint / "rank0.safetensors")["transformer.layers.0.attention.qkv.bias"].abs().max()
+            > 0.1
+        )
     engine = build(checkpoint, tmp_path / "engine")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = token_ids(40)
     assert (engine.logits(ids) - hf_logits(hf, ids)).abs().max().item() < 1e-4
     prompt = ids[:6]
-    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 6:]
-    assert engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16))])[0].token_ids == expected.tolist()
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[
+        0, 6:
+    ]
+    assert (
+        engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16))])[0].token_ids
+        == expected.tolist()
+    )

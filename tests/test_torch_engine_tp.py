@@ -41,8 +41,11 @@ PROMPTS = [[5, 9, 77, 3, 120, 41], [200, 1, 18], [64, 64, 12, 99, 250, 7, 31, 8,
 
 
 def target(tp: int, pp: int = 1) -> Target:
-    return Target(name="cpu-test", dtype="float32",
-                  limits={"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 64, "tp_size": tp, "pp_size": pp})
+    return Target(
+        name="cpu-test",
+        dtype="float32",
+        limits={"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 64, "tp_size": tp, "pp_size": pp},
+    )
 
 
 def run_ranks(engine_dir: Path, out: Path, world: int) -> list[dict]:
@@ -50,9 +53,13 @@ def run_ranks(engine_dir: Path, out: Path, world: int) -> list[dict]:
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
 
 
-LAYOUTS = [pytest.param("none", 2, 1, id="none-tp2"), pytest.param("int4_awq", 2, 1, id="int4_awq-tp2", marks=pytest.mark.slow),
-           pytest.param("none", 1, 2, id="none-pp2"), pytest.param("fp8", 1, 2, id="fp8-pp2"),
-           pytest.param("none", 2, 2, id="none-tp2pp2")]
+LAYOUTS = [
+    pytest.param("none", 2, 1, id="none-tp2"),
+    pytest.param("int4_awq", 2, 1, id="int4_awq-tp2", marks=pytest.mark.slow),
+    pytest.param("none", 1, 2, id="none-pp2"),
+    pytest.param("fp8", 1, 2, id="fp8-pp2"),
+    pytest.param("none", 2, 2, id="none-tp2pp2"),
+]
 
 
 @pytest.mark.parametrize(("recipe", "tp", "pp"), LAYOUTS)
@@ -77,6 +84,9 @@ def test_parallel_ranks_over_gloo_equal_one_rank(tmp_path: Path, recipe: str, tp
     for rank in ranks:  # every rank returns the same results: the sampler samples and broadcasts
         assert rank["tokens"] == expected
         assert torch.tensor(rank["logits"]).sub(expected_logits).abs().max().item() < 1e-4
-    with pytest.raises(EngineMismatchError, match=rf"engine has tp_size {tp} x pp_size {pp} = {tp * pp} rank\(s\) but "
-                                                  "this process group has 1"):
+    with pytest.raises(
+        EngineMismatchError,
+        match=rf"engine has tp_size {tp} x pp_size {pp} = {tp * pp} rank\(s\) but "
+        "this process group has 1",
+    ):
         backend.load(engine_n)

@@ -25,13 +25,22 @@ from kiln.recipes import KV_SCHEMES, SCHEMES
 from tests.fixtures.models import make_tiny_llama
 
 CONTRACTS = Path(api.__file__).resolve().parents[2] / "contracts"
-H100 = Target(name="h100-trtllm", backend="tensorrt_llm", device="cuda", gpu="h100", sm="sm90", gpu_memory_gib=80,
-              limits={"max_batch_size": 64, "max_input_len": 2048, "max_seq_len": 4096, "max_num_tokens": 8192},
-              work_pool="kiln-h100-trtllm")
+H100 = Target(
+    name="h100-trtllm",
+    backend="tensorrt_llm",
+    device="cuda",
+    gpu="h100",
+    sm="sm90",
+    gpu_memory_gib=80,
+    limits={"max_batch_size": 64, "max_input_len": 2048, "max_seq_len": 4096, "max_num_tokens": 8192},
+    work_pool="kiln-h100-trtllm",
+)
 H100_HF = H100.model_copy(update={"name": "h100-trtllm-hf", "artifact": "hf_checkpoint"})
 
 
-def export_checkpoint(out_dir: Path, quantization: str, *, fmt: str = "trtllm", model_dir: Path | None = None) -> Path:
+def export_checkpoint(
+    out_dir: Path, quantization: str, *, fmt: str = "trtllm", model_dir: Path | None = None
+) -> Path:
     """Calibrate a tiny random Llama with ModelOpt on CPU and export it (TensorRT-LLM or HF checkpoint)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -47,9 +56,11 @@ def export_checkpoint(out_dir: Path, quantization: str, *, fmt: str = "trtllm", 
     if fmt == "trtllm":
         from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-        export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.bfloat16, export_dir=out_dir,
-                                       inference_tensor_parallel=1)
-        restore_rope_config(out_dir, model.config.to_dict())  # as kiln.quantize does (ModelOpt drops rotary_base)
+        export_tensorrt_llm_checkpoint(
+            model, decoder_type="llama", dtype=torch.bfloat16, export_dir=out_dir, inference_tensor_parallel=1
+        )
+        # as kiln.quantize does (ModelOpt drops rotary_base)
+        restore_rope_config(out_dir, model.config.to_dict())
     else:
         from modelopt.torch.export import export_hf_checkpoint
 
@@ -75,7 +86,7 @@ def _contract_copy(tmp_path: Path, series: str, edit: Any) -> api.Contract:
     return api.load_contract(series, path)
 
 
-# --- the shipped contracts ------------------------------------------------------------------------------------
+# --- the shipped contracts ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("series", api.CONTRACT_SERIES)
@@ -92,8 +103,10 @@ def test_every_emitted_build_flag_cites_the_sources(flag: str) -> None:
     assert _EVIDENCE.search(entry["evidence"]), f"{flag}: evidence {entry['evidence']!r} names no file@commit"
 
 
-@pytest.mark.parametrize("section", [("llm_api", "llm_args"), ("llm_api", "KvCacheConfig"), ("llm_api", "result"),
-                                     ("hf_checkpoint",)])
+@pytest.mark.parametrize(
+    "section",
+    [("llm_api", "llm_args"), ("llm_api", "KvCacheConfig"), ("llm_api", "result"), ("hf_checkpoint",)],
+)
 @pytest.mark.parametrize("series", api.CONTRACT_SERIES)
 def test_every_section_kiln_reads_cites_the_sources(series: str, section: tuple[str, ...]) -> None:
     node = api.load_contract(series).data
@@ -108,7 +121,7 @@ def test_kiln_recipes_map_to_contract_quant_algos() -> None:
     assert {kv[1] for kv in KV_SCHEMES.values() if kv[1]} <= contract.kv_cache_quant_algos()
 
 
-# --- a contract that drops something kiln uses ----------------------------------------------------------------
+# --- a contract that drops something kiln uses --------------------------------------------------------------
 
 
 def _drop_flag(flag: str):
@@ -119,6 +132,7 @@ def _drop_flag(flag: str):
             for entry in cli[group].values():  # also as an alias of another flag
                 if isinstance(entry, dict) and flag in entry.get("aliases", []):
                     entry["aliases"].remove(flag)
+
     return edit
 
 
@@ -136,33 +150,45 @@ def _drop_list_item(path: tuple[str, ...], item: str):
         for key in path:
             node = node[key]
         node.remove(item)
+
     return edit
 
 
-_LIST_FACTS = [
-    ("LLM API argument", ("llm_api", "llm_args", "fields"), name) for name in api.LLM_ARGS_USED
-] + [
-    ("KvCacheConfig field", ("llm_api", "KvCacheConfig", "fields"), name) for name in api.KV_CACHE_CONFIG_USED
-] + [
-    ("SamplingParams field", ("llm_api", "SamplingParams", "fields_verified"), name) for name in api.SAMPLING_PARAMS_USED
-] + [
-    ("hf_quant_config.json key", ("hf_checkpoint", "keys_read", "quantization"), name) for name in api.HF_QUANT_KEYS_USED
-] + [
-    ("QuantAlgo value", ("quant_algo",), "FP8"),
-    ("kv_cache_quant_algo value", ("quant_algo_meta", "KV_CACHE_QUANT_ALGO_LIST"), "FP8"),
-]
+_LIST_FACTS = (
+    [("LLM API argument", ("llm_api", "llm_args", "fields"), name) for name in api.LLM_ARGS_USED]
+    + [
+        ("KvCacheConfig field", ("llm_api", "KvCacheConfig", "fields"), name)
+        for name in api.KV_CACHE_CONFIG_USED
+    ]
+    + [
+        ("SamplingParams field", ("llm_api", "SamplingParams", "fields_verified"), name)
+        for name in api.SAMPLING_PARAMS_USED
+    ]
+    + [
+        ("hf_quant_config.json key", ("hf_checkpoint", "keys_read", "quantization"), name)
+        for name in api.HF_QUANT_KEYS_USED
+    ]
+    + [
+        ("QuantAlgo value", ("quant_algo",), "FP8"),
+        ("kv_cache_quant_algo value", ("quant_algo_meta", "KV_CACHE_QUANT_ALGO_LIST"), "FP8"),
+    ]
+)
 
 
 @pytest.mark.parametrize("series", api.CONTRACT_SERIES)
 @pytest.mark.parametrize(("kind", "path", "name"), _LIST_FACTS, ids=[f"{k}:{n}" for k, _, n in _LIST_FACTS])
-def test_dropping_a_used_api_fact_fails(tmp_path: Path, series: str, kind: str, path: tuple[str, ...], name: str) -> None:
+def test_dropping_a_used_api_fact_fails(
+    tmp_path: Path, series: str, kind: str, path: tuple[str, ...], name: str
+) -> None:
     contract = _contract_copy(tmp_path, series, _drop_list_item(path, name))
     assert f"{kind} {name!r}" in api.missing_uses(contract)
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "end_id", "top_k", "return_context_logits"])
 def test_sampling_params_refuse_a_field_the_contract_lacks(tmp_path: Path, field: str) -> None:
-    contract = _contract_copy(tmp_path, "1.2", _drop_list_item(("llm_api", "SamplingParams", "fields_verified"), field))
+    contract = _contract_copy(
+        tmp_path, "1.2", _drop_list_item(("llm_api", "SamplingParams", "fields_verified"), field)
+    )
     with pytest.raises(ContractError, match=field):
         api.sampling_kwargs(SamplingParams(max_new_tokens=4), contract, context_logits=True)
 
@@ -175,7 +201,9 @@ def test_serving_settings_refuse_an_argument_the_contract_lacks(tmp_path: Path, 
 
 
 def test_dropping_an_engine_config_key_fails(tmp_path: Path) -> None:
-    contract = _contract_copy(tmp_path, "1.2", _drop_list_item(("engine_dir", "config_json_top_level"), "build_config"))
+    contract = _contract_copy(
+        tmp_path, "1.2", _drop_list_item(("engine_dir", "config_json_top_level"), "build_config")
+    )
     assert "engine config.json key 'build_config'" in api.missing_uses(contract)
 
 
@@ -184,10 +212,12 @@ def test_a_choice_value_the_contract_does_not_allow_fails(tmp_path: Path, fp8_ch
         data["cli"]["trtllm-build"]["args"]["--kv_cache_type"]["choices"] = ["continuous", "disabled"]
 
     with pytest.raises(ContractError, match="--kv_cache_type paged"):
-        backend.build_command(fp8_checkpoint, tmp_path / "engine", H100, _contract_copy(tmp_path, "1.2", edit))
+        backend.build_command(
+            fp8_checkpoint, tmp_path / "engine", H100, _contract_copy(tmp_path, "1.2", edit)
+        )
 
 
-# --- what kiln emits, for real checkpoints --------------------------------------------------------------------
+# --- what kiln emits, for real checkpoints ------------------------------------------------------------------
 
 
 def _flags(argv: list[str]) -> dict[str, str | None]:
@@ -206,9 +236,14 @@ def test_build_command_for_an_fp8_checkpoint(tmp_path: Path, fp8_checkpoint: Pat
     assert argv[0] == "trtllm-build"
     assert set(flags) <= set(contract.build_flags())
     assert flags["--checkpoint_dir"] == str(fp8_checkpoint)
-    assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"], flags["--max_num_tokens"]) == (
-        "64", "2048", "4096", "8192")
-    # trtllm-build keeps FP8 context FMHA with paged context FMHA only for an FP8 KV cache (contract build_logic)
+    assert (
+        flags["--max_batch_size"],
+        flags["--max_input_len"],
+        flags["--max_seq_len"],
+        flags["--max_num_tokens"],
+    ) == ("64", "2048", "4096", "8192")
+    # trtllm-build keeps FP8 context FMHA with paged context FMHA only for an FP8 KV cache (contract
+    # build_logic)
     assert (flags["--use_fp8_context_fmha"], flags["--use_paged_context_fmha"]) == ("disable", "enable")
     assert flags["--kv_cache_type"] == "paged"
     assert "--gather_context_logits" in flags and flags["--gather_context_logits"] is None  # store_true
@@ -227,20 +262,27 @@ def test_build_command_for_smollm2_fp8(tmp_path: Path, smollm2_dir: Path) -> Non
     print(shlex.join(argv))
 
 
-def test_build_command_for_an_unquantized_checkpoint_has_no_fp8_attention(tmp_path: Path, plain_checkpoint: Path) -> None:
+def test_build_command_for_an_unquantized_checkpoint_has_no_fp8_attention(
+    tmp_path: Path, plain_checkpoint: Path
+) -> None:
     argv = backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
     assert _flags(argv)["--use_fp8_context_fmha"] == "disable"  # stated: trtllm-build's default is enable
     assert "--gemm_plugin" in argv
 
 
 def test_build_command_without_logits_for_serving_only(tmp_path: Path, plain_checkpoint: Path) -> None:
-    argv = backend.build_command(plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"),
-                                 gather_context_logits=False)
+    argv = backend.build_command(
+        plain_checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"), gather_context_logits=False
+    )
     assert "--gather_context_logits" not in argv
 
 
-def test_build_command_refuses_a_checkpoint_exported_for_another_layout(tmp_path: Path, plain_checkpoint: Path) -> None:
-    tp2 = H100.model_copy(update={"gpus_per_worker": 2, "limits": H100.limits.model_copy(update={"tp_size": 2})})
+def test_build_command_refuses_a_checkpoint_exported_for_another_layout(
+    tmp_path: Path, plain_checkpoint: Path
+) -> None:
+    tp2 = H100.model_copy(
+        update={"gpus_per_worker": 2, "limits": H100.limits.model_copy(update={"tp_size": 2})}
+    )
     with pytest.raises(ContractError, match="tp 1 x pp 1.*tp 2 x pp 1"):
         backend.build_command(plain_checkpoint, tmp_path / "engine", tp2, api.load_contract("1.2"))
 
@@ -258,8 +300,9 @@ def test_build_command_refuses_an_hf_dir(tmp_path: Path) -> None:
         backend.build_command(hf, tmp_path / "engine", H100, api.load_contract("1.2"))
 
 
-@pytest.mark.parametrize(("version", "series"), [("1.2.1", "1.2"), ("1.2.0rc2", "1.2"), ("1.3.0rc27", "1.3"),
-                                                 ("1.4.0", "1.3")])
+@pytest.mark.parametrize(
+    ("version", "series"), [("1.2.1", "1.2"), ("1.2.0rc2", "1.2"), ("1.3.0rc27", "1.3"), ("1.4.0", "1.3")]
+)
 def test_version_maps_to_its_contract(version: str, series: str) -> None:
     assert api.series_for(version) == series
 
@@ -272,11 +315,15 @@ def test_older_versions_are_refused() -> None:
 def test_greedy_sampling_follows_the_llm_api_rule() -> None:
     contract = api.load_contract("1.2")
     greedy = api.sampling_kwargs(SamplingParams(max_new_tokens=8, stop_token_ids=(2,)), contract)
-    # _greedy_decoding: top_k in (None, 1) and top_p in (None, 0.0) (contract llm_api.SamplingParams.greedy_rule)
+    # _greedy_decoding: top_k in (None, 1) and top_p in (None, 0.0) (contract
+    # llm_api.SamplingParams.greedy_rule)
     assert greedy["top_k"] == 1 and "top_p" not in greedy and "temperature" not in greedy
     assert greedy["max_tokens"] == 8 and greedy["stop_token_ids"] == [2] and greedy["detokenize"] is False
-    assert greedy["include_stop_str_in_output"] is True  # TensorRT-LLM keeps the stop token, as kiln's torch engine
-    sampled = api.sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, seed=3), contract, context_logits=True)
+    # TensorRT-LLM keeps the stop token, as kiln's torch engine
+    assert greedy["include_stop_str_in_output"] is True
+    sampled = api.sampling_kwargs(
+        SamplingParams(temperature=0.7, top_p=0.9, seed=3), contract, context_logits=True
+    )
     assert sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9 and sampled["top_k"] is None
     assert sampled["seed"] == 3 and sampled["return_context_logits"] is True
 
@@ -295,8 +342,9 @@ def test_llm_kwargs_stay_inside_the_contract(series: str) -> None:
 
 def test_hf_quant_config_with_an_unknown_algo_is_refused() -> None:
     contract = api.load_contract("1.3")
-    assert api.check_hf_quant_config({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}, "x",
-                                     contract) == ("FP8", "FP8")
+    assert api.check_hf_quant_config(
+        {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}, "x", contract
+    ) == ("FP8", "FP8")
     with pytest.raises(ContractError, match="FP9"):
         api.check_hf_quant_config({"quantization": {"quant_algo": "FP9"}}, "x", contract)
 
@@ -307,59 +355,97 @@ def test_contract_copy_helper_does_not_touch_the_shipped_file(tmp_path: Path) ->
     assert (CONTRACTS / "tensorrt_llm-1.2.json").read_text() == before
 
 
-# --- which HF architectures each artifact path accepts ---------------------------------------------------------
+# --- which HF architectures each artifact path accepts ------------------------------------------------------
 
-_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-                  "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 
 
 @pytest.mark.parametrize("series", api.CONTRACT_SERIES)
 def test_architecture_facts_cite_evidence_for_both_artifacts(series: str) -> None:
     arch = json.loads((CONTRACTS / f"tensorrt_llm-{series}.json").read_text())["architectures"]
-    entries = {f"{kind}.{name}": entry for kind in ("engine", "hf_checkpoint") for name, entry in arch[kind].items()}
-    entries |= {f"moe_quant_algos.{kind}.{algo}": entry
-                for kind, algos in arch["moe_quant_algos"].items() for algo, entry in algos.items()}
+    entries = {
+        f"{kind}.{name}": entry for kind in ("engine", "hf_checkpoint") for name, entry in arch[kind].items()
+    }
+    entries |= {
+        f"moe_quant_algos.{kind}.{algo}": entry
+        for kind, algos in arch["moe_quant_algos"].items()
+        for algo, entry in algos.items()
+    }
     for where, entry in entries.items():
         assert entry["supported"] is None or isinstance(entry["supported"], bool), where
         assert isinstance(entry["evidence"], str) and entry["evidence"].strip(), where
         if entry["supported"] is None:  # a fact not confirmed from a source says so
             assert "UNVERIFIED" in entry.get("note", ""), where
     for kind in ("engine", "hf_checkpoint"):
-        assert set(_ARCHITECTURES) <= set(arch[kind]), f"{series} {kind}: missing {set(_ARCHITECTURES) - set(arch[kind])}"
+        assert set(_ARCHITECTURES) <= set(arch[kind]), (
+            f"{series} {kind}: missing {set(_ARCHITECTURES) - set(arch[kind])}"
+        )
     assert {"FP8", "W8A16", "W8A8_SQ_PER_CHANNEL"} <= set(arch["moe_quant_algos"]["hf_checkpoint"])
     assert all(isinstance(item, str) and item for item in arch["unverified"])
     if series == "1.3":  # no engine path from 1.3 on
         assert not any(entry["supported"] for entry in arch["engine"].values())
 
 
-# --- what trtllm-build really builds: FP8 context FMHA and paged context FMHA (issue 18 item 5) ------------------------
+# --- what trtllm-build really builds: FP8 context FMHA and paged context FMHA (issue 18 item 5) -------------
 
 
 def _facts(quant_algo: str | None, kv: str | None) -> api.CheckpointFacts:
-    return api.CheckpointFacts(architecture="LlamaForCausalLM", dtype="bfloat16", quant_algo=quant_algo,
-                               kv_cache_quant_algo=kv, world_size=1, tp_size=1, pp_size=1, producer={})
+    return api.CheckpointFacts(
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        quant_algo=quant_algo,
+        kv_cache_quant_algo=kv,
+        world_size=1,
+        tp_size=1,
+        pp_size=1,
+        producer={},
+    )
 
 
-@pytest.mark.parametrize(("quant_algo", "kv", "sm", "paged", "fp8"), [
-    ("FP8", None, 90, True, False),  # paged context FMHA keeps FP8 context FMHA only with an FP8 KV cache
-    ("FP8", "FP8", 90, True, True),
-    ("FP8", "FP8", 80, False, False),  # below SM89 FP8 context FMHA is off, and then so is paged context FMHA
-    ("W4A8_AWQ", "FP8", 89, True, True),
-    ("NVFP4", "FP8", 100, True, True),
-    ("W4A16_AWQ", "FP8", 90, False, False),  # not an FP8 workflow: an FP8 KV cache switches paged context FMHA off
-    ("W8A8_SQ_PER_CHANNEL", None, 90, True, False),
-    (None, "FP8", 80, False, False),
-    ("W4A16_AWQ", "INT8", 90, False, False),  # INT8 KV cache: no paged context FMHA
-    ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", 90, False, False),  # not in the builder's list (kiln's old one had it)
-])
-def test_attention_plugins_are_what_trtllm_build_keeps(tmp_path: Path, quant_algo: str | None, kv: str | None, sm: int,
-                                                       paged: bool, fp8: bool) -> None:
+@pytest.mark.parametrize(
+    ("quant_algo", "kv", "sm", "paged", "fp8"),
+    [
+        ("FP8", None, 90, True, False),  # paged context FMHA keeps FP8 context FMHA only with an FP8 KV cache
+        ("FP8", "FP8", 90, True, True),
+        (
+            "FP8",
+            "FP8",
+            80,
+            False,
+            False,
+        ),  # below SM89 FP8 context FMHA is off, and then so is paged context FMHA
+        ("W4A8_AWQ", "FP8", 89, True, True),
+        ("NVFP4", "FP8", 100, True, True),
+        # not an FP8 workflow: an FP8 KV cache switches paged context FMHA off
+        ("W4A16_AWQ", "FP8", 90, False, False),
+        ("W8A8_SQ_PER_CHANNEL", None, 90, True, False),
+        (None, "FP8", 80, False, False),
+        ("W4A16_AWQ", "INT8", 90, False, False),  # INT8 KV cache: no paged context FMHA
+        # not in the builder's list (kiln's old one had it)
+        ("FP8_PER_CHANNEL_PER_TOKEN", "FP8", 90, False, False),
+    ],
+)
+def test_attention_plugins_are_what_trtllm_build_keeps(
+    tmp_path: Path, quant_algo: str | None, kv: str | None, sm: int, paged: bool, fp8: bool
+) -> None:
     contract = api.load_contract("1.2")
     plugins = api.attention_plugins(_facts(quant_algo, kv), sm, contract)
     assert (plugins.use_paged_context_fmha, plugins.use_fp8_context_fmha) == (paged, fp8)
     assert plugins.notes or (paged and fp8)  # every switch-off is explained
     target = H100.model_copy(update={"sm": f"sm{sm}"})
-    flags = _flags(api.trtllm_build_command(tmp_path, tmp_path / "engine", target, _facts(quant_algo, kv), contract))
+    flags = _flags(
+        api.trtllm_build_command(tmp_path, tmp_path / "engine", target, _facts(quant_algo, kv), contract)
+    )
     onoff = {True: "enable", False: "disable"}
     assert (flags["--use_paged_context_fmha"], flags["--use_fp8_context_fmha"]) == (onoff[paged], onoff[fp8])
 
@@ -369,10 +455,12 @@ def test_build_logic_cites_the_builder() -> None:
     assert set(logic["quant_algos"]) == {"FP8", "W4A8_AWQ", "NVFP4"} and logic["min_sm"] == 89
     assert _EVIDENCE.search(logic["evidence"]) and "builder.py" in logic["evidence"]
     with pytest.raises(ContractError, match="build_logic"):
-        api.attention_plugins(_facts("FP8", None), 90, api.Contract("1.2", {"kiln": {"engine_path": True}}, "x"))
+        api.attention_plugins(
+            _facts("FP8", None), 90, api.Contract("1.2", {"kiln": {"engine_path": True}}, "x")
+        )
 
 
-# --- kiln's own exports vs what 1.2's trtllm-build loads (issue 18 items 1 and 8) -------------------------------------
+# --- kiln's own exports vs what 1.2's trtllm-build loads (issue 18 items 1 and 8) ---------------------------
 
 
 def _kiln_export(tmp_path: Path, quantization: str, kv: str = "auto", tp: int = 1) -> Path:
@@ -385,20 +473,34 @@ def _kiln_export(tmp_path: Path, quantization: str, kv: str = "auto", tp: int = 
     model_dir = make_tiny_llama(tmp_path / "src")
     rng = random.Random(1)
     ids = [[rng.randrange(256) for _ in range(32)] for _ in range(4)]
-    result = quantize(model_dir, Recipe(name="r", quantization=quantization, kv_cache_dtype=kv, group_size=32),
-                      layouts=[(tp, 1)], output_dir=tmp_path / "out", dtype="bfloat16", device="cpu", lineage={},
-                      calibration=TokenSet(ids, token_sha256(ids), "random"), formats=("trtllm",))
+    result = quantize(
+        model_dir,
+        Recipe(name="r", quantization=quantization, kv_cache_dtype=kv, group_size=32),
+        layouts=[(tp, 1)],
+        output_dir=tmp_path / "out",
+        dtype="bfloat16",
+        device="cpu",
+        lineage={},
+        calibration=TokenSet(ids, token_sha256(ids), "random"),
+        formats=("trtllm",),
+    )
     return result.trtllm_dirs[f"tp{tp}pp1"]
 
 
 def test_an_fp8_kv_export_builds_with_fp8_context_fmha(tmp_path: Path) -> None:
-    argv = backend.build_command(_kiln_export(tmp_path, "fp8", kv="fp8"), tmp_path / "engine", H100, api.load_contract("1.2"))
-    assert (_flags(argv)["--use_fp8_context_fmha"], _flags(argv)["--use_paged_context_fmha"]) == ("enable", "enable")
+    argv = backend.build_command(
+        _kiln_export(tmp_path, "fp8", kv="fp8"), tmp_path / "engine", H100, api.load_contract("1.2")
+    )
+    assert (_flags(argv)["--use_fp8_context_fmha"], _flags(argv)["--use_paged_context_fmha"]) == (
+        "enable",
+        "enable",
+    )
 
 
 def test_a_modelopt_w8a16_checkpoint_is_refused_before_trtllm_build(tmp_path: Path) -> None:
     """ModelOpt's W8A16 checkpoint has int8 weights + weights_scaling_factor; trtllm-build's W8A16 layer wants
-    per_channel_scale and quantizes only float weights itself: refused with the reason (pre-flight refuses the pair)."""
+    per_channel_scale and quantizes only float weights itself: refused with the reason (pre-flight refuses the
+    pair)."""
     checkpoint = _kiln_export(tmp_path, "int8_wo")
     with pytest.raises(ContractError, match=r"lack 'per_channel_scale'.*Required but not provided tensors"):
         backend.build_command(checkpoint, tmp_path / "engine", H100, api.load_contract("1.2"))
@@ -410,25 +512,34 @@ def test_kiln_int4_wo_checkpoint_loads_where_modelopt_s_own_does_not(tmp_path: P
     contract = api.load_contract("1.2")
     raw = shutil.copytree(_kiln_export(tmp_path / "raw", "int4_wo"), tmp_path / "raw-int4")
     config = json.loads((raw / "config.json").read_text())
-    config["quantization"]["pre_quant_scale"] = True  # what ModelOpt 0.47 writes, with no prequant_scaling_factor
+    # what ModelOpt 0.47 writes, with no prequant_scaling_factor
+    config["quantization"]["pre_quant_scale"] = True
     (raw / "config.json").write_text(json.dumps(config))
     assert not any(k.endswith("prequant_scaling_factor") for k in backend.checkpoint_tensors(raw, 0))
     with pytest.raises(ContractError, match="lack 'prequant_scaling_factor'"):
         backend.build_command(raw, tmp_path / "engine", H100, contract)
     for tp in (1, 2):
         checkpoint = _kiln_export(tmp_path / f"tp{tp}", "int4_wo", tp=tp)
-        assert json.loads((checkpoint / "config.json").read_text())["quantization"]["pre_quant_scale"] is False
-        target = H100.model_copy(update={"gpus_per_worker": tp, "limits": H100.limits.model_copy(update={"tp_size": tp})})
+        assert (
+            json.loads((checkpoint / "config.json").read_text())["quantization"]["pre_quant_scale"] is False
+        )
+        target = H100.model_copy(
+            update={"gpus_per_worker": tp, "limits": H100.limits.model_copy(update={"tp_size": tp})}
+        )
         backend.build_command(checkpoint, tmp_path / f"engine{tp}", target, contract)  # readable
 
 
-def test_checkpoint_reader_refuses_what_trtllm_build_would_misread(tmp_path: Path, plain_checkpoint: Path) -> None:
+def test_checkpoint_reader_refuses_what_trtllm_build_would_misread(
+    tmp_path: Path, plain_checkpoint: Path
+) -> None:
     import shutil
 
     contract = api.load_contract("1.2")
-    for edit, message in [(lambda c: c.pop("rotary_base"), "no rotary_base"),
-                          (lambda c: c["quantization"].update(sparsity=0.5), "not QuantConfig fields"),
-                          (lambda c: c.pop("num_attention_heads"), "lacks 'num_attention_heads'")]:
+    for edit, message in [
+        (lambda c: c.pop("rotary_base"), "no rotary_base"),
+        (lambda c: c["quantization"].update(sparsity=0.5), "not QuantConfig fields"),
+        (lambda c: c.pop("num_attention_heads"), "lacks 'num_attention_heads'"),
+    ]:
         copy = tmp_path / "copy"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(plain_checkpoint, copy)
@@ -442,8 +553,14 @@ def test_checkpoint_reader_refuses_what_trtllm_build_would_misread(tmp_path: Pat
 def test_checkpoint_reader_facts_cite_the_sources() -> None:
     reader = api.load_contract("1.2").data["checkpoint_reader"]
     assert _EVIDENCE.search(reader["evidence"]) and "modeling_utils.py" in reader["evidence"]
-    assert {"quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale",
-            "exclude_modules"} <= set(reader["quantization_fields"])  # what ModelOpt 0.47 writes
+    assert {
+        "quant_algo",
+        "kv_cache_quant_algo",
+        "group_size",
+        "has_zero_point",
+        "pre_quant_scale",
+        "exclude_modules",
+    } <= set(reader["quantization_fields"])  # what ModelOpt 0.47 writes
     assert reader["linear_tensors"]["W8A16"] == ["weight", "per_channel_scale"]
     assert "UNVERIFIED" in reader["verdict"] and reader["unverified"]
 

@@ -1,4 +1,5 @@
-"""The GPU worker recipe (deploy/): a docker work pool template on NVIDIA's TensorRT-LLM image, validated, not run.
+"""The GPU worker recipe (deploy/): a docker work pool template on NVIDIA's TensorRT-LLM image, validated, not
+run.
 
 Checked against Prefect's own rules for base job templates (``WorkPoolCreate``: every placeholder declared
 as a variable; variables a JSON schema) and, where ``prefect-docker`` is installed, against the docker
@@ -29,7 +30,11 @@ def template() -> dict:
 
 
 def _defaults(template: dict) -> dict:
-    return {k: v["default"] for k, v in template["variables"]["properties"].items() if v.get("default") is not None}
+    return {
+        k: v["default"]
+        for k, v in template["variables"]["properties"].items()
+        if v.get("default") is not None
+    }
 
 
 def test_prefect_accepts_it_as_a_docker_work_pool(template: dict) -> None:
@@ -61,8 +66,10 @@ def test_the_container_gets_the_gpus_and_nvidias_runtime_settings(template: dict
     assert {u["name"]: u["soft"] for u in kwargs["ulimits"]} == {"memlock": -1, "stack": 67108864}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("prefect_docker") is None,
-                    reason="prefect-docker not installed: the structural checks above still run")
+@pytest.mark.skipif(
+    importlib.util.find_spec("prefect_docker") is None,
+    reason="prefect-docker not installed: the structural checks above still run",
+)
 def test_the_docker_worker_builds_its_job_configuration_from_it(template: dict) -> None:
     from prefect.utilities.templating import apply_values
     from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
@@ -72,11 +79,13 @@ def test_the_docker_worker_builds_its_job_configuration_from_it(template: dict) 
     ours, theirs = template["variables"]["properties"], default["variables"]["properties"]
     assert set(ours) == set(theirs)
     for name, prop in ours.items():  # same types as the worker declares
-        assert {k: v for k, v in prop.items() if k not in ("default", "description")} == \
-            {k: v for k, v in theirs[name].items() if k not in ("default", "description")}, name
+        assert {k: v for k, v in prop.items() if k not in ("default", "description")} == {
+            k: v for k, v in theirs[name].items() if k not in ("default", "description")
+        }, name
     config = DockerWorkerJobConfiguration(**apply_values(template["job_configuration"], _defaults(template)))
     assert config.image == "kiln-trtllm:1.2.1" and config.env["KILN_HOME"] == "/var/lib/kiln"
-    assert f"{config.env['KILN_HOME']}:{config.env['KILN_HOME']}" in config.volumes  # same path on host and in here
+    # same path on host and in here
+    assert f"{config.env['KILN_HOME']}:{config.env['KILN_HOME']}" in config.volumes
     import docker.types
 
     for request in config.container_create_kwargs["device_requests"]:
@@ -91,7 +100,8 @@ def test_the_image_is_nvidias_tensorrt_llm_release_of_the_contract(template: dic
     assert base and base.group(1).startswith("nvcr.io/nvidia/tensorrt-llm/release:")
     version = base.group(1).rsplit(":", 1)[1]
     assert api.series_for(version) == "1.2" and api.load_contract("1.2").data["version"]["target"].startswith(
-        f"TensorRT-LLM {version}")
+        f"TensorRT-LLM {version}"
+    )
     assert "FROM ${TRTLLM_IMAGE}" in text
     assert _defaults(template)["image"].endswith(f":{version}")
 

@@ -1,5 +1,6 @@
-"""TensorRT-LLM's per-SM, per-artifact support facts (contract ``support``), the generated docs/TRTLLM_SUPPORT.md,
-and ``kiln profiles check`` giving exactly the document's answers for every shipped recipe on the shipped
+"""TensorRT-LLM's per-SM, per-artifact support facts (contract ``support``), the generated
+docs/TRTLLM_SUPPORT.md, and ``kiln profiles check`` giving exactly the document's answers for every shipped
+recipe on the shipped
 TensorRT-LLM targets (issue 18)."""
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from kiln.profiles import Recipe, Target
 from kiln.recipes import KV_SCHEMES, SCHEMES
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = re.compile(r"(NVIDIA/TensorRT-LLM:[\w/.-]+@[0-9a-f]{7,40}|https://\S+|index file id \d+|nvidia-modelopt 0\.47)")
+SOURCE = re.compile(
+    r"(NVIDIA/TensorRT-LLM:[\w/.-]+@[0-9a-f]{7,40}|https://\S+|index file id \d+|nvidia-modelopt 0\.47)"
+)
 ACCEPTANCE_TARGETS = ("a100-trtllm", "h100-trtllm", "b200-trtllm", "h100-trtllm-hf", "b200-trtllm-hf")
 
 
@@ -60,11 +63,17 @@ def test_every_kiln_algo_has_a_fact_on_every_sm_class(series: str) -> None:
                 assert set(row) == set(support.SM_COLUMNS), (artifact, algo)
 
 
-@pytest.mark.parametrize(("series", "artifact", "kind", "algo"), [
-    ("1.2", "engine", "quant_algo", "W4A16_AWQ"), ("1.3", "hf_checkpoint", "quant_algo", "NO_QUANT"),
-    ("1.2", "hf_checkpoint", "kv_cache_quant_algo", "FP8")])
-def test_a_contract_without_a_support_fact_kiln_reads_is_flagged(tmp_path: Path, series: str, artifact: str, kind: str,
-                                                                 algo: str) -> None:
+@pytest.mark.parametrize(
+    ("series", "artifact", "kind", "algo"),
+    [
+        ("1.2", "engine", "quant_algo", "W4A16_AWQ"),
+        ("1.3", "hf_checkpoint", "quant_algo", "NO_QUANT"),
+        ("1.2", "hf_checkpoint", "kv_cache_quant_algo", "FP8"),
+    ],
+)
+def test_a_contract_without_a_support_fact_kiln_reads_is_flagged(
+    tmp_path: Path, series: str, artifact: str, kind: str, algo: str
+) -> None:
     import json
 
     data = json.loads(json.dumps(api.load_contract(series).data))  # a deep copy of the shipped contract
@@ -88,15 +97,27 @@ def test_the_doc_table_shows_the_contract_verdicts() -> None:
     for label, kind, algo in support.DOC_ROWS:
         for artifact, series in support.DOC_COLUMNS:
             for column in support.SM_COLUMNS:
-                assert cells[(label, artifact, column)] == support.cell(series, artifact, kind, algo, column).label
+                assert (
+                    cells[(label, artifact, column)]
+                    == support.cell(series, artifact, kind, algo, column).label
+                )
 
 
-@pytest.mark.parametrize(("artifact", "algo", "expected"), [
-    ("engine", "W4A16_AWQ", (80, 90)), ("engine", "FP8", (89, 120)), ("engine", "NVFP4", (100, 120)),
-    ("engine", "W8A8_SQ_PER_CHANNEL", (80, 90)), ("engine", "W8A16", None),
-    ("hf_checkpoint", "W8A8_SQ_PER_CHANNEL", None), ("hf_checkpoint", "W4A8_AWQ", (89, 90)),
-])
-def test_sm_ranges_have_a_minimum_and_a_maximum(artifact: str, algo: str, expected: tuple[int, int] | None) -> None:
+@pytest.mark.parametrize(
+    ("artifact", "algo", "expected"),
+    [
+        ("engine", "W4A16_AWQ", (80, 90)),
+        ("engine", "FP8", (89, 120)),
+        ("engine", "NVFP4", (100, 120)),
+        ("engine", "W8A8_SQ_PER_CHANNEL", (80, 90)),
+        ("engine", "W8A16", None),
+        ("hf_checkpoint", "W8A8_SQ_PER_CHANNEL", None),
+        ("hf_checkpoint", "W4A8_AWQ", (89, 90)),
+    ],
+)
+def test_sm_ranges_have_a_minimum_and_a_maximum(
+    artifact: str, algo: str, expected: tuple[int, int] | None
+) -> None:
     series = "1.2" if artifact == "engine" else "1.3"
     assert support.sm_range(api.load_contract(series), artifact, support.QUANT, algo) == expected
 
@@ -118,7 +139,9 @@ def test_version_history_is_recorded_with_evidence() -> None:
     history = api.load_contract("1.3").data["history"]
     for entry in history["quant_algo"] + history["engine_path"]:
         assert SOURCE.search(entry["evidence"]), entry
-    mxfp8 = next(e for e in history["quant_algo"] if "MXFP8" in e["members"] and e["members"].startswith("adds"))
+    mxfp8 = next(
+        e for e in history["quant_algo"] if "MXFP8" in e["members"] and e["members"].startswith("adds")
+    )
     assert mxfp8["verified"] is None and "UNVERIFIED" in mxfp8["note"]
     assert "MXFP8" not in api.load_contract("1.3").quant_algos()  # not confirmed from a TensorRT-LLM source
     events = " ".join(e["event"] for e in history["engine_path"])
@@ -126,18 +149,25 @@ def test_version_history_is_recorded_with_evidence() -> None:
     assert "UNVERIFIED" in history["engine_path_unverified"] and history["engine_path_kiln"]
 
 
-# --- acceptance: `kiln profiles check` gives the document's answers ---------------------------------------------------
+# --- acceptance: `kiln profiles check` gives the document's answers -----------------------------------------
 
 
 def _shipped(kind: str) -> dict[str, dict]:
-    return {entry["name"]: entry for entry in yaml.safe_load((REPO / "profiles" / f"{kind}.yaml").read_text())[kind]}
+    return {
+        entry["name"]: entry
+        for entry in yaml.safe_load((REPO / "profiles" / f"{kind}.yaml").read_text())[kind]
+    }
 
 
-def _expected(recipe: Recipe, target: Target, cells: dict[tuple[str, str, str], str]) -> tuple[str, str] | None:
+def _expected(
+    recipe: Recipe, target: Target, cells: dict[tuple[str, str, str], str]
+) -> tuple[str, str] | None:
     """(the failing row's label, its cell) per the document, or None when the document says yes."""
     contract = api.load_contract(api.default_series(target))
     column = support.sm_class(contract, target.sm_number)
-    rows = [recipe.quantization] + ([f"kv_cache_dtype {recipe.kv_cache_dtype}"] if recipe.kv_cache_dtype != "auto" else [])
+    rows = [recipe.quantization] + (
+        [f"kv_cache_dtype {recipe.kv_cache_dtype}"] if recipe.kv_cache_dtype != "auto" else []
+    )
     for row in rows:
         if cells[(row, target.artifact, column)] != "yes":
             return row, cells[(row, target.artifact, column)]
@@ -154,23 +184,39 @@ def test_profiles_check_refuses_exactly_what_the_document_says_with_its_reasons(
     recipes, targets = _shipped("recipes"), _shipped("targets")
     assert set(ACCEPTANCE_TARGETS) <= set(targets)
     request = profiles / "every-recipe.yaml"
-    request.write_text(yaml.safe_dump({"name": "every-recipe", "model": {"repo_id": "org/model", "revision": "main"},
-                                       "recipes": list(recipes), "targets": list(ACCEPTANCE_TARGETS),
-                                       "registry": {"model_name": "m"}}))
+    request.write_text(
+        yaml.safe_dump(
+            {
+                "name": "every-recipe",
+                "model": {"repo_id": "org/model", "revision": "main"},
+                "recipes": list(recipes),
+                "targets": list(ACCEPTANCE_TARGETS),
+                "registry": {"model_name": "m"},
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["profiles", "check", str(request)])
     output = " ".join(result.output.split())  # rich wraps long lines
-    pairs = {(r, t): why for r, t, why in re.findall(
-        r"recipe '([\w-]+)' x target '([\w-]+)': (.*?)(?= recipe '[\w-]+' x target | Remove the pair|$)", output)}
+    pairs = {
+        (r, t): why
+        for r, t, why in re.findall(
+            r"recipe '([\w-]+)' x target '([\w-]+)': (.*?)(?= recipe '[\w-]+' x target | Remove the pair|$)",
+            output,
+        )
+    }
     cells = support.table_cells(support.DOC_PATH.read_text())
     expected = {}
     for rname, rentry in recipes.items():
         for tname in ACCEPTANCE_TARGETS:
-            if (why := _expected(Recipe.model_validate(rentry), Target.model_validate(targets[tname]), cells)):
+            if why := _expected(Recipe.model_validate(rentry), Target.model_validate(targets[tname]), cells):
                 expected[(rname, tname)] = why
     assert result.exit_code == 2, result.output
-    assert set(pairs) == set(expected), (set(pairs) ^ set(expected))
+    assert set(pairs) == set(expected), set(pairs) ^ set(expected)
     assert f"{len(expected)} recipe x target pair(s) cannot run" in output
-    contract_of = {t: api.load_contract(api.default_series(Target.model_validate(targets[t]))) for t in ACCEPTANCE_TARGETS}
+    contract_of = {
+        t: api.load_contract(api.default_series(Target.model_validate(targets[t])))
+        for t in ACCEPTANCE_TARGETS
+    }
     for (rname, tname), (row, label) in expected.items():
         target = Target.model_validate(targets[tname])
         kind, algo = next((k, a) for lbl, k, a in support.DOC_ROWS if lbl == row)
@@ -178,8 +224,9 @@ def test_profiles_check_refuses_exactly_what_the_document_says_with_its_reasons(
         assert fact.label == label
         assert " ".join(fact.reason.split()) in pairs[(rname, tname)], (rname, tname)
         assert fact.where in pairs[(rname, tname)]
-    # the issue's cases, spelled out: B200 engines refuse INT8/INT4/SmoothQuant, the PyTorch backend INT8 SmoothQuant
+    # the issue's cases, spelled out: B200 engines refuse INT8/INT4/SmoothQuant, the PyTorch backend INT8
+    # SmoothQuant
     for rname in ("int8-sq", "int8-wo", "int4-wo", "int4-awq", "w4a8-awq"):
-        assert ("b200-trtllm" in {t for r, t in expected if r == rname}), rname
+        assert "b200-trtllm" in {t for r, t in expected if r == rname}, rname
     assert {("int8-sq", "h100-trtllm-hf"), ("int8-sq", "b200-trtllm-hf")} <= set(expected)
     assert ("int8-sq", "h100-trtllm") not in expected and ("fp8", "b200-trtllm") not in expected

@@ -169,10 +169,16 @@ def test_identical_engines_agree_and_ppl_is_token_weighted(tiny, heldout, tmp_pa
     model, path = tiny
     engine, baseline = HFEngine(model, path), HFEngine(copy.deepcopy(model), path)
     prompts = prompts_from(heldout, 3, 6)
-    result = evaluate_accuracy(engine, baseline, heldout, window=16, prompts=prompts, max_new_tokens=5, batch_size=2)
+    result = evaluate_accuracy(
+        engine, baseline, heldout, window=16, prompts=prompts, max_new_tokens=5, batch_size=2
+    )
     assert result.ppl_increase_pct == pytest.approx(0.0, abs=1e-6)
     assert result.kl_divergence == pytest.approx(0.0, abs=1e-6)
-    assert result.top1_agreement == 1.0 and result.greedy_exact_match == 1.0 and result.greedy_prefix_match == 1.0
+    assert (
+        result.top1_agreement == 1.0
+        and result.greedy_exact_match == 1.0
+        and result.greedy_prefix_match == 1.0
+    )
     assert result.num_tokens == sum(len(s) - 1 for s in heldout)
     # Reference: the model's own loss with labels, token-weighted over whole sequences (no window limit).
     nll = sum(model(torch.tensor([s]), labels=torch.tensor([s])).loss.item() * (len(s) - 1) for s in heldout)
@@ -187,10 +193,12 @@ def test_degraded_engine_measures_worse(tiny, heldout) -> None:
     model, path = tiny
     base = HFEngine(model, path)
     prompts = prompts_from(heldout, 4, 8)
-    small = evaluate_accuracy(HFEngine(perturbed(model, 0.05), path), base, heldout, window=32, prompts=prompts,
-                              max_new_tokens=6)
-    large = evaluate_accuracy(HFEngine(perturbed(model, 0.5), path), base, heldout, window=32, prompts=prompts,
-                              max_new_tokens=6)
+    small = evaluate_accuracy(
+        HFEngine(perturbed(model, 0.05), path), base, heldout, window=32, prompts=prompts, max_new_tokens=6
+    )
+    large = evaluate_accuracy(
+        HFEngine(perturbed(model, 0.5), path), base, heldout, window=32, prompts=prompts, max_new_tokens=6
+    )
     assert 0 < small.kl_divergence < large.kl_divergence
     assert large.kl_divergence_p99 >= large.kl_divergence
     assert large.top1_agreement < 1.0 and large.top1_agreement <= small.top1_agreement
@@ -216,8 +224,9 @@ def test_gates_cover_every_profile_gate() -> None:
 def test_degraded_engine_fails_accuracy_gate_with_numbers(tiny, heldout) -> None:
     model, path = tiny
     base = HFEngine(model, path)
-    bad = evaluate_accuracy(HFEngine(perturbed(model, 0.5), path), base, heldout, window=32,
-                            prompts=[], max_new_tokens=1)
+    bad = evaluate_accuracy(
+        HFEngine(perturbed(model, 0.5), path), base, heldout, window=32, prompts=[], max_new_tokens=1
+    )
     # A random model's perplexity may even drop under noise: KL and top-1 are what show the damage here
     # (the perplexity gate on real weights is test_smollm2_int4_vs_baseline).
     tight = Gates(max_kl_divergence=0.001, min_top1_agreement=0.999)
@@ -226,7 +235,9 @@ def test_degraded_engine_fails_accuracy_gate_with_numbers(tiny, heldout) -> None
     by_gate = {f.gate: f for f in verdict.failures}
     assert set(by_gate) == {"max_kl_divergence", "min_top1_agreement"}
     kl = by_gate["max_kl_divergence"]
-    assert kl.observed == pytest.approx(bad.kl_divergence) and kl.margin == pytest.approx(bad.kl_divergence - 0.001)
+    assert kl.observed == pytest.approx(bad.kl_divergence) and kl.margin == pytest.approx(
+        bad.kl_divergence - 0.001
+    )
     top1 = by_gate["min_top1_agreement"]
     assert top1.margin == pytest.approx(0.999 - bad.top1_agreement)
     message = "; ".join(verdict.messages)
@@ -245,13 +256,21 @@ def test_unmeasured_gate_fails_and_speed_gate_keeps_accuracy_pass() -> None:
     failures = {f.gate: f for f in verdict.failures}
     assert failures["min_tokens_per_s"].margin == pytest.approx(20.0)
     assert failures["max_ttft_p90_ms"].observed is None and "not measured" in str(failures["max_ttft_p90_ms"])
-    assert verdict.checked == {"max_ppl_increase_pct": 1.0, "min_tokens_per_s": 100.0, "max_ttft_p90_ms": 50.0}
+    assert verdict.checked == {
+        "max_ppl_increase_pct": 1.0,
+        "min_tokens_per_s": 100.0,
+        "max_ttft_p90_ms": 50.0,
+    }
     assert decide(Gates(), {}).passed
 
 
 def test_recommend_fastest_or_smallest() -> None:
-    cands = {"fp8": {"tokens_per_s": 90.0, "size_bytes": 200.0}, "int4": {"tokens_per_s": 90.0, "size_bytes": 100.0},
-             "bf16": {"tokens_per_s": 50.0, "size_bytes": 400.0}, "nospeed": {"size_bytes": 50.0}}
+    cands = {
+        "fp8": {"tokens_per_s": 90.0, "size_bytes": 200.0},
+        "int4": {"tokens_per_s": 90.0, "size_bytes": 100.0},
+        "bf16": {"tokens_per_s": 50.0, "size_bytes": 400.0},
+        "nospeed": {"size_bytes": 50.0},
+    }
     assert recommend(cands, "fastest") == "int4"  # tie on speed: smaller wins
     assert recommend(cands, "smallest") == "nospeed"
     assert recommend({}, "fastest") is None
@@ -265,8 +284,15 @@ def test_performance_sweep(tiny) -> None:
     engine = HFEngine(model, path, max_batch_size=4)
     evaluation = Evaluation(concurrency=[1, 4, 16], max_new_tokens=4)
     levels = []
-    perf = measure_performance(engine, evaluation, prompt_len=6, gen_len=4, max_batch_size=None, min_requests=4,
-                               on_level=levels.append)
+    perf = measure_performance(
+        engine,
+        evaluation,
+        prompt_len=6,
+        gen_len=4,
+        max_batch_size=None,
+        min_requests=4,
+        on_level=levels.append,
+    )
     assert levels == [1, 4, 16]
     assert [p.concurrency for p in perf.points] == [1, 4] and 16 in perf.skipped
     assert "max_batch_size" in perf.skipped[16]
@@ -280,8 +306,9 @@ def test_performance_sweep(tiny) -> None:
     assert perf.ttft_p90_ms == perf.points[0].ttft_ms.p90
     assert perf.peak_memory_bytes == engine.memory_bytes()
     # max_batch_size known up front: skipped without calling the engine.
-    perf2 = measure_performance(engine, Evaluation(concurrency=[2, 8]), prompt_len=3, gen_len=1, max_batch_size=2,
-                                min_requests=2)
+    perf2 = measure_performance(
+        engine, Evaluation(concurrency=[2, 8]), prompt_len=3, gen_len=1, max_batch_size=2, min_requests=2
+    )
     assert [p.concurrency for p in perf2.points] == [2] and perf2.points[0].itl_ms is None
     with pytest.raises(ValueError, match="gen_len"):
         measure_performance(engine, evaluation, prompt_len=4, gen_len=0)
@@ -303,12 +330,22 @@ def test_seeded_prompts_and_roofline() -> None:
 def document(tiny, heldout) -> dict:
     model, path = tiny
     engine, base = HFEngine(perturbed(model, 0.1), path), HFEngine(model, path)
-    acc = evaluate_accuracy(engine, base, heldout, window=32, prompts=prompts_from(heldout, 2, 6), max_new_tokens=3)
-    perf = measure_performance(engine, Evaluation(concurrency=[1, 2]), prompt_len=6, gen_len=3, min_requests=2)
+    acc = evaluate_accuracy(
+        engine, base, heldout, window=32, prompts=prompts_from(heldout, 2, 6), max_new_tokens=3
+    )
+    perf = measure_performance(
+        engine, Evaluation(concurrency=[1, 2]), prompt_len=6, gen_len=3, min_requests=2
+    )
     verdict = decide(Gates(max_ppl_increase_pct=0.0), acc, perf)
-    return build_document(engine={"engine_dir": str(path), "backend": "hf-test", "device": "cpu", "size_bytes": 123},
-                          baseline={"engine_dir": str(path)}, heldout={"num_sequences": 2, "num_tokens": 115},
-                          accuracy=acc, perf=perf, timings_s={"total": 1.0}, verdict=verdict.to_dict())
+    return build_document(
+        engine={"engine_dir": str(path), "backend": "hf-test", "device": "cpu", "size_bytes": 123},
+        baseline={"engine_dir": str(path)},
+        heldout={"num_sequences": 2, "num_tokens": 115},
+        accuracy=acc,
+        perf=perf,
+        timings_s={"total": 1.0},
+        verdict=verdict.to_dict(),
+    )
 
 
 def test_document_validates_against_schema(document: dict) -> None:
@@ -316,19 +353,31 @@ def test_document_validates_against_schema(document: dict) -> None:
 
     validate_document(json.loads(json.dumps(document)))  # what is written to disk, not the Python objects
     m = document["metrics"]
-    assert {"perplexity", "kl_divergence", "top1_agreement", "tokens_per_s", "ttft_p90_ms", "itl_p99_ms_c2",
-            "requests_per_s_c1", "size_bytes", "peak_memory_bytes"} <= set(m)
+    assert {
+        "perplexity",
+        "kl_divergence",
+        "top1_agreement",
+        "tokens_per_s",
+        "ttft_p90_ms",
+        "itl_p99_ms_c2",
+        "requests_per_s_c1",
+        "size_bytes",
+        "peak_memory_bytes",
+    } <= set(m)
     assert m["size_bytes"] == 123 and document["gates"]["passed"] is False
 
 
-@pytest.mark.parametrize("path,value", [
-    (("accuracy", "top1_agreement"), 1.5),
-    (("accuracy", "kl_divergence"), -0.1),
-    (("performance", "points", 0, "ttft_ms"), {"p50": 1.0}),
-    (("metrics", "Bad-Name"), 1.0),
-    (("schema",), "kiln.validation-result/0"),
-    (("surprise",), 1),
-])
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        (("accuracy", "top1_agreement"), 1.5),
+        (("accuracy", "kl_divergence"), -0.1),
+        (("performance", "points", 0, "ttft_ms"), {"p50": 1.0}),
+        (("metrics", "Bad-Name"), 1.0),
+        (("schema",), "kiln.validation-result/0"),
+        (("surprise",), 1),
+    ],
+)
 def test_schema_rejects_broken_documents(document: dict, path: tuple, value: object) -> None:
     broken = copy.deepcopy(document)
     node = broken
@@ -343,8 +392,14 @@ def test_nan_becomes_null_not_invalid_json(tiny, heldout) -> None:
     model, path = tiny
     engine = HFEngine(model, path)
     acc = evaluate_accuracy(engine, engine, heldout, window=32, prompts=[], max_new_tokens=1)
-    doc = build_document(engine={"engine_dir": "e"}, baseline={"engine_dir": "e"},
-                         heldout={"num_sequences": 2, "num_tokens": 115}, accuracy=acc, perf=None, timings_s={})
+    doc = build_document(
+        engine={"engine_dir": "e"},
+        baseline={"engine_dir": "e"},
+        heldout={"num_sequences": 2, "num_tokens": 115},
+        accuracy=acc,
+        perf=None,
+        timings_s={},
+    )
     assert doc["accuracy"]["greedy_exact_match"] is None and "greedy_exact_match" not in doc["metrics"]
     validate_document(doc)
     assert flat_metrics(None, None, 5) == {"size_bytes": 5.0}
@@ -370,18 +425,28 @@ def test_smollm2_int4_vs_baseline(smollm2) -> None:
     model, path, held = smollm2
     base = HFEngine(model, path)
     prompts = prompts_from(held.token_ids, 2, 16)
-    same = evaluate_accuracy(base, HFEngine(copy.deepcopy(model), path), held.token_ids, window=256, prompts=prompts,
-                             max_new_tokens=8)
+    same = evaluate_accuracy(
+        base,
+        HFEngine(copy.deepcopy(model), path),
+        held.token_ids,
+        window=256,
+        prompts=prompts,
+        max_new_tokens=8,
+    )
     assert same.top1_agreement == 1.0 and same.greedy_exact_match == 1.0
-    assert 5 < same.baseline_perplexity < 100  # a trained model on English prose, not a random one (~vocab size)
-    q = evaluate_accuracy(HFEngine(int4_rtn(model), path), base, held.token_ids, window=256, prompts=prompts,
-                          max_new_tokens=8)
+    # a trained model on English prose, not a random one (~vocab size)
+    assert 5 < same.baseline_perplexity < 100
+    q = evaluate_accuracy(
+        HFEngine(int4_rtn(model), path), base, held.token_ids, window=256, prompts=prompts, max_new_tokens=8
+    )
     assert q.baseline_perplexity == pytest.approx(same.baseline_perplexity, rel=1e-6)
     assert q.ppl_increase_pct > 1.0 and q.kl_divergence > 0.01 and q.top1_agreement < 0.99
     verdict = decide(Gates(max_ppl_increase_pct=1.0), q)
     assert not verdict.passed
-    assert verdict.messages == [f"max_ppl_increase_pct: ppl_increase_pct {q.ppl_increase_pct:.4g} % > 1 % "
-                                f"(over by {q.ppl_increase_pct - 1.0:.3g} %)"]
+    assert verdict.messages == [
+        f"max_ppl_increase_pct: ppl_increase_pct {q.ppl_increase_pct:.4g} % > 1 % "
+        f"(over by {q.ppl_increase_pct - 1.0:.3g} %)"
+    ]
 
 
 def test_engine_protocol_is_satisfied(tiny) -> None:

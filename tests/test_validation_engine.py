@@ -20,7 +20,9 @@ from kiln.validation.measure import LATENCY_PLOT, RESULT_FILE, measure_engine
 from kiln.validation.results import validate_document
 from tests.fixtures.models import make_tiny_llama
 
-TARGET = Target(name="cpu-test", dtype="float32", limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 48})
+TARGET = Target(
+    name="cpu-test", dtype="float32", limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 48}
+)
 EVALUATION = Evaluation(heldout_tokens=64, prompts=3, max_new_tokens=4, prompt_len=8, concurrency=[1, 4, 8])
 
 
@@ -35,7 +37,9 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for quant in ("none", "int4_wo"):
         ckpt, _ = export_checkpoint(hf, root / f"ckpt-{quant}", quant, group_size=32)
-        out[quant] = backend.compile(ckpt, TARGET, root / f"engine-{quant}", {"model_sha": "abc", "recipe": quant})
+        out[quant] = backend.compile(
+            ckpt, TARGET, root / f"engine-{quant}", {"model_sha": "abc", "recipe": quant}
+        )
     return out
 
 
@@ -44,12 +48,17 @@ def heldout() -> TokenSet:
     import torch
 
     gen = torch.Generator().manual_seed(3)
-    ids = [torch.randint(0, 256, (60,), generator=gen).tolist(), torch.randint(0, 256, (40,), generator=gen).tolist()]
+    ids = [
+        torch.randint(0, 256, (60,), generator=gen).tolist(),
+        torch.randint(0, 256, (40,), generator=gen).tolist(),
+    ]
     return TokenSet(ids, token_sha256(ids), "test#random")
 
 
 def test_measure_torch_engines(engines: dict[str, Path], heldout: TokenSet, tmp_path: Path) -> None:
-    metrics, docs = measure_engine(engines["none"], engines["none"], heldout, EVALUATION, output_dir=tmp_path / "base")
+    metrics, docs = measure_engine(
+        engines["none"], engines["none"], heldout, EVALUATION, output_dir=tmp_path / "base"
+    )
     assert metrics["ppl_increase_pct"] == 0.0 and metrics["top1_agreement"] == 1.0
     assert metrics["greedy_exact_match"] == 1.0
     written = json.loads((tmp_path / "base" / RESULT_FILE).read_text())
@@ -73,13 +82,16 @@ def test_measure_torch_engines(engines: dict[str, Path], heldout: TokenSet, tmp_
     assert not verdict.passed and verdict.failures[0].observed == pytest.approx(q_metrics["kl_divergence"])
 
 
-def test_measure_refuses_dir_without_manifest(engines: dict[str, Path], heldout: TokenSet, tmp_path: Path) -> None:
+def test_measure_refuses_dir_without_manifest(
+    engines: dict[str, Path], heldout: TokenSet, tmp_path: Path
+) -> None:
     with pytest.raises(EngineMismatchError, match="no kiln-engine.json"):
         measure_engine(tmp_path, engines["none"], heldout, EVALUATION)
 
 
 def test_decode_cost_of_a_torch_engine_counts_what_a_step_reads(engines: dict[str, Path]) -> None:
-    """The roofline's bytes: every weight a decode step reads (not the embedding table) and the KV per token."""
+    """The roofline's bytes: every weight a decode step reads (not the embedding table) and the KV per
+    token."""
     from kiln.engine.torch import TorchBackend
     from kiln.validation.perf import decode_cost_from_dir
 
@@ -87,12 +99,19 @@ def test_decode_cost_of_a_torch_engine_counts_what_a_step_reads(engines: dict[st
     try:
         spec, embedding = engine.model.spec, engine.model.embedding
         cost = decode_cost_from_dir(engines["none"])
-        # every tensor the engine computes with but the embedding table (and the RoPE tables it derives at load)
+        # every tensor the engine computes with but the embedding table (and the RoPE tables it derives at
+        # load)
         linears = [m for m in engine.model.modules() if hasattr(m, "kind")]
-        norms = [engine.model.final_norm, *(t for layer in engine.model.layers for t in (layer.input_norm, layer.post_norm))]
-        expected = sum(t.numel() * t.element_size() for m in linears for t in (m.weight, m.bias) if t is not None)
+        norms = [
+            engine.model.final_norm,
+            *(t for layer in engine.model.layers for t in (layer.input_norm, layer.post_norm)),
+        ]
+        expected = sum(
+            t.numel() * t.element_size() for m in linears for t in (m.weight, m.bias) if t is not None
+        )
         expected += sum(t.numel() * t.element_size() for t in norms)
         assert embedding.numel() > 0 and cost.weight_bytes == expected
-        assert cost.kv_bytes_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_size * 4  # float32 cache
+        # float32 cache
+        assert cost.kv_bytes_per_token == 2 * spec.num_layers * spec.num_kv_heads * spec.head_size * 4
     finally:
         engine.close()

@@ -1,4 +1,5 @@
-"""Acceptance of validation in a build: a tight accuracy gate fails a recipe, shows its numbers, registers nothing."""
+"""Acceptance of validation in a build: a tight accuracy gate fails a recipe, shows its numbers, registers
+nothing."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 LIMITS = {"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128, "max_num_tokens": 256}
 
 
-@pytest.mark.slow  # a whole build (2 recipes, Prefect harness, MLflow): ~1 min alone, more on a shared machine
+# a whole build (2 recipes, Prefect harness, MLflow): ~1 min alone, more on a shared machine
+@pytest.mark.slow
 def test_tight_accuracy_gate_fails_recipe_and_nothing_is_registered_for_it(
-        prefect_harness, kiln_home: Path, tiny_hub_model_dir: Path) -> None:
+    prefect_harness, kiln_home: Path, tiny_hub_model_dir: Path
+) -> None:
     from mlflow import MlflowClient
 
     from kiln.flows.build import build
@@ -20,9 +23,15 @@ def test_tight_accuracy_gate_fails_recipe_and_nothing_is_registered_for_it(
     profile = {
         "name": "gatetest",
         "model": {"local_dir": str(tiny_hub_model_dir)},
-        "recipes": [{"name": "none", "quantization": "none"},
-                    {"name": "int4", "quantization": "int4_wo", "group_size": 32,
-                     "gates": {"max_kl_divergence": 1e-6, "min_top1_agreement": 0.9999}}],
+        "recipes": [
+            {"name": "none", "quantization": "none"},
+            {
+                "name": "int4",
+                "quantization": "int4_wo",
+                "group_size": 32,
+                "gates": {"max_kl_divergence": 1e-6, "min_top1_agreement": 0.9999},
+            },
+        ],
         "targets": [{"name": "cpu", "dtype": "float32", "limits": LIMITS}],
         "gates": {"max_ppl_increase_pct": 1000.0},
         "evaluation": {"heldout_tokens": 128, "prompts": 2, "max_new_tokens": 4, "concurrency": [1, 2]},
