@@ -37,24 +37,34 @@ def test_top_k_and_top_p_keep_exactly_their_tokens_renormalized() -> None:
 
 def test_greedy_rows_and_degenerate_filters_are_argmax() -> None:
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
-    params = [SamplingParams(), SamplingParams(temperature=3.0, top_k=1, seed=1),
-              SamplingParams(temperature=3.0, top_p=1e-6, seed=2), SamplingParams(),
-              SamplingParams(temperature=3.0, top_k=1)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=3.0, top_k=1, seed=1),
+        SamplingParams(temperature=3.0, top_p=1e-6, seed=2),
+        SamplingParams(),
+        SamplingParams(temperature=3.0, top_k=1),
+    ]
     generators = [new_generator(p, logits.device) for p in params]
     assert torch.equal(sample(logits, params, generators), logits.argmax(-1))
 
 
 def test_seeded_row_is_independent_of_its_batch() -> None:
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(2))
-    mixed = [SamplingParams(temperature=1.3, top_p=0.9, seed=7), SamplingParams(),
-             SamplingParams(temperature=0.8, top_k=20),
-             SamplingParams(temperature=1.0, top_k=40, top_p=0.8, seed=8),
-             SamplingParams(temperature=2.0), SamplingParams(temperature=1.3, top_p=0.9, seed=7)]
+    mixed = [
+        SamplingParams(temperature=1.3, top_p=0.9, seed=7),
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_k=20),
+        SamplingParams(temperature=1.0, top_k=40, top_p=0.8, seed=8),
+        SamplingParams(temperature=2.0),
+        SamplingParams(temperature=1.3, top_p=0.9, seed=7),
+    ]
     together = sample(logits, mixed, [new_generator(p, logits.device) for p in mixed])
     for row in (0, 3, 5):
-        alone = sample(logits[row:row + 1], [mixed[row]], [new_generator(mixed[row], logits.device)])
+        alone = sample(logits[row : row + 1], [mixed[row]], [new_generator(mixed[row], logits.device)])
         assert together[row] == alone[0]
     assert together[0] == together[5]  # same logits, same seed: same token
-    draws = {int(sample(logits[:1], [p], [new_generator(p, logits.device)])[0])
-             for p in (SamplingParams(temperature=5.0, seed=s) for s in range(12))}
+    draws = {
+        int(sample(logits[:1], [p], [new_generator(p, logits.device)])[0])
+        for p in (SamplingParams(temperature=5.0, seed=s) for s in range(12))
+    }
     assert len(draws) > 1  # different seeds do sample different tokens

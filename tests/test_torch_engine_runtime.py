@@ -69,8 +69,10 @@ def test_kv_cache_is_preallocated_from_build_limits(engine) -> None:
 
 
 def test_in_flight_batching_equals_one_at_a_time(engine) -> None:
-    requests = [GenerationRequest(ids(n, seed), greedy(m))
-                for seed, (n, m) in enumerate([(5, 20), (17, 4), (9, 30), (30, 12), (3, 25), (12, 6)])]
+    requests = [
+        GenerationRequest(ids(n, seed), greedy(m))
+        for seed, (n, m) in enumerate([(5, 20), (17, 4), (9, 30), (30, 12), (3, 25), (12, 6)])
+    ]
     alone = [engine.generate([r])[0].token_ids for r in requests]
     order: list[int] = []
     batched = engine.generate(requests, concurrency=3, on_token=lambda i, _t: order.append(i))
@@ -84,8 +86,9 @@ def test_in_flight_batching_equals_one_at_a_time(engine) -> None:
     assert order.index(3) > max(i for i, r in enumerate(order) if r == 1)
 
 
-@pytest.mark.parametrize("lengths", [(7, 19, 3), (12, 16, 14), (9, 9, 9)],
-                         ids=["packed-mask", "padded-batch", "equal-lengths"])
+@pytest.mark.parametrize(
+    "lengths", [(7, 19, 3), (12, 16, 14), (9, 9, 9)], ids=["packed-mask", "padded-batch", "equal-lengths"]
+)
 def test_packed_prefill_equals_one_sequence_at_a_time(engine, lengths) -> None:
     """Joining requests share one prefill pass: same last-token logits and the same K/V in each slot, whether
     the pass attends through one packed mask (lengths far apart) or as a right-padded causal batch."""
@@ -101,8 +104,13 @@ def test_packed_prefill_equals_one_sequence_at_a_time(engine, lengths) -> None:
         kv_alone = [cache.k[1][s, :, : len(p)].clone() for s, p in enumerate(prompts)]
         for t in (*cache.k, *cache.v):
             t.zero_()
-        packed = model.prefill(torch.tensor([t for p in prompts for t in p]), cache, [0, 1, 2], last_only=True,
-                               lengths=[len(p) for p in prompts])
+        packed = model.prefill(
+            torch.tensor([t for p in prompts for t in p]),
+            cache,
+            [0, 1, 2],
+            last_only=True,
+            lengths=[len(p) for p in prompts],
+        )
     torch.testing.assert_close(packed, torch.stack(alone), atol=1e-5, rtol=1e-5)
     for s, p in enumerate(prompts):
         torch.testing.assert_close(cache.k[1][s, :, : len(p)], kv_alone[s])
@@ -113,17 +121,24 @@ def test_per_request_sampling(engine) -> None:
     base = engine.generate([GenerationRequest(prompt, greedy(12))])[0].token_ids
     seeded = SamplingParams(max_new_tokens=12, temperature=1.0, seed=11)
     alone = engine.generate([GenerationRequest(prompt, seeded)])[0].token_ids
-    mixed = engine.generate([GenerationRequest(ids(9, 8), greedy(12)), GenerationRequest(prompt, seeded),
-                             GenerationRequest(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=12)),
-                             GenerationRequest(prompt, greedy(12))])
+    mixed = engine.generate(
+        [
+            GenerationRequest(ids(9, 8), greedy(12)),
+            GenerationRequest(prompt, seeded),
+            GenerationRequest(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=12)),
+            GenerationRequest(prompt, greedy(12)),
+        ]
+    )
     assert mixed[1].token_ids == alone  # a seeded request does not depend on its batch-mates
     assert mixed[2].token_ids != alone  # another seed samples something else
     assert mixed[3].token_ids == base
     assert alone != base
     top_k1 = SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=3)
     tiny_p = SamplingParams(max_new_tokens=12, temperature=2.0, top_p=1e-6, seed=3)
-    assert [r.token_ids for r in engine.generate([GenerationRequest(prompt, top_k1), GenerationRequest(prompt, tiny_p)])] \
-        == [base, base]
+    assert [
+        r.token_ids
+        for r in engine.generate([GenerationRequest(prompt, top_k1), GenerationRequest(prompt, tiny_p)])
+    ] == [base, base]
 
 
 def test_stop_token_ends_request(engine) -> None:
@@ -131,23 +146,29 @@ def test_stop_token_ends_request(engine) -> None:
     base = engine.generate([GenerationRequest(prompt, greedy(12))])[0].token_ids
     stop = base[3]
     expected = base[: base.index(stop) + 1]
-    result = engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)))])[0]
+    result = engine.generate(
+        [GenerationRequest(prompt, SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)))]
+    )[0]
     assert (result.token_ids, result.finish_reason) == (expected, "stop")
     assert result.ttft_s is not None and len(result.token_times_s) == len(expected)
 
 
-@pytest.mark.parametrize(("request_", "concurrency", "message"), [
-    (GenerationRequest(list(range(33)), greedy(1)), None, "exceeds max_input_len 32"),
-    (GenerationRequest(list(range(30)), greedy(40)), None, "exceeds max_seq_len 64"),
-    (GenerationRequest([1, 2], greedy(1)), 5, "concurrency 5 is outside 1..max_batch_size"),
-    (GenerationRequest([], greedy(1)), None, "empty prompt"),
-    (GenerationRequest([1, 256], greedy(1)), None, "outside the vocabulary"),
-    (GenerationRequest([1], greedy(0)), None, "max_new_tokens must be >= 1"),
-    (GenerationRequest([1], SamplingParams(temperature=-1)), None, "temperature must be >= 0"),
-    (GenerationRequest([1], SamplingParams(temperature=1, top_p=0)), None, "top_p must be in (0, 1]"),
-])
-def test_limits_are_errors_never_truncation(engine, request_: GenerationRequest, concurrency: int | None,
-                                            message: str) -> None:
+@pytest.mark.parametrize(
+    ("request_", "concurrency", "message"),
+    [
+        (GenerationRequest(list(range(33)), greedy(1)), None, "exceeds max_input_len 32"),
+        (GenerationRequest(list(range(30)), greedy(40)), None, "exceeds max_seq_len 64"),
+        (GenerationRequest([1, 2], greedy(1)), 5, "concurrency 5 is outside 1..max_batch_size"),
+        (GenerationRequest([], greedy(1)), None, "empty prompt"),
+        (GenerationRequest([1, 256], greedy(1)), None, "outside the vocabulary"),
+        (GenerationRequest([1], greedy(0)), None, "max_new_tokens must be >= 1"),
+        (GenerationRequest([1], SamplingParams(temperature=-1)), None, "temperature must be >= 0"),
+        (GenerationRequest([1], SamplingParams(temperature=1, top_p=0)), None, "top_p must be in (0, 1]"),
+    ],
+)
+def test_limits_are_errors_never_truncation(
+    engine, request_: GenerationRequest, concurrency: int | None, message: str
+) -> None:
     ok = GenerationRequest([1, 2, 3], greedy(2))
     with pytest.raises(GenerationLimitError, match=re.escape(message)):
         engine.generate([ok, request_], concurrency=concurrency)
@@ -182,7 +203,10 @@ def _edited(engine_dir: Path, tmp_path: Path, **changes) -> Path:
 
 def test_load_refuses_other_torch_minor(engine_dir: Path, tmp_path: Path) -> None:
     other = _edited(engine_dir, tmp_path, torch="2.99.0+cu999")
-    with pytest.raises(EngineMismatchError, match=re.escape(f"torch 2.99.0+cu999, this machine has torch {torch.__version__}")):
+    with pytest.raises(
+        EngineMismatchError,
+        match=re.escape(f"torch 2.99.0+cu999, this machine has torch {torch.__version__}"),
+    ):
         TorchBackend().load(other)
 
 
@@ -203,15 +227,21 @@ def test_load_refuses_other_sm(engine_dir: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     manifest = read(engine_dir).model_copy(update={"device": "cuda", "sm": "sm90", "gpu": "h100"})
-    with pytest.raises(EngineMismatchError, match=r"built for sm90 \(h100\); this GPU is sm80 \(NVIDIA A100\)"):
+    with pytest.raises(
+        EngineMismatchError, match=r"built for sm90 \(h100\); this GPU is sm80 \(NVIDIA A100\)"
+    ):
         check_compatible(manifest, engine_dir)
 
 
 def test_compile_refusals(checkpoint: Path, tmp_path: Path) -> None:
     backend = TorchBackend()
-    with pytest.raises(UnsupportedCombinationError, match="checkpoint is tp1pp1 but target 'cpu-test' asks for tp2pp1"):
+    with pytest.raises(
+        UnsupportedCombinationError, match="checkpoint is tp1pp1 but target 'cpu-test' asks for tp2pp1"
+    ):
         backend.compile(checkpoint, target(tp_size=2), tmp_path / "a", {})
-    with pytest.raises(UnsupportedCombinationError, match="max_seq_len 1024 exceeds the model's max_position_embeddings 512"):
+    with pytest.raises(
+        UnsupportedCombinationError, match="max_seq_len 1024 exceeds the model's max_position_embeddings 512"
+    ):
         backend.compile(checkpoint, target(max_input_len=512, max_seq_len=1024), tmp_path / "b", {})
     gpu = Target(name="h100-test", device="cuda", sm="sm90", gpu="h100", limits=LIMITS)
     if not torch.cuda.is_available():
@@ -234,9 +264,15 @@ def test_compile_refusals(checkpoint: Path, tmp_path: Path) -> None:
 def test_sampled_and_greedy_requests_joining_mid_run_get_their_alone_tokens(engine) -> None:
     """Sampled steps are queued ahead on the device like greedy ones: requests admitted into a running
     batch (concurrency 3 of 6), of different lengths, still get the tokens each gets alone."""
-    requests = [GenerationRequest(ids(5 + i, 20 + i),
-                                  SamplingParams(max_new_tokens=6 + 2 * i, temperature=1.0, top_p=0.9, seed=40 + i)
-                                  if i % 2 else greedy(7 + i)) for i in range(6)]
+    requests = [
+        GenerationRequest(
+            ids(5 + i, 20 + i),
+            SamplingParams(max_new_tokens=6 + 2 * i, temperature=1.0, top_p=0.9, seed=40 + i)
+            if i % 2
+            else greedy(7 + i),
+        )
+        for i in range(6)
+    ]
     alone = [engine.generate([r])[0].token_ids for r in requests]
     assert [r.token_ids for r in engine.generate(requests, concurrency=3)] == alone
 
@@ -244,7 +280,9 @@ def test_sampled_and_greedy_requests_joining_mid_run_get_their_alone_tokens(engi
 def test_compiled_decode_may_compile_a_graph_per_bucket(engine_dir: Path) -> None:
     """dynamo's default of 8 graphs per function would leave most (batch, length) buckets of a large engine
     eager: the limit covers a greedy and a sampled graph per bucket, with room for the compiled helpers."""
-    compiled = TorchBackend().load(engine_dir, program={"compile": "inductor"})  # compiles lazily: nothing runs
+    compiled = TorchBackend().load(
+        engine_dir, program={"compile": "inductor"}
+    )  # compiles lazily: nothing runs
     try:
         buckets = len(compiled._batch_buckets) * len(compiled._length_buckets)
         assert torch._dynamo.config.recompile_limit >= 2 * buckets + 8

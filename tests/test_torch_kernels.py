@@ -59,8 +59,9 @@ def run_check(*args: str, device: str = "cpu", module: str = "tests.fixtures.ker
     env = {**os.environ, "PYTHONPATH": path, "KILN_KERNEL_DEVICE": device}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -85,8 +86,9 @@ def test_gemv_matches_torch_path(fp8: int, pre_quant_scale: int) -> None:
 
 
 @pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "design"), QUANT_CASES)
-def test_integer_weight_kernels_match_torch_path(kind: str, group: int, rows: int, pre_quant_scale: int,
-                                                 design: str) -> None:
+def test_integer_weight_kernels_match_torch_path(
+    kind: str, group: int, rows: int, pre_quant_scale: int, design: str
+) -> None:
     out = run_check("quant", kind, str(group), str(rows), str(pre_quant_scale), design)
     assert f"quant {kind} group={group} m={rows}" in out
 
@@ -95,7 +97,9 @@ QUANT_OPTIONS = "tests.fixtures.quant_option_checks"
 
 
 @pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "option"), QUANT_OPTION_CASES)
-def test_quant_options_match_torch_path(kind: str, group: int, rows: int, pre_quant_scale: int, option: str) -> None:
+def test_quant_options_match_torch_path(
+    kind: str, group: int, rows: int, pre_quant_scale: int, option: str
+) -> None:
     out = run_check("option", kind, str(group), str(rows), str(pre_quant_scale), option, module=QUANT_OPTIONS)
     assert f"quant option {option} {kind} group={group} m={rows}" in out
 
@@ -113,16 +117,21 @@ def test_engine_greedy_tokens_identical_with_kernels(tmp_path: Path, quantizatio
     from tests.fixtures.models import make_tiny_llama
 
     checkpoint, _ = export_checkpoint(make_tiny_llama(tmp_path / "hf"), tmp_path / "ckpt", quantization)
-    target = Target(name="cpu-fp16", dtype="float16",
-                    limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64})
+    target = Target(
+        name="cpu-fp16", dtype="float16", limits={"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64}
+    )
     engine_dir = TorchBackend().compile(checkpoint, target, tmp_path / "engine", {"model_sha": "test"})
     assert "identical" in run_check("engine", str(engine_dir))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [("attention", *map(str, c)) for c in ATTENTION_CASES]
-                         + [("gemv", *map(str, c)) for c in GEMV_CASES]
-                         + [("quant", *map(str, c)) for c in QUANT_CASES], ids=lambda c: "-".join(c))
+@pytest.mark.parametrize(
+    "case",
+    [("attention", *map(str, c)) for c in ATTENTION_CASES]
+    + [("gemv", *map(str, c)) for c in GEMV_CASES]
+    + [("quant", *map(str, c)) for c in QUANT_CASES],
+    ids=lambda c: "-".join(c),
+)
 def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
     import torch
 
@@ -133,8 +142,11 @@ def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [("option", *map(str, c)) for c in QUANT_OPTION_CASES]
-                         + [("tinygemm_only",), ("compiled",)], ids=lambda c: "quant-" + "-".join(c))
+@pytest.mark.parametrize(
+    "case",
+    [("option", *map(str, c)) for c in QUANT_OPTION_CASES] + [("tinygemm_only",), ("compiled",)],
+    ids=lambda c: "quant-" + "-".join(c),
+)
 def test_quant_options_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
     import torch
 

@@ -91,10 +91,33 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        QKV, POS, COS, SIN, KC, VC, K_SCALE, V_SCALE, OUT, ACC, ML,
-        stride_qkv, stride_cb, stride_ch, stride_cs, chunk, splits, sm_scale,
-        H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr, SINGLE: tl.constexpr, DOT_F32: tl.constexpr,
+        QKV,
+        POS,
+        COS,
+        SIN,
+        KC,
+        VC,
+        K_SCALE,
+        V_SCALE,
+        OUT,
+        ACC,
+        ML,
+        stride_qkv,
+        stride_cb,
+        stride_ch,
+        stride_cs,
+        chunk,
+        splits,
+        sm_scale,
+        H: tl.constexpr,
+        KVH: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FP8_KV: tl.constexpr,
+        SINGLE: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         b, kvh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         dtype = OUT.dtype.element_ty
@@ -108,8 +131,12 @@ if triton is not None:
         # q for this KV head's query group, rotated, rounded to the engine dtype as the torch path does
         q_ptr = row + (kvh * G + offs_h)[:, None] * D
         q = tl.load(q_ptr + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-        q_partner = tl.load(q_ptr + ((offs_d + D // 2) % D)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-        q = (q * cos[None, :] + tl.where(offs_d < D // 2, -1.0, 1.0)[None, :] * q_partner * sin[None, :]).to(dtype)
+        q_partner = tl.load(q_ptr + ((offs_d + D // 2) % D)[None, :], mask=hmask[:, None], other=0.0).to(
+            tl.float32
+        )
+        q = (q * cos[None, :] + tl.where(offs_d < D // 2, -1.0, 1.0)[None, :] * q_partner * sin[None, :]).to(
+            dtype
+        )
         k_new = _rope(row + (H + kvh) * D, offs_d, cos, sin, D // 2, D).to(dtype)
         v_new = tl.load(row + (H + KVH + kvh) * D + offs_d).to(dtype)
         cache = b.to(tl.int64) * stride_cb + kvh * stride_ch  # int64: a large cache passes 2^31 elements
@@ -165,8 +192,18 @@ if triton is not None:
             tl.store(ML + (part * 2 + 1) * BLOCK_H + offs_h, l_i, mask=hmask)
 
     @triton.jit
-    def _merge_splits_kernel(ACC, ML, OUT, splits, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
-                             D: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_splits_kernel(
+        ACC,
+        ML,
+        OUT,
+        splits,
+        H: tl.constexpr,
+        KVH: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
         # one program per query head, every split's partial loaded at once (a loop over splits would
         # serialize one global-load latency per split)
         b, head = tl.program_id(0), tl.program_id(1)
@@ -177,15 +214,30 @@ if triton is not None:
         part = (b * KVH + kvh) * splits + offs_s
         m = tl.load(ML + (part * 2) * BLOCK_H + h, mask=smask, other=float("-inf"))
         lsum = tl.load(ML + (part * 2 + 1) * BLOCK_H + h, mask=smask, other=0.0)
-        acc = tl.load(ACC + ((part * BLOCK_H + h) * D)[:, None] + offs_d[None, :], mask=smask[:, None], other=0.0)
+        acc = tl.load(
+            ACC + ((part * BLOCK_H + h) * D)[:, None] + offs_d[None, :], mask=smask[:, None], other=0.0
+        )
         # split 0 always holds key 0, so the max is finite; empty or padded splits weigh exp(-inf) = 0
         w = tl.exp(m - tl.max(m, axis=0))
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
         tl.store(OUT + b * (H * D) + head * D + offs_d, out.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(X, W, Y, PQS, INV_IN_SCALE, OUT_SCALE, N, K, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PQS: tl.constexpr, FP8: tl.constexpr):
+    def _gemv_kernel(
+        X,
+        W,
+        Y,
+        PQS,
+        INV_IN_SCALE,
+        OUT_SCALE,
+        N,
+        K,
+        stride_w,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_PQS: tl.constexpr,
+        FP8: tl.constexpr,
+    ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -196,12 +248,19 @@ if triton is not None:
             kmask = offs_k < K
             x = tl.load(X + offs_k, mask=kmask, other=0.0)
             if HAS_PQS:  # AWQ pre_quant_scale, multiplied in the activation dtype as the torch path does
-                x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+                x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(
+                    X.dtype.element_ty
+                )
             x = x.to(tl.float32)
             if FP8:
                 x = tl.clamp(x * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
-            w = tl.load(W + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :],  # int64: vocab x hidden may pass 2^31
-                        mask=nmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(
+                W
+                + offs_n.to(tl.int64)[:, None] * stride_w
+                + offs_k[None, :],  # int64: vocab x hidden may pass 2^31
+                mask=nmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
         if FP8:
@@ -237,9 +296,24 @@ if triton is not None:
         return (tl.clamp(v, -128.0, 127.0) + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _qgemv_kernel(X, W, S, Y, PQS, INV_IN_SCALE, N_ROWS, K, stride_w, stride_sn, stride_sg,
-                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, KIND: tl.constexpr,
-                      HAS_PQS: tl.constexpr):
+    def _qgemv_kernel(
+        X,
+        W,
+        S,
+        Y,
+        PQS,
+        INV_IN_SCALE,
+        N_ROWS,
+        K,
+        stride_w,
+        stride_sn,
+        stride_sg,
+        ROWS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP: tl.constexpr,
+        KIND: tl.constexpr,
+        HAS_PQS: tl.constexpr,
+    ):
         """One activation row, CUDA cores. KIND 0 int8_wo, 1 int8_sq, 2 int4. Each program owns ``ROWS``
         weight rows (int4: packed rows, two output rows each) and walks K in ``BLOCK_K`` steps of
         ``GROUP``-wide slices (int4: one scale per row per slice)."""
@@ -256,11 +330,15 @@ if triton is not None:
                 kmask = offs_k < K
                 x = tl.load(X + offs_k, mask=kmask, other=0.0)
                 if HAS_PQS:  # multiplied in the activation dtype, as the torch path does
-                    x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+                    x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(
+                        X.dtype.element_ty
+                    )
                 x = x.to(tl.float32)
                 if KIND == 1:
                     x = _round_int8(x * inv_in_scale)
-                w = tl.load(w_rows + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+                w = tl.load(w_rows + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0).to(
+                    tl.int32
+                )
                 if KIND == 2:
                     g = (k0 + j * GROUP) // GROUP
                     smask = rmask & (rows * 0 + k0 + j * GROUP < K)  # the slice lies inside K
@@ -277,11 +355,34 @@ if triton is not None:
             y = tl.sum(acc, axis=1) * tl.load(S + rows * stride_sn, mask=rmask, other=0.0)
             tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
 
-    @triton.jit(do_not_specialize=["M"])  # one compile serves 1..16 rows (Triton would specialize M == 1, M % 16)
-    def _qmm_kernel(X, W, S, Y, PQS, INV_IN_SCALE, M, N, N_ROWS, K, stride_xm, stride_w, stride_sn, stride_sg,
-                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                    KIND: tl.constexpr, HAS_PQS: tl.constexpr, BASE_BITS: tl.constexpr, BASE: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+    @triton.jit(
+        do_not_specialize=["M"]
+    )  # one compile serves 1..16 rows (Triton would specialize M == 1, M % 16)
+    def _qmm_kernel(
+        X,
+        W,
+        S,
+        Y,
+        PQS,
+        INV_IN_SCALE,
+        M,
+        N,
+        N_ROWS,
+        K,
+        stride_xm,
+        stride_w,
+        stride_sn,
+        stride_sg,
+        BLOCK_M: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP: tl.constexpr,
+        KIND: tl.constexpr,
+        HAS_PQS: tl.constexpr,
+        BASE_BITS: tl.constexpr,
+        BASE: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
         """Up to ``BLOCK_M`` activation rows, tensor cores: ``acc[ROWS, BLOCK_M] += W_tile @ x_tile^T``.
 
         int8_sq: the activations quantized to int8 in the prologue, an int8 x int8 -> int32 dot, exact.
@@ -309,7 +410,10 @@ if triton is not None:
                 kmask = offs_k < K
                 x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
                 if HAS_PQS:
-                    x = (x.to(tl.float32) * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(dtype)
+                    x = (
+                        x.to(tl.float32)
+                        * tl.load(PQS + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+                    ).to(dtype)
                 w = tl.load(w_rows + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
                 if KIND == 1:
                     xq = _round_int8(x.to(tl.float32) * inv_in_scale).to(tl.int8)
@@ -375,20 +479,42 @@ def attention_launch(batch: int, fp8: bool) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("kiln::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-                     v_scale: torch.Tensor | None, heads: int, kv_heads: int, length: int) -> torch.Tensor:
-    """Attention output ``[B, heads * D]`` of one decode token per row of ``qkv [B, (heads + 2 kv_heads) * D]``
+def decode_attention(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    heads: int,
+    kv_heads: int,
+    length: int,
+) -> torch.Tensor:
+    """Attention output ``[B, heads * D]`` of one decode token per row of
+    ``qkv [B, (heads + 2 kv_heads) * D]``
     (pre-RoPE), each at ``positions[b] < length``; writes the new K/V into ``k_cache/v_cache[b, :, pos]``."""
     launch = attention_launch(qkv.shape[0], k_scale is not None)
-    return launch_decode_attention(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads,
-                                   length, launch)
+    return launch_decode_attention(
+        qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads, length, launch
+    )
 
 
-def launch_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-                            v_scale: torch.Tensor | None, heads: int, kv_heads: int, length: int,
-                            launch: tuple[int, int, int]) -> torch.Tensor:
+def launch_decode_attention(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    heads: int,
+    kv_heads: int,
+    length: int,
+    launch: tuple[int, int, int],
+) -> torch.Tensor:
     """``decode_attention`` with an explicit ``(BLOCK_N, num_warps, num_stages)``; any BLOCK_N gives the
     same result (the split chunks are masked per key), only the speed differs."""
     batch = qkv.shape[0]
@@ -400,18 +526,62 @@ def launch_decode_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: tor
     sms = _sm_count(None if interpreting() else qkv.device.index)
     splits, chunk = attention_splits(batch, kv_heads, length, sms)
     single = splits == 1
-    acc = out if single else torch.empty(batch * kv_heads * splits * block_h, d, dtype=torch.float32, device=qkv.device)
-    ml = out if single else torch.empty(batch * kv_heads * splits * 2, block_h, dtype=torch.float32, device=qkv.device)
+    acc = (
+        out
+        if single
+        else torch.empty(batch * kv_heads * splits * block_h, d, dtype=torch.float32, device=qkv.device)
+    )
+    ml = (
+        out
+        if single
+        else torch.empty(batch * kv_heads * splits * 2, block_h, dtype=torch.float32, device=qkv.device)
+    )
     fp8 = k_scale is not None
     _decode_attention_kernel[(batch, kv_heads, splits)](
-        qkv, positions, cos, sin, k_cache, v_cache, k_scale if fp8 else out, v_scale if fp8 else out, out, acc, ml,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), chunk, splits, d ** -0.5,
-        H=heads, KVH=kv_heads, G=group, D=d, BLOCK_H=block_h, BLOCK_N=block_n, FP8_KV=fp8, SINGLE=single,
+        qkv,
+        positions,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        k_scale if fp8 else out,
+        v_scale if fp8 else out,
+        out,
+        acc,
+        ml,
+        qkv.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        chunk,
+        splits,
+        d**-0.5,
+        H=heads,
+        KVH=kv_heads,
+        G=group,
+        D=d,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        FP8_KV=fp8,
+        SINGLE=single,
         DOT_F32=interpreting(),
-        num_warps=warps, num_stages=stages)
+        num_warps=warps,
+        num_stages=stages,
+    )
     if not single:
-        _merge_splits_kernel[(batch, heads)](acc, ml, out, splits, H=heads, KVH=kv_heads, G=group, D=d,
-                                             BLOCK_H=block_h, SPLITS=_next_pow2(splits), num_warps=2)
+        _merge_splits_kernel[(batch, heads)](
+            acc,
+            ml,
+            out,
+            splits,
+            H=heads,
+            KVH=kv_heads,
+            G=group,
+            D=d,
+            BLOCK_H=block_h,
+            SPLITS=_next_pow2(splits),
+            num_warps=2,
+        )
     return out
 
 
@@ -422,11 +592,18 @@ def _(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_he
 
 # -- batch-1 GEMV ------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("kiln::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, pre_quant_scale: torch.Tensor | None,
-         inv_input_scale: torch.Tensor | None, out_scale: torch.Tensor | None,
-         config: list[int] | None = None) -> torch.Tensor:
-    """``x [1, K] @ weight[N, K]^T`` (``config``: BLOCK_N, BLOCK_K, num_warps) in float32 accumulation, returned in ``x``'s dtype. FP8 ``weight``:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    inv_input_scale: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
+    config: list[int] | None = None,
+) -> torch.Tensor:
+    """``x [1, K] @ weight[N, K]^T`` (``config``: BLOCK_N, BLOCK_K, num_warps) in float32 accumulation,
+    returned in ``x``'s dtype. FP8 ``weight``:
     ``x`` is quantized as ``fp8(x * inv_input_scale)`` first and the sum scaled by ``out_scale``
     (input scale x weight scale)."""
     n, k = weight.shape
@@ -434,9 +611,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, pre_quant_scale: torch.Tensor | 
     block_n, block_k, warps = config or GEMV_CANDIDATES[0]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, pre_quant_scale if pre_quant_scale is not None else x,
-        inv_input_scale if fp8 else x, out_scale if fp8 else x, n, k, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_PQS=pre_quant_scale is not None, FP8=fp8, num_warps=warps)
+        x,
+        weight,
+        y,
+        pre_quant_scale if pre_quant_scale is not None else x,
+        inv_input_scale if fp8 else x,
+        out_scale if fp8 else x,
+        n,
+        k,
+        weight.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        HAS_PQS=pre_quant_scale is not None,
+        FP8=fp8,
+        num_warps=warps,
+    )
     return y
 
 
@@ -481,8 +670,9 @@ def _chain_ms(fn, copies: int) -> float:
     return graph_ms(lambda: [fn(i) for i in range(copies)])
 
 
-def tune_gemv(shapes: set[tuple[bool, int, int]], device: torch.device, dtype: torch.dtype
-              ) -> dict[str, list[int] | None]:
+def tune_gemv(
+    shapes: set[tuple[bool, int, int]], device: torch.device, dtype: torch.dtype
+) -> dict[str, list[int] | None]:
     """For each (fp8, N, K) weight shape: the fastest batch-1 GEMV on this GPU, a Triton block shape or
     ``None`` for cuBLAS, each timed over enough distinct weights that none stays in L2 (as a decode step
     reads them). What a TensorRT build does with its tactics, at the scale of five shapes."""
@@ -494,8 +684,9 @@ def tune_gemv(shapes: set[tuple[bool, int, int]], device: torch.device, dtype: t
     return chosen
 
 
-def _time_gemv(fp8: bool, n: int, k: int, device: torch.device, dtype: torch.dtype
-               ) -> dict[tuple[int, int, int] | None, float]:
+def _time_gemv(
+    fp8: bool, n: int, k: int, device: torch.device, dtype: torch.dtype
+) -> dict[tuple[int, int, int] | None, float]:
     """ms per chain for cuBLAS (key ``None``) and each Triton candidate that fits ``k``."""
     copies = max(2, min(16, (256 << 20) // (n * k * (1 if fp8 else 2))))
     weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
@@ -504,8 +695,12 @@ def _time_gemv(fp8: bool, n: int, k: int, device: torch.device, dtype: torch.dty
     if fp8:
         weights = [(w.float() * (FP8_MAX / w.float().abs().amax())).to(torch.float8_e4m3fn) for w in weights]
         xq = x.to(torch.float8_e4m3fn)
-        times = {None: _chain_ms(lambda i: torch._scaled_mm(xq, weights[i].t(), scale_a=one, scale_b=one,
-                                                            out_dtype=dtype), copies)}
+        times = {
+            None: _chain_ms(
+                lambda i: torch._scaled_mm(xq, weights[i].t(), scale_a=one, scale_b=one, out_dtype=dtype),
+                copies,
+            )
+        }
     else:
         times = {None: _chain_ms(lambda i: torch.nn.functional.linear(x, weights[i]), copies)}
     scales = (one, one) if fp8 else (None, None)
@@ -554,7 +749,10 @@ def quant_candidates(kind: str, k: int, group: int, m: int) -> list[list[int]]:
     """Configs ``[design, BLOCK_N, BLOCK_K, num_warps, num_stages]`` that fit a shape, for ``m`` rows (the
     CUDA-core GEMV only for one row). int4 needs ``BLOCK_K`` a multiple of its group (one scale per slice)."""
     out = []
-    for design, table in ((GEMV, QGEMV_CANDIDATES["int4" if kind == "int4" else "int8"]), (QMM, QMM_CANDIDATES[kind])):
+    for design, table in (
+        (GEMV, QGEMV_CANDIDATES["int4" if kind == "int4" else "int8"]),
+        (QMM, QMM_CANDIDATES[kind]),
+    ):
         if design == GEMV and m != 1:
             continue
         for block_n, block_k, warps, stages in table:
@@ -567,8 +765,15 @@ def quant_candidates(kind: str, k: int, group: int, m: int) -> list[list[int]]:
 
 
 @torch.library.custom_op("kiln::qmatmul", mutates_args=())
-def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
-            inv_input_scale: torch.Tensor | None, kind: str, config: list[int]) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    inv_input_scale: torch.Tensor | None,
+    kind: str,
+    config: list[int],
+) -> torch.Tensor:
     """``x [M, K] @ W^T`` in ``x``'s dtype for an integer weight ``W`` of ``kind`` (``QUANT_KINDS``), never
     dequantized to memory. ``weight``: int8 ``[N, K]`` or int4 packed ``[N/2, K]``; ``scale``: int8_wo the
     weight scale ``[N]``, int8_sq input scale x weight scale ``[N]``, int4 the group scales ``[N, K/group]``
@@ -592,17 +797,57 @@ def qmatmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quan
     if design == GEMV:
         if m != 1:
             raise ValueError(f"the CUDA-core GEMV takes one row, got {m}")
-        _qgemv_kernel[grid](x, weight, scale, y, pqs, inv, weight.shape[0], k, weight.stride(0), scale.stride(0),
-                            stride_sg, ROWS=rows, BLOCK_K=block_k, GROUP=group, KIND=kid,
-                            HAS_PQS=pre_quant_scale is not None, num_warps=warps, num_stages=stages)
+        _qgemv_kernel[grid](
+            x,
+            weight,
+            scale,
+            y,
+            pqs,
+            inv,
+            weight.shape[0],
+            k,
+            weight.stride(0),
+            scale.stride(0),
+            stride_sg,
+            ROWS=rows,
+            BLOCK_K=block_k,
+            GROUP=group,
+            KIND=kid,
+            HAS_PQS=pre_quant_scale is not None,
+            num_warps=warps,
+            num_stages=stages,
+        )
         return y
     if m > QMM_BLOCK_M:
         raise ValueError(f"the tensor-core kernel takes at most {QMM_BLOCK_M} rows, got {m}")
     base_bits, base = _HALF_BASE[x.dtype]
-    _qmm_kernel[grid](x, weight, scale, y, pqs, inv, m, n, weight.shape[0], k, x.stride(0), weight.stride(0),
-                      scale.stride(0), stride_sg, BLOCK_M=QMM_BLOCK_M, ROWS=rows, BLOCK_K=block_k, GROUP=group,
-                      KIND=kid, HAS_PQS=pre_quant_scale is not None, BASE_BITS=base_bits, BASE=base,
-                      DOT_F32=interpreting(), num_warps=warps, num_stages=stages)
+    _qmm_kernel[grid](
+        x,
+        weight,
+        scale,
+        y,
+        pqs,
+        inv,
+        m,
+        n,
+        weight.shape[0],
+        k,
+        x.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        stride_sg,
+        BLOCK_M=QMM_BLOCK_M,
+        ROWS=rows,
+        BLOCK_K=block_k,
+        GROUP=group,
+        KIND=kid,
+        HAS_PQS=pre_quant_scale is not None,
+        BASE_BITS=base_bits,
+        BASE=base,
+        DOT_F32=interpreting(),
+        num_warps=warps,
+        num_stages=stages,
+    )
     return y
 
 
@@ -634,29 +879,37 @@ def tinygemm_fits(n: int, k: int, group: int) -> bool:
     return group in TINYGEMM_GROUPS and n % 8 == 0 and k % 32 == 0 and k % group == 0
 
 
-def int4pack(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def int4pack(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ModelOpt's symmetric int4 (``[N/2, K]`` nibbles, low = even output row, q in [-8, 7]; float32 group
     scales ``[N, K/group]``) -> tinygemm's (packed weight, ``[K/group, N, 2]`` scales and zeros in ``dtype``).
 
     tinygemm dequantizes ``(u - 8) * scale + zero`` with ``u`` in [0, 15]: ``u = q + 8`` and ``zero = 0`` is
-    ModelOpt's ``q * scale`` exactly, except that the scale is rounded to ``dtype`` (the kernel takes it so)."""
+    ModelOpt's ``q * scale`` exactly, except that the scale is rounded to ``dtype`` (the kernel takes it
+    so)."""
     low = (weight << 4) >> 4  # arithmetic shifts sign-extend each nibble
     q = torch.stack((low, weight >> 4), dim=1).reshape(2 * weight.shape[0], weight.shape[1]).to(torch.int32)
     u = q + 8
     k = u.shape[1]
     inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
     if weight.device.type == "cuda":  # [N, K/2] bytes, the even k in the high nibble
-        packed = torch._convert_weight_to_int4pack(((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous(),
-                                                   inner_k_tiles)
+        packed = torch._convert_weight_to_int4pack(
+            ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous(), inner_k_tiles
+        )
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), inner_k_tiles)
     scale = scale.float()
-    scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    scales_and_zeros = (
+        torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    )
     return packed, scales_and_zeros
 
 
 @torch.library.custom_op("kiln::int4pack_mm", mutates_args=())
-def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def int4pack_mm(
+    x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
     """``x [M, K] @ W^T`` over tinygemm's packed int4 ``W`` (``int4pack``), in ``x``'s dtype."""
     x = x.contiguous()
     if x.is_cuda:
@@ -672,14 +925,28 @@ def _(x, packed, group, scales_and_zeros):
 if triton is not None:
 
     @triton.jit
-    def _dequant_kernel(W, S, OUT, N_ROWS, K, stride_w, stride_sn, stride_sg, GROUP: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr):
+    def _dequant_kernel(
+        W,
+        S,
+        OUT,
+        N_ROWS,
+        K,
+        stride_w,
+        stride_sn,
+        stride_sg,
+        GROUP: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        INT4: tl.constexpr,
+    ):
         """``q * scale`` in float32, rounded to OUT's dtype (the torch path's ``_dequantize``). int4: ``ROWS``
         packed rows (two output rows each), one scale per row per ``GROUP``; int8: one scale per row."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < N_ROWS)[:, None] & (offs_k < K)[None, :]
-        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask, other=0).to(
+            tl.int32
+        )
         dtype = OUT.dtype.element_ty
         if INT4:
             g = (offs_k // GROUP)[None, :] * stride_sg
@@ -692,8 +959,11 @@ if triton is not None:
             tl.store(out + K, hi.to(dtype), mask=mask)
         else:
             s = tl.load(S + rows * stride_sn, mask=rows < N_ROWS, other=0.0)
-            tl.store(OUT + rows.to(tl.int64)[:, None] * K + offs_k[None, :], (w.to(tl.float32) * s[:, None]).to(dtype),
-                     mask=mask)
+            tl.store(
+                OUT + rows.to(tl.int64)[:, None] * K + offs_k[None, :],
+                (w.to(tl.float32) * s[:, None]).to(dtype),
+                mask=mask,
+            )
 
 
 @torch.library.custom_op("kiln::dequantize", mutates_args=())
@@ -707,8 +977,20 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     group = k // scale.shape[1] if int4 else 1
     block_rows, block_k = 16, 256
     _dequant_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(k, block_k))](
-        weight, scale, out, rows, k, weight.stride(0), scale.stride(0), scale.stride(1) if int4 else 0,
-        GROUP=group, ROWS=block_rows, BLOCK_K=block_k, INT4=int4, num_warps=4)
+        weight,
+        scale,
+        out,
+        rows,
+        k,
+        weight.stride(0),
+        scale.stride(0),
+        scale.stride(1) if int4 else 0,
+        GROUP=group,
+        ROWS=block_rows,
+        BLOCK_K=block_k,
+        INT4=int4,
+        num_warps=4,
+    )
     return out
 
 
@@ -717,8 +999,14 @@ def _(weight, scale, dtype):
     return weight.new_empty(weight.shape[0] * (2 if scale.dim() == 2 else 1), weight.shape[1], dtype=dtype)
 
 
-def fused_math(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
-               inv_input_scale: torch.Tensor | None, kind: str) -> torch.Tensor:
+def fused_math(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    inv_input_scale: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
     """One row ``x [1, K] @ W^T`` written as a product summed over K, in float32 (``qmatmul``'s arguments and
     numerics: ``q * scale`` or the scale after the integer dot). Inductor makes it one reduction kernel."""
     if pre_quant_scale is not None:
@@ -750,20 +1038,35 @@ def _fused_fn(key: tuple):
 
         code = fused_math.__code__.replace(co_name=f"fused_math_{len(_FUSED)}")
         fn = types.FunctionType(code, fused_math.__globals__, code.co_name)
-        _FUSED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options={"coordinate_descent_tuning": True})
+        _FUSED[key] = torch.compile(
+            fn, dynamic=False, fullgraph=True, options={"coordinate_descent_tuning": True}
+        )
     return _FUSED[key]
 
 
 @torch.library.custom_op("kiln::fused_gemv", mutates_args=())
-def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, pre_quant_scale: torch.Tensor | None,
-               inv_input_scale: torch.Tensor | None, kind: str) -> torch.Tensor:
+def fused_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    inv_input_scale: torch.Tensor | None,
+    kind: str,
+) -> torch.Tensor:
     """``fused_math`` compiled by Inductor on CUDA for this weight's shape (the engine's own compile would
     fold it into its graph with its own settings: opaque here, it keeps the coordinate-descent-tuned
     reduction); eager elsewhere (the tests check the math)."""
     if not x.is_cuda:
         return fused_math(x, weight, scale, pre_quant_scale, inv_input_scale, kind)
-    key = (kind, tuple(weight.shape), tuple(scale.shape), tuple(scale.stride()), x.dtype, pre_quant_scale is not None,
-           x.device.index)
+    key = (
+        kind,
+        tuple(weight.shape),
+        tuple(scale.shape),
+        tuple(scale.stride()),
+        x.dtype,
+        pre_quant_scale is not None,
+        x.device.index,
+    )
     return _fused_fn(key)(x, weight, scale, pre_quant_scale, inv_input_scale, kind)
 
 

@@ -40,8 +40,17 @@ class KVCache:
     per-layer K and V scales.
     """
 
-    def __init__(self, spec: ModelSpec, tp: TensorParallel, num_layers: int, max_batch: int, max_seq: int,
-                 dtype: torch.dtype, device: torch.device, scales: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tp: TensorParallel,
+        num_layers: int,
+        max_batch: int,
+        max_seq: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scales: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
         _, kv_heads = spec.local_heads(tp.world_size)
         shape = (max_batch, kv_heads, max_seq, spec.head_size)
         store = torch.float8_e4m3fn if scales else dtype
@@ -112,15 +121,24 @@ def _gate(act: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
     return _activation(name)(act) * up
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-            scale: float | None, softcap: float | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
     """``q [..., H, Tq, d]`` over ``k``/``v [..., Hkv, Tk, d]`` (H a multiple of Hkv); ``mask`` True where a
     query may attend (None: causal). A soft-cap (Gemma 2) caps the scores before the float32 softmax, as
     transformers' eager attention does; SDPA has no soft-cap."""
     group = q.shape[-3] // k.shape[-3]
     if softcap is None and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
-    if group > 1:  # K/V repeated to every query head: a few MB, and it keeps the masked call on a fused kernel
+    if (
+        group > 1
+    ):  # K/V repeated to every query head: a few MB, and it keeps the masked call on a fused kernel
         k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -143,7 +161,8 @@ class Padded:
 
     @staticmethod
     def pays(lengths: list[int]) -> bool:
-        """Whether padding costs less attention work than one packed mask (it does unless lengths vary a lot)."""
+        """Whether padding costs less attention work than one packed mask (it does unless lengths vary a
+        lot)."""
         return len(lengths) * max(lengths) ** 2 <= sum(lengths) ** 2
 
     def _pad(self, t: torch.Tensor) -> torch.Tensor:
@@ -153,30 +172,55 @@ class Padded:
             out[self.index] = t
         return out.view(self.count, self.length, *t.shape[1:]).transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None
+    ) -> torch.Tensor:
         """``q [T, H, d]``, ``k``/``v [T, Hkv, d]`` -> ``[T, H * d]``."""
-        out = F.scaled_dot_product_attention(self._pad(q), self._pad(k), self._pad(v), is_causal=True, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(
+            self._pad(q),
+            self._pad(k),
+            self._pad(v),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
         out = out.transpose(1, 2).reshape(self.count * self.length, -1)
         return out if self.full else out[self.index]
 
 
 Rope = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """RoPE kind -> (cos, sin): whole tables, or the rows of the positions being computed."""
-NORMS = ("input_layernorm", "post_layernorm", "post_attention_norm", "post_mlp_norm",
-         "attention.q_layernorm", "attention.k_layernorm")
+NORMS = (
+    "input_layernorm",
+    "post_layernorm",
+    "post_attention_norm",
+    "post_mlp_norm",
+    "attention.q_layernorm",
+    "attention.k_layernorm",
+)
 OPTIONAL_LINEARS = ("mlp.gate_up", "attention.q", "attention.k", "attention.v")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, spec: ModelSpec, linears: dict[str, QuantLinear], norms: dict[str, torch.Tensor],
-                 tp: TensorParallel, attention_kernel: bool, moe: MoE | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        spec: ModelSpec,
+        linears: dict[str, QuantLinear],
+        norms: dict[str, torch.Tensor],
+        tp: TensorParallel,
+        attention_kernel: bool,
+        moe: MoE | None = None,
+    ) -> None:
         super().__init__()
         self.index, self.eps = index, spec.norm_eps
         self.heads, self.kv_heads = spec.local_heads(tp.world_size)
         self.head_size = spec.head_size
         self.input_norm, self.post_norm = norms["input_layernorm"], norms["post_layernorm"]
-        self.post_attention_norm, self.post_mlp_norm = norms.get("post_attention_norm"), norms.get("post_mlp_norm")
+        self.post_attention_norm, self.post_mlp_norm = (
+            norms.get("post_attention_norm"),
+            norms.get("post_mlp_norm"),
+        )
         self.q_norm, self.k_norm = norms.get("attention.q_layernorm"), norms.get("attention.k_layernorm")
         # one fused qkv GEMM, or q/k/v apart where their HF export scales differ (FP8 per tensor)
         self.qkv = linears.get("attention.qkv")
@@ -228,9 +272,14 @@ class DecoderLayer(nn.Module):
             out = self.proj(_gate(act, up, self.act))
         return h + (out if self.post_mlp_norm is None else self._norm(out, self.post_mlp_norm))
 
-    def prefill(self, h: torch.Tensor, rope: Rope, cache: KVCache | None,
-                where: tuple[torch.Tensor | int, torch.Tensor | None] | None,
-                masks: dict[int | None, torch.Tensor | Padded | None]) -> torch.Tensor:
+    def prefill(
+        self,
+        h: torch.Tensor,
+        rope: Rope,
+        cache: KVCache | None,
+        where: tuple[torch.Tensor | int, torch.Tensor | None] | None,
+        masks: dict[int | None, torch.Tensor | Padded | None],
+    ) -> torch.Tensor:
         """``h [T, hidden]``: packed sequences; ``where`` = (slot, position) per token for the cache write
         (``(slot, None)``: one sequence at positions ``0..T-1``); ``masks[window]`` ``[T, T]`` keeps each
         sequence causal, to itself and inside the layer's window (None: one sequence, plain causal)."""
@@ -253,12 +302,29 @@ class DecoderLayer(nn.Module):
         if isinstance(mask, Padded):
             attn = mask.attend(q, k, v, scale=self.scale)
         else:
-            attn = _attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                           mask, scale=self.scale, softcap=self.softcap)[0].transpose(0, 1).reshape(n, -1)
+            attn = (
+                _attend(
+                    q.transpose(0, 1)[None],
+                    k.transpose(0, 1)[None],
+                    v.transpose(0, 1)[None],
+                    mask,
+                    scale=self.scale,
+                    softcap=self.softcap,
+                )[0]
+                .transpose(0, 1)
+                .reshape(n, -1)
+            )
         return self._mlp(self._attention_out(h, attn))
 
-    def decode(self, h: torch.Tensor, rope: Rope, positions: torch.Tensor, cache: KVCache, length: int,
-               key_masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+    def decode(
+        self,
+        h: torch.Tensor,
+        rope: Rope,
+        positions: torch.Tensor,
+        cache: KVCache,
+        length: int,
+        key_masks: dict[int | None, torch.Tensor | None],
+    ) -> torch.Tensor:
         """One token per row of ``h``; ``rope``: rows for ``positions``, or with the attention kernel the
         whole tables (it gathers them itself and needs no key mask)."""
         if self.attention_kernel:
@@ -267,8 +333,19 @@ class DecoderLayer(nn.Module):
                 qkv = torch.cat([t.reshape(h.shape[0], -1) for t in self._split(qkv)], dim=-1)
             k_scale, v_scale = cache.scales[self.index] if cache.scales else (None, None)
             cos, sin = rope[self.rope]
-            attn = kernels.decode_attention(qkv, positions, cos, sin, cache.k[self.index], cache.v[self.index],
-                                            k_scale, v_scale, self.heads, self.kv_heads, length)
+            attn = kernels.decode_attention(
+                qkv,
+                positions,
+                cos,
+                sin,
+                cache.k[self.index],
+                cache.v[self.index],
+                k_scale,
+                v_scale,
+                self.heads,
+                self.kv_heads,
+                length,
+            )
             return self._mlp(self._attention_out(h, attn), decode=True)
         b, d = h.shape[0], self.head_size
         q, k, v = self._qkv(h, rope)
@@ -276,11 +353,19 @@ class DecoderLayer(nn.Module):
         rows = torch.arange(b, device=h.device)
         cache.k[self.index][rows, :, positions] = kq
         cache.v[self.index][rows, :, positions] = vq
-        keys, values = cache.dequantize(self.index, cache.k[self.index][:b, :, :length], cache.v[self.index][:b, :, :length])
+        keys, values = cache.dequantize(
+            self.index, cache.k[self.index][:b, :, :length], cache.v[self.index][:b, :, :length]
+        )
         # GQA without copying K/V: a KV head's query group is the "query length" of one fused attention call
         group = self.heads // self.kv_heads
-        attn = _attend(q.view(b, self.kv_heads, group, d), keys, values, key_masks[self.window][:, None, None, :],
-                       scale=self.scale, softcap=self.softcap)
+        attn = _attend(
+            q.view(b, self.kv_heads, group, d),
+            keys,
+            values,
+            key_masks[self.window][:, None, None, :],
+            scale=self.scale,
+            softcap=self.softcap,
+        )
         h = self._attention_out(h, attn.reshape(b, self.heads * d))
         return self._mlp(h, decode=True)
 
@@ -290,9 +375,19 @@ class DecoderModel(nn.Module):
     first stage embeds, every stage runs its own layers, and the last applies the norm and lm_head; the
     others return ``None`` where logits would be."""
 
-    def __init__(self, spec: ModelSpec, layout: dict[str, str], tensors: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype, device: torch.device, tp: TensorParallel, pp: PipelineParallel,
-                 scaled_mm: bool, program: dict | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layout: dict[str, str],
+        tensors: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TensorParallel,
+        pp: PipelineParallel,
+        scaled_mm: bool,
+        program: dict | None = None,
+    ) -> None:
         """``program``: the engine's kernel choices (``attention: triton``, ``gemv`` per weight shape);
         they apply where ``kernels.available`` (CUDA with Triton), the torch path serves elsewhere."""
         super().__init__()
@@ -302,45 +397,75 @@ class DecoderModel(nn.Module):
 
         def linear(name: str, reduce: bool = False) -> QuantLinear:
             prefix = f"{name}."
-            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            return QuantLinear(layout[name], part, dtype=dtype, device=device, scaled_mm=scaled_mm,
-                               reduce=tp.all_reduce if reduce else None, gemv=gemv)
+            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return QuantLinear(
+                layout[name],
+                part,
+                dtype=dtype,
+                device=device,
+                scaled_mm=scaled_mm,
+                reduce=tp.all_reduce if reduce else None,
+                gemv=gemv,
+            )
 
         self.embedding = tensors["transformer.vocab_embedding.weight"].to(device) if self.pp.first else None
         self.vocab_start = tp.rank * self.embedding.shape[0] if self.pp.first else 0
-        # kiln's decode kernel fuses plain RoPE attention: not windows, soft-caps, other scales or partial rotary
-        plain = (not spec.layer_types and spec.attn_softcap is None and spec.rotary_dim is None
-                 and spec.attn_scale in (None, spec.head_size ** -0.5))
-        self.attention_kernel = (program.get("attention") == "triton" and kernels.available(device, dtype)
-                                 and kernels.attention_supported(spec.head_size) and plain)
+        # kiln's decode kernel fuses plain RoPE attention: not windows, soft-caps, other scales or partial
+        # rotary
+        plain = (
+            not spec.layer_types
+            and spec.attn_softcap is None
+            and spec.rotary_dim is None
+            and spec.attn_scale in (None, spec.head_size**-0.5)
+        )
+        self.attention_kernel = (
+            program.get("attention") == "triton"
+            and kernels.available(device, dtype)
+            and kernels.attention_supported(spec.head_size)
+            and plain
+        )
         self.layers = nn.ModuleList()
         for i in range(layer_count(layout)):
             base = f"transformer.layers.{i}"
             names = [n for n in (*LINEARS, *OPTIONAL_LINEARS) if f"{base}.{n}" in layout]
             linears = {n: linear(f"{base}.{n}", reduce=n in ROW_PARALLEL) for n in names}
-            norms = {n: tensors[f"{base}.{n}.weight"].to(device) for n in NORMS if f"{base}.{n}.weight" in tensors}
+            norms = {
+                n: tensors[f"{base}.{n}.weight"].to(device) for n in NORMS if f"{base}.{n}.weight" in tensors
+            }
             moe = None
             if f"{base}.moe.router.weight" in tensors:
                 experts = {}
                 for slot in SLOTS:
                     prefix = f"{base}.moe.{slot}."
-                    part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                    experts[slot] = StackedExperts(layout[f"{base}.moe.{slot}"], part, dtype=dtype, device=device)
-                moe = MoE(tensors[f"{base}.moe.router.weight"].to(device), experts, spec.experts_per_token,
-                          spec.norm_topk_prob, _activation(spec.activation))
+                    part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    experts[slot] = StackedExperts(
+                        layout[f"{base}.moe.{slot}"], part, dtype=dtype, device=device
+                    )
+                moe = MoE(
+                    tensors[f"{base}.moe.router.weight"].to(device),
+                    experts,
+                    spec.experts_per_token,
+                    spec.norm_topk_prob,
+                    _activation(spec.activation),
+                )
             self.layers.append(DecoderLayer(i, spec, linears, norms, tp, self.attention_kernel, moe))
         self.final_norm = tensors["transformer.ln_f.weight"].to(device) if self.pp.last else None
         self.lm_head = linear("lm_head") if self.pp.last else None
         self.windows = sorted({layer.window for layer in self.layers} - {None})
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32)
-        tables = {kind: (tensors[f"rope.{kind}.inv_freq"], spec.rope_attention_scaling.get(kind, 1.0))
-                  for kind in spec.rope_tables} or {"default": (rope_inv_freq(spec), 1.0)}
+        tables = {
+            kind: (tensors[f"rope.{kind}.inv_freq"], spec.rope_attention_scaling.get(kind, 1.0))
+            for kind in spec.rope_tables
+        } or {"default": (rope_inv_freq(spec), 1.0)}
         self.rope: Rope = {}
         for kind, (inv_freq, scaling) in tables.items():
             freqs = torch.outer(positions, inv_freq.float())
             angles = torch.cat((freqs, freqs), dim=-1)
             # transformers scales cos/sin (LongRoPE's attention factor) in float32, then rounds
-            self.rope[kind] = ((angles.cos() * scaling).to(dtype).to(device), (angles.sin() * scaling).to(dtype).to(device))
+            self.rope[kind] = (
+                (angles.cos() * scaling).to(dtype).to(device),
+                (angles.sin() * scaling).to(dtype).to(device),
+            )
         # the first table under its own name too (engines without layer types have only "default"); held as
         # attributes so weight_bytes counts the tables once
         self.cos, self.sin = self.rope.get("default") or next(iter(self.rope.values()))
@@ -360,7 +485,9 @@ class DecoderModel(nn.Module):
             return F.embedding(tokens, self.embedding)
         local = tokens - self.vocab_start
         inside = (local >= 0) & (local < self.embedding.shape[0])
-        h = F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding) * inside[:, None].to(self.dtype)
+        h = F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding) * inside[:, None].to(
+            self.dtype
+        )
         return self.tp.all_reduce(h)
 
     def _embed_scaled(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -377,10 +504,14 @@ class DecoderModel(nn.Module):
         return logits
 
     def _rows(self, positions: torch.Tensor) -> Rope:
-        return {kind: (cos[positions][:, None, :], sin[positions][:, None, :]) for kind, (cos, sin) in self.rope.items()}
+        return {
+            kind: (cos[positions][:, None, :], sin[positions][:, None, :])
+            for kind, (cos, sin) in self.rope.items()
+        }
 
-    def _windowed(self, causal: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, full: torch.Tensor | None
-                  ) -> dict[int | None, torch.Tensor | None]:
+    def _windowed(
+        self, causal: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, full: torch.Tensor | None
+    ) -> dict[int | None, torch.Tensor | None]:
         """The attention masks by window: ``full`` for full layers, ``causal`` cut to the last ``w`` keys
         (``q - k < w``, transformers' sliding window) for each sliding window."""
         masks: dict[int | None, torch.Tensor | None] = {None: full}
@@ -400,8 +531,14 @@ class DecoderModel(nn.Module):
             self.pp.send_forward(h)
         return self.pp.last
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache | None, slots: list[int] | None, last_only: bool,
-                lengths: list[int] | None = None) -> torch.Tensor | None:
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None,
+        slots: list[int] | None,
+        last_only: bool,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor | None:
         """Logits for sequences packed in ``tokens [T]`` (``lengths``; default one sequence), writing each
         one's K/V into its cache slot. ``last_only``: ``[n_seq, vocab]``, each sequence's last position."""
         lengths = lengths or [tokens.shape[0]]
@@ -440,7 +577,9 @@ class DecoderModel(nn.Module):
             h = h[torch.tensor(lengths, device=device).cumsum(0) - 1]
         return self._logits(h)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int) -> torch.Tensor | None:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int
+    ) -> torch.Tensor | None:
         """Next-token logits ``[B, vocab]`` for slots ``0..B-1``, each at its own position (< ``length``)."""
         if self.attention_kernel:
             rope, key_masks = self.rope, {None: None}

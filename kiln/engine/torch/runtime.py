@@ -83,14 +83,25 @@ class _Running:
 class TorchEngine:
     """A loaded engine dir; see ``TorchBackend.load``."""
 
-    def __init__(self, engine_dir: Path, manifest: EngineManifest, model: DecoderModel, cache: KVCache,
-                 tp: TensorParallel, pp: PipelineParallel, program: TorchProgram) -> None:
+    def __init__(
+        self,
+        engine_dir: Path,
+        manifest: EngineManifest,
+        model: DecoderModel,
+        cache: KVCache,
+        tp: TensorParallel,
+        pp: PipelineParallel,
+        program: TorchProgram,
+    ) -> None:
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.model, self.cache, self.tp, self.pp = model, cache, tp, pp
         limits = manifest.limits
         self.max_batch_size, self.max_input_len, self.max_seq_len = (
-            limits.max_batch_size, limits.max_input_len, limits.max_seq_len)
+            limits.max_batch_size,
+            limits.max_input_len,
+            limits.max_seq_len,
+        )
         self.device = model.device
         # prompt tokens prefilled together in one pass (bounds the packed attention mask, T x T)
         self.max_num_tokens = max(limits.max_num_tokens, self.max_input_len)
@@ -109,20 +120,28 @@ class TorchEngine:
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * graphs)
-            self._decode_fn = torch.compile(model.decode, dynamic=program.dynamic,
-                                            options=program.inductor_options)
+            self._decode_fn = torch.compile(
+                model.decode, dynamic=program.dynamic, options=program.inductor_options
+            )
         # Static decode inputs (row 0: token ids, row 1: positions) that captured CUDA graphs read from.
         self._inputs = torch.zeros(2, self.max_batch_size, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # two pinned buffers: a queued greedy step copies its tokens into one while the other is read
         pin = self.device.type == "cuda"
-        self._host_tokens = [torch.zeros(self.max_batch_size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._host_tokens = [
+            torch.zeros(self.max_batch_size, dtype=torch.long, pin_memory=pin) for _ in range(2)
+        ]
         self._host_turn = 0
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # -- Engine protocol -------------------------------------------------------------------------
-    def generate(self, requests: list[GenerationRequest], *, concurrency: int | None = None,
-                 on_token: TokenCallback | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        concurrency: int | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[GenerationResult]:
         """Run requests to completion, at most ``concurrency`` (default: max_batch_size) at a time."""
         self._check(requests, concurrency)
         start = time.perf_counter()
@@ -137,8 +156,9 @@ class TorchEngine:
                     results[event.request_id] = event.result
         return results  # type: ignore[return-value]
 
-    def scheduler(self, concurrency: int | None = None, *,
-                  on_event: Callable[[TokenEvent], None] | None = None) -> Scheduler:
+    def scheduler(
+        self, concurrency: int | None = None, *, on_event: Callable[[TokenEvent], None] | None = None
+    ) -> Scheduler:
         """An incremental scheduler over this engine's KV cache (what ``generate`` and ``kiln serve`` run);
         ``on_event`` is called as each token is produced, within the step (streaming).
 
@@ -147,19 +167,24 @@ class TorchEngine:
         return Scheduler(self, concurrency or self.max_batch_size, on_event)
 
     def check_request(self, request: GenerationRequest, where: str = "request") -> None:
-        """Raise GenerationLimitError (naming the limit) if ``request`` does not fit this engine's build limits."""
+        """Raise GenerationLimitError (naming the limit) if ``request`` does not fit this engine's build
+        limits."""
         n, p = len(request.prompt_token_ids), request.sampling
         if n == 0:
             raise GenerationLimitError(f"{where}: empty prompt")
         if n > self.max_input_len:
-            raise GenerationLimitError(f"{where}: prompt of {n} tokens exceeds max_input_len {self.max_input_len}; "
-                                       "shorten the prompt or build the engine with a larger limits.max_input_len")
+            raise GenerationLimitError(
+                f"{where}: prompt of {n} tokens exceeds max_input_len {self.max_input_len}; "
+                "shorten the prompt or build the engine with a larger limits.max_input_len"
+            )
         if p.max_new_tokens < 1:
             raise GenerationLimitError(f"{where}: max_new_tokens must be >= 1, got {p.max_new_tokens}")
         if n + p.max_new_tokens > self.max_seq_len:
             raise GenerationLimitError(
-                f"{where}: prompt ({n}) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} exceeds "
-                f"max_seq_len {self.max_seq_len}; lower max_new_tokens to {self.max_seq_len - n} or rebuild")
+                f"{where}: prompt ({n}) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} "
+                f"exceeds max_seq_len {self.max_seq_len}; lower max_new_tokens to {self.max_seq_len - n} or "
+                "rebuild"
+            )
         _check_sampling(where, p)
         self._check_vocab(request.prompt_token_ids, where)
 
@@ -168,8 +193,10 @@ class TorchEngine:
         if not token_ids:
             raise GenerationLimitError("logits: token_ids is empty")
         if len(token_ids) > self.max_seq_len:
-            raise GenerationLimitError(f"logits: {len(token_ids)} tokens exceed this engine's max_seq_len "
-                                       f"{self.max_seq_len}; score the text in windows of at most that many tokens")
+            raise GenerationLimitError(
+                f"logits: {len(token_ids)} tokens exceed this engine's max_seq_len "
+                f"{self.max_seq_len}; score the text in windows of at most that many tokens"
+            )
         self._check_vocab(token_ids, "logits")
         with torch.inference_mode():
             tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)
@@ -177,7 +204,9 @@ class TorchEngine:
             if not self.pp.enabled:
                 return logits.float().cpu()
             if logits is None:
-                logits = torch.empty(len(token_ids), self.model.spec.vocab_size, dtype=self.model.dtype, device=self.device)
+                logits = torch.empty(
+                    len(token_ids), self.model.spec.vocab_size, dtype=self.model.dtype, device=self.device
+                )
             return self.pp.broadcast(logits.contiguous()).float().cpu()
 
     def memory_bytes(self) -> int:
@@ -194,8 +223,14 @@ class TorchEngine:
             torch.cuda.empty_cache()
 
     # -- internals -------------------------------------------------------------------------------
-    def _admit(self, requests: Mapping[Hashable, GenerationRequest], pending: deque, slots: list[_Running | None],
-               concurrency: int, emit: Callable[[int, _Running, int], None]) -> None:
+    def _admit(
+        self,
+        requests: Mapping[Hashable, GenerationRequest],
+        pending: deque,
+        slots: list[_Running | None],
+        concurrency: int,
+        emit: Callable[[int, _Running, int], None],
+    ) -> None:
         """Move queued requests into free slots (at most ``max_num_tokens`` prompt tokens) and prefill them
         in one packed pass; each emits its first token."""
         joining: list[tuple[int, _Running]] = []
@@ -210,11 +245,19 @@ class TorchEngine:
             joining.append((slot, slots[slot]))
         if not joining:
             return
-        prompt = torch.tensor([t for _, r in joining for t in r.request.prompt_token_ids], dtype=torch.long,
-                              device=self.device)
-        logits = self.model.prefill(prompt, self.cache, [slot for slot, _ in joining], last_only=True,
-                                    lengths=[len(r.request.prompt_token_ids) for _, r in joining])
-        for (slot, running), token in zip(joining, self._sample(logits, [r for _, r in joining]), strict=True):
+        prompt = torch.tensor(
+            [t for _, r in joining for t in r.request.prompt_token_ids], dtype=torch.long, device=self.device
+        )
+        logits = self.model.prefill(
+            prompt,
+            self.cache,
+            [slot for slot, _ in joining],
+            last_only=True,
+            lengths=[len(r.request.prompt_token_ids) for _, r in joining],
+        )
+        for (slot, running), token in zip(
+            joining, self._sample(logits, [r for _, r in joining]), strict=True
+        ):
             emit(slot, running, token)
 
     def _batch(self, active: list[int]) -> int:
@@ -230,7 +273,8 @@ class TorchEngine:
 
     def _stage(self, slots: list[_Running | None], active: list[int]) -> None:
         """Upload each running request's last token and position; free slots below the batch bucket
-        decode a dummy token at position 0 of their own (free) cache row, which the next prefill overwrites."""
+        decode a dummy token at position 0 of their own (free) cache row, which the next prefill
+        overwrites."""
         batch = self._batch(active)
         staged = [[0] * batch, [0] * batch]
         for i in active:
@@ -247,8 +291,11 @@ class TorchEngine:
         else:
             logits = self._decode(batch, length)
             rows = [slots[i] if i in active else None for i in range(batch)]  # free slots: greedy dummies
-            out = sample(logits, [r.request.sampling if r else _GREEDY for r in rows],
-                         [r.generator if r else None for r in rows])
+            out = sample(
+                logits,
+                [r.request.sampling if r else _GREEDY for r in rows],
+                [r.generator if r else None for r in rows],
+            )
             self._inputs[0, :batch].copy_(out)
             self._inputs[1, :batch].add_(1)
         if self.device.type != "cuda":
@@ -315,9 +362,11 @@ class TorchEngine:
 
     def _check(self, requests: list[GenerationRequest], concurrency: int | None) -> None:
         if concurrency is not None and not 1 <= concurrency <= self.max_batch_size:
-            raise GenerationLimitError(f"concurrency {concurrency} is outside 1..max_batch_size "
-                                       f"({self.max_batch_size}) this engine was built for; rebuild with a larger "
-                                       "limits.max_batch_size or lower the concurrency")
+            raise GenerationLimitError(
+                f"concurrency {concurrency} is outside 1..max_batch_size "
+                f"({self.max_batch_size}) this engine was built for; rebuild with a larger "
+                "limits.max_batch_size or lower the concurrency"
+            )
         for i, request in enumerate(requests):
             self.check_request(request, f"request {i}")
 
@@ -343,8 +392,9 @@ class Scheduler:
     owns a scheduler (``kiln serve`` runs it on a dedicated engine thread).
     """
 
-    def __init__(self, engine: TorchEngine, concurrency: int,
-                 on_event: Callable[[TokenEvent], None] | None = None) -> None:
+    def __init__(
+        self, engine: TorchEngine, concurrency: int, on_event: Callable[[TokenEvent], None] | None = None
+    ) -> None:
         self.engine = engine
         self.concurrency = concurrency
         self.on_event = on_event
@@ -374,8 +424,14 @@ class Scheduler:
         return sum(s.position + 1 for s in self._slots if s is not None)
 
     # -- requests ---------------------------------------------------------------------------------
-    def add(self, request: GenerationRequest, request_id: Hashable | None = None, *,
-            submitted_at: float | None = None, check: bool = True) -> Hashable:
+    def add(
+        self,
+        request: GenerationRequest,
+        request_id: Hashable | None = None,
+        *,
+        submitted_at: float | None = None,
+        check: bool = True,
+    ) -> Hashable:
         """Queue ``request`` (checked against the engine's limits unless ``check=False``); returns its id.
 
         Token times are measured from ``submitted_at`` (``time.perf_counter()``; default: now)."""
@@ -393,7 +449,8 @@ class Scheduler:
         return request_id
 
     def cancel(self, request_id: Hashable) -> bool:
-        """Drop a waiting or running request (its slot is free for the next step); False if unknown or done."""
+        """Drop a waiting or running request (its slot is free for the next step); False if unknown or
+        done."""
         if request_id not in self._requests:
             return False
         if request_id in self._pending:
@@ -421,8 +478,14 @@ class Scheduler:
                 logits = engine._decode(engine._batch(active), engine._length(slots, active, 0))
                 if logits is not None:  # None on a pipeline stage before the last
                     contiguous = active == list(range(len(active)))
-                    logits = logits[: len(active)] if contiguous else logits[torch.tensor(active, device=engine.device)]
-                for slot, token in zip(active, engine._sample(logits, [slots[i] for i in active]), strict=True):
+                    logits = (
+                        logits[: len(active)]
+                        if contiguous
+                        else logits[torch.tensor(active, device=engine.device)]
+                    )
+                for slot, token in zip(
+                    active, engine._sample(logits, [slots[i] for i in active]), strict=True
+                ):
                     self._emit(slot, slots[slot], token)
                 return self._take_events()
             if ahead is None:
@@ -433,8 +496,11 @@ class Scheduler:
             # when no request can end by length with ``ahead`` and nobody waits to join; a request that
             # ends on a stop token (or is cancelled) meanwhile gets one extra token computed, never emitted.
             following = None
-            if (ahead.active == active and not (self._pending and len(active) < self.concurrency)
-                    and all(len(slots[i].tokens) + 1 < slots[i].request.sampling.max_new_tokens for i in active)):
+            if (
+                ahead.active == active
+                and not (self._pending and len(active) < self.concurrency)
+                and all(len(slots[i].tokens) + 1 < slots[i].request.sampling.max_new_tokens for i in active)
+            ):
                 following = engine._launch(slots, active, lookahead=1)
             for slot, token in zip(ahead.active, ahead.tokens(), strict=True):
                 if slots[slot] is ahead.owners[slot]:
@@ -453,7 +519,9 @@ class Scheduler:
             self._forget(running.index)
         event = TokenEvent(running.index, token, running.times[-1], result)
         self._events.append(event)
-        if self.on_event is not None:  # e.g. a prefill's first tokens reach their clients before the decode runs
+        if (
+            self.on_event is not None
+        ):  # e.g. a prefill's first tokens reach their clients before the decode runs
             self.on_event(event)
 
     def _forget(self, request_id: Hashable) -> None:

@@ -16,7 +16,8 @@ from kiln.engine.base import SamplingParams
 
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """The generator of a seeded sampling request; None for greedy and unseeded ones (they share the default)."""
+    """The generator of a seeded sampling request; None for greedy and unseeded ones (they share the
+    default)."""
     if params.temperature == 0 or params.seed is None:
         return None
     generator = torch.Generator(device=device)
@@ -24,7 +25,9 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
     return generator
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """One token id per row of ``logits [B, vocab]``: greedy rows by argmax, sampled rows filtered by their
     own top-k / top-p at their own temperature."""
     tokens = torch.argmax(logits, dim=-1)
@@ -43,10 +46,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         if min(top_k) < vocab:
             kth = sorted_scores.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
-            sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))  # ties with the kth stay
+            sorted_scores = sorted_scores.masked_fill(
+                sorted_scores < kth, float("-inf")
+            )  # ties with the kth stay
         if min(top_p) < 1.0:
             probs = torch.softmax(sorted_scores, dim=-1)
-            drop = probs.cumsum(-1) - probs >= torch.tensor(top_p, device=device)[:, None]  # keep the crossing token
+            drop = (
+                probs.cumsum(-1) - probs >= torch.tensor(top_p, device=device)[:, None]
+            )  # keep the crossing token
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = scores.scatter(1, order, sorted_scores)
     noise = torch.empty_like(scores)
