@@ -35,11 +35,24 @@ from kiln.engine.torch.kernels import FP8_MAX  # noqa: E402
 from kiln.engine.torch.kernels import graph_ms as _graph_ms  # noqa: E402
 from kiln.profiles import Target  # noqa: E402
 
-SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-         "intermediate_size": 8192, "vocab_size": 128256, "max_position_embeddings": 131072,
-         "rope_theta": 500000.0, "tie_word_embeddings": True,
-         "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192}}
+SHAPE = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 LIMITS = {"max_batch_size": 64, "max_input_len": 1024, "max_seq_len": 2048, "max_num_tokens": 8192}
 
 
@@ -100,10 +113,17 @@ def gemv_ceiling(model) -> dict:
     mats = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        mats += [torch.cat([sd[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]), sd[f"{p}.self_attn.o_proj.weight"],
-                 torch.cat((sd[f"{p}.mlp.gate_proj.weight"], sd[f"{p}.mlp.up_proj.weight"])), sd[f"{p}.mlp.down_proj.weight"]]
+        mats += [
+            torch.cat([sd[f"{p}.self_attn.{n}_proj.weight"] for n in "qkv"]),
+            sd[f"{p}.self_attn.o_proj.weight"],
+            torch.cat((sd[f"{p}.mlp.gate_proj.weight"], sd[f"{p}.mlp.up_proj.weight"])),
+            sd[f"{p}.mlp.down_proj.weight"],
+        ]
     lm_head = sd["model.embed_tokens.weight"]
-    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in {m.shape[1] for m in [*mats, lm_head]}}
+    xs = {
+        k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for k in {m.shape[1] for m in [*mats, lm_head]}
+    }
 
     def bf16_chain() -> None:
         for w in (*mats, lm_head):
@@ -123,20 +143,31 @@ def gemv_ceiling(model) -> dict:
             for w, s in fp8:
                 torch._scaled_mm(xs8[w.shape[1]], w.t(), scale_a=one, scale_b=s, out_dtype=torch.bfloat16)
             if head_fp8:
-                torch._scaled_mm(xs8[head8[0].shape[1]], head8[0].t(), scale_a=one, scale_b=head8[1],
-                                 out_dtype=torch.bfloat16)
+                torch._scaled_mm(
+                    xs8[head8[0].shape[1]],
+                    head8[0].t(),
+                    scale_a=one,
+                    scale_b=head8[1],
+                    out_dtype=torch.bfloat16,
+                )
             else:
                 torch.nn.functional.linear(xs[lm_head.shape[1]], lm_head)
+
         return run
 
     weight_bytes = sum(m.numel() * m.element_size() for m in (*mats, lm_head))
     bf16_ms = _graph_ms(bf16_chain)
     fp8_ms, fp8_head16_ms = _graph_ms(fp8_chain(True)), _graph_ms(fp8_chain(False))
-    return {"bf16_ms": round(bf16_ms, 4), "bf16_tok_s": round(1e3 / bf16_ms, 1),
-            "fp8_ms": round(fp8_ms, 4), "fp8_bf16_lm_head_ms": round(fp8_head16_ms, 4),
-            "fp8_over_bf16_ceiling": round(bf16_ms / fp8_ms, 3),
-            "fp8_bf16_lm_head_over_bf16_ceiling": round(bf16_ms / fp8_head16_ms, 3),
-            "weight_bytes": weight_bytes, "bf16_chain_TBps": round(weight_bytes / bf16_ms / 1e9, 3)}
+    return {
+        "bf16_ms": round(bf16_ms, 4),
+        "bf16_tok_s": round(1e3 / bf16_ms, 1),
+        "fp8_ms": round(fp8_ms, 4),
+        "fp8_bf16_lm_head_ms": round(fp8_head16_ms, 4),
+        "fp8_over_bf16_ceiling": round(bf16_ms / fp8_ms, 3),
+        "fp8_bf16_lm_head_over_bf16_ceiling": round(bf16_ms / fp8_head16_ms, 3),
+        "weight_bytes": weight_bytes,
+        "bf16_chain_TBps": round(weight_bytes / bf16_ms / 1e9, 3),
+    }
 
 
 def build_hf():
@@ -149,30 +180,45 @@ def build_hf():
     return model
 
 
-
 def checkpoint_config(cfg, quantization: dict) -> dict:
     """The TensorRT-LLM checkpoint config.json of a Llama-shaped ``cfg`` (HF config) with ``quantization``."""
     return {
-        "architecture": "LlamaForCausalLM", "dtype": "bfloat16", "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu", "norm_epsilon": cfg.rms_norm_eps,
-        "position_embedding_type": "rope_gpt_neox", "rotary_base": SHAPE["rope_theta"],
-        "rotary_scaling": {"type": "llama3", **{k: v for k, v in SHAPE["rope_scaling"].items() if k != "rope_type"}},
-        "head_size": cfg.hidden_size // cfg.num_attention_heads, "quantization": quantization,
+        "architecture": "LlamaForCausalLM",
+        "dtype": "bfloat16",
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+        "norm_epsilon": cfg.rms_norm_eps,
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": SHAPE["rope_theta"],
+        "rotary_scaling": {
+            "type": "llama3",
+            **{k: v for k, v in SHAPE["rope_scaling"].items() if k != "rope_type"},
+        },
+        "head_size": cfg.hidden_size // cfg.num_attention_heads,
+        "quantization": quantization,
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
     }
 
+
 def write_checkpoint(model, out_dir: Path, fp8: bool) -> Path:
-    """The TensorRT-LLM checkpoint ModelOpt's export writes for this model (names, fused qkv, fc=gate_proj)."""
+    """The TensorRT-LLM checkpoint ModelOpt's export writes for this model (names, fused qkv,
+    fc=gate_proj)."""
     from safetensors.torch import save_file
 
     cfg = model.config
     sd = {k: v for k, v in model.state_dict().items()}
     amax = _activation_amax(model) if fp8 else {}
-    tensors: dict[str, torch.Tensor] = {"transformer.vocab_embedding.weight": sd["model.embed_tokens.weight"],
-                                         "transformer.ln_f.weight": sd["model.norm.weight"],
-                                         "lm_head.weight": sd["model.embed_tokens.weight"].clone()}
+    tensors: dict[str, torch.Tensor] = {
+        "transformer.vocab_embedding.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["model.embed_tokens.weight"].clone(),
+    }
 
     def linear(name: str, weights: list[torch.Tensor], inputs: list[str]) -> None:
         weight = torch.cat(weights)
@@ -181,7 +227,9 @@ def write_checkpoint(model, out_dir: Path, fp8: bool) -> Path:
             return
         w_scale = (weight.float().abs().amax() / FP8_MAX).reshape(1)
         x_scale = (torch.stack([amax[i] for i in inputs]).amax() / FP8_MAX).reshape(1)
-        tensors[f"{name}.weight"] = (weight.float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        tensors[f"{name}.weight"] = (
+            (weight.float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        )
         tensors[f"{name}.weights_scaling_factor"] = w_scale
         tensors[f"{name}.activation_scaling_factor"] = x_scale
 
@@ -207,8 +255,14 @@ def write_checkpoint(model, out_dir: Path, fp8: bool) -> Path:
         linear(f"{trt}.mlp.proj", [sd[f"{mlp}.down_proj.weight"]], [f"{mlp}.down_proj"])
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
-    config = checkpoint_config(cfg, {"quant_algo": "FP8" if fp8 else None, "kv_cache_quant_algo": None,
-                                     "exclude_modules": ["lm_head"] if fp8 else []})
+    config = checkpoint_config(
+        cfg,
+        {
+            "quant_algo": "FP8" if fp8 else None,
+            "kv_cache_quant_algo": None,
+            "exclude_modules": ["lm_head"] if fp8 else [],
+        },
+    )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
@@ -219,9 +273,11 @@ def _activation_amax(model) -> dict[str, torch.Tensor]:
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+
             def hook(_m, args, _out, name=name):
                 value = args[0].detach().abs().amax().float()
                 amax[name] = torch.maximum(amax.get(name, value), value)
+
             hooks.append(module.register_forward_hook(hook))
     with torch.inference_mode():
         model(torch.randint(0, model.config.vocab_size, (4, 128), device=model.device))
@@ -232,9 +288,20 @@ def _activation_amax(model) -> dict[str, torch.Tensor]:
 
 def target() -> Target:
     major, minor = torch.cuda.get_device_capability()
-    gpu = next((g for g in ("h200", "h100", "b200", "a100", "l40s") if g in torch.cuda.get_device_name().lower()), None)
-    return Target(name="bench-cuda", backend="torch", device="cuda", gpu=gpu, sm=f"sm{major}{minor}",
-                  dtype="bfloat16", limits=LIMITS, work_pool="bench")
+    gpu = next(
+        (g for g in ("h200", "h100", "b200", "a100", "l40s") if g in torch.cuda.get_device_name().lower()),
+        None,
+    )
+    return Target(
+        name="bench-cuda",
+        backend="torch",
+        device="cuda",
+        gpu=gpu,
+        sm=f"sm{major}{minor}",
+        dtype="bfloat16",
+        limits=LIMITS,
+        work_pool="bench",
+    )
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -251,8 +318,12 @@ def hf_eager(model, new_tokens: int) -> dict:
     out = model.generate(ids, **kwargs)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"tok_s": round(new_tokens / dt, 1), "new_tokens": new_tokens, "seconds": round(dt, 3),
-            "token_ids": out[0, 32:].tolist()}
+    return {
+        "tok_s": round(new_tokens / dt, 1),
+        "new_tokens": new_tokens,
+        "seconds": round(dt, 3),
+        "token_ids": out[0, 32:].tolist(),
+    }
 
 
 def hf_reference_logits(model, token_ids: list[int]) -> torch.Tensor:
@@ -269,7 +340,11 @@ def teacher_forced(engine, hf_tokens: list[int], hf_logits: torch.Tensor) -> dic
     prompt = prompts(1, 32, 1)[0]
     rows = []
     with torch.inference_mode():
-        rows.append(engine.model.prefill(torch.tensor(prompt, device="cuda"), engine.cache, [0], last_only=True)[0].float())
+        rows.append(
+            engine.model.prefill(torch.tensor(prompt, device="cuda"), engine.cache, [0], last_only=True)[
+                0
+            ].float()
+        )
         for i, token in enumerate(hf_tokens[:-1]):
             position = len(prompt) + i
             engine._inputs[0, 0], engine._inputs[1, 0] = token, position
@@ -280,10 +355,16 @@ def teacher_forced(engine, hf_tokens: list[int], hf_logits: torch.Tensor) -> dic
     gap = (got - ref).abs()
     top2 = ref.topk(2, dim=-1).values
     disagree = got.argmax(-1) != ref.argmax(-1)
-    return {"steps": len(rows), "top1_agreement": round(float((~disagree).float().mean()), 4),
-            "max_abs_logit_gap": round(float(gap.max()), 4), "mean_abs_logit_gap": round(float(gap.mean()), 5),
-            "hf_top2_margin_where_disagree": [round(float(m), 4) for m in (top2[:, 0] - top2[:, 1])[disagree][:8]],
-            "logits": got}
+    return {
+        "steps": len(rows),
+        "top1_agreement": round(float((~disagree).float().mean()), 4),
+        "max_abs_logit_gap": round(float(gap.max()), 4),
+        "mean_abs_logit_gap": round(float(gap.mean()), 5),
+        "hf_top2_margin_where_disagree": [
+            round(float(m), 4) for m in (top2[:, 0] - top2[:, 1])[disagree][:8]
+        ],
+        "logits": got,
+    }
 
 
 def decode_rate(results) -> float:
@@ -302,8 +383,12 @@ def engine_batch1(engine, new_tokens: int, weight_read: int, bandwidth: float | 
     spec = engine.model.spec
     length = 512  # attended-length bucket of positions 32..32+new_tokens
     kv_read = 2 * spec.num_layers * spec.num_kv_heads * spec.head_size * length * 2
-    out = {"tok_s": round(rate, 1), "step_ms": round(step * 1e3, 3), "bytes_per_step": weight_read + kv_read,
-           "token_ids": res[0].token_ids}
+    out = {
+        "tok_s": round(rate, 1),
+        "step_ms": round(step * 1e3, 3),
+        "bytes_per_step": weight_read + kv_read,
+        "token_ids": res[0].token_ids,
+    }
     if bandwidth:
         out["hbm_roofline_pct"] = round(100 * (weight_read + kv_read) / step / bandwidth, 1)
     return out
@@ -321,7 +406,11 @@ def ttft(engine, length: int) -> dict:
     values = []
     for _ in range(5):
         values.append(engine.generate(request)[0].ttft_s)
-    return {"prompt_tokens": length, "ttft_ms": round(1e3 * min(values), 2), "ttft_ms_all": [round(1e3 * v, 2) for v in values]}
+    return {
+        "prompt_tokens": length,
+        "ttft_ms": round(1e3 * min(values), 2),
+        "ttft_ms_all": [round(1e3 * v, 2) for v in values],
+    }
 
 
 def concurrency(engine, conc: int, new_tokens: int) -> dict:
@@ -332,15 +421,25 @@ def concurrency(engine, conc: int, new_tokens: int) -> dict:
     res = engine.generate(requests, concurrency=conc)
     wall = time.perf_counter() - t0
     total = sum(len(r.token_ids) for r in res)
-    return {"concurrency": conc, "requests": conc, "new_tokens_each": new_tokens,
-            "end_to_end_tok_s": round(total / wall, 1), "decode_tok_s": round(decode_rate(res), 1),
-            "wall_s": round(wall, 3)}
+    return {
+        "concurrency": conc,
+        "requests": conc,
+        "new_tokens_each": new_tokens,
+        "end_to_end_tok_s": round(total / wall, 1),
+        "decode_tok_s": round(decode_rate(res), 1),
+        "wall_s": round(wall, 3),
+    }
 
 
 def overlap_matches_host_path(engine) -> dict:
-    """Greedy tokens of the queued on-device path equal the host-sampled path's (same engine, same requests)."""
-    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=n, stop_token_ids=stop))
-                for p, n, stop in zip(prompts(6, 24, 5), (40, 7, 64, 13, 64, 30), ([], [], [17], [], [], []), strict=True)]
+    """Greedy tokens of the queued on-device path equal the host-sampled path's (same engine, same
+    requests)."""
+    requests = [
+        GenerationRequest(p, SamplingParams(max_new_tokens=n, stop_token_ids=stop))
+        for p, n, stop in zip(
+            prompts(6, 24, 5), (40, 7, 64, 13, 64, 30), ([], [], [17], [], [], []), strict=True
+        )
+    ]
     fast = [r.token_ids for r in engine.generate(requests, concurrency=4)]
     greedy = engine._greedy
     engine._greedy = lambda *_: False
@@ -348,8 +447,13 @@ def overlap_matches_host_path(engine) -> dict:
         host = [r.token_ids for r in engine.generate(requests, concurrency=4)]
     finally:
         engine._greedy = greedy
-    return {"requests": len(requests), "identical": fast == host,
-            "first_difference": next((i for i, (a, b) in enumerate(zip(fast, host, strict=True)) if a != b), None)}
+    return {
+        "requests": len(requests),
+        "identical": fast == host,
+        "first_difference": next(
+            (i for i, (a, b) in enumerate(zip(fast, host, strict=True)) if a != b), None
+        ),
+    }
 
 
 def nccl_world1() -> dict:
@@ -368,9 +472,14 @@ def nccl_world1() -> dict:
         dist.all_gather(parts, x)
         dist.broadcast(x, src=0)
         torch.cuda.synchronize()
-        return {"backend": dist.get_backend(), "rank": tp.rank, "world_size": tp.world_size,
-                "all_reduce_ok": bool(torch.equal(x, torch.arange(8, device="cuda", dtype=torch.float32))),
-                "all_gather_ok": bool(torch.equal(parts[0], x)), "nccl_version": ".".join(map(str, torch.cuda.nccl.version()))}
+        return {
+            "backend": dist.get_backend(),
+            "rank": tp.rank,
+            "world_size": tp.world_size,
+            "all_reduce_ok": bool(torch.equal(x, torch.arange(8, device="cuda", dtype=torch.float32))),
+            "all_gather_ok": bool(torch.equal(parts[0], x)),
+            "nccl_version": ".".join(map(str, torch.cuda.nccl.version())),
+        }
     finally:
         dist.destroy_process_group()
 
@@ -385,12 +494,20 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     run = Run(args.out, args.budget_s)
     r = run.results
-    r["env"] = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-                "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                "command": " ".join(sys.argv), "model": "random-weight Llama-3.2-1B shape", "shape": SHAPE,
-                "limits": LIMITS}
+    r["env"] = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "model": "random-weight Llama-3.2-1B shape",
+        "shape": SHAPE,
+        "limits": LIMITS,
+    }
     try:
         import transformers
+
         r["env"]["transformers"] = transformers.__version__
     except ImportError:
         pass
@@ -402,22 +519,34 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     backend = TorchBackend()
     ck16 = run.stage("checkpoint_bf16", write_checkpoint, model, work / "ck-bf16", False)
-    ck8 = run.stage("checkpoint_fp8", write_checkpoint, model, work / "ck-fp8", True) if "fp8" not in skip else None
+    ck8 = (
+        run.stage("checkpoint_fp8", write_checkpoint, model, work / "ck-fp8", True)
+        if "fp8" not in skip
+        else None
+    )
     hf_logits = None
     if "hf" not in skip:
         r["hf_eager_batch1"] = run.stage("hf_eager", hf_eager, model, 128)
         if r["hf_eager_batch1"]:
-            hf_logits = run.stage("hf_reference_logits", hf_reference_logits, model, r["hf_eager_batch1"]["token_ids"])
+            hf_logits = run.stage(
+                "hf_reference_logits", hf_reference_logits, model, r["hf_eager_batch1"]["token_ids"]
+            )
     del model
     torch.cuda.empty_cache()
     lineage = {"model_sha": "random-llama-3.2-1b-shape"}
-    eng_dir = run.stage("compile_bf16", backend.compile, ck16, target(), work / "eng-bf16", lineage, precompile=False)
+    eng_dir = run.stage(
+        "compile_bf16", backend.compile, ck16, target(), work / "eng-bf16", lineage, precompile=False
+    )
     # inductor_graphs is the built program (kiln's Triton kernels where the build chose them);
     # inductor_graphs_torch_kernels the same with attention and GEMMs on the torch path, for the A/B
-    programs = [("eager_graphs", {"compile": "none", "cuda_graphs": True}),
-                ("inductor_graphs_torch_kernels", {"compile": "inductor", "cuda_graphs": True, "attention": "torch",
-                                                   "gemv": {}}),
-                ("inductor_graphs", {"compile": "inductor", "cuda_graphs": True})]
+    programs = [
+        ("eager_graphs", {"compile": "none", "cuda_graphs": True}),
+        (
+            "inductor_graphs_torch_kernels",
+            {"compile": "inductor", "cuda_graphs": True, "attention": "torch", "gemv": {}},
+        ),
+        ("inductor_graphs", {"compile": "inductor", "cuda_graphs": True}),
+    ]
     programs = [(name, program) for name, program in programs if name not in skip]
     r["bf16_batch1"] = {}
     forced: dict[str, torch.Tensor] = {}
@@ -431,16 +560,22 @@ def main() -> None:
         r.setdefault("program_built", engine.manifest["program"])
         wr = weight_read_bytes(engine)
         r["weight_read_bytes"] = wr
-        r["bf16_batch1"][name] = run.stage(f"bf16_batch1_{name}", engine_batch1, engine, args.new_tokens, wr, bw)
+        r["bf16_batch1"][name] = run.stage(
+            f"bf16_batch1_{name}", engine_batch1, engine, args.new_tokens, wr, bw
+        )
         if hf_logits is not None:
-            tf = run.stage(f"teacher_forced_{name}", teacher_forced, engine, r["hf_eager_batch1"]["token_ids"], hf_logits)
+            tf = run.stage(
+                f"teacher_forced_{name}", teacher_forced, engine, r["hf_eager_batch1"]["token_ids"], hf_logits
+            )
             if tf:
                 forced[name] = tf.pop("logits")
                 r.setdefault("teacher_forced_vs_hf", {})[name] = tf
     if len(forced) == 2:  # the two programs against each other, same inputs
         a, b = forced.values()
-        r["teacher_forced_programs"] = {"top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
-                                        "max_abs_logit_gap": round(float((a - b).abs().max()), 4)}
+        r["teacher_forced_programs"] = {
+            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+            "max_abs_logit_gap": round(float((a - b).abs().max()), 4),
+        }
     # the rest runs on the last program that loaded (inductor unless it failed)
     if engine is not None:
         r["program_used"] = name
@@ -458,15 +593,18 @@ def main() -> None:
             r["greedy_vs_hf"] = {"compared": n, "identical_prefix": same}
         engine.close()
     if ck8 is not None:
-        eng8 = run.stage("compile_fp8", backend.compile, ck8, target(), work / "eng-fp8", lineage, precompile=False)
+        eng8 = run.stage(
+            "compile_fp8", backend.compile, ck8, target(), work / "eng-fp8", lineage, precompile=False
+        )
         r["fp8_batch1"] = {}
         for name, program in programs:
             engine = run.stage(f"load_fp8_{name}", backend.load, eng8, program=program) if eng8 else None
             if engine is None:
                 continue
             r.setdefault("program_built_fp8", engine.manifest["program"])
-            r["fp8_batch1"][name] = run.stage(f"fp8_batch1_{name}", engine_batch1, engine, args.new_tokens,
-                                              weight_read_bytes(engine), bw)
+            r["fp8_batch1"][name] = run.stage(
+                f"fp8_batch1_{name}", engine_batch1, engine, args.new_tokens, weight_read_bytes(engine), bw
+            )
             engine.close()
     if "nccl" not in skip:
         r["nccl_world1"] = run.stage("nccl_world1", nccl_world1)
@@ -478,53 +616,82 @@ def main() -> None:
 def write_markdown(r: dict, path: Path) -> None:
     env = r["env"]
     bw = r.get("copy_bandwidth_Bps")
-    lines = [f"# kiln torch engine on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']})", "",
-             f"Model: {env['model']} (bf16 weights read per step: {r.get('weight_read_bytes', 0) / 1e9:.2f} GB). "
-             f"Copy bandwidth: {bw / 1e12:.2f} TB/s." if bw else "", "",
-             f"Command: `{env['command']}`", "", "| measurement | value |", "| --- | --- |"]
+    lines = [
+        f"# kiln torch engine on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']})",
+        "",
+        f"Model: {env['model']} (bf16 weights read per step: {r.get('weight_read_bytes', 0) / 1e9:.2f} GB). "
+        f"Copy bandwidth: {bw / 1e12:.2f} TB/s."
+        if bw
+        else "",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        "| measurement | value |",
+        "| --- | --- |",
+    ]
     hf = r.get("hf_eager_batch1") or {}
     ceiling = r.get("gemv_ceiling") or {}
     if ceiling:
-        lines.append(f"| ceiling: cuBLAS GEMV chain over all weights, CUDA graph, batch 1 | bf16 {ceiling['bf16_ms']} ms "
-                     f"= {ceiling['bf16_tok_s']} tok/s ({ceiling['bf16_chain_TBps']} TB/s); FP8 {ceiling['fp8_ms']} ms, "
-                     f"FP8 with bf16 lm_head {ceiling['fp8_bf16_lm_head_ms']} ms |")
+        lines.append(
+            "| ceiling: cuBLAS GEMV chain over all weights, CUDA graph, batch 1 | bf16 "
+            f"{ceiling['bf16_ms']} ms = {ceiling['bf16_tok_s']} tok/s ({ceiling['bf16_chain_TBps']} TB/s); "
+            f"FP8 {ceiling['fp8_ms']} ms, FP8 with bf16 lm_head {ceiling['fp8_bf16_lm_head_ms']} ms |"
+        )
     if hf:
         lines.append(f"| HF transformers eager generate, batch 1 | {hf['tok_s']} tok/s |")
     for name, v in (r.get("bf16_batch1") or {}).items():
         if v:
             pct = f", {v['hbm_roofline_pct']}% of HBM roofline" if "hbm_roofline_pct" in v else ""
             x = f", {v['tok_s'] / hf['tok_s']:.1f}x HF" if hf else ""
-            lines.append(f"| kiln bf16 batch 1 ({name}) | {v['tok_s']} tok/s ({v['step_ms']} ms/step{pct}{x}) |")
+            lines.append(
+                f"| kiln bf16 batch 1 ({name}) | {v['tok_s']} tok/s ({v['step_ms']} ms/step{pct}{x}) |"
+            )
     for name, v in (r.get("fp8_batch1") or {}).items():
         if v:
             bf = (r.get("bf16_batch1") or {}).get(name)
             ratio = f", {v['tok_s'] / bf['tok_s']:.2f}x bf16" if bf else ""
-            lines.append(f"| kiln FP8 batch 1 ({name}) | {v['tok_s']} tok/s ({v['step_ms']} ms/step{ratio}) |")
+            lines.append(
+                f"| kiln FP8 batch 1 ({name}) | {v['tok_s']} tok/s ({v['step_ms']} ms/step{ratio}) |"
+            )
     if r.get("ttft_512"):
         lines.append(f"| TTFT, 512-token prompt ({r.get('program_used')}) | {r['ttft_512']['ttft_ms']} ms |")
     for c in r.get("concurrency") or []:
         if c:
-            lines.append(f"| concurrency {c['concurrency']} ({c['requests']} x {c['new_tokens_each']} new tokens) | "
-                         f"{c['end_to_end_tok_s']} tok/s end to end, {c['decode_tok_s']} tok/s decode |")
+            lines.append(
+                f"| concurrency {c['concurrency']} ({c['requests']} x {c['new_tokens_each']} new tokens) | "
+                f"{c['end_to_end_tok_s']} tok/s end to end, {c['decode_tok_s']} tok/s decode |"
+            )
     if r.get("overlap_matches_host_path"):
         o = r["overlap_matches_host_path"]
-        lines.append(f"| queued on-device greedy path == host-sampled path ({o['requests']} requests, concurrency 4) | "
-                     f"{o['identical']} |")
+        lines.append(
+            f"| queued on-device greedy path == host-sampled path ({o['requests']} requests, concurrency 4) "
+            f"| {o['identical']} |"
+        )
     if r.get("greedy_vs_hf"):
         g = r["greedy_vs_hf"]
-        lines.append(f"| greedy tokens identical to HF (bf16, random weights) | first {g['identical_prefix']} of {g['compared']} |")
+        lines.append(
+            f"| greedy tokens identical to HF (bf16, random weights) | first {g['identical_prefix']} of "
+            f"{g['compared']} |"
+        )
     for name, t in (r.get("teacher_forced_vs_hf") or {}).items():
-        lines.append(f"| teacher-forced vs HF bf16 ({name}, {t['steps']} steps) | top-1 agreement {t['top1_agreement']}, "
-                     f"max logit gap {t['max_abs_logit_gap']} (mean {t['mean_abs_logit_gap']}) |")
+        lines.append(
+            f"| teacher-forced vs HF bf16 ({name}, {t['steps']} steps) | top-1 agreement "
+            f"{t['top1_agreement']}, max logit gap {t['max_abs_logit_gap']} (mean "
+            f"{t['mean_abs_logit_gap']}) |"
+        )
     if r.get("teacher_forced_programs"):
         t = r["teacher_forced_programs"]
-        lines.append(f"| teacher-forced, the two kiln programs against each other | top-1 agreement {t['top1_agreement']}, "
-                     f"max logit gap {t['max_abs_logit_gap']} |")
+        lines.append(
+            "| teacher-forced, the two kiln programs against each other | top-1 agreement "
+            f"{t['top1_agreement']}, max logit gap {t['max_abs_logit_gap']} |"
+        )
     if r.get("nccl_world1"):
         lines.append(f"| NCCL init + all_reduce/all_gather/broadcast, world size 1 | {r['nccl_world1']} |")
     lines += _targets(r)
     if r.get("errors"):
-        lines += ["", "Errors / skipped stages:", ""] + [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()]
+        lines += ["", "Errors / skipped stages:", ""] + [
+            f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -538,19 +705,30 @@ def _targets(r: dict) -> list[str]:
     rows = []
     if bf16 and ceiling:
         pct = 100 * bf16["tok_s"] / ceiling["bf16_tok_s"]
-        rows.append(f"| bf16 batch-1 decode >= 75% of the GEMV-chain ceiling | {bf16['tok_s']} of {ceiling['bf16_tok_s']} "
-                    f"tok/s = {pct:.1f}% | {'yes' if pct >= 75 else 'no'} |")
+        rows.append(
+            f"| bf16 batch-1 decode >= 75% of the GEMV-chain ceiling | {bf16['tok_s']} of "
+            f"{ceiling['bf16_tok_s']} tok/s = {pct:.1f}% | {'yes' if pct >= 75 else 'no'} |"
+        )
     if bf16 and hf:
         x = bf16["tok_s"] / hf["tok_s"]
         rows.append(f"| bf16 batch 1 >= 10x HF eager (same run) | {x:.1f}x | {'yes' if x >= 10 else 'no'} |")
     if bf16 and fp8:
         x = fp8["tok_s"] / bf16["tok_s"]
-        cap = f"; the chain ceiling's own ratio is {ceiling['fp8_bf16_lm_head_over_bf16_ceiling']}x" if ceiling else ""
-        rows.append(f"| FP8 batch 1 >= 1.4x bf16 (lm_head bf16) | {x:.2f}x{cap} | {'yes' if x >= 1.4 else 'no'} |")
+        cap = (
+            f"; the chain ceiling's own ratio is {ceiling['fp8_bf16_lm_head_over_bf16_ceiling']}x"
+            if ceiling
+            else ""
+        )
+        rows.append(
+            f"| FP8 batch 1 >= 1.4x bf16 (lm_head bf16) | {x:.2f}x{cap} | {'yes' if x >= 1.4 else 'no'} |"
+        )
     if c64 and (c1 or bf16):
         base = bf16.get("tok_s") or c1["decode_tok_s"]
         x = c64["end_to_end_tok_s"] / base
-        rows.append(f"| concurrency 64 >= 20x batch 1 | {c64['end_to_end_tok_s']} tok/s = {x:.1f}x | {'yes' if x >= 20 else 'no'} |")
+        rows.append(
+            f"| concurrency 64 >= 20x batch 1 | {c64['end_to_end_tok_s']} tok/s = {x:.1f}x | "
+            f"{'yes' if x >= 20 else 'no'} |"
+        )
     return ["", "| target | measured | met? |", "| --- | --- | --- |", *rows] if rows else []
 
 

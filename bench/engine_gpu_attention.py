@@ -58,20 +58,41 @@ def main() -> None:
             skipped.append(f"fp8={fp8} batch={batch} length={length}: budget spent")
             continue
         inputs = case_inputs(bool(fp8), batch, length)
-        reference = kernels.launch_decode_attention(*inputs, HEADS, KV_HEADS, length, kernels.ATTENTION_LAUNCH)
+        reference = kernels.launch_decode_attention(
+            *inputs, HEADS, KV_HEADS, length, kernels.ATTENTION_LAUNCH
+        )
         kv_bytes = 2 * batch * KV_HEADS * length * HEAD * (1 if fp8 else 2)
         for launch in LAUNCHES:
+
             def step(launch=launch, inputs=inputs, length=length):
                 return kernels.launch_decode_attention(*inputs, HEADS, KV_HEADS, length, launch)
+
             try:
                 err = (step().float() - reference.float()).abs().max().item()
                 ms = kernels.graph_ms(step, iters=30)
-            except Exception as exc:  # a launch shape this GPU cannot run (shared memory): recorded, not fatal
-                rows.append({"fp8": fp8, "batch": batch, "length": length, "launch": launch,
-                             "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+            # a launch shape this GPU cannot run (shared memory): recorded, not fatal
+            except Exception as exc:
+                rows.append(
+                    {
+                        "fp8": fp8,
+                        "batch": batch,
+                        "length": length,
+                        "launch": launch,
+                        "error": f"{type(exc).__name__}: {str(exc)[:160]}",
+                    }
+                )
                 continue
-            rows.append({"fp8": fp8, "batch": batch, "length": length, "launch": launch, "us": round(ms * 1e3, 2),
-                         "tb_s": round(kv_bytes / ms / 1e9, 3), "max_abs_diff_vs_default": err})
+            rows.append(
+                {
+                    "fp8": fp8,
+                    "batch": batch,
+                    "length": length,
+                    "launch": launch,
+                    "us": round(ms * 1e3, 2),
+                    "tb_s": round(kv_bytes / ms / 1e9, 3),
+                    "max_abs_diff_vs_default": err,
+                }
+            )
         inputs = reference = None  # the next case's cache may be large
         torch.cuda.empty_cache()
     best = {}
@@ -80,22 +101,40 @@ def main() -> None:
             key = f"fp8={row['fp8']} batch={row['batch']} length={row['length']}"
             if key not in best or row["us"] < best[key]["us"]:
                 best[key] = row
-    default = {f"fp8={r['fp8']} batch={r['batch']} length={r['length']}": r for r in rows
-               if tuple(r["launch"]) == kernels.ATTENTION_LAUNCH and "us" in r}
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head": HEAD},
-              "default_launch": kernels.ATTENTION_LAUNCH, "rows": rows, "best": best, "skipped": skipped,
-              "command": "python bench/engine_gpu_attention.py " + " ".join(sys.argv[1:])}
+    default = {
+        f"fp8={r['fp8']} batch={r['batch']} length={r['length']}": r
+        for r in rows
+        if tuple(r["launch"]) == kernels.ATTENTION_LAUNCH and "us" in r
+    }
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head": HEAD},
+        "default_launch": kernels.ATTENTION_LAUNCH,
+        "rows": rows,
+        "best": best,
+        "skipped": skipped,
+        "command": "python bench/engine_gpu_attention.py " + " ".join(sys.argv[1:]),
+    }
     (args.out / "engine_gpu_attention.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# decode attention launch shapes ({result['gpu']}, torch {result['torch']}, triton {result['triton']})",
-             "", f"Command: `{result['command']}`; random q/k/v, Llama-3.1-8B heads (32/8, head 128), every row "
-             "attending its whole length; KV bytes read / kernel time.", "",
-             "| cache | batch | length | default us (TB/s) | best launch (BLOCK_N, warps, stages) | best us (TB/s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# decode attention launch shapes ({result['gpu']}, torch {result['torch']}, triton "
+        f"{result['triton']})",
+        "",
+        f"Command: `{result['command']}`; random q/k/v, Llama-3.1-8B heads (32/8, head 128), every row "
+        "attending its whole length; KV bytes read / kernel time.",
+        "",
+        "| cache | batch | length | default us (TB/s) | best launch (BLOCK_N, warps, stages) | best us "
+        "(TB/s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for key, row in best.items():
         d = default.get(key, {})
-        lines.append(f"| {'fp8' if row['fp8'] else 'bf16'} | {row['batch']} | {row['length']} | "
-                     f"{d.get('us')} ({d.get('tb_s')}) | {tuple(row['launch'])} | {row['us']} ({row['tb_s']}) |")
+        lines.append(
+            f"| {'fp8' if row['fp8'] else 'bf16'} | {row['batch']} | {row['length']} | "
+            f"{d.get('us')} ({d.get('tb_s')}) | {tuple(row['launch'])} | {row['us']} ({row['tb_s']}) |"
+        )
     (args.out / "engine_gpu_attention.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,8 +35,12 @@ from kiln.engine.torch.kernels import graph_ms as _graph_ms  # noqa: E402
 from tests.fixtures.kernel_checks import torch_path_qkv  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD, FFN, VOCAB, LAYERS = 2048, 32, 8, 64, 8192, 128256, 16
-SHAPES = {"qkv": ((HEADS + 2 * KV_HEADS) * HEAD, HIDDEN), "dense": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN),
-          "proj": (HIDDEN, FFN)}
+SHAPES = {
+    "qkv": ((HEADS + 2 * KV_HEADS) * HEAD, HIDDEN),
+    "dense": (HIDDEN, HIDDEN),
+    "gate_up": (2 * FFN, HIDDEN),
+    "proj": (HIDDEN, FFN),
+}
 CONFIGS = [(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
 
 
@@ -71,8 +75,9 @@ def _attention_torch(qkv, positions, cos, sin, kc, vc, scales, length):
     if ks is not None:
         keys, values = (keys.to(qkv.dtype) * ks).to(qkv.dtype), (values.to(qkv.dtype) * vs).to(qkv.dtype)
     mask = torch.arange(length, device=qkv.device)[None, :] <= positions[:, None]
-    out = F.scaled_dot_product_attention(q.view(b, KV_HEADS, HEADS // KV_HEADS, d), keys, values,
-                                         attn_mask=mask[:, None, None, :])
+    out = F.scaled_dot_product_attention(
+        q.view(b, KV_HEADS, HEADS // KV_HEADS, d), keys, values, attn_mask=mask[:, None, None, :]
+    )
     return out.reshape(b, HEADS * d)
 
 
@@ -81,16 +86,31 @@ def attention(batch: int, length: int, fp8: bool) -> dict:
     kc2, vc2 = kc.clone(), vc.clone()
     out = kernels.decode_attention(qkv, positions, cos, sin, kc, vc, *scales, HEADS, KV_HEADS, length)
     ref = _attention_torch(qkv, positions, cos, sin, kc2, vc2, scales, length)
-    result = {"batch": batch, "length": length, "fp8_kv": fp8,
-              "splits": kernels.attention_splits(batch, KV_HEADS, length, kernels._sm_count(0))[0],
-              "k_cache_identical": bool(torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))),
-              "v_cache_identical": bool(torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))),
-              "max_abs_diff": float((out.float() - ref.float()).abs().max()),
-              "ref_max_abs": float(ref.float().abs().max())}
-    result["kernel_us"] = round(1e3 * _graph_ms(lambda: kernels.decode_attention(
-        qkv, positions, cos, sin, kc, vc, *scales, HEADS, KV_HEADS, length), iters=50), 2)
-    result["torch_path_us"] = round(1e3 * _graph_ms(lambda: _attention_torch(
-        qkv, positions, cos, sin, kc2, vc2, scales, length), iters=50), 2)
+    result = {
+        "batch": batch,
+        "length": length,
+        "fp8_kv": fp8,
+        "splits": kernels.attention_splits(batch, KV_HEADS, length, kernels._sm_count(0))[0],
+        "k_cache_identical": bool(torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))),
+        "v_cache_identical": bool(torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))),
+        "max_abs_diff": float((out.float() - ref.float()).abs().max()),
+        "ref_max_abs": float(ref.float().abs().max()),
+    }
+    result["kernel_us"] = round(
+        1e3
+        * _graph_ms(
+            lambda: kernels.decode_attention(
+                qkv, positions, cos, sin, kc, vc, *scales, HEADS, KV_HEADS, length
+            ),
+            iters=50,
+        ),
+        2,
+    )
+    result["torch_path_us"] = round(
+        1e3
+        * _graph_ms(lambda: _attention_torch(qkv, positions, cos, sin, kc2, vc2, scales, length), iters=50),
+        2,
+    )
     return result
 
 
@@ -131,18 +151,30 @@ def gemv_shape(name: str, n: int, k: int, fp8: bool, configs) -> dict:
     sweep = {}
     for cfg in configs:
         try:
-            sweep[cfg] = _graph_ms(lambda cfg=cfg: [kernels.gemv(x, w, None, *args, list(cfg)) for w in weights])
+            sweep[cfg] = _graph_ms(
+                lambda cfg=cfg: [kernels.gemv(x, w, None, *args, list(cfg)) for w in weights]
+            )
         except Exception as exc:  # a block shape the compiler refuses (registers) is just left out
             sweep[cfg] = None
             print(name, cfg, type(exc).__name__, str(exc)[:200], flush=True)
     ok = {c: t for c, t in sweep.items() if t}
     best = min(ok, key=ok.get)
     per = len(weights)
-    return {"n": n, "k": k, "fp8": fp8, "weights": per, "rel_err_vs_cublas": err,
-            "cublas_us_each": round(1e3 * base / per, 2), "cublas_TBps": round(nbytes / base / 1e9, 3),
-            "best": list(best), "best_us_each": round(1e3 * ok[best] / per, 2),
-            "best_TBps": round(nbytes / ok[best] / 1e9, 3),
-            "sweep_us_each": {"x".join(map(str, c)): (round(1e3 * t / per, 2) if t else None) for c, t in sweep.items()}}
+    return {
+        "n": n,
+        "k": k,
+        "fp8": fp8,
+        "weights": per,
+        "rel_err_vs_cublas": err,
+        "cublas_us_each": round(1e3 * base / per, 2),
+        "cublas_TBps": round(nbytes / base / 1e9, 3),
+        "best": list(best),
+        "best_us_each": round(1e3 * ok[best] / per, 2),
+        "best_TBps": round(nbytes / ok[best] / 1e9, 3),
+        "sweep_us_each": {
+            "x".join(map(str, c)): (round(1e3 * t / per, 2) if t else None) for c, t in sweep.items()
+        },
+    }
 
 
 def main() -> None:
@@ -154,12 +186,24 @@ def main() -> None:
     r = run.results
     import triton
 
-    r["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
+    r["env"] = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "command": " ".join(sys.argv),
+    }
     r["copy_bandwidth_Bps"] = run.stage("copy_bandwidth", copy_bandwidth)
-    r["attention"] = [run.stage(f"attention_b{b}_l{n}_{'fp8' if f else 'bf16'}", attention, b, n, f)
-                      for b, n, f in ((1, 512, False), (1, 2048, False), (64, 1024, False), (1, 512, True),
-                                      (64, 1024, True))]
+    r["attention"] = [
+        run.stage(f"attention_b{b}_l{n}_{'fp8' if f else 'bf16'}", attention, b, n, f)
+        for b, n, f in (
+            (1, 512, False),
+            (1, 2048, False),
+            (64, 1024, False),
+            (1, 512, True),
+            (64, 1024, True),
+        )
+    ]
     print(json.dumps(r["attention"], indent=1), flush=True)
     r["gemv"] = {}
     for fp8 in (False, True):
@@ -175,7 +219,9 @@ def main() -> None:
         head = r["gemv"].get("bf16/lm_head")
         if all(rows) and head:
             cublas = sum(LAYERS * g["cublas_us_each"] for g in rows) + head["cublas_us_each"]
-            best = sum(LAYERS * g["best_us_each"] for g in rows) + min(head["best_us_each"], head["cublas_us_each"])
+            best = sum(LAYERS * g["best_us_each"] for g in rows) + min(
+                head["best_us_each"], head["cublas_us_each"]
+            )
             r[f"chain_{dtype}_us"] = {"cublas": round(cublas, 1), "triton_best": round(best, 1)}
     r["total_s"] = round(time.perf_counter() - run.start, 1)
     run.save()

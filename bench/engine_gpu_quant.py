@@ -66,11 +66,16 @@ VOCAB = SHAPE["vocab_size"]
 
 def linear_shapes(size: str) -> dict[str, tuple[int, int]]:
     s = SHAPES[size]
-    return {"qkv": (s["qkv"], s["hidden"]), "dense": (s["hidden"], s["hidden"]), "fc": (s["ffn"], s["hidden"]),
-            "proj": (s["hidden"], s["ffn"])}
+    return {
+        "qkv": (s["qkv"], s["hidden"]),
+        "dense": (s["hidden"], s["hidden"]),
+        "fc": (s["ffn"], s["hidden"]),
+        "proj": (s["hidden"], s["ffn"]),
+    }
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
+
 
 def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
     """The TensorRT-LLM checkpoint ModelOpt's export writes for ``recipe`` (names, fused qkv, fc = gate_proj,
@@ -83,9 +88,11 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
     algo = ALGOS[recipe]
     amax = _activation_amax(model) if recipe in ("int8_sq", "w4a8_awq") else {}
     g = torch.Generator(device=model.device).manual_seed(0)
-    tensors: dict[str, torch.Tensor] = {"transformer.vocab_embedding.weight": sd["model.embed_tokens.weight"],
-                                         "transformer.ln_f.weight": sd["model.norm.weight"],
-                                         "lm_head.weight": sd["model.embed_tokens.weight"].clone()}
+    tensors: dict[str, torch.Tensor] = {
+        "transformer.vocab_embedding.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["model.embed_tokens.weight"].clone(),
+    }
     pqs_by_input: dict[str, torch.Tensor] = {}
 
     def linear(name: str, weights: list[torch.Tensor], source: str) -> None:
@@ -94,7 +101,9 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
             tensors[f"{name}.weight"] = w.to(torch.bfloat16)
             return
         if recipe in PQS:  # one smoothing vector per input (fc and gate share theirs)
-            pqs = pqs_by_input.setdefault(source, 2.0 ** (torch.rand(w.shape[1], generator=g, device=model.device) - 0.5))
+            pqs = pqs_by_input.setdefault(
+                source, 2.0 ** (torch.rand(w.shape[1], generator=g, device=model.device) - 0.5)
+            )
             w = w / pqs[None, :]
             tensors[f"{name}.prequant_scaling_factor"] = pqs.to(torch.bfloat16)
         if recipe in INT4:
@@ -139,14 +148,19 @@ def write_checkpoint(model, out_dir: Path, recipe: str) -> Path:
 
 # -- microbench -----------------------------------------------------------------------------------------
 
+
 def bf16_gemv_us(n: int, k: int) -> dict:
     """The bf16 GEMV of one shape: cuBLAS and the best of kiln's Triton GEMV candidates (us)."""
     times = kernels._time_gemv(False, n, k, torch.device("cuda"), torch.bfloat16)
     copies = max(2, min(16, (256 << 20) // (n * k * 2)))  # the chain _time_gemv timed (ms per chain)
     times = {cfg: ms / copies for cfg, ms in times.items()}
     best = min(times, key=times.get)
-    return {"cublas_us": round(1e3 * times[None], 2), "best_us": round(1e3 * times[best], 2),
-            "best": "cublas" if best is None else "x".join(map(str, best)), "bytes": n * k * 2}
+    return {
+        "cublas_us": round(1e3 * times[None], 2),
+        "best_us": round(1e3 * times[best], 2),
+        "best": "cublas" if best is None else "x".join(map(str, best)),
+        "bytes": n * k * 2,
+    }
 
 
 def microbench(size: str) -> dict:
@@ -154,7 +168,11 @@ def microbench(size: str) -> dict:
     shapes = linear_shapes(size)
     s = SHAPES[size]
     out: dict = {"bf16": {}, "quant": {}}
-    for name, (n, k) in {**shapes, "gate_up": (2 * s["ffn"], s["hidden"]), "lm_head": (VOCAB, s["hidden"])}.items():
+    for name, (n, k) in {
+        **shapes,
+        "gate_up": (2 * s["ffn"], s["hidden"]),
+        "lm_head": (VOCAB, s["hidden"]),
+    }.items():
         out["bf16"][name] = bf16_gemv_us(n, k)
     for recipe, kind in KIND.items():
         report: dict = {}
@@ -163,9 +181,13 @@ def microbench(size: str) -> dict:
         for rep in report.values():  # ms per chain of ``copies`` distinct weights -> ms per weight
             for bucket in ("m1", "m16", "large"):
                 if bucket in rep:
-                    rep[bucket] = {label: ms / rep["copies"] if isinstance(ms, float) else ms
-                                   for label, ms in rep[bucket].items()}
-        out["quant"][recipe] = {name: report[kernels.quant_key(kind, n, k, group)] for name, (n, k) in shapes.items()}
+                    rep[bucket] = {
+                        label: ms / rep["copies"] if isinstance(ms, float) else ms
+                        for label, ms in rep[bucket].items()
+                    }
+        out["quant"][recipe] = {
+            name: report[kernels.quant_key(kind, n, k, group)] for name, (n, k) in shapes.items()
+        }
     out["step"] = step_projection(size, out)
     return out
 
@@ -181,7 +203,13 @@ def step_projection(size: str, bench: dict) -> dict:
     layers = SHAPES[size]["layers"]
     bf = bench["bf16"]
     head = bf["lm_head"]["best_us"]
-    out = {"bf16": {"gemv_us": round(layers * sum(bf[n]["best_us"] for n in ("qkv", "dense", "gate_up", "proj")) + head, 1)}}
+    out = {
+        "bf16": {
+            "gemv_us": round(
+                layers * sum(bf[n]["best_us"] for n in ("qkv", "dense", "gate_up", "proj")) + head, 1
+            )
+        }
+    }
     for recipe, rows in bench["quant"].items():
         new = layers * sum(_best_ms(rows[n]["m1"])[1] * 1e3 * (2 if n == "fc" else 1) for n in rows) + head
         old = layers * sum(rows[n]["m1"]["torch"] * 1e3 * (2 if n == "fc" else 1) for n in rows) + head
@@ -190,6 +218,7 @@ def step_projection(size: str, bench: dict) -> dict:
 
 
 # -- engines --------------------------------------------------------------------------------------------
+
 
 def integer_keys(gemv: dict) -> set[str]:
     return {key for key in gemv if key.split(":")[0] in ("int8_wo", "int8_sq") or key.startswith("int4_g")}
@@ -205,8 +234,15 @@ def engines(run: Run, model, work: Path, new_tokens: int, bandwidth: float, skip
         ckpt = run.stage(f"checkpoint_{recipe}", write_checkpoint, model, work / f"ck-{recipe}", recipe)
         if ckpt is None:
             continue
-        eng_dir = run.stage(f"compile_{recipe}", backend.compile, ckpt, target(), work / f"eng-{recipe}", lineage,
-                            precompile=False)
+        eng_dir = run.stage(
+            f"compile_{recipe}",
+            backend.compile,
+            ckpt,
+            target(),
+            work / f"eng-{recipe}",
+            lineage,
+            precompile=False,
+        )
         if eng_dir is None:
             continue
         row: dict = {}
@@ -216,7 +252,9 @@ def engines(run: Run, model, work: Path, new_tokens: int, bandwidth: float, skip
         quant = integer_keys(row["program_gemv"])
         programs = [("new", None)]
         if quant:
-            programs.append(("old", {"gemv": {k: v for k, v in row["program_gemv"].items() if k not in quant}}))
+            programs.append(
+                ("old", {"gemv": {k: v for k, v in row["program_gemv"].items() if k not in quant}})
+            )
         logits = None
         for name, program in programs:
             engine = run.stage(f"load_{recipe}_{name}", backend.load, eng_dir, program=program)
@@ -225,13 +263,16 @@ def engines(run: Run, model, work: Path, new_tokens: int, bandwidth: float, skip
             wr = weight_read_bytes(engine)
             row[name] = run.stage(f"batch1_{recipe}_{name}", engine_batch1, engine, new_tokens, wr, bandwidth)
             if row[name] and quant:
-                if logits is None:  # the new program's logits on its own greedy tokens; the old one fed the same
+                # the new program's logits on its own greedy tokens; the old one fed the same
+                if logits is None:
                     tokens = row[name]["token_ids"]
                     ref = torch.zeros(len(tokens), VOCAB, device="cuda")
                     forced = run.stage(f"forced_{recipe}_{name}", teacher_forced, engine, tokens, ref)
                     logits = forced and (tokens, forced.pop("logits"))
                 else:
-                    forced = run.stage(f"forced_{recipe}_{name}", teacher_forced, engine, logits[0], logits[1])
+                    forced = run.stage(
+                        f"forced_{recipe}_{name}", teacher_forced, engine, logits[0], logits[1]
+                    )
                     if forced:
                         forced.pop("logits")
                         row["old_vs_new_teacher_forced"] = forced
@@ -249,16 +290,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=330)
-    parser.add_argument("--skip", default="", help="comma-separated: micro_1b, micro_8b, engines, or a recipe name")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: micro_1b, micro_8b, engines, or a recipe name"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     run = Run(args.out, args.budget_s, name="engine_gpu_quant.json")
     r = run.results
     import triton
-    r["env"] = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-                "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                "python": platform.python_version(), "command": " ".join(sys.argv),
-                "model": "random-weight Llama-3.2-1B shape", "int4_group": GROUP}
+
+    r["env"] = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "model": "random-weight Llama-3.2-1B shape",
+        "int4_group": GROUP,
+    }
     r["copy_bandwidth_Bps"] = bw = run.stage("copy_bandwidth", copy_bandwidth)
     for size in ("1b", "8b"):
         if f"micro_{size}" not in skip:
@@ -274,6 +325,7 @@ def main() -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------------
+
 
 def _us(ms) -> str:
     return f"{1e3 * ms:.2f}" if isinstance(ms, float) else "-"
@@ -291,32 +343,52 @@ def projection_rest_us(r: dict) -> float | None:
 def write_markdown(r: dict, path: Path) -> None:
     env = r["env"]
     bw = r.get("copy_bandwidth_Bps") or 0
-    lines = [f"# kiln integer-weight decode kernels on {env['gpu']} (torch {env['torch']}, Triton {env['triton']})", "",
-             f"Copy bandwidth {bw / 1e12:.2f} TB/s. Command: `{env['command']}`", ""]
+    lines = [
+        f"# kiln integer-weight decode kernels on {env['gpu']} (torch {env['torch']}, Triton "
+        f"{env['triton']})",
+        "",
+        f"Copy bandwidth {bw / 1e12:.2f} TB/s. Command: `{env['command']}`",
+        "",
+    ]
     eng = r.get("engines") or {}
     if eng:
         base = (eng.get("bf16") or {}).get("new") or {}
-        lines += ["## Batch-1 decode, random-weight Llama-3.2-1B shape", "",
-                  "`old`: the torch path (the whole weight dequantized to bf16 each call); `new`: the built program.",
-                  "", "| recipe | weights read / step | old tok/s | new tok/s | new / old | new / bf16 | % of roofline |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Batch-1 decode, random-weight Llama-3.2-1B shape",
+            "",
+            "`old`: the torch path (the whole weight dequantized to bf16 each call); `new`: the built "
+            "program.",
+            "",
+            "| recipe | weights read / step | old tok/s | new tok/s | new / old | new / bf16 | % of "
+            "roofline |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for recipe, row in eng.items():
             new, old = row.get("new") or {}, row.get("old") or {}
             if not new:
                 continue
             ratio = f"{new['tok_s'] / old['tok_s']:.2f}x" if old else "-"
             vs = f"{new['tok_s'] / base['tok_s']:.2f}x" if base else "-"
-            lines.append(f"| {recipe} | {new['weight_read_bytes'] / 1e9:.3f} GB | {old.get('tok_s', '-')} | {new['tok_s']} "
-                         f"| {ratio} | {vs} | {new.get('hbm_roofline_pct', '-')}% |")
+            lines.append(
+                f"| {recipe} | {new['weight_read_bytes'] / 1e9:.3f} GB | {old.get('tok_s', '-')} | "
+                f"{new['tok_s']} | {ratio} | {vs} | {new.get('hbm_roofline_pct', '-')}% |"
+            )
         lines.append("")
         for recipe, row in eng.items():
             if row.get("old_vs_new_teacher_forced"):
                 t = row["old_vs_new_teacher_forced"]
-                lines.append(f"- {recipe}: old vs new program, teacher-forced over {t['steps']} steps: top-1 agreement "
-                             f"{t['top1_agreement']}, max logit gap {t['max_abs_logit_gap']} (mean {t['mean_abs_logit_gap']})")
+                lines.append(
+                    f"- {recipe}: old vs new program, teacher-forced over {t['steps']} steps: top-1 "
+                    f"agreement {t['top1_agreement']}, max logit gap {t['max_abs_logit_gap']} (mean "
+                    f"{t['mean_abs_logit_gap']})"
+                )
         lines.append("")
         for recipe, row in eng.items():
-            chosen = {k: v for k, v in row.get("program_gemv", {}).items() if k in integer_keys(row.get("program_gemv", {}))}
+            chosen = {
+                k: v
+                for k, v in row.get("program_gemv", {}).items()
+                if k in integer_keys(row.get("program_gemv", {}))
+            }
             if chosen:
                 lines.append(f"- {recipe} `program.gemv`: `{json.dumps(chosen)}`")
         lines.append("")
@@ -324,43 +396,73 @@ def write_markdown(r: dict, path: Path) -> None:
         micro = r.get(f"micro_{size}")
         if not micro:
             continue
-        lines += [f"## Per-shape GEMV, Llama {size.upper()} shapes (us per weight; chain over distinct weights in a CUDA graph)",
-                  "", "| recipe | linear | N x K | bytes | bf16 best us | torch path us (1 row) | kernel us (1 row) | "
-                  "kernel GB/s | vs bf16 | chosen (1 row) | torch path / kernel us (16 rows) | chosen (16 rows) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## Per-shape GEMV, Llama {size.upper()} shapes (us per weight; chain over distinct weights in "
+            "a CUDA graph)",
+            "",
+            "| recipe | linear | N x K | bytes | bf16 best us | torch path us (1 row) | kernel us (1 row) | "
+            "kernel GB/s | vs bf16 | chosen (1 row) | torch path / kernel us (16 rows) | chosen (16 rows) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for recipe, rows in micro["quant"].items():
             for name, rep in rows.items():
                 label, ms = _best_ms(rep["m1"])
                 bf = micro["bf16"][name]
                 label16, ms16 = _best_ms(rep["m16"])
-                lines.append(f"| {recipe} | {name} | {rep['n']}x{rep['k']} | {rep['bytes'] / 1e6:.1f} MB | {bf['best_us']} | "
-                             f"{_us(rep['m1'].get('torch'))} | {1e3 * ms:.2f} | {rep['bytes'] / (ms * 1e-3) / 1e9:.0f} | "
-                             f"{bf['best_us'] / (1e3 * ms):.2f}x | {label} | {_us(rep['m16'].get('torch'))} / {1e3 * ms16:.2f} "
-                             f"| {label16} |")
+                lines.append(
+                    f"| {recipe} | {name} | {rep['n']}x{rep['k']} | {rep['bytes'] / 1e6:.1f} MB | "
+                    f"{bf['best_us']} | {_us(rep['m1'].get('torch'))} | {1e3 * ms:.2f} | "
+                    f"{rep['bytes'] / (ms * 1e-3) / 1e9:.0f} | {bf['best_us'] / (1e3 * ms):.2f}x | {label} "
+                    f"| {_us(rep['m16'].get('torch'))} / {1e3 * ms16:.2f} | {label16} |"
+                )
         sq = micro["quant"].get("int8_sq") or {}
         big = {name: rep.get("large") for name, rep in sq.items() if rep.get("large")}
         if big:
-            lines += ["", "int8_sq at 64 rows, torch path vs `torch._int_mm` (us): " + ", ".join(
-                f"{name} {_us(b.get('torch'))} vs {_us(b.get('int_mm'))}" for name, b in big.items())]
+            lines += [
+                "",
+                "int8_sq at 64 rows, torch path vs `torch._int_mm` (us): "
+                + ", ".join(
+                    f"{name} {_us(b.get('torch'))} vs {_us(b.get('int_mm'))}" for name, b in big.items()
+                ),
+            ]
         step = micro["step"]
-        lines += ["", f"One step's GEMV time at this shape ({SHAPES[size]['layers']} layers + bf16 lm_head, sum of the "
-                  "chains above): " + ", ".join(
-                      f"{recipe} {v['gemv_us']} us" + (f" (torch path {v['torch_path_gemv_us']} us)" if "torch_path_gemv_us" in v
-                                                        else "") for recipe, v in step.items()),
-                  "", "GEMV-only ratio to bf16: " + ", ".join(
-                      f"{recipe} {step['bf16']['gemv_us'] / v['gemv_us']:.2f}x" for recipe, v in step.items() if recipe != "bf16"),
-                  ""]
+        lines += [
+            "",
+            f"One step's GEMV time at this shape ({SHAPES[size]['layers']} layers + bf16 lm_head, sum of the "
+            "chains above): "
+            + ", ".join(
+                f"{recipe} {v['gemv_us']} us"
+                + (f" (torch path {v['torch_path_gemv_us']} us)" if "torch_path_gemv_us" in v else "")
+                for recipe, v in step.items()
+            ),
+            "",
+            "GEMV-only ratio to bf16: "
+            + ", ".join(
+                f"{recipe} {step['bf16']['gemv_us'] / v['gemv_us']:.2f}x"
+                for recipe, v in step.items()
+                if recipe != "bf16"
+            ),
+            "",
+        ]
         rest = projection_rest_us(r)
         if rest is not None:
             scaled = rest * SHAPES[size]["layers"] / SHAPES["1b"]["layers"]
             steps = {recipe: v["gemv_us"] + scaled for recipe, v in step.items()}
-            lines += [f"Projected batch-1 step: the GEMVs above plus the rest of the step (attention, norms, launch gaps) "
-                      f"as measured on the 1B engine ({rest:.0f} us for 16 layers, scaled by layers: {scaled:.0f} us): "
-                      + ", ".join(f"{recipe} {1e6 / us:.0f} tok/s" + ("" if recipe == "bf16" else
-                                                                       f" ({steps['bf16'] / us:.2f}x bf16)")
-                                  for recipe, us in steps.items()), ""]
+            lines += [
+                "Projected batch-1 step: the GEMVs above plus the rest of the step (attention, norms, "
+                f"launch gaps) as measured on the 1B engine ({rest:.0f} us for 16 layers, scaled by layers: "
+                f"{scaled:.0f} us): "
+                + ", ".join(
+                    f"{recipe} {1e6 / us:.0f} tok/s"
+                    + ("" if recipe == "bf16" else f" ({steps['bf16'] / us:.2f}x bf16)")
+                    for recipe, us in steps.items()
+                ),
+                "",
+            ]
     if r.get("errors"):
-        lines += ["Errors / skipped stages:", ""] + [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()]
+        lines += ["Errors / skipped stages:", ""] + [
+            f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -13,7 +13,8 @@ per pool) three times in one KILN_HOME:
 
 Per target flow run it reads from the Prefect API: queue latency (created -> started: worker poll and
 process start), the run's wall, the sum of its task runs, and created -> end (what the parent's
-``run_deployment`` waits for). Overhead = created -> end - task time. Writes ``bench/results/orchestration_server.{json,md}``.
+``run_deployment`` waits for). Overhead = created -> end - task time. Writes
+``bench/results/orchestration_server.{json,md}``.
 """
 
 from __future__ import annotations
@@ -50,14 +51,21 @@ def write_request(home: Path, assets: Path) -> Path:
             (model / name).write_bytes((assets / name).read_bytes())
     profile = home / "bench-two-pools.yaml"
     target = {"backend": "torch", "device": "cpu", "dtype": "float32", "limits": LIMITS}
-    profile.write_text(yaml.safe_dump({
-        "name": "bench-fanout", "model": {"local_dir": str(model)},
-        "recipes": [{"name": "none", "quantization": "none"}],
-        "targets": [{"name": "cpu-a", "work_pool": "kiln-cpu", **target},
-                    {"name": "cpu-b", "work_pool": "kiln-h100", **target}],
-        "evaluation": {"heldout_tokens": 128, "prompts": 2, "max_new_tokens": 4, "concurrency": [1]},
-        "registry": {"model_name": "bench-fanout"},
-    }))
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bench-fanout",
+                "model": {"local_dir": str(model)},
+                "recipes": [{"name": "none", "quantization": "none"}],
+                "targets": [
+                    {"name": "cpu-a", "work_pool": "kiln-cpu", **target},
+                    {"name": "cpu-b", "work_pool": "kiln-h100", **target},
+                ],
+                "evaluation": {"heldout_tokens": 128, "prompts": 2, "max_new_tokens": 4, "concurrency": [1]},
+                "registry": {"model_name": "bench-fanout"},
+            }
+        )
+    )
     return profile
 
 
@@ -75,22 +83,42 @@ async def _measure(parent_id) -> dict:
 
     async with get_client() as client:
         parent = await client.read_flow_run(parent_id)
-        parent_tasks = {t.id for t in await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent_id])))}
-        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=list(parent_tasks))))
+        parent_tasks = {
+            t.id
+            for t in await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent_id]))
+            )
+        }
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=list(parent_tasks))
+            )
+        )
         rows = []
         for child in sorted(children, key=lambda c: c.parameters.get("target", "")):
-            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id]))
+            )
             task_s = sum(_seconds(t.start_time, t.end_time) or 0.0 for t in tasks)
             # created -> ended is what the parent waits for (run_deployment creates the run, then polls it)
             waited = _seconds(child.created, child.end_time)
-            rows.append({"target": child.parameters.get("target"), "work_pool": child.work_pool_name,
-                         "state": child.state_name, "queue_s": _seconds(child.created, child.start_time),
-                         "run_s": _seconds(child.start_time, child.end_time), "tasks_s": round(task_s, 2),
-                         "created_to_end_s": waited, "overhead_s": round(waited - task_s, 2) if waited else None})
-        return {"parent_state": parent.state_name, "parent_s": _seconds(parent.start_time, parent.end_time),
-                "targets": rows}
+            rows.append(
+                {
+                    "target": child.parameters.get("target"),
+                    "work_pool": child.work_pool_name,
+                    "state": child.state_name,
+                    "queue_s": _seconds(child.created, child.start_time),
+                    "run_s": _seconds(child.start_time, child.end_time),
+                    "tasks_s": round(task_s, 2),
+                    "created_to_end_s": waited,
+                    "overhead_s": round(waited - task_s, 2) if waited else None,
+                }
+            )
+        return {
+            "parent_state": parent.state_name,
+            "parent_s": _seconds(parent.start_time, parent.end_time),
+            "targets": rows,
+        }
 
 
 def run_build(server: PrefectServer, profile: Path, dispatch: str) -> dict:
@@ -99,8 +127,12 @@ def run_build(server: PrefectServer, profile: Path, dispatch: str) -> dict:
 
     with temporary_settings(updates={PREFECT_API_URL: server.url}):
         started = time.perf_counter()
-        run = run_deployment("kiln-build/build", parameters={"profile": str(profile), "dispatch": dispatch},
-                             timeout=1800, poll_interval=1)
+        run = run_deployment(
+            "kiln-build/build",
+            parameters={"profile": str(profile), "dispatch": dispatch},
+            timeout=1800,
+            poll_interval=1,
+        )
         wall = time.perf_counter() - started
         if not run.state or not run.state.is_completed():
             logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in server.logs.glob("worker-*.log"))
@@ -110,8 +142,12 @@ def run_build(server: PrefectServer, profile: Path, dispatch: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--query-seconds", type=float, default=2.0,
-                        help="PREFECT_WORKER_QUERY_SECONDS of the workers (Prefect's default is 10)")
+    parser.add_argument(
+        "--query-seconds",
+        type=float,
+        default=2.0,
+        help="PREFECT_WORKER_QUERY_SECONDS of the workers (Prefect's default is 10)",
+    )
     parser.add_argument("--assets", default=str(Path.home() / ".kiln" / "assets" / "SmolLM2-135M-Instruct"))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kiln-bench-server-"))
@@ -122,38 +158,57 @@ def main() -> None:
     server = start_server(root / "prefect")
     server_start_s = time.perf_counter() - started
     try:
-        server.env.update({"KILN_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds),
-                           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"})
+        server.env.update(
+            {
+                "KILN_HOME": str(home),
+                "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds),
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+            }
+        )
         for name in ("MLFLOW_TRACKING_URI", "KILN_STORE_URI"):
             server.env.pop(name, None)
         subprocess.run([KILN, "pools", "create"], env=server.env, cwd=ROOT, check=True, capture_output=True)
         server.cli("deploy", "--all", timeout_s=300)
         for pool in POOLS:
             server.start_worker(pool)
-        runs = [run_build(server, profile, "deployments"), run_build(server, profile, "deployments"),
-                run_build(server, profile, "inline")]
+        runs = [
+            run_build(server, profile, "deployments"),
+            run_build(server, profile, "deployments"),
+            run_build(server, profile, "inline"),
+        ]
     finally:
         server.stop()
     labels = ("deployments, cold", "deployments, no-op", "inline, no-op")
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-              "worker_query_seconds": args.query_seconds, "server_start_s": round(server_start_s, 1),
-              "runs": dict(zip(labels, runs, strict=True))}
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "worker_query_seconds": args.query_seconds,
+        "server_start_s": round(server_start_s, 1),
+        "runs": dict(zip(labels, runs, strict=True)),
+    }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "orchestration_server.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| build run | target | pool | queue (s) | run (s) | tasks (s) | created -> end (s) | overhead (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| build run | target | pool | queue (s) | run (s) | tasks (s) | created -> end (s) | overhead (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, run in result["runs"].items():
         for t in run["targets"]:
-            lines.append(f"| {label} | {t['target']} | {t['work_pool'] or '(in-process)'} | {t['queue_s']} | "
-                         f"{t['run_s']} | {t['tasks_s']} | {t['created_to_end_s']} | {t['overhead_s']} |")
+            lines.append(
+                f"| {label} | {t['target']} | {t['work_pool'] or '(in-process)'} | {t['queue_s']} | "
+                f"{t['run_s']} | {t['tasks_s']} | {t['created_to_end_s']} | {t['overhead_s']} |"
+            )
     table = "\n".join(lines)
     (out / "orchestration_server.md").write_text(
         f"# Server-mode overhead per target flow run\n\n`.venv/bin/python bench/orchestration_server.py "
         f"--query-seconds {args.query_seconds}` on {result['machine']}; a real `prefect server` (start "
         f"{result['server_start_s']} s), process workers, tiny Llama, two targets on two pools.\n"
         "Overhead = a target run's created -> end (what the parent waits for) minus its task runs' time; "
-        "no-op task time is mostly first-use imports (MLflow, the engine) in a fresh process.\n\n" + table + "\n")
+        "no-op task time is mostly first-use imports (MLflow, the engine) in a fresh process.\n\n"
+        + table
+        + "\n"
+    )
     print(table)
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from kiln.profiles import Calibration, Evaluation, Recipe
 
-SMOLLM2 = Path(os.environ.get("KILN_TEST_ASSETS") or Path.home() / ".kiln" / "assets") / "SmolLM2-135M-Instruct"
+SMOLLM2 = (
+    Path(os.environ.get("KILN_TEST_ASSETS") or Path.home() / ".kiln" / "assets") / "SmolLM2-135M-Instruct"
+)
 # SmolLM2's hidden size 576 is not a multiple of 128: its INT4 recipes use group size 64
 RECIPES = {
     "fp8": Recipe(name="fp8", quantization="fp8"),
@@ -46,7 +48,10 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(SMOLLM2)
-    cal_spec, evaluation = Calibration(num_samples=args.samples), Evaluation(heldout_tokens=args.heldout_tokens)
+    cal_spec, evaluation = (
+        Calibration(num_samples=args.samples),
+        Evaluation(heldout_tokens=args.heldout_tokens),
+    )
     calibration = calibration_set(cal_spec, tokenizer)
     heldout = heldout_set(evaluation, tokenizer, exclude=calibration)
     previous = args.out / "quantize_cpu.json"  # rows of earlier runs stay unless re-measured
@@ -56,19 +61,36 @@ def main() -> None:
         recipe = RECIPES[name]
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            result = quantize(SMOLLM2, recipe, layouts=[(1, 1)], output_dir=Path(tmp), dtype="bfloat16",
-                              device="cpu", lineage={"bench": "quantize_cpu"}, calibration=calibration,
-                              heldout=heldout)
+            result = quantize(
+                SMOLLM2,
+                recipe,
+                layouts=[(1, 1)],
+                output_dir=Path(tmp),
+                dtype="bfloat16",
+                device="cpu",
+                lineage={"bench": "quantize_cpu"},
+                calibration=calibration,
+                heldout=heldout,
+            )
             total = time.perf_counter() - start
         t = result.timings_s
         ppl = result.perplexity
-        row = {"recipe": name, "quantization": recipe.quantization, "kv_cache_dtype": recipe.kv_cache_dtype,
-               "quant_algo": result.quant_algo, "kv_cache_quant_algo": result.kv_cache_quant_algo,
-               "calibrated": result.calibrated,
-               "calibrate_export_s": round(t.get("calibrate", 0) + t.get("export_trtllm", 0) + t.get("export_hf", 0), 1),
-               "timings_s": t, "total_s": round(total, 1),
-               "ppl_baseline": ppl and round(ppl.baseline, 3), "ppl": ppl and round(ppl.quantized, 3),
-               "ppl_increase_pct": ppl and round(ppl.increase_pct, 2)}
+        row = {
+            "recipe": name,
+            "quantization": recipe.quantization,
+            "kv_cache_dtype": recipe.kv_cache_dtype,
+            "quant_algo": result.quant_algo,
+            "kv_cache_quant_algo": result.kv_cache_quant_algo,
+            "calibrated": result.calibrated,
+            "calibrate_export_s": round(
+                t.get("calibrate", 0) + t.get("export_trtllm", 0) + t.get("export_hf", 0), 1
+            ),
+            "timings_s": t,
+            "total_s": round(total, 1),
+            "ppl_baseline": ppl and round(ppl.baseline, 3),
+            "ppl": ppl and round(ppl.quantized, 3),
+            "ppl_increase_pct": ppl and round(ppl.increase_pct, 2),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
         _write(args.out, rows, calibration, heldout)
@@ -79,27 +101,41 @@ def _write(out: Path, rows: list[dict], calibration, heldout) -> None:
 
     from kiln.quantize import toolchain_versions
 
-    data = {"model": "SmolLM2-135M-Instruct (real weights)", "host": f"{platform.machine()} CPU, "
-            f"{torch.get_num_threads()} threads (shared with other jobs: times are upper bounds)",
-            "calibration": f"{calibration.source} sha256={calibration.sha256[:16]}",
-            "heldout": f"{heldout.source} ({heldout.num_tokens} tokens)", "versions": toolchain_versions(),
-            "rows": rows}
+    data = {
+        "model": "SmolLM2-135M-Instruct (real weights)",
+        "host": f"{platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads (shared with other jobs: times are upper bounds)",
+        "calibration": f"{calibration.source} sha256={calibration.sha256[:16]}",
+        "heldout": f"{heldout.source} ({heldout.num_tokens} tokens)",
+        "versions": toolchain_versions(),
+        "rows": rows,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize_cpu.json").write_text(json.dumps(data, indent=2) + "\n")
-    lines = ["# ModelOpt calibrate + export on CPU: SmolLM2-135M", "",
-             f"Calibration: {data['calibration']}. Held-out: {data['heldout']}. Host: {data['host']}.",
-             "Perplexity is ModelOpt fake-quant (simulated quantization) vs the unquantized model in float32.", "",
-             "| recipe | quant_algo | kv | calibration passes | calibrate s | export TRT-LLM s | export HF s "
-             "| ppl | ppl increase % |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# ModelOpt calibrate + export on CPU: SmolLM2-135M",
+        "",
+        f"Calibration: {data['calibration']}. Held-out: {data['heldout']}. Host: {data['host']}.",
+        "Perplexity is ModelOpt fake-quant (simulated quantization) vs the unquantized model in float32.",
+        "",
+        "| recipe | quant_algo | kv | calibration passes | calibrate s | export TRT-LLM s | export HF s "
+        "| ppl | ppl increase % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["timings_s"]
-        lines.append(f"| {r['recipe']} | {r['quant_algo']} | {r['kv_cache_quant_algo']} | {r['calibrated']} | "
-                     f"{t.get('calibrate', '-')} | {t.get('export_trtllm', '-')} | {t.get('export_hf', '-')} | "
-                     f"{r['ppl'] if r['ppl'] is not None else '-'} | "
-                     f"{r['ppl_increase_pct'] if r['ppl_increase_pct'] is not None else '-'} |")
+        lines.append(
+            f"| {r['recipe']} | {r['quant_algo']} | {r['kv_cache_quant_algo']} | {r['calibrated']} | "
+            f"{t.get('calibrate', '-')} | {t.get('export_trtllm', '-')} | {t.get('export_hf', '-')} | "
+            f"{r['ppl'] if r['ppl'] is not None else '-'} | "
+            f"{r['ppl_increase_pct'] if r['ppl_increase_pct'] is not None else '-'} |"
+        )
     base = next((r["ppl_baseline"] for r in rows if r["ppl_baseline"]), None)
-    lines += ["", f"Baseline (unquantized) perplexity: {base}.",
-              "Command: `.venv/bin/python bench/quantize_cpu.py`"]
+    lines += [
+        "",
+        f"Baseline (unquantized) perplexity: {base}.",
+        "Command: `.venv/bin/python bench/quantize_cpu.py`",
+    ]
     (out / "quantize_cpu.md").write_text("\n".join(lines) + "\n")
 
 

@@ -35,9 +35,19 @@ def build_model(path: Path) -> float:
         return 0.0
     start = time.perf_counter()
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=VOCAB, head_dim=64, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=500000.0, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=VOCAB,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        architectures=["LlamaForCausalLM"],
+    )
     if DEVICE == "cpu":  # dry run of this script on a CPU: a 2-layer model
         config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 256, 512
     with torch.device(DEVICE):
@@ -70,7 +80,10 @@ def run(out: Path, recipes: list[str], note: str) -> None:
         data["model_build_s"] = round(build_s, 1)
     for name in recipes:
         rng = random.Random(0)
-        ids = [[rng.randrange(VOCAB) for _ in range(SEQ_LEN)] for _ in range(SAMPLES.get(name, 128) if cuda else 4)]
+        ids = [
+            [rng.randrange(VOCAB) for _ in range(SEQ_LEN)]
+            for _ in range(SAMPLES.get(name, 128) if cuda else 4)
+        ]
         calibration = TokenSet(ids, token_sha256(ids), "random")
         ext_before = torch_extensions_dir().exists() and any(torch_extensions_dir().rglob("*.so"))
         if cuda:
@@ -78,18 +91,33 @@ def run(out: Path, recipes: list[str], note: str) -> None:
             torch.cuda.reset_peak_memory_stats()
         work = Path("/tmp/kiln-bench-out") / name
         start = time.perf_counter()
-        result = quantize(model_dir, Recipe(name=name, quantization=name), layouts=[(1, 1)], output_dir=work,
-                          dtype="bfloat16", device=DEVICE, lineage={"bench": "quantize_gpu"},
-                          calibration=calibration, batch_size=BATCH)
+        result = quantize(
+            model_dir,
+            Recipe(name=name, quantization=name),
+            layouts=[(1, 1)],
+            output_dir=work,
+            dtype="bfloat16",
+            device=DEVICE,
+            lineage={"bench": "quantize_gpu"},
+            calibration=calibration,
+            batch_size=BATCH,
+        )
         total = time.perf_counter() - start
         config = json.loads((result.trtllm_dirs["tp1pp1"] / "config.json").read_text())
-        row = {"recipe": name, "note": note, "samples": len(ids), "seq_len": SEQ_LEN, "batch": BATCH,
-               "total_s": round(total, 2), **{f"{k}_s": v for k, v in result.timings_s.items()},
-               "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
-               "extension_cached_before": bool(ext_before),
-               "trtllm_quantization": config.get("quantization"),
-               "trtllm_bytes": dir_bytes(result.trtllm_dirs["tp1pp1"]),
-               "hf_files": sorted(p.name for p in result.hf_dir.iterdir()) if result.hf_dir else None}
+        row = {
+            "recipe": name,
+            "note": note,
+            "samples": len(ids),
+            "seq_len": SEQ_LEN,
+            "batch": BATCH,
+            "total_s": round(total, 2),
+            **{f"{k}_s": v for k, v in result.timings_s.items()},
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+            "extension_cached_before": bool(ext_before),
+            "trtllm_quantization": config.get("quantization"),
+            "trtllm_bytes": dir_bytes(result.trtllm_dirs["tp1pp1"]),
+            "hf_files": sorted(p.name for p in result.hf_dir.iterdir()) if result.hf_dir else None,
+        }
         print(json.dumps(row), flush=True)
         data["rows"].append(row)
         results_path.write_text(json.dumps(data, indent=2) + "\n")
@@ -98,14 +126,22 @@ def run(out: Path, recipes: list[str], note: str) -> None:
 
 def markdown(out: Path) -> None:
     data = json.loads((out / "quantize_gpu.json").read_text())
-    lines = [f"# ModelOpt calibrate + export on {data['device']}", "", f"Model: {data['model']}.", "",
-             "| recipe | note | samples x seq | load s | calibrate s | export TRT-LLM s | export HF s | total s "
-             "| peak GPU GB | quant_algo |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# ModelOpt calibrate + export on {data['device']}",
+        "",
+        f"Model: {data['model']}.",
+        "",
+        "| recipe | note | samples x seq | load s | calibrate s | export TRT-LLM s | export HF s | total s "
+        "| peak GPU GB | quant_algo |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         q = r["trtllm_quantization"] or {}
-        lines.append(f"| {r['recipe']} | {r['note']} | {r['samples']}x{r['seq_len']} | {r.get('load_s', '')} | "
-                     f"{r.get('calibrate_s', '')} | {r.get('export_trtllm_s', '')} | {r.get('export_hf_s', '')} | "
-                     f"{r['total_s']} | {r['peak_gpu_gb']} | {q.get('quant_algo')} |")
+        lines.append(
+            f"| {r['recipe']} | {r['note']} | {r['samples']}x{r['seq_len']} | {r.get('load_s', '')} | "
+            f"{r.get('calibrate_s', '')} | {r.get('export_trtllm_s', '')} | {r.get('export_hf_s', '')} | "
+            f"{r['total_s']} | {r['peak_gpu_gb']} | {q.get('quant_algo')} |"
+        )
     (out / "quantize_gpu.md").write_text("\n".join(lines) + "\n")
 
 

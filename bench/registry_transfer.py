@@ -1,4 +1,5 @@
-"""Registry throughput to a local S3 server: upload/download of an engine dir, checksum overhead, publish time.
+"""Registry throughput to a local S3 server: upload/download of an engine dir, checksum overhead, publish
+time.
 
     .venv/bin/python bench/registry_transfer.py [--size-mb 1024] [--files 4]
 
@@ -48,16 +49,29 @@ def make_engine(root: Path, size_mb: int, files: int) -> Path:
             left = per_file
             while left > 0:
                 # Vary each block so neither dedup nor compression can help the server.
-                chunk = os.urandom(64) + block[64:min(left, len(block))]
+                chunk = os.urandom(64) + block[64 : min(left, len(block))]
                 out.write(chunk)
                 left -= len(chunk)
     (root / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM", "dtype": "bfloat16"}))
     import torch
 
-    (root / "kiln-engine.json").write_text(json.dumps({
-        "format_version": 1, "backend": "torch", "target": "cpu", "device": "cpu", "sm": None,
-        "dtype": "bfloat16", "limits": {}, "toolchain": {"torch": torch.__version__},
-        "program": {"compile": "none", "cuda_graphs": False}, "model": {}, "layout": []}))
+    (root / "kiln-engine.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "backend": "torch",
+                "target": "cpu",
+                "device": "cpu",
+                "sm": None,
+                "dtype": "bfloat16",
+                "limits": {},
+                "toolchain": {"torch": torch.__version__},
+                "program": {"compile": "none", "cuda_graphs": False},
+                "model": {},
+                "layout": [],
+            }
+        )
+    )
     return root
 
 
@@ -107,11 +121,21 @@ def main() -> None:
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        plain = __import__("boto3").session.Session().client(
-            "s3", config=Config(request_checksum_calculation="when_required",
-                                response_checksum_validation="when_required"))
-        config = TransferConfig(multipart_threshold=s3_module.MULTIPART_THRESHOLD,
-                                multipart_chunksize=s3_module.MULTIPART_THRESHOLD, max_concurrency=8)
+        plain = (
+            __import__("boto3")
+            .session.Session()
+            .client(
+                "s3",
+                config=Config(
+                    request_checksum_calculation="when_required", response_checksum_validation="when_required"
+                ),
+            )
+        )
+        config = TransferConfig(
+            multipart_threshold=s3_module.MULTIPART_THRESHOLD,
+            multipart_chunksize=s3_module.MULTIPART_THRESHOLD,
+            max_concurrency=8,
+        )
 
         def raw_upload() -> None:
             for rel, path in files:
@@ -130,32 +154,74 @@ def main() -> None:
 
         key = "ab" * 32
         version = store.child(f"bench/cpu/{key}")
-        up_s, (manifest, created) = timed(lambda: upload_version(
-            version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-            engine=engine_record, lineage={}))
+        up_s, (manifest, created) = timed(
+            lambda: upload_version(
+                version,
+                engine,
+                model="bench",
+                target="cpu",
+                recipe="fp8",
+                build_key=key,
+                engine=engine_record,
+                lineage={},
+            )
+        )
         assert created
         record("kiln upload_version (sha256 + multipart SHA-256 + manifest)", up_s)
-        again_s, (_, created_again) = timed(lambda: upload_version(
-            version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-            engine=engine_record, lineage={}))
+        again_s, (_, created_again) = timed(
+            lambda: upload_version(
+                version,
+                engine,
+                model="bench",
+                target="cpu",
+                recipe="fp8",
+                build_key=key,
+                engine=engine_record,
+                lineage={},
+            )
+        )
         assert not created_again
         results["kiln upload of a published version (manifest there: no-op)"] = {"s": round(again_s, 3)}
         version.delete("manifest.json")  # the same files, no manifest: what a crashed publisher leaves
-        record("kiln resume after crash (no manifest: HEAD + sha256 per file, manifest put)", timed(
-            lambda: upload_version(version, engine, model="bench", target="cpu", recipe="fp8", build_key=key,
-                                   engine=engine_record, lineage={}))[0])
+        record(
+            "kiln resume after crash (no manifest: HEAD + sha256 per file, manifest put)",
+            timed(
+                lambda: upload_version(
+                    version,
+                    engine,
+                    model="bench",
+                    target="cpu",
+                    recipe="fp8",
+                    build_key=key,
+                    engine=engine_record,
+                    lineage={},
+                )
+            )[0],
+        )
         down = work / "down"
-        record("kiln download_version (download + sha256 verify)",
-               timed(lambda: download_version(version, down, manifest))[0])
+        record(
+            "kiln download_version (download + sha256 verify)",
+            timed(lambda: download_version(version, down, manifest))[0],
+        )
         shutil.rmtree(down)
 
         mlflow = launch_mlflow(work / "mlflow")
         registry = Registry(model_name="bench", tracking_uri=mlflow.url, store_uri=f"s3://{bucket}/published")
 
         def do_publish(build_key: str):
-            return publish(engine, registry=registry, build_key=build_key, lineage={"model_sha": "0" * 40},
-                           metrics={"perplexity": 32.0}, params={"recipe.name": "fp8"}, artifacts=[],
-                           passed_gates=True, recommended=True, recipe="fp8", target="cpu")
+            return publish(
+                engine,
+                registry=registry,
+                build_key=build_key,
+                lineage={"model_sha": "0" * 40},
+                metrics={"perplexity": 32.0},
+                params={"recipe.name": "fp8"},
+                artifacts=[],
+                passed_gates=True,
+                recommended=True,
+                recipe="fp8",
+                target="cpu",
+            )
 
         do_publish("01" * 32)  # first call creates the experiment and the registered model
         publish_s, published = timed(lambda: do_publish("02" * 32))
@@ -173,14 +239,37 @@ def main() -> None:
         times = []
         for index in range(3):
             pre_key = f"{index + 3:02d}" * 32
-            upload_version(open_store(registry.store_uri).child(f"bench/cpu/{pre_key}"), small, model="bench",
-                           target="cpu", recipe="fp8", build_key=pre_key, engine=engine_record, lineage={})
-            times.append(timed(lambda key=pre_key: publish(
-                small, registry=registry, build_key=key, lineage={"model_sha": "0" * 40},
-                metrics={"perplexity": 32.0}, params={"recipe.name": "fp8"}, artifacts=[], passed_gates=True,
-                recommended=True, recipe="fp8", target="cpu"))[0])
+            upload_version(
+                open_store(registry.store_uri).child(f"bench/cpu/{pre_key}"),
+                small,
+                model="bench",
+                target="cpu",
+                recipe="fp8",
+                build_key=pre_key,
+                engine=engine_record,
+                lineage={},
+            )
+            times.append(
+                timed(
+                    lambda key=pre_key: publish(
+                        small,
+                        registry=registry,
+                        build_key=key,
+                        lineage={"model_sha": "0" * 40},
+                        metrics={"perplexity": 32.0},
+                        params={"recipe.name": "fp8"},
+                        artifacts=[],
+                        passed_gates=True,
+                        recommended=True,
+                        recipe="fp8",
+                        target="cpu",
+                    )
+                )[0]
+            )
         results["publish, files already uploaded (MLflow registration only, median of 3)"] = {
-            "s": round(sorted(times)[1], 2), "all_s": [round(t, 2) for t in times]}
+            "s": round(sorted(times)[1], 2),
+            "all_s": [round(t, 2) for t in times],
+        }
         print(f"registration only: {[round(t, 2) for t in times]} s", flush=True)
         load = os.getloadavg()
     finally:
@@ -192,27 +281,46 @@ def main() -> None:
 
     import boto3
 
-    meta = {"size_mb": round(total_mb, 1), "files": len(files), "multipart_part_mb": s3_module.MULTIPART_THRESHOLD // MB,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "boto3": boto3.__version__,
-            "loadavg_1m_at_end": round(load[0], 2), "server": "SeaweedFS weed mini on 127.0.0.1 (same machine)", "mlflow": "mlflow server, SQLite backend",
-            "command": f".venv/bin/python bench/registry_transfer.py --size-mb {args.size_mb} --files {args.files}"}
+    meta = {
+        "size_mb": round(total_mb, 1),
+        "files": len(files),
+        "multipart_part_mb": s3_module.MULTIPART_THRESHOLD // MB,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "boto3": boto3.__version__,
+        "loadavg_1m_at_end": round(load[0], 2),
+        "server": "SeaweedFS weed mini on 127.0.0.1 (same machine)",
+        "mlflow": "mlflow server, SQLite backend",
+        "command": f".venv/bin/python bench/registry_transfer.py --size-mb {args.size_mb} --files "
+        f"{args.files}",
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "registry_transfer.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    (args.out / "registry_transfer.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+    )
     raw_up = results["boto3 upload, no checksums (baseline)"]["s"]
     raw_down = results["boto3 download, no checksums (baseline)"]["s"]
-    lines = [f"# Registry transfer: {meta['size_mb']:.0f} MB engine dir ({len(files)} files) to local SeaweedFS",
-             "", f"Command: `{meta['command']}` ({meta['cpus']} CPUs shared by client and servers; "
-             f"multipart parts of {meta['multipart_part_mb']} MB; 1-min load average at the end "
-             f"{meta['loadavg_1m_at_end']}: the machine is shared, so single samples are noisy).", "", "| measurement | time | throughput |",
-             "| --- | --- | --- |"]
+    lines = [
+        f"# Registry transfer: {meta['size_mb']:.0f} MB engine dir ({len(files)} files) to local SeaweedFS",
+        "",
+        f"Command: `{meta['command']}` ({meta['cpus']} CPUs shared by client and servers; "
+        f"multipart parts of {meta['multipart_part_mb']} MB; 1-min load average at the end "
+        f"{meta['loadavg_1m_at_end']}: the machine is shared, so single samples are noisy).",
+        "",
+        "| measurement | time | throughput |",
+        "| --- | --- | --- |",
+    ]
     for name, row in results.items():
         rate = f"{row['MB_per_s']} MB/s" if "MB_per_s" in row else ""
         lines.append(f"| {name} | {row['s']} s | {rate} |")
     up = results["kiln upload_version (sha256 + multipart SHA-256 + manifest)"]["s"]
     down_k = results["kiln download_version (download + sha256 verify)"]["s"]
-    lines += ["", f"Checksum overhead: upload {100 * (up / raw_up - 1):+.0f}% vs plain boto3, download "
-              f"{100 * (down_k / raw_down - 1):+.0f}% (sha256 alone: "
-              f"{results['sha256 (all files)']['MB_per_s']} MB/s on one core)."]
+    lines += [
+        "",
+        f"Checksum overhead: upload {100 * (up / raw_up - 1):+.0f}% vs plain boto3, download "
+        f"{100 * (down_k / raw_down - 1):+.0f}% (sha256 alone: "
+        f"{results['sha256 (all files)']['MB_per_s']} MB/s on one core).",
+    ]
     (args.out / "registry_transfer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

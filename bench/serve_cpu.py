@@ -5,7 +5,8 @@ same sweep (run by hand; not a test).
 
 Two engines, each compiled for CPU into a temp dir:
 
-- ``smollm2``: the real SmolLM2-135M-Instruct (``$KILN_HOME/assets``, as ``scripts/setup.sh`` prepares it), float32,
+- ``smollm2``: the real SmolLM2-135M-Instruct (``$KILN_HOME/assets``, as ``scripts/setup.sh`` prepares it),
+float32,
   max_batch_size 8, concurrency 1,4,8, 128 prompt tokens -> 32 output tokens. A 40-75 ms decode step: what
   serving costs is small next to it.
 - ``micro``: a random-weight 2-layer Llama (hidden 64, vocab 4096, SmolLM2's tokenizer), max_batch_size 64,
@@ -41,8 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KILN = [sys.executable, "-c", "from kiln.cli import app; app()"]
-MICRO = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 128, "vocab_size": 4096, "max_position_embeddings": 1024}
+MICRO = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 4096,
+    "max_position_embeddings": 1024,
+}
 
 
 def free_port() -> int:
@@ -77,8 +85,15 @@ class KilnServe:
     """``kiln serve ENGINE_DIR`` (or ``argv``, given the port) as a subprocess in its own session on a free
     loopback port, ready once ``/health`` answers."""
 
-    def __init__(self, engine_dir: Path, env: dict[str, str], log_path: Path, *args: str,
-                 timeout_s: float = 600, argv: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        engine_dir: Path,
+        env: dict[str, str],
+        log_path: Path,
+        *args: str,
+        timeout_s: float = 600,
+        argv: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = [*(argv or [*KILN, "serve"]), str(engine_dir), "--port", str(self.port), *args]
@@ -86,11 +101,14 @@ class KilnServe:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"kiln serve exited {self.proc.returncode} during start-up:\n{self.log_tail()}")
+                raise SystemExit(
+                    f"kiln serve exited {self.proc.returncode} during start-up:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -107,11 +125,15 @@ class KilnServe:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        """The server's Prometheus samples whose names start with ``prefix`` (sample name with labels -> value)."""
+        """The server's Prometheus samples whose names start with ``prefix`` (sample name with labels ->
+        value)."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
             text = response.read().decode()
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith(prefix)}
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
 
     def generated_tokens(self) -> float:
         return sum(self.metrics("kiln_generation_tokens_total").values())
@@ -136,9 +158,13 @@ def server_cost(before: dict[str, float], after: dict[str, float], tokens: float
     if tokens <= 0:
         return {"tokens": tokens, "us_per_token": None}
     total = (after["self"] + after["children"]) - (before["self"] + before["children"])
-    return {"tokens": tokens, "cpu_s": round(total, 2), "us_per_token": round(1e6 * total / tokens, 1),
-            "front_us_per_token": round(1e6 * (after["self"] - before["self"]) / tokens, 1),
-            "engine_process_us_per_token": round(1e6 * (after["children"] - before["children"]) / tokens, 1)}
+    return {
+        "tokens": tokens,
+        "cpu_s": round(total, 2),
+        "us_per_token": round(1e6 * total / tokens, 1),
+        "front_us_per_token": round(1e6 * (after["self"] - before["self"]) / tokens, 1),
+        "engine_process_us_per_token": round(1e6 * (after["children"] - before["children"]) / tokens, 1),
+    }
 
 
 def overhead(engine_points: list[dict], url_points: list[dict]) -> list[dict]:
@@ -149,9 +175,11 @@ def overhead(engine_points: list[dict], url_points: list[dict]) -> list[dict]:
         q = by_level.get(p["concurrency"])
         if q is None:
             continue
-        row = {"concurrency": p["concurrency"],
-               "tok_s_ratio": round(q["output_tokens_per_s"] / p["output_tokens_per_s"], 3),
-               "tok_s_overhead_pct": round(100 * (1 - q["output_tokens_per_s"] / p["output_tokens_per_s"]), 1)}
+        row = {
+            "concurrency": p["concurrency"],
+            "tok_s_ratio": round(q["output_tokens_per_s"] / p["output_tokens_per_s"], 3),
+            "tok_s_overhead_pct": round(100 * (1 - q["output_tokens_per_s"] / p["output_tokens_per_s"]), 1),
+        }
         for key in ("p50", "p90", "p99"):
             row[f"ttft_{key}_added_ms"] = round(q["ttft_ms"][key] - p["ttft_ms"][key], 2)
         if p.get("itl_ms") and q.get("itl_ms"):
@@ -162,8 +190,11 @@ def overhead(engine_points: list[dict], url_points: list[dict]) -> list[dict]:
 
 def table(engine_points: list[dict], url_points: list[dict]) -> list[str]:
     """Both modes per level, with the server's ratio to in process."""
-    lines = ["| concurrency | mode | req/s | output tok/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms | "
-             "HTTP / in process tok/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| concurrency | mode | req/s | output tok/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms | "
+        "HTTP / in process tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     by_level = {p["concurrency"]: p for p in url_points}
     for point in engine_points:
         other = by_level.get(point["concurrency"])
@@ -172,23 +203,37 @@ def table(engine_points: list[dict], url_points: list[dict]) -> list[str]:
                 continue
             ttft, itl = p["ttft_ms"], p["itl_ms"] or {"p50": 0, "p90": 0, "p99": 0}
             ratio = f"{other['output_tokens_per_s'] / point['output_tokens_per_s']:.3f}" if p is other else ""
-            lines.append(f"| {p['concurrency']} | {mode} | {p['requests_per_s']:.2f} | {p['output_tokens_per_s']:.0f} | "
-                         f"{ttft['p50']:.1f} / {ttft['p90']:.1f} / {ttft['p99']:.1f} | "
-                         f"{itl['p50']:.2f} / {itl['p90']:.2f} / {itl['p99']:.2f} | {ratio} |")
+            lines.append(
+                f"| {p['concurrency']} | {mode} | {p['requests_per_s']:.2f} | "
+                f"{p['output_tokens_per_s']:.0f} | {ttft['p50']:.1f} / {ttft['p90']:.1f} / "
+                f"{ttft['p99']:.1f} | {itl['p50']:.2f} / {itl['p90']:.2f} / {itl['p99']:.2f} | {ratio} |"
+            )
     return lines
 
 
 def write_dataset(path: Path, count: int, input_len: int, vocab: int, output_len: int, seed: int = 0) -> Path:
     """``count`` prompts of ``input_len`` seeded random token ids (both modes send exactly these)."""
     rng = random.Random(seed)
-    path.write_text("".join(json.dumps({"prompt_token_ids": [rng.randrange(vocab) for _ in range(input_len)],
-                                        "max_tokens": output_len}) + "\n" for _ in range(count)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt_token_ids": [rng.randrange(vocab) for _ in range(input_len)],
+                    "max_tokens": output_len,
+                }
+            )
+            + "\n"
+            for _ in range(count)
+        )
+    )
     return path
 
 
 def bench(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
     started = time.perf_counter()
-    done = subprocess.run([*KILN, "bench", *args, "--json"], env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*KILN, "bench", *args, "--json"], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"kiln bench {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout), time.perf_counter() - started
@@ -204,9 +249,17 @@ def compare(engine_dir: Path, sweep: list[str], env: dict[str, str], log_dir: Pa
         cost = server_cost(cpu, server.cpu(), server.generated_tokens() - tokens)
     finally:
         server.stop()
-    return {"wall_s": {"engine": round(engine_s, 1), "url": round(url_s, 1), "serve_ready": round(server.ready_s, 1)},
-            "engine": in_process, "url": over_http, "server_cpu": cost,
-            "overhead": overhead(in_process["points"], over_http["points"])}
+    return {
+        "wall_s": {
+            "engine": round(engine_s, 1),
+            "url": round(url_s, 1),
+            "serve_ready": round(server.ready_s, 1),
+        },
+        "engine": in_process,
+        "url": over_http,
+        "server_cpu": cost,
+        "overhead": overhead(in_process["points"], over_http["points"]),
+    }
 
 
 def sweep_url_per_level(server: KilnServe, levels: list[int], args: list[str], env: dict[str, str]) -> dict:
@@ -217,13 +270,16 @@ def sweep_url_per_level(server: KilnServe, levels: list[int], args: list[str], e
         document, seconds = bench(["--url", server.url, "-c", str(level), *args], env)
         wall += seconds
         points += document["points"]
-        costs.append({"concurrency": level, **server_cost(cpu, server.cpu(), server.generated_tokens() - tokens)})
+        costs.append(
+            {"concurrency": level, **server_cost(cpu, server.cpu(), server.generated_tokens() - tokens)}
+        )
     return {**document, "points": points, "server_cpu": costs, "wall_s": round(wall, 1)}
 
 
 def fake_worker(argv: list[str]) -> None:
     """A stand-in engine process speaking kiln.serve.wire: it admits every request and every ``--step-ms``
-    makes one token for each running one (up to 64), sleeping in between, so that only the HTTP process works."""
+    makes one token for each running one (up to 64), sleeping in between, so that only the HTTP process
+    works."""
     import select
 
     from kiln.serve.wire import FrameReader, Steps, json_frame, steps_frame
@@ -276,7 +332,9 @@ def fake_worker(argv: list[str]) -> None:
             finish.append(1 if state[0] <= 0 else 0)
             if state[0] <= 0:
                 del running[request_id]
-        sock.sendall(steps_frame(Steps(len(running), len(waiting), 0, ids, tokens, times, bytes(finish), [len(ids)])))
+        sock.sendall(
+            steps_frame(Steps(len(running), len(waiting), 0, ids, tokens, times, bytes(finish), [len(ids)]))
+        )
         next_step += step_s
 
 
@@ -291,10 +349,17 @@ def front_end(argv: list[str]) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("engine_dir", type=Path)
     args = parser.parse_args(argv)
-    engine = EngineProcess.start(args.engine_dir, worker=[sys.executable, __file__, "fake-worker", "--step-ms",
-                                                          str(args.step_ms)])
-    serve_engine(engine, args.engine_dir, ServeSettings(model_name="fake", source="fake engine"), host="127.0.0.1",
-                 port=args.port, log_level="warning")
+    engine = EngineProcess.start(
+        args.engine_dir, worker=[sys.executable, __file__, "fake-worker", "--step-ms", str(args.step_ms)]
+    )
+    serve_engine(
+        engine,
+        args.engine_dir,
+        ServeSettings(model_name="fake", source="fake engine"),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+    )
 
 
 def compile_smollm2(out: Path) -> Path:
@@ -305,13 +370,15 @@ def compile_smollm2(out: Path) -> Path:
     from kiln.profiles import Target
 
     hf = assets_dir() / SMOLLM2_DIR
-    target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 8, "max_input_len": 512,
-                                                          "max_seq_len": 1024})
+    target = Target(
+        name="cpu", dtype="float32", limits={"max_batch_size": 8, "max_input_len": 512, "max_seq_len": 1024}
+    )
     return TorchBackend().compile(hf, target, out, {"tokenizer_dir": str(hf)})
 
 
 def compile_micro(out: Path) -> Path:
-    """The random 2-layer Llama of MICRO with SmolLM2's tokenizer (ids below 4096 are ordinary byte-level tokens)."""
+    """The random 2-layer Llama of MICRO with SmolLM2's tokenizer (ids below 4096 are ordinary byte-level
+    tokens)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -323,57 +390,100 @@ def compile_micro(out: Path) -> Path:
     torch.manual_seed(0)
     hf = out / "hf"
     LlamaForCausalLM(LlamaConfig(**MICRO, architectures=["LlamaForCausalLM"])).save_pretrained(hf)
-    target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 64, "max_input_len": 256,
-                                                          "max_seq_len": 512})
-    return TorchBackend().compile(hf, target, out / "engine", {"model_sha": "random"},
-                                  tokenizer_dir=assets_dir() / SMOLLM2_DIR)
+    target = Target(
+        name="cpu", dtype="float32", limits={"max_batch_size": 64, "max_input_len": 256, "max_seq_len": 512}
+    )
+    return TorchBackend().compile(
+        hf, target, out / "engine", {"model_sha": "random"}, tokenizer_dir=assets_dir() / SMOLLM2_DIR
+    )
 
 
 PARTS = {
-    "smollm2": {"compile": compile_smollm2, "vocab": 49152, "concurrency": "1,4,8", "input_len": 128, "output_len": 32,
-                "requests": 8, "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
-    "micro": {"compile": compile_micro, "vocab": MICRO["vocab_size"], "concurrency": "1,8,32,64", "input_len": 128,
-              "output_len": 128, "requests": 128, "env": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    "smollm2": {
+        "compile": compile_smollm2,
+        "vocab": 49152,
+        "concurrency": "1,4,8",
+        "input_len": 128,
+        "output_len": 32,
+        "requests": 8,
+        "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+    },
+    "micro": {
+        "compile": compile_micro,
+        "vocab": MICRO["vocab_size"],
+        "concurrency": "1,8,32,64",
+        "input_len": 128,
+        "output_len": 128,
+        "requests": 128,
+        "env": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+    },
 }
 
 
 def frontend_part(tmp: Path, step_ms: float) -> dict:
-    """The HTTP process alone: ``kiln serve``'s app over ``fake_worker``, whose tokens cost nothing to make."""
+    """The HTTP process alone: ``kiln serve``'s app over ``fake_worker``, whose tokens cost nothing to
+    make."""
     engine_dir = compile_micro(tmp / "engine")  # only its tokenizer is used
     dataset = write_dataset(tmp / "prompts.jsonl", 64, 128, MICRO["vocab_size"], 128)
     env = dict(os.environ)
-    server = KilnServe(engine_dir, env, tmp / "front-end.log", "--step-ms", str(step_ms),
-                       argv=[sys.executable, __file__, "front-end"])
+    server = KilnServe(
+        engine_dir,
+        env,
+        tmp / "front-end.log",
+        "--step-ms",
+        str(step_ms),
+        argv=[sys.executable, __file__, "front-end"],
+    )
     try:
-        url = sweep_url_per_level(server, [1, 8, 32, 64], ["--dataset", str(dataset), "--requests", "128"], env)
+        url = sweep_url_per_level(
+            server, [1, 8, 32, 64], ["--dataset", str(dataset), "--requests", "128"], env
+        )
     finally:
         server.stop()
     ideal = {p["concurrency"]: p["concurrency"] * 1000 / step_ms for p in url["points"]}
-    return {"step_ms": step_ms, "url": url,
-            "rows": [{"concurrency": p["concurrency"], "output_tokens_per_s": round(p["output_tokens_per_s"]),
-                      "ideal_tokens_per_s": round(ideal[p["concurrency"]]),
-                      "share_of_ideal": round(p["output_tokens_per_s"] / ideal[p["concurrency"]], 3),
-                      "itl_p50_ms": round(p["itl_ms"]["p50"], 3), "ttft_p50_ms": round(p["ttft_ms"]["p50"], 2),
-                      "front_us_per_token": cost["front_us_per_token"]}
-                     for p, cost in zip(url["points"], url["server_cpu"], strict=True)]}
+    return {
+        "step_ms": step_ms,
+        "url": url,
+        "rows": [
+            {
+                "concurrency": p["concurrency"],
+                "output_tokens_per_s": round(p["output_tokens_per_s"]),
+                "ideal_tokens_per_s": round(ideal[p["concurrency"]]),
+                "share_of_ideal": round(p["output_tokens_per_s"] / ideal[p["concurrency"]], 3),
+                "itl_p50_ms": round(p["itl_ms"]["p50"], 3),
+                "ttft_p50_ms": round(p["ttft_ms"]["p50"], 2),
+                "front_us_per_token": cost["front_us_per_token"],
+            }
+            for p, cost in zip(url["points"], url["server_cpu"], strict=True)
+        ],
+    }
 
 
 def before_and_after(result: dict) -> list[str]:
-    """The micro part run alternately by the server before and after a change (``--ab``), with the host's load."""
+    """The micro part run alternately by the server before and after a change (``--ab``), with the host's
+    load."""
     runs = result.get("ab") or []
     if not runs:
         return []
     levels = [o["concurrency"] for o in runs[0]["overhead"]]
-    lines = ["", "## micro: the server before and after the engine moved to a process of its own, run alternately", "",
-             "`before`: the server at 8814f37 (one process, the engine on a thread of it, one asyncio hand-off per "
-             "token, a single-process httpx client); `after`: this one. Same command, `--parts micro`, one after "
-             "the other; HTTP / in process output tok/s per concurrency, and the server's CPU per token.", "",
-             "| run | 1-min load before | " + " | ".join(f"c{c}" for c in levels) + " | server CPU us/token |",
-             "| --- | --- | " + " | ".join("---" for _ in levels) + " | --- |"]
+    lines = [
+        "",
+        "## micro: the server before and after the engine moved to a process of its own, run alternately",
+        "",
+        "`before`: the server at 8814f37 (one process, the engine on a thread of it, one asyncio hand-off "
+        "per token, a single-process httpx client); `after`: this one. Same command, `--parts micro`, one "
+        "after the other; HTTP / in process output tok/s per concurrency, and the server's CPU per token.",
+        "",
+        "| run | 1-min load before | " + " | ".join(f"c{c}" for c in levels) + " | server CPU us/token |",
+        "| --- | --- | " + " | ".join("---" for _ in levels) + " | --- |",
+    ]
     for run in runs:
         ratios = {o["concurrency"]: o["tok_s_ratio"] for o in run["overhead"]}
-        lines.append(f"| {run['name']} | {run['load'][0]:.1f} | " + " | ".join(str(ratios.get(c, "-")) for c in levels)
-                     + f" | {run['server_cpu'].get('us_per_token')} |")
+        lines.append(
+            f"| {run['name']} | {run['load'][0]:.1f} | "
+            + " | ".join(str(ratios.get(c, "-")) for c in levels)
+            + f" | {run['server_cpu'].get('us_per_token')} |"
+        )
     return lines
 
 
@@ -385,48 +495,79 @@ READING = """## Reading it
   not what serving costs per token: before and after overlap within the run-to-run spread, in both
   directions. What serving costs on a GPU host (an engine process with its own core and the GPU, an HTTP
   process with another) is measured by `bench/serve_gpu.py`.
-- `frontend` is the HTTP process's own cost, with an engine that costs nothing: its CPU per token falls from
-  ~240 us at concurrency 1 (every token is a wake-up of the event loop and a write of its own) to ~18 us at 64,
-  where one engine step's tokens arrive in one frame and a client that fell behind gets several tokens in one
-  write (ITL p50 ~0 there: tokens arrive in bursts because this host's two cores are busy, client included).
+- `frontend` is the HTTP process's own cost, with an engine that costs nothing: its CPU per token falls
+  from ~240 us at concurrency 1 (every token is a wake-up of the event loop and a write of its own) to
+  ~18 us at 64, where one engine step's tokens arrive in one frame and a client that fell behind gets several
+  tokens in one write (ITL p50 ~0 there: tokens arrive in bursts because this host's two cores are busy,
+  client included).
 - `smollm2`: a 75-500 ms step, next to which serving adds little at concurrency 1; the higher levels lose
   more over HTTP on this host because the engine process and the HTTP process compete for the same cores."""
 
 
 def markdown(result: dict) -> str:
-    lines = ["# kiln serve on CPU: in process vs over HTTP", "",
-             f"Command: `{result['command']}` ({result['machine']}; 1-min load average {result['load_average'][0]:.1f} "
-             f"before, {result['load_average_after'][0]:.1f} after: other jobs share the cores, so single samples "
-             "are noisy).", "",
-             "Each part runs two commands, each its own process, one after the other, on the same JSONL prompts:", "",
-             "- in process: `kiln bench ENGINE_DIR --dataset PROMPTS.jsonl -c LEVELS --requests N --json`",
-             "- over HTTP: `kiln serve ENGINE_DIR --port PORT`, then `kiln bench --url http://127.0.0.1:PORT "
-             "--dataset PROMPTS.jsonl -c LEVELS --requests N --json`"]
+    lines = [
+        "# kiln serve on CPU: in process vs over HTTP",
+        "",
+        f"Command: `{result['command']}` ({result['machine']}; 1-min load average "
+        f"{result['load_average'][0]:.1f} before, {result['load_average_after'][0]:.1f} after: other jobs "
+        "share the cores, so single samples are noisy).",
+        "",
+        "Each part runs two commands, each its own process, one after the other, on the same JSONL prompts:",
+        "",
+        "- in process: `kiln bench ENGINE_DIR --dataset PROMPTS.jsonl -c LEVELS --requests N --json`",
+        "- over HTTP: `kiln serve ENGINE_DIR --port PORT`, then `kiln bench --url http://127.0.0.1:PORT "
+        "--dataset PROMPTS.jsonl -c LEVELS --requests N --json`",
+    ]
     front = result.get("frontend")
     if front:
-        lines += ["", f"## frontend: the HTTP process alone, over a stand-in engine making a step every {front['step_ms']} ms",
-                  "", "`kiln serve`'s HTTP process (the same app, `bench/serve_cpu.py front-end`) over `fake_worker`, an "
-                  "engine process that admits every request and makes one token per running request per step at no "
-                  "cost: what the server can carry when tokens come as fast as from the 1B engine on an H200.", "",
-                  "| concurrency | output tok/s | the stand-in's rate | share | ITL p50 ms | TTFT p50 ms | "
-                  "HTTP process CPU us/token |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['concurrency']} | {r['output_tokens_per_s']} | {r['ideal_tokens_per_s']} | {r['share_of_ideal']} | "
-                  f"{r['itl_p50_ms']} | {r['ttft_p50_ms']} | {r['front_us_per_token']} |" for r in front["rows"]]
+        lines += [
+            "",
+            "## frontend: the HTTP process alone, over a stand-in engine making a step every "
+            f"{front['step_ms']} ms",
+            "",
+            "`kiln serve`'s HTTP process (the same app, `bench/serve_cpu.py front-end`) over `fake_worker`, "
+            "an engine process that admits every request and makes one token per running request per step "
+            "at no cost: what the server can carry when tokens come as fast as from the 1B engine on an "
+            "H200.",
+            "",
+            "| concurrency | output tok/s | the stand-in's rate | share | ITL p50 ms | TTFT p50 ms | "
+            "HTTP process CPU us/token |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['concurrency']} | {r['output_tokens_per_s']} | {r['ideal_tokens_per_s']} | "
+            f"{r['share_of_ideal']} | {r['itl_p50_ms']} | {r['ttft_p50_ms']} | {r['front_us_per_token']} |"
+            for r in front["rows"]
+        ]
     lines += before_and_after(result)
     for name, run in result["parts"].items():
         first = run["engine"]
         cost = run["server_cpu"]
-        lines += ["", f"## {name}: {run['description']}", "",
-                  f"{first['prompt_len']} prompt tokens -> {first['gen_len']} output tokens, greedy, "
-                  f"{run['settings']['requests']}+ requests per level after {first['warmup_rounds']} warm-up round(s); "
-                  f"environment {run['settings']['env']}.", "", *table(first["points"], run["url"]["points"]), "",
-                  "| concurrency | tok/s lost over HTTP | TTFT p50 added ms | ITL p50 added ms |", "| --- | --- | --- | --- |"]
-        lines += [f"| {o['concurrency']} | {o['tok_s_overhead_pct']}% | {o['ttft_p50_added_ms']} | "
-                  f"{o.get('itl_p50_added_ms', '-')} |" for o in run["overhead"]]
+        lines += [
+            "",
+            f"## {name}: {run['description']}",
+            "",
+            f"{first['prompt_len']} prompt tokens -> {first['gen_len']} output tokens, greedy, "
+            f"{run['settings']['requests']}+ requests per level after {first['warmup_rounds']} warm-up "
+            f"round(s); environment {run['settings']['env']}.",
+            "",
+            *table(first["points"], run["url"]["points"]),
+            "",
+            "| concurrency | tok/s lost over HTTP | TTFT p50 added ms | ITL p50 added ms |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {o['concurrency']} | {o['tok_s_overhead_pct']}% | {o['ttft_p50_added_ms']} | "
+            f"{o.get('itl_p50_added_ms', '-')} |"
+            for o in run["overhead"]
+        ]
         if cost and cost.get("us_per_token") is not None:
-            lines += ["", f"Server CPU over the `--url` sweep: {cost['us_per_token']} us per generated token "
-                          f"(HTTP process {cost['front_us_per_token']} us, engine process "
-                          f"{cost['engine_process_us_per_token']} us; {int(cost['tokens'])} tokens)."]
+            lines += [
+                "",
+                f"Server CPU over the `--url` sweep: {cost['us_per_token']} us per generated token "
+                f"(HTTP process {cost['front_us_per_token']} us, engine process "
+                f"{cost['engine_process_us_per_token']} us; {int(cost['tokens'])} tokens).",
+            ]
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
@@ -436,8 +577,15 @@ def ab_runs(paths: list[Path]) -> list[dict]:
     for path in paths:
         data = json.loads(path.read_text())
         micro = data["parts"]["micro"]
-        runs.append({"name": path.stem, "command": data["command"], "load": data["load_average"],
-                     "overhead": micro["overhead"], "server_cpu": micro["server_cpu"]})
+        runs.append(
+            {
+                "name": path.stem,
+                "command": data["command"],
+                "load": data["load_average"],
+                "overhead": micro["overhead"],
+                "server_cpu": micro["server_cpu"],
+            }
+        )
     return runs
 
 
@@ -446,14 +594,24 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("fake-worker", "front-end"):
         (fake_worker if sys.argv[1] == "fake-worker" else front_end)(sys.argv[2:])
         return
-    parser.add_argument("--parts", default="smollm2,micro,frontend",
-                        help=f"comma-separated, of {sorted(PARTS) + ['frontend']}")
-    parser.add_argument("--step-ms", type=float, default=1.4, help="the stand-in engine's step (frontend part)")
+    parser.add_argument(
+        "--parts",
+        default="smollm2,micro,frontend",
+        help=f"comma-separated, of {sorted(PARTS) + ['frontend']}",
+    )
+    parser.add_argument(
+        "--step-ms", type=float, default=1.4, help="the stand-in engine's step (frontend part)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="serve_cpu", help="file stem of the results")
     parser.add_argument("--render", type=Path, help="only rewrite the markdown of an existing results JSON")
-    parser.add_argument("--ab", type=Path, nargs="*", default=[],
-                        help="results JSONs of alternate before/after runs of the micro part (named by file stem)")
+    parser.add_argument(
+        "--ab",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results JSONs of alternate before/after runs of the micro part (named by file stem)",
+    )
     args = parser.parse_args()
     if args.render:
         result = json.loads(args.render.read_text())
@@ -473,18 +631,34 @@ def main() -> None:
             part = PARTS[name]
             work = Path(tmp) / name
             engine_dir = part["compile"](work / "engine")
-            dataset = write_dataset(work / "prompts.jsonl", 64, part["input_len"], part["vocab"], part["output_len"])
-            sweep = ["-c", part["concurrency"], "--dataset", str(dataset), "--requests", str(part["requests"])]
+            dataset = write_dataset(
+                work / "prompts.jsonl", 64, part["input_len"], part["vocab"], part["output_len"]
+            )
+            sweep = [
+                "-c",
+                part["concurrency"],
+                "--dataset",
+                str(dataset),
+                "--requests",
+                str(part["requests"]),
+            ]
             env = {**os.environ, **part["env"]}
             run = compare(engine_dir, sweep, env, work)
             run["description"] = (part["compile"].__doc__ or name).split("\n")[0].strip()
-            run["settings"] = {k: part[k] for k in ("concurrency", "input_len", "output_len", "requests", "env")}
+            run["settings"] = {
+                k: part[k] for k in ("concurrency", "input_len", "output_len", "requests", "env")
+            }
             parts[name] = run
             print(f"{name}: {json.dumps(run['overhead'])} server cpu {run['server_cpu']}", flush=True)
-    result = {"command": " ".join([".venv/bin/python bench/serve_cpu.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "load_average": load_before, "load_average_after": os.getloadavg(), "parts": parts, "frontend": frontend,
-              "ab": ab_runs(args.ab)}
+    result = {
+        "command": " ".join([".venv/bin/python bench/serve_cpu.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average": load_before,
+        "load_average_after": os.getloadavg(),
+        "parts": parts,
+        "frontend": frontend,
+        "ab": ab_runs(args.ab),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(result))

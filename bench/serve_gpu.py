@@ -1,5 +1,5 @@
-"""``kiln bench ENGINE_DIR`` next to ``kiln bench --url`` against ``kiln serve`` on one CUDA GPU, in one run, same
-prompts (run by hand; not a test).
+"""``kiln bench ENGINE_DIR`` next to ``kiln bench --url`` against ``kiln serve`` on one CUDA GPU, in one run,
+same prompts (run by hand; not a test).
 
 Engine: a RANDOM-WEIGHT Llama-3.2-1B-shaped model built as ``bench/engine_gpu.py`` builds it (its ``SHAPE``,
 ``build_hf``, ``write_checkpoint``, ``target``: bf16, Inductor + CUDA graphs, max_batch_size 64), compiled by
@@ -47,19 +47,29 @@ sys.path.insert(0, str(ROOT))
 from bench import engine_gpu  # noqa: E402
 from bench.serve_cpu import KilnServe, overhead, server_cost, table  # noqa: E402
 
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def extended_tokenizer(source: Path, out: Path, vocab_size: int) -> Path:
-    """``source``'s byte-level BPE tokenizer with ordinary tokens ("Ġ" + lowercase letters, i.e. " ab", " abc",
+    """``source``'s byte-level BPE tokenizer with ordinary tokens ("Ġ" + lowercase letters, i.e. " ab", "
+    abc",
     ...) added to its vocabulary up to ``vocab_size`` ids, so that every id of the model decodes to text."""
     data = json.loads((source / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
     if data["model"]["type"] != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise SystemExit(f"{source}: expected a byte-level BPE tokenizer (as SmolLM2's)")
-    words = ("Ġ" + "".join(c) for n in itertools.count(2) for c in itertools.product(string.ascii_lowercase, repeat=n))
+    words = (
+        "Ġ" + "".join(c)
+        for n in itertools.count(2)
+        for c in itertools.product(string.ascii_lowercase, repeat=n)
+    )
     while len(vocab) < vocab_size:
         word = next(words)
         if word not in vocab:
@@ -86,35 +96,61 @@ def build_engine(work: Path, tokenizer: Path, tiny: bool) -> Path:
         torch.manual_seed(0)
         config = LlamaConfig(**{**engine_gpu.SHAPE, **TINY}, architectures=["LlamaForCausalLM"])
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-        target = Target(name="cpu", dtype="float32", limits={"max_batch_size": 8, "max_input_len": 256,
-                                                              "max_seq_len": 512})
+        target = Target(
+            name="cpu",
+            dtype="float32",
+            limits={"max_batch_size": 8, "max_input_len": 256, "max_seq_len": 512},
+        )
     else:
         model, target = engine_gpu.build_hf(), engine_gpu.target()
     checkpoint = engine_gpu.write_checkpoint(model, work / "checkpoint", fp8=False)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return TorchBackend().compile(checkpoint, target, work / "engine", {"model_sha": "random-llama-3.2-1b-shape"},
-                                  tokenizer_dir=tokenizer)
+    return TorchBackend().compile(
+        checkpoint,
+        target,
+        work / "engine",
+        {"model_sha": "random-llama-3.2-1b-shape"},
+        tokenizer_dir=tokenizer,
+    )
 
 
 def environment(args: argparse.Namespace) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("transformers", "tokenizers", "fastapi", "starlette", "uvicorn", "h11", "httpx", "pydantic",
-                 "prometheus_client", "triton"):
+    for name in (
+        "transformers",
+        "tokenizers",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "h11",
+        "httpx",
+        "pydantic",
+        "prometheus_client",
+        "triton",
+    ):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
     cuda = torch.cuda.is_available()
-    return {"gpu": torch.cuda.get_device_name() if cuda else "none (CPU)",
-            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "machine": platform.machine(), "versions": versions,
-            "command": " ".join(["python bench/serve_gpu.py", *sys.argv[1:]]), "shape": engine_gpu.SHAPE,
-            "limits": engine_gpu.LIMITS, "model": "random-weight Llama-3.2-1B shape" + (" (tiny)" if args.tiny else "")}
+    return {
+        "gpu": torch.cuda.get_device_name() if cuda else "none (CPU)",
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "versions": versions,
+        "command": " ".join(["python bench/serve_gpu.py", *sys.argv[1:]]),
+        "shape": engine_gpu.SHAPE,
+        "limits": engine_gpu.LIMITS,
+        "model": "random-weight Llama-3.2-1B shape" + (" (tiny)" if args.tiny else ""),
+    }
 
 
 def requests_at(level: int, args: argparse.Namespace) -> int:
@@ -131,10 +167,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=16, help="timed requests per level at least")
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per level at least")
-    parser.add_argument("--tokenizer", type=Path, help="a byte-level BPE tokenizer dir (default: "
-                        ".whl/serve/tokenizer-smollm2, else SmolLM2's in $KILN_HOME/assets)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="a byte-level BPE tokenizer dir (default: "
+        ".whl/serve/tokenizer-smollm2, else SmolLM2's in $KILN_HOME/assets)",
+    )
     parser.add_argument("--fast-site", type=Path, help="a dir with httptools + uvloop for a second server")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: the run's logic only")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 2-layer model on the CPU: the run's logic only"
+    )
     parser.add_argument("--render", type=Path, help="only rewrite serve_gpu.md from this serve_gpu.json")
     args = parser.parse_args()
     if args.render:
@@ -149,12 +191,27 @@ def main() -> None:
     site = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     server_env = {**os.environ, "PYTHONPATH": site}
     r["env"] = environment(args)
-    r["settings"] = {"levels": levels, "input_len": args.input_len, "output_len": args.output_len,
-                     "requests": {c: requests_at(c, args) for c in levels}, "warmup_rounds": 1}
+    r["settings"] = {
+        "levels": levels,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "requests": {c: requests_at(c, args) for c in levels},
+        "warmup_rounds": 1,
+    }
     work = Path(tempfile.mkdtemp(prefix="kiln-serve-gpu-"))
-    source = args.tokenizer or next((p for p in (ROOT / ".whl" / "serve" / "tokenizer-smollm2",
-                                                 Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln") / "assets"
-                                                 / "SmolLM2-135M-Instruct") if p.is_dir()), None)
+    source = args.tokenizer or next(
+        (
+            p
+            for p in (
+                ROOT / ".whl" / "serve" / "tokenizer-smollm2",
+                Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln")
+                / "assets"
+                / "SmolLM2-135M-Instruct",
+            )
+            if p.is_dir()
+        ),
+        None,
+    )
     if source is None:
         raise SystemExit("no tokenizer: pass --tokenizer DIR (SmolLM2's tokenizer files)")
     tokenizer = extended_tokenizer(source, work / "tokenizer", engine_gpu.SHAPE["vocab_size"])
@@ -164,9 +221,12 @@ def main() -> None:
     from kiln.engine.torch import TorchBackend
     from kiln.validation.perf import BenchPrompt, EngineRounds, decode_cost_from_dir, seeded_prompts, sweep
 
-    prompts = [BenchPrompt(p, args.output_len) for p in
-               seeded_prompts(max(requests_at(c, args) for c in levels), args.input_len,
-                              engine_gpu.SHAPE["vocab_size"], seed=0)]
+    prompts = [
+        BenchPrompt(p, args.output_len)
+        for p in seeded_prompts(
+            max(requests_at(c, args) for c in levels), args.input_len, engine_gpu.SHAPE["vocab_size"], seed=0
+        )
+    ]
     engine = run.stage("load_in_process", TorchBackend().load, engine_dir)
     if engine is None:
         return
@@ -175,24 +235,46 @@ def main() -> None:
     # every level once, untimed, before a server starts: Inductor's compiles land in the on-disk cache the
     # server's engine process then reads, and nothing compiles while the other side is measured
     run.stage("warm_up_in_process", lambda: [in_process(prompts[:c]) for c in levels])
-    settings = {"device": device, "max_batch_size": engine.max_batch_size,
-                "decode_cost": decode_cost_from_dir(engine_dir), "peak_memory_bytes": engine.memory_bytes}
+    settings = {
+        "device": device,
+        "max_batch_size": engine.max_batch_size,
+        "decode_cost": decode_cost_from_dir(engine_dir),
+        "peak_memory_bytes": engine.memory_bytes,
+    }
 
     def measure_engine(level: int) -> dict:
-        return sweep(in_process, [level], prompts, prompt_len=args.input_len, gen_len=args.output_len,
-                     min_requests=requests_at(level, args), **settings).to_dict()
+        return sweep(
+            in_process,
+            [level],
+            prompts,
+            prompt_len=args.input_len,
+            gen_len=args.output_len,
+            min_requests=requests_at(level, args),
+            **settings,
+        ).to_dict()
 
     variants = [("plain", server_env)]
     if args.fast_site:
         variants.append(("fast", {**server_env, "PYTHONPATH": os.pathsep.join([str(args.fast_site), site])}))
     r["engine"], r["servers"] = {}, {}
     for name, env in variants:
-        server = run.stage(f"start_server_{name}", KilnServe, engine_dir, env, work / f"serve-{name}.log",
-                           timeout_s=max(60.0, args.budget_s - run.elapsed()), needs_s=30 if name != "plain" else 0)
+        server = run.stage(
+            f"start_server_{name}",
+            KilnServe,
+            engine_dir,
+            env,
+            work / f"serve-{name}.log",
+            timeout_s=max(60.0, args.budget_s - run.elapsed()),
+            needs_s=30 if name != "plain" else 0,
+        )
         if server is None:
             continue
-        record = r["servers"][name] = {"ready_s": round(server.ready_s, 1), "points": [], "server_cpu": [],
-                                       "fast_modules": _fast_modules(env)}
+        record = r["servers"][name] = {
+            "ready_s": round(server.ready_s, 1),
+            "points": [],
+            "server_cpu": [],
+            "fast_modules": _fast_modules(env),
+        }
         try:
             from kiln.serve.client import OpenAIRounds
 
@@ -204,8 +286,9 @@ def main() -> None:
                     if point:
                         r["engine"].setdefault("points", []).extend(point["points"])
                         r["engine"].update({k: v for k, v in point.items() if k not in ("points", "skipped")})
-                measured = run.stage(f"url_{name}_c{level}", measure_url, server, over_http, level, prompts, args,
-                                     needs_s=5)
+                measured = run.stage(
+                    f"url_{name}_c{level}", measure_url, server, over_http, level, prompts, args, needs_s=5
+                )
                 if measured:
                     record["points"].extend(measured["points"])
                     record["server_cpu"].append(measured["server_cpu"])
@@ -224,9 +307,18 @@ def main() -> None:
 
 
 def _fast_modules(env: dict[str, str]) -> list[str]:
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(','.join(m for m in "
-                            "('httptools', 'uvloop') if u.find_spec(m)))"], env=env, capture_output=True, text=True,
-                           check=False)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util as u; print(','.join(m for m in "
+            "('httptools', 'uvloop') if u.find_spec(m)))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return [m for m in probe.stdout.strip().split(",") if m]
 
 
@@ -235,47 +327,82 @@ def measure_url(server: KilnServe, over_http, level: int, prompts: list, args: a
     from kiln.validation.perf import sweep
 
     tokens, cpu, steps = server.generated_tokens(), server.cpu(), server.metrics("kiln_batch_size_bucket")
-    result = sweep(over_http, [level], prompts, prompt_len=args.input_len, gen_len=args.output_len,
-                   min_requests=requests_at(level, args), device="remote").to_dict()
+    result = sweep(
+        over_http,
+        [level],
+        prompts,
+        prompt_len=args.input_len,
+        gen_len=args.output_len,
+        min_requests=requests_at(level, args),
+        device="remote",
+    ).to_dict()
     cost = server_cost(cpu, server.cpu(), server.generated_tokens() - tokens)
-    after = server.metrics("kiln_batch_size_bucket")  # how many requests each engine step served (cumulative buckets)
-    return {"points": result["points"], "server_cpu": {"concurrency": level, **cost},
-            "engine_steps_by_batch": {k.split('le="')[1].rstrip('"}'): after[k] - steps.get(k, 0.0) for k in after}}
+    # how many requests each engine step served (cumulative buckets)
+    after = server.metrics("kiln_batch_size_bucket")
+    return {
+        "points": result["points"],
+        "server_cpu": {"concurrency": level, **cost},
+        "engine_steps_by_batch": {
+            k.split('le="')[1].rstrip('"}'): after[k] - steps.get(k, 0.0) for k in after
+        },
+    }
 
 
 def markdown(r: dict) -> str:
     env = r.get("env", {})
     s = r.get("settings", {})
-    lines = [f"# kiln serve on {env.get('gpu')}: in process vs over HTTP, {env.get('model')}", "",
-             f"Command: `{env.get('command')}` (torch {env.get('torch')}, CUDA {env.get('cuda')}, Python "
-             f"{env.get('python')}, {env.get('cpus')} CPUs; {json.dumps(env.get('versions'))}).", "",
-             f"Workload: {s.get('input_len')} prompt tokens (seeded random ids, the same for both) -> exactly "
-             f"{s.get('output_len')} greedy tokens per request; per level {s.get('warmup_rounds')} warm-up round, then "
-             f"timed requests {s.get('requests')} (rounds of `concurrency` requests sent at once). In process: "
-             "the engine loaded by the benchmark, `EngineRounds` (`kiln bench ENGINE_DIR`). Over HTTP: "
-             "`kiln serve ENGINE_DIR` in its own processes (HTTP, engine) on 127.0.0.1, `OpenAIRounds` "
-             "(`kiln bench --url`: streaming completions, one SSE event per token, from several client processes). "
-             "Levels alternate: in process, then over HTTP.", ""]
+    lines = [
+        f"# kiln serve on {env.get('gpu')}: in process vs over HTTP, {env.get('model')}",
+        "",
+        f"Command: `{env.get('command')}` (torch {env.get('torch')}, CUDA {env.get('cuda')}, Python "
+        f"{env.get('python')}, {env.get('cpus')} CPUs; {json.dumps(env.get('versions'))}).",
+        "",
+        f"Workload: {s.get('input_len')} prompt tokens (seeded random ids, the same for both) -> exactly "
+        f"{s.get('output_len')} greedy tokens per request; per level {s.get('warmup_rounds')} warm-up "
+        f"round, then timed requests {s.get('requests')} (rounds of `concurrency` requests sent at once). "
+        "In process: the engine loaded by the benchmark, `EngineRounds` (`kiln bench ENGINE_DIR`). Over "
+        "HTTP: `kiln serve ENGINE_DIR` in its own processes (HTTP, engine) on 127.0.0.1, `OpenAIRounds` "
+        "(`kiln bench --url`: streaming completions, one SSE event per token, from several client "
+        "processes). Levels alternate: in process, then over HTTP.",
+        "",
+    ]
     engine_points = (r.get("engine") or {}).get("points", [])
     for name, record in (r.get("servers") or {}).items():
         fast = ", ".join(record.get("fast_modules") or []) or "none: h11 + asyncio"
-        lines += [f"## server `{name}` (httptools/uvloop on its path: {fast}; ready in {record.get('ready_s')} s; "
-                  f"{record.get('client_processes')} client processes)", "", *table(engine_points, record["points"]), "",
-                  "| concurrency | output tok/s lost over HTTP | TTFT p50 / p90 / p99 added ms | ITL p50 added ms | "
-                  "server CPU us/token (HTTP + engine process) |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## server `{name}` (httptools/uvloop on its path: {fast}; ready in {record.get('ready_s')} s; "
+            f"{record.get('client_processes')} client processes)",
+            "",
+            *table(engine_points, record["points"]),
+            "",
+            "| concurrency | output tok/s lost over HTTP | TTFT p50 / p90 / p99 added ms | ITL p50 added ms "
+            "| server CPU us/token (HTTP + engine process) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         costs = {c["concurrency"]: c for c in record.get("server_cpu", [])}
         for o in (r.get("overhead") or {}).get(name, []):
             cost = costs.get(o["concurrency"], {})
-            cpu = (f"{cost['front_us_per_token']} + {cost['engine_process_us_per_token']}"
-                   if cost.get("us_per_token") is not None else "-")
-            lines.append(f"| {o['concurrency']} | {o['tok_s_overhead_pct']}% | {o['ttft_p50_added_ms']} / "
-                         f"{o['ttft_p90_added_ms']} / {o['ttft_p99_added_ms']} | {o.get('itl_p50_added_ms', '-')} | {cpu} |")
+            cpu = (
+                f"{cost['front_us_per_token']} + {cost['engine_process_us_per_token']}"
+                if cost.get("us_per_token") is not None
+                else "-"
+            )
+            lines.append(
+                f"| {o['concurrency']} | {o['tok_s_overhead_pct']}% | {o['ttft_p50_added_ms']} / "
+                f"{o['ttft_p90_added_ms']} / {o['ttft_p99_added_ms']} | {o.get('itl_p50_added_ms', '-')} | "
+                f"{cpu} |"
+            )
         lines += ["", *targets((r.get("overhead") or {}).get(name, []))]
     if engine_points and engine_points[0].get("roofline_pct") is not None:
-        lines += ["", "In process, % of the HBM roofline (median ITL vs weights + KV read per step): " + ", ".join(
-            f"c{p['concurrency']} {p['roofline_pct']:.0f}%" for p in engine_points)]
+        lines += [
+            "",
+            "In process, % of the HBM roofline (median ITL vs weights + KV read per step): "
+            + ", ".join(f"c{p['concurrency']} {p['roofline_pct']:.0f}%" for p in engine_points),
+        ]
     if r.get("errors"):
-        lines += ["", "Skipped / failed stages:", ""] + [f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()]
+        lines += ["", "Skipped / failed stages:", ""] + [
+            f"- {k}: {v.splitlines()[0][:300]}" for k, v in r["errors"].items()
+        ]
     lines += ["", f"Stages (s): {json.dumps(r.get('stages'))}; total {r.get('total_s')} s."]
     return "\n".join(lines) + "\n"
 
@@ -286,13 +413,18 @@ def targets(rows: list[dict]) -> list[str]:
     low = min(rows, key=lambda o: o["concurrency"], default=None)
     if top is None:
         return []
-    out = ["| target | measured | met? |", "| --- | --- | --- |",
-           f"| output tok/s over HTTP within 10% of in process at concurrency {top['concurrency']} | "
-           f"{top['tok_s_overhead_pct']}% lower | {'yes' if top['tok_s_overhead_pct'] < 10 else 'no'} |"]
+    out = [
+        "| target | measured | met? |",
+        "| --- | --- | --- |",
+        f"| output tok/s over HTTP within 10% of in process at concurrency {top['concurrency']} | "
+        f"{top['tok_s_overhead_pct']}% lower | {'yes' if top['tok_s_overhead_pct'] < 10 else 'no'} |",
+    ]
     for o in [low] + ([top] if top is not low else []):
         added = o["ttft_p50_added_ms"]
-        out.append(f"| TTFT added under 5 ms (p50, concurrency {o['concurrency']}) | {added} ms | "
-                   f"{'yes' if added < 5 else 'no'} |")
+        out.append(
+            f"| TTFT added under 5 ms (p50, concurrency {o['concurrency']}) | {added} ms | "
+            f"{'yes' if added < 5 else 'no'} |"
+        )
     return out
 
 

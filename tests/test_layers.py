@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# what ruff checks and formats; pyproject.toml's [tool.ruff.format] exclude and per-file E501 ignores keep the
-# files not yet converted to `ruff format` out
-PATHS = ["kiln", "flows", "tasks", "tests"]
+# what ruff checks and formats: every Python tree of the repo, benchmarks included
+PATHS = ["kiln", "flows", "tasks", "tests", "bench"]
 
 
 def _tool(name: str) -> str:
