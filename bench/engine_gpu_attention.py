@@ -58,14 +58,12 @@ def main() -> None:
             skipped.append(f"fp8={fp8} batch={batch} length={length}: budget spent")
             continue
         inputs = case_inputs(bool(fp8), batch, length)
-        reference = kernels.launch_decode_attention(
-            *inputs, HEADS, KV_HEADS, length, kernels.ATTENTION_LAUNCH
-        )
+        reference = kernels.decode_attention(*inputs, HEADS, KV_HEADS, length, list(kernels.ATTENTION_LAUNCH))
         kv_bytes = 2 * batch * KV_HEADS * length * HEAD * (1 if fp8 else 2)
         for launch in LAUNCHES:
 
             def step(launch=launch, inputs=inputs, length=length):
-                return kernels.launch_decode_attention(*inputs, HEADS, KV_HEADS, length, launch)
+                return kernels.decode_attention(*inputs, HEADS, KV_HEADS, length, list(launch))
 
             try:
                 err = (step().float() - reference.float()).abs().max().item()

@@ -491,37 +491,18 @@ def decode_attention(
     heads: int,
     kv_heads: int,
     length: int,
+    launch: list[int] | None = None,
 ) -> torch.Tensor:
     """Attention output ``[B, heads * D]`` of one decode token per row of
-    ``qkv [B, (heads + 2 kv_heads) * D]``
-    (pre-RoPE), each at ``positions[b] < length``; writes the new K/V into ``k_cache/v_cache[b, :, pos]``."""
-    launch = attention_launch(qkv.shape[0], k_scale is not None)
-    return launch_decode_attention(
-        qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads, length, launch
-    )
-
-
-def launch_decode_attention(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    heads: int,
-    kv_heads: int,
-    length: int,
-    launch: tuple[int, int, int],
-) -> torch.Tensor:
-    """``decode_attention`` with an explicit ``(BLOCK_N, num_warps, num_stages)``; any BLOCK_N gives the
-    same result (the split chunks are masked per key), only the speed differs."""
+    ``qkv [B, (heads + 2 kv_heads) * D]`` (pre-RoPE), each at ``positions[b] < length``; writes the new K/V
+    into ``k_cache/v_cache[b, :, pos]``. ``launch``: an explicit ``(BLOCK_N, num_warps, num_stages)`` instead
+    of ``attention_launch``'s (benchmarks race them); any BLOCK_N gives the same result (the split chunks
+    are masked per key), only the speed differs."""
     batch = qkv.shape[0]
     d = k_cache.shape[-1]
     group = heads // kv_heads
     block_h = max(16, _next_pow2(group))
-    block_n, warps, stages = launch
+    block_n, warps, stages = launch or attention_launch(batch, k_scale is not None)
     out = torch.empty(batch, heads * d, dtype=qkv.dtype, device=qkv.device)
     sms = _sm_count(None if interpreting() else qkv.device.index)
     splits, chunk = attention_splits(batch, kv_heads, length, sms)
@@ -586,7 +567,7 @@ def launch_decode_attention(
 
 
 @decode_attention.register_fake
-def _(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads, length):
+def _(qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, heads, kv_heads, length, launch=None):
     return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
 
 
