@@ -416,19 +416,11 @@ def main() -> None:
                 continue
             per_slot = args.long_requests_per_slot if osl >= 512 else args.requests_per_slot
             key = f"{isl}/{osl}@{conc}"
-            out[key] = run.stage(
-                f"{precision}_{key}",
-                throughput,
-                loaded[1],
-                conc,
-                max(1, int(per_slot * conc)),
-                isl,
-                osl,
-                vocab,
-            )
-            if args.sampled == conc and (isl, osl) == scenarios[0][:2]:
-                out[f"{key}:sampled"] = run.stage(
-                    f"{precision}_{key}_sampled",
+            sampled_too = args.sampled == conc and (isl, osl) == scenarios[0][:2]
+            for sampled in (False, True) if sampled_too else (False,):
+                mode = "_sampled" if sampled else ""
+                out[key + mode.replace("_", ":")] = run.stage(
+                    f"{precision}_{key}{mode}",
                     throughput,
                     loaded[1],
                     conc,
@@ -436,7 +428,7 @@ def main() -> None:
                     isl,
                     osl,
                     vocab,
-                    True,
+                    sampled,
                 )
             if args.profile == conc and (isl, osl) == scenarios[0][:2]:
                 out[f"profile@{conc}"] = run.stage(
