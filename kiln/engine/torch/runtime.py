@@ -290,7 +290,8 @@ class TorchEngine:
             out = self._decode(batch, length, greedy=True)
         else:
             logits = self._decode(batch, length)
-            rows = [slots[i] if i in active else None for i in range(batch)]  # free slots: greedy dummies
+            running = set(active)  # a list's `in` would make this quadratic in the batch on every step
+            rows = [slots[i] if i in running else None for i in range(batch)]  # free slots: greedy dummies
             out = sample(
                 logits,
                 [r.request.sampling if r else _GREEDY for r in rows],
