@@ -3,11 +3,18 @@ filters keep what top-k / top-p define, and a seeded row's tokens do not depend 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from kiln.engine.base import SamplingParams
 from kiln.engine.torch.sampling import new_generator, sample
 
+ROOT = Path(__file__).resolve().parents[1]
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 
@@ -50,6 +57,7 @@ def test_greedy_rows_and_degenerate_filters_are_argmax() -> None:
 
 def test_seeded_row_is_independent_of_its_batch() -> None:
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(2))
+    logits[5] = logits[0]
     mixed = [
         SamplingParams(temperature=1.3, top_p=0.9, seed=7),
         SamplingParams(),
@@ -68,3 +76,39 @@ def test_seeded_row_is_independent_of_its_batch() -> None:
         for p in (SamplingParams(temperature=5.0, seed=s) for s in range(12))
     }
     assert len(draws) > 1  # different seeds do sample different tokens
+
+
+def _race_check(name: str, device: str) -> str:
+    pytest.importorskip("triton", reason="Triton is not installed: the race kernel is not used here")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env["KILN_KERNEL_DEVICE"] = device
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.fixtures.race_checks", name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", ["distribution", "seeded"])
+def test_device_race_under_the_interpreter(name: str) -> None:
+    assert "race" in _race_check(name, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["distribution", "seeded"])
+def test_device_race_on_cuda(name: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    assert "race" in _race_check(name, "cuda")

@@ -24,7 +24,7 @@ from kiln.engine.base import GenerationRequest, GenerationResult, SamplingParams
 from kiln.engine.manifest import EngineManifest, TorchProgram
 from kiln.engine.torch.model import DecoderModel, KVCache
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
-from kiln.engine.torch.sampling import new_generator, sample
+from kiln.engine.torch.sampling import Stream, new_generator, sample
 from kiln.errors import GenerationLimitError
 
 TokenCallback = Callable[[int, int], None]
@@ -63,7 +63,7 @@ class _Step:
 class _Running:
     index: Hashable
     request: GenerationRequest
-    generator: torch.Generator | None
+    generator: Stream | None
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
 
