@@ -85,8 +85,9 @@ def extended_tokenizer(source: Path, out: Path, vocab_size: int) -> Path:
     return out
 
 
-def build_engine(work: Path, tokenizer: Path, tiny: bool) -> Path:
-    """The random-weight engine dir (``tiny``: a 2-layer model of the same vocabulary on a cpu target)."""
+def build_engine(work: Path, tokenizer: Path, tiny: bool, max_batch_size: int = 8) -> Path:
+    """The random-weight engine dir (``tiny``: a 2-layer model of the same vocabulary on a cpu target of
+    ``max_batch_size`` slots)."""
     from kiln.engine.torch import TorchBackend
     from kiln.profiles import Target
 
@@ -99,7 +100,7 @@ def build_engine(work: Path, tokenizer: Path, tiny: bool) -> Path:
         target = Target(
             name="cpu",
             dtype="float32",
-            limits={"max_batch_size": 8, "max_input_len": 256, "max_seq_len": 512},
+            limits={"max_batch_size": max_batch_size, "max_input_len": 256, "max_seq_len": 512},
         )
     else:
         model, target = engine_gpu.build_hf(), engine_gpu.target()
@@ -162,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"))
     parser.add_argument("--budget-s", type=float, default=200)
-    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--concurrency", help="levels (default 1,8,32,64; with --tiny 1,8)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=16, help="timed requests per level at least")
@@ -183,9 +184,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "serve_gpu.md").write_text(markdown(json.loads(args.render.read_text())))
         return
-    levels = sorted({int(c) for c in args.concurrency.split(",")})
-    if args.tiny:
-        levels = [c for c in levels if c <= 8]
+    levels = sorted({int(c) for c in (args.concurrency or ("1,8" if args.tiny else "1,8,32,64")).split(",")})
     run = engine_gpu.Run(args.out, args.budget_s, name="serve_gpu.json")
     r = run.results
     site = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -215,7 +214,7 @@ def main() -> None:
     if source is None:
         raise SystemExit("no tokenizer: pass --tokenizer DIR (SmolLM2's tokenizer files)")
     tokenizer = extended_tokenizer(source, work / "tokenizer", engine_gpu.SHAPE["vocab_size"])
-    engine_dir = run.stage("build_engine", build_engine, work, tokenizer, args.tiny)
+    engine_dir = run.stage("build_engine", build_engine, work, tokenizer, args.tiny, max(8, *levels))
     if engine_dir is None:
         return
     from kiln.engine.torch import TorchBackend
@@ -292,6 +291,7 @@ def main() -> None:
                 if measured:
                     record["points"].extend(measured["points"])
                     record["server_cpu"].append(measured["server_cpu"])
+                    record.setdefault("before_first_token", []).append(measured["before_first_token"])
                     record.setdefault("engine_steps_by_batch", {})[level] = measured["engine_steps_by_batch"]
             over_http.close()
         finally:
@@ -327,6 +327,7 @@ def measure_url(server: KilnServe, over_http, level: int, prompts: list, args: a
     from kiln.validation.perf import sweep
 
     tokens, cpu, steps = server.generated_tokens(), server.cpu(), server.metrics("kiln_batch_size_bucket")
+    before = server.metrics("kiln_")
     result = sweep(
         over_http,
         [level],
@@ -342,10 +343,84 @@ def measure_url(server: KilnServe, over_http, level: int, prompts: list, args: a
     return {
         "points": result["points"],
         "server_cpu": {"concurrency": level, **cost},
+        "before_first_token": {
+            "concurrency": level,
+            **first_token_breakdown(before, server.metrics("kiln_")),
+        },
         "engine_steps_by_batch": {
             k.split('le="')[1].rstrip('"}'): after[k] - steps.get(k, 0.0) for k in after
         },
     }
+
+
+BREAKDOWN = (
+    ("http", "kiln_request_submit_time_seconds"),
+    ("wire", "kiln_request_wire_time_seconds"),
+    ("queue", "kiln_request_queue_time_seconds"),
+    ("prefill", "kiln_request_prefill_time_seconds"),
+)
+
+
+def histogram_delta(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float | None]:
+    """Count, mean and p50 / p90 (the upper bound of the bucket they fall in) of what a Prometheus
+    histogram observed between two scrapes."""
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), v - before.get(k, 0.0))
+        for k, v in after.items()
+        if k.startswith(f"{name}_bucket")
+    )
+
+    def quantile(q: float) -> float | None:
+        return (
+            next((bound for bound, cumulative in buckets if cumulative >= q * count), None) if count else None
+        )
+
+    return {
+        "count": count,
+        "mean": total / count if count else None,
+        "p50": quantile(0.5),
+        "p90": quantile(0.9),
+    }
+
+
+def first_token_breakdown(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Where the requests' time before their first token went (ms; p50 / p90 are bucket bounds) and how
+    many requests each prefill admitted, from the server's /metrics before and after a level."""
+    out: dict = {}
+    for key, name in BREAKDOWN:
+        d = histogram_delta(before, after, name)
+        out[key] = {
+            "requests": int(d["count"]),
+            **{q: None if d[q] is None else round(d[q] * 1e3, 3) for q in ("mean", "p50", "p90")},
+        }
+    waves = histogram_delta(before, after, "kiln_prefill_batch_size")
+    out["prefills"] = int(waves["count"])
+    out["requests_per_prefill"] = None if waves["mean"] is None else round(waves["mean"], 2)
+    return out
+
+
+def breakdown_table(rows: list[dict]) -> list[str]:
+    """The markdown table of ``first_token_breakdown`` rows (one per level)."""
+    if not rows:
+        return []
+    lines = [
+        "Before the first token (from the server's /metrics; mean / p90 ms, p90 a bucket bound): HTTP "
+        "process (arrival to submit frame written), wire (to the engine process reading it), queue (to its "
+        "prefill starting), prefill; and the prefills a level's requests took (warm-up round included).",
+        "",
+        "| concurrency | HTTP ms | wire ms | queue ms | prefill ms | prefills / requests "
+        "| requests per prefill |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in rows:
+        cells = [f"{b[k]['mean']} / {b[k]['p90']}" for k, _ in BREAKDOWN]
+        lines.append(
+            f"| {b['concurrency']} | {' | '.join(cells)} | {b['prefills']} / {b['prefill']['requests']} "
+            f"| {b['requests_per_prefill']} |"
+        )
+    return lines
 
 
 def markdown(r: dict) -> str:
@@ -392,6 +467,7 @@ def markdown(r: dict) -> str:
                 f"{o['ttft_p90_added_ms']} / {o['ttft_p99_added_ms']} | {o.get('itl_p50_added_ms', '-')} | "
                 f"{cpu} |"
             )
+        lines += ["", *breakdown_table(record.get("before_first_token") or [])]
         lines += ["", *targets((r.get("overhead") or {}).get(name, []))]
     if engine_points and engine_points[0].get("roofline_pct") is not None:
         lines += [

@@ -454,6 +454,10 @@ def test_32_concurrent_streaming_clients_get_their_own_outputs_from_one_batch(se
     ]
     steps_before = server.metric("kiln_batch_size_count")
     small_before = server.metric('kiln_batch_size_bucket{le="1.0"}')
+    stages = ("submit", "wire", "queue", "prefill")
+    stages_before = {s: server.metric(f"kiln_request_{s}_time_seconds_count") for s in stages}
+    prefills_before = server.metric("kiln_prefill_batch_size_count")
+    prefilled_before = server.metric("kiln_prefill_batch_size_sum")
     running_seen: list[float] = []
     done = threading.Event()
 
@@ -480,6 +484,15 @@ def test_32_concurrent_streaming_clients_get_their_own_outputs_from_one_batch(se
     single = server.metric('kiln_batch_size_bucket{le="1.0"}') - small_before
     assert steps > 0 and single < steps / 2, "most engine steps should serve more than one request"
     assert max(running_seen) > 1
+    # every request's time before its first token, stage by stage, and the prefills that admitted them:
+    # 8 slots take at least 4 prefills for 32 requests, and the 24 queued ones waited for a slot
+    for stage in stages:
+        assert server.metric(f"kiln_request_{stage}_time_seconds_count") - stages_before[stage] == 32, stage
+    assert server.metric("kiln_prefill_batch_size_sum") - prefilled_before == 32
+    assert 4 <= server.metric("kiln_prefill_batch_size_count") - prefills_before < 32
+    assert server.metric('kiln_request_queue_time_seconds_bucket{le="+Inf"}') > server.metric(
+        'kiln_request_queue_time_seconds_bucket{le="0.005"}'
+    ), "requests that waited for a slot queued for longer than a step"
 
 
 def test_request_over_the_engine_limits_gets_400_naming_the_limit(server: KilnServer) -> None:

@@ -41,6 +41,8 @@ log = logging.getLogger("kiln.serve")
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 RAW_SEND = "kiln.send"
 """Scope key of the server's own ``send`` (what streamed body messages are written with)."""
+ARRIVED = "kiln.arrived"
+"""Scope key of when the request reached the app (its headers read): what TTFT and submit time start at."""
 RETRY_AFTER_S = 1
 
 
@@ -168,7 +170,7 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
 
     @app.post("/v1/completions")
     async def completions(body: S.CompletionRequest, request: Request) -> Response:
-        arrived = now()
+        arrived = request.scope.get(ARRIVED) or now()
         _check_common(state, body)
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
@@ -192,7 +194,7 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
-        arrived = now()
+        arrived = request.scope.get(ARRIVED) or now()
         _check_common(state, body)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -564,9 +566,11 @@ def _guard(app: FastAPI, state: ServerState) -> GuardedApp:
     async def guarded(
         scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
     ) -> None:
+        arrived = now()
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        scope[ARRIVED] = arrived
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
         status_seen: list[int] = []

@@ -116,7 +116,7 @@ class EngineProcess:
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes | dict[str, Any]] = []
 
     @classmethod
     def start(cls, engine_dir: Path, *, worker: list[str] | None = None) -> EngineProcess:
@@ -191,18 +191,15 @@ class EngineProcess:
         request_id, self._next_id = self._next_id, self._next_id + 1
         stream = TokenStream(request_id, arrived, len(request.prompt_token_ids), self._loop)
         self._requests[request_id] = stream
+        # framed when written (``_flush``), so that it carries the time it left this process
         self._send(
-            json_frame(
-                {
-                    "add": {
-                        "id": request_id,
-                        "prompt": list(request.prompt_token_ids),
-                        "sampling": vars(request.sampling),
-                        "arrived": arrived,
-                        "where": where,
-                    }
-                }
-            )
+            {
+                "id": request_id,
+                "prompt": list(request.prompt_token_ids),
+                "sampling": vars(request.sampling),
+                "arrived": arrived,
+                "where": where,
+            }
         )
         return stream
 
@@ -215,17 +212,32 @@ class EngineProcess:
         stream._answer(RequestAborted(reason))
         self._send(json_frame({"cancel": request_id}))
 
-    def _send(self, frame: bytes) -> None:
-        """Queue a frame for the engine process; what one loop iteration queued goes out as one write."""
+    def _send(self, frame: bytes | dict[str, Any]) -> None:
+        """Queue a frame (or a request to add) for the engine process; what one loop iteration queued goes
+        out as one write."""
         if not self._outbox:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
         self._outbox.append(frame)
 
     def _flush(self) -> None:
-        frames, self._outbox = self._outbox, []
+        frames = self._frames()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(frames))
+
+    def _frames(self) -> list[bytes]:
+        """The outbox as frames, emptied; each request added is stamped with the time it leaves."""
+        items, self._outbox = self._outbox, []
+        sent, frames = now(), []
+        submit_time = self.metrics.submit_time if self.metrics is not None else None
+        for item in items:
+            if isinstance(item, dict):
+                item["sent"] = sent
+                if submit_time is not None:
+                    submit_time.observe(sent - item["arrived"])
+                item = json_frame({"add": item})
+            frames.append(item)
+        return frames
 
     def abort_all(self, reason: str) -> None:
         """End every request in flight without a result (drain deadline passed, engine failed)."""
@@ -241,8 +253,7 @@ class EngineProcess:
         self._stopping = True
         try:
             if self._transport is not None and not self._transport.is_closing():
-                self._transport.write(b"".join([*self._outbox, json_frame({"stop": True})]))
-                self._outbox = []
+                self._transport.write(b"".join([*self._frames(), json_frame({"stop": True})]))
             else:
                 self._sock.sendall(json_frame({"stop": True}))
             self._sock.shutdown(
@@ -306,6 +317,13 @@ class EngineProcess:
             else:
                 del self._requests[request_id]
                 stream._answer(GenerationLimitError(error))
+        if "prefilled" in frame:  # one prefill: [wire, queue, prefill] seconds of each request it admitted
+            metrics = self.metrics
+            metrics.prefill_batch_size.observe(len(frame["prefilled"]))
+            for wire, queued, prefill in frame["prefilled"]:
+                metrics.wire_time.observe(wire)
+                metrics.queue_time.observe(queued)
+                metrics.prefill_time.observe(prefill)
         if "failed" in frame:
             self._fail(str(frame["failed"]))
 

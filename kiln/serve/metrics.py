@@ -2,7 +2,10 @@
 
 Names follow vLLM's where one exists (``kiln_`` instead of ``vllm:``): request and token counters, time
 to first token, inter-token latency and end-to-end latency histograms, running / waiting requests, KV
-cache use, and the batch size of every engine step (how many requests one forward pass served).
+cache use, and the batch size of every engine step (how many requests one forward pass served). Where a
+request's time before its first token goes (as vLLM's queue and prefill time): in the HTTP process (arrival
+to its submit frame written), on the wire (written to read by the engine process), queued in the engine
+process (read to its prefill starting), its prefill; and how many requests each prefill admitted together.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ _LATENCY_BUCKETS = (
     40.0,
     80.0,
 )
+# the HTTP process's and the wire's share of a request are tens of microseconds when all is well
+_SHORT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, *_LATENCY_BUCKETS)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -115,6 +120,37 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "kiln_batch_size",
             "Requests served by one engine step (decode batch or requests prefilled together)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.submit_time = Histogram(
+            "kiln_request_submit_time_seconds",
+            "HTTP process: request arrival (headers read) to its submit frame written to the engine process "
+            "(body read, validation, tokenization, framing, waiting for the event loop)",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.wire_time = Histogram(
+            "kiln_request_wire_time_seconds",
+            "Submit frame written by the HTTP process to read by the engine process",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kiln_request_queue_time_seconds",
+            "Engine process: request read to its prefill starting (the step running meanwhile, a free slot)",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            "kiln_request_prefill_time_seconds",
+            "Engine process: prefill start to the request's first token",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.prefill_batch_size = Histogram(
+            "kiln_prefill_batch_size",
+            "Requests one prefill admitted together (a burst arriving in waves makes several small ones)",
             buckets=_BATCH_BUCKETS,
             registry=r,
         )

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -145,9 +146,11 @@ def serve(engine: Any, sock: socket.socket) -> int:
             except OSError:
                 data = b""
             frames = reader.feed(data) if data else [{"stop": True}]
+            received = time.perf_counter()
             with wake:
                 for frame in frames:
                     if "add" in frame:
+                        frame["add"]["received"] = received
                         inbox.adds.append(frame["add"])
                     elif "cancel" in frame:
                         inbox.cancels.append(frame["cancel"])
@@ -160,10 +163,18 @@ def serve(engine: Any, sock: socket.socket) -> int:
     threading.Thread(target=read, name="kiln-engine-reader", daemon=True).start()
 
     queue, started = sender.queue, set()
+    # requests added and not prefilled yet: (sent by the HTTP process, read here); what the step that
+    # prefills them admitted goes back as one "prefilled" frame (wire, queue and prefill seconds of each)
+    unprefilled: dict[int, tuple[float, float]] = {}
+    prefilled: list[list[float]] = []
+    step_started = 0.0
 
     # the engine thread, as each token is made (a prefill's before its decode)
     def on_event(event: Any) -> None:
         result, request_id = event.result, event.request_id
+        if (times := unprefilled.pop(request_id, None)) is not None:
+            sent, received = times
+            prefilled.append([received - sent, step_started - received, time.perf_counter() - step_started])
         queue.append(
             (request_id, event.token_id, event.time_s, _FINISH_CODE[result.finish_reason] if result else 0)
         )
@@ -201,6 +212,7 @@ def serve(engine: Any, sock: socket.socket) -> int:
                 answers.append([add["id"], str(exc)])
                 continue
             scheduler.add(request, add["id"], submitted_at=add["arrived"], check=False)
+            unprefilled[add["id"]] = (add.get("sent", add["received"]), add["received"])
             answers.append([add["id"], None])
         if answers:
             queue.append(json_frame({"admitted": answers}))
@@ -208,8 +220,10 @@ def serve(engine: Any, sock: socket.socket) -> int:
         for request_id in cancels:
             scheduler.cancel(request_id)
             started.discard(request_id)
+            unprefilled.pop(request_id, None)
         served = 0
         if scheduler.has_work:
+            step_started = time.perf_counter()
             try:
                 served = len({e.request_id for e in scheduler.step()})
             except Exception as exc:  # the engine's state is unknown now: say so and stop serving
@@ -217,6 +231,9 @@ def serve(engine: Any, sock: socket.socket) -> int:
                 queue.append(json_frame({"failed": f"{type(exc).__name__}: {exc}"}))
                 status = 1
                 break
+        if prefilled:
+            queue.append(json_frame({"prefilled": prefilled}))
+            prefilled = []
         queue.append([scheduler.num_running, scheduler.num_waiting, scheduler.cached_tokens(), served])
         sender.wake()
     sender.close()
