@@ -27,6 +27,7 @@ def _cases(device: str) -> list[tuple]:
             (_gate, (x, rand(tokens, 256), "silu")),
             (_gate, (x, rand(tokens, 256), "gelu_tanh")),
             (_fp8_quantize, (x * 40, torch.tensor(0.5, device=device))),
+            (_fp8_quantize, (rand(tokens, 512) * 40, torch.tensor(0.5, device=device))),  # its own graph
             (_to_fp8_cache, (x * 40, torch.tensor(0.25, device=device))),
             (
                 _from_fp8_cache,
@@ -49,7 +50,7 @@ def test_cpu_calls_stay_eager() -> None:
 def test_cuda_fused_steps_match_eager_and_compile_once_per_variant() -> None:
     """Each fused step against its eager function (``__wrapped__``) on CUDA: within one bf16 ulp where
     Inductor keeps a float32 intermediate the eager code rounds; FP8 rounding exact but for ties at that
-    ulp; and token counts 7..4096 reuse one graph per (function, dtype/argument) variant."""
+    ulp; and token counts 7..4096 reuse one graph per (function, dtype/inner shape) variant: nine."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch._dynamo.reset()
@@ -62,4 +63,4 @@ def test_cuda_fused_steps_match_eager_and_compile_once_per_variant() -> None:
             assert mismatch < 1e-3, f"{fn.__name__}: {mismatch:.2%} of FP8 values differ"
         else:
             torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
-    assert 0 < counters["stats"]["unique_graphs"] <= 16
+    assert 0 < counters["stats"]["unique_graphs"] <= 9
