@@ -179,7 +179,7 @@ def microbench(size: str) -> dict:
         group = GROUP if kind == "int4" else 0
         tune_quant({(kind, n, k, group) for n, k in shapes.values()}, device, torch.bfloat16, report=report)
         for rep in report.values():  # ms per chain of ``copies`` distinct weights -> ms per weight
-            for bucket in ("m1", "m16", "large"):
+            for bucket in ("m1", "m16", "m64", "large"):
                 if bucket in rep:
                     rep[bucket] = {
                         label: ms / rep["copies"] if isinstance(ms, float) else ms
@@ -416,13 +416,15 @@ def write_markdown(r: dict, path: Path) -> None:
                     f"| {_us(rep['m16'].get('torch'))} / {1e3 * ms16:.2f} | {label16} |"
                 )
         sq = micro["quant"].get("int8_sq") or {}
-        big = {name: rep.get("large") for name, rep in sq.items() if rep.get("large")}
+        big = {name: rep.get("m64") for name, rep in sq.items() if rep.get("m64")}
         if big:
             lines += [
                 "",
-                "int8_sq at 64 rows, torch path vs `torch._int_mm` (us): "
+                "int8_sq at 64 rows, torch path vs `torch._int_mm` vs the fastest option (us): "
                 + ", ".join(
-                    f"{name} {_us(b.get('torch'))} vs {_us(b.get('int_mm'))}" for name, b in big.items()
+                    f"{name} {_us(b.get('torch'))} vs {_us(b.get('int_mm'))} vs {_best_ms(b)[0]} "
+                    f"{1e3 * _best_ms(b)[1]:.2f}"
+                    for name, b in big.items()
                 ),
             ]
         step = micro["step"]

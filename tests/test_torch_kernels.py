@@ -26,8 +26,9 @@ ATTENTION_CASES = [
     (4, 4, 1, 1),  # MHA, FP8 cache, split-KV
 ]
 GEMV_CASES = [(0, 0), (1, 0), (1, 1)]
-# kind, int4 group, rows, pre_quant_scale, design (gemv: CUDA-core, one row; qmm: tensor-core, <= 16 rows;
-# int_mm: SmoothQuant's torch._int_mm above 16 rows)
+# kind, int4 group, rows, pre_quant_scale, design (gemv: CUDA-core, one row; qmm: tensor-core; both as the
+# 5-element configs engines built before split-K recorded; _k<S>: S-way split-K, _m<B>: BLOCK_M B tiles
+# over 17-64 rows; int_mm: SmoothQuant's torch._int_mm above 16 rows, see kernel_checks.quant_design)
 QUANT_CASES = [
     ("int8_wo", 0, 1, 0, "gemv"),
     ("int8_wo", 0, 7, 1, "qmm"),
@@ -39,6 +40,14 @@ QUANT_CASES = [
     ("int4", 64, 1, 0, "gemv"),
     ("int4", 64, 1, 0, "qmm"),
     ("int4", 128, 9, 1, "qmm"),
+    ("int8_wo", 0, 1, 1, "gemv_k2"),  # K = 384 in splits of 256 and 128
+    ("int4", 64, 1, 0, "gemv_k3"),
+    ("int8_sq", 0, 5, 1, "qmm_k2"),
+    ("int4", 128, 9, 1, "qmm_k3"),
+    ("int8_wo", 0, 40, 1, "qmm_m16"),  # three M tiles, the last one partial
+    ("int8_sq", 0, 64, 0, "qmm_m32_k2"),
+    ("int4", 64, 17, 1, "qmm_m32"),
+    ("int4", 128, 33, 0, "qmm_m64_k2"),
 ]
 # the named options of program.gemv: kind, int4 group, rows, pre_quant_scale, option
 QUANT_OPTION_CASES = [
@@ -104,9 +113,50 @@ def test_quant_options_match_torch_path(
     assert f"quant option {option} {kind} group={group} m={rows}" in out
 
 
-@pytest.mark.parametrize("check", ["tinygemm_only", "compiled"])
+@pytest.mark.parametrize("check", ["tinygemm_only", "compiled", "race"])
 def test_quant_options_packing_and_compile(check: str) -> None:
     assert "quant option" in run_check(check, module=QUANT_OPTIONS)
+
+
+def test_quant_configs_candidates_and_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded configs of any age parse; split-K is raced where the row tiles leave SMs idle; every
+    bucket races the Triton kernels next to the whole-weight options; old programs still dispatch."""
+    import torch
+
+    from kiln.engine.torch import kernels, linear
+
+    assert kernels.quant_config([1, 32, 256, 4, 3]) == (1, 32, 256, 4, 3, 1, 16)  # a pre-split-K engine's
+    assert kernels.quant_config([0, 16, 512, 8, 3, 4]) == (0, 16, 512, 8, 3, 4, 16)
+    assert kernels.quant_config([1, 64, 128, 4, 3, 2, 64]) == (1, 64, 128, 4, 3, 2, 64)
+    with pytest.raises(ValueError):
+        kernels.quant_config([1, 32, 256, 4])
+    # Llama-3.1-8B on an H200 (132 SMs) at 8 rows: 4096 outputs are 64-256 row tiles, 28672 are enough
+    small = kernels.quant_candidates("int8_wo", 4096, 0, 16, 4096, 132)
+    assert {c[5] for c in small} == {1, 2, 4, 8} and all(len(c) == 6 for c in small)
+    assert {c[5] for c in kernels.quant_candidates("int8_wo", 4096, 0, 16, 28672, 132)} == {1}
+    assert {c[5] for c in kernels.quant_candidates("int8_wo", 4096, 0, 16)} == {1}  # no shape: no split
+    int4 = kernels.quant_candidates("int4", 4096, 128, 64, 4096, 132)
+    assert int4 and all(c[2] % 128 == 0 and len(c) == 7 and c[6] in (16, 32, 64) for c in int4)
+    assert {c[6] for c in kernels.quant_candidates("int8_sq", 4096, 0, 17)} == {16, 32}
+    assert all(c[0] == kernels.GEMV for c in kernels.quant_candidates("int4", 4096, 128, 1)[:5])
+    cpu = torch.device("cpu")
+    for kind, whole in (("int8_wo", ["dequant"]), ("int8_sq", ["int_mm"]), ("int4", ["dequant"])):
+        buckets = linear._buckets(kind, 4096, 4096, 128 if kind == "int4" else 0, cpu, torch.float16)
+        assert set(buckets) == {"m1", "m16", "m64", "large"}
+        for bucket in ("m64", "large"):
+            assert buckets[bucket][: 1 + len(whole)] == [None, *whole]
+            assert all(isinstance(o, list) and len(o) == 7 for o in buckets[bucket][1 + len(whole) :])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.available: a CPU layer may take kernel choices
+    tensors = {"weight": torch.ones(64, 128, dtype=torch.int8), "weight_scale": torch.ones(64)}
+    old = {"m1": [0, 16, 128, 4, 3], "m16": [1, 32, 128, 4, 3], "large": "dequant"}
+    new = {**old, "m64": [1, 32, 128, 4, 3, 2, 32], "large": [1, 32, 128, 4, 3, 1, 64]}
+    for program, at40 in ((old, "dequant"), (new, new["m64"])):
+        gemv = {"int8_wo:64x128": program}
+        layer = linear.QuantLinear(
+            "int8_wo", tensors, dtype=torch.float16, device=cpu, scaled_mm=False, gemv=gemv
+        )
+        want = [program["m1"], program["m16"], at40, program["large"]]
+        assert [layer._option(m) for m in (1, 16, 40, 65)] == want
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4_awq", "int8_sq"])
@@ -144,7 +194,8 @@ def test_kernels_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "case",
-    [("option", *map(str, c)) for c in QUANT_OPTION_CASES] + [("tinygemm_only",), ("compiled",)],
+    [("option", *map(str, c)) for c in QUANT_OPTION_CASES]
+    + [("tinygemm_only",), ("compiled",), ("race",), ("race", "1")],
     ids=lambda c: "quant-" + "-".join(c),
 )
 def test_quant_options_match_torch_path_on_cuda(case: tuple[str, ...]) -> None:

@@ -266,7 +266,7 @@ class TorchBackend:
     def _program(target: Target, dtype: torch.dtype, gemv_shapes: set[tuple]) -> TorchProgram:
         """``default_program`` plus, on CUDA with Triton, the GEMV measured fastest per weight shape on this
         GPU and, for integer weights (``linear.tune_quant``), the kernel per row bucket (keys ``int8_wo:NxK``,
-        ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16": config or None, "large": "int_mm" or
+        ``int8_sq:NxK``, ``int4_g128:NxK`` -> ``{"m1", "m16", "m64", "large": a config, a named option or
         None}``)."""
         from kiln.engine.torch.linear import tune_quant
 

@@ -10,15 +10,17 @@ call them as single opaque launches.
 - ``gemv``: ``y = x @ W^T`` for one row (batch-1 decode) over a bf16/fp16 or FP8 weight, the FP8
   activation quantization (and AWQ ``pre_quant_scale``) done in the kernel's prologue, so the weights
   stream at the card's bandwidth without a separate quantize kernel.
-- ``qmatmul``: ``y = x @ W^T`` for ``M <= 16`` rows over the integer weights of ``QuantLinear``'s kinds
+- ``qmatmul``: ``y = x @ W^T`` over the integer weights of ``QuantLinear``'s kinds
   ``int8_wo`` (W8A16, per-channel scales), ``int8_sq`` (W8A8 SmoothQuant: the per-tensor activation
   quantization in the prologue, an int8 x int8 dot) and ``int4`` (W4A16 / W4A16_AWQ, ModelOpt's
   ``[out/2, in]`` nibble packing read as stored, per-group scales), the AWQ/SmoothQuant
   ``pre_quant_scale`` fused too; the weight is never materialised in the engine dtype. Two designs,
   raced per weight shape at build time (``linear.tune_quant``): a CUDA-core GEMV for one row
   (``_qgemv_kernel``: float32 FMAs, integers turned into floats by exponent-bit tricks instead of
-  conversion instructions) and a tensor-core kernel for up to 16 rows (``_qmm_kernel``: the weight
-  tile is the dot's M side, "swap AB", so 16 rows of activations fill its N side).
+  conversion instructions) and a tensor-core kernel for any rows (``_qmm_kernel``: the weight tile is
+  the dot's M side, "swap AB", so 16-64 rows of activations fill its N side, more rows in more M tiles).
+  Both may split K over more programs (split-K: float32 partials, then one small sum kernel), for the
+  decode shapes whose row tiles alone leave most SMs idle.
 
 Numerics follow the torch path in ``model.py``/``linear.py``: float32 accumulation, q/k rounded to the
 engine dtype after RoPE, the FP8 cache value rounded exactly as ``KVCache.quantize``, int8 activations
@@ -306,10 +308,12 @@ if triton is not None:
         W,
         S,
         Y,
+        P,
         PQS,
         INV_IN_SCALE,
         N_ROWS,
         K,
+        K_SPLIT,
         stride_w,
         stride_sn,
         stride_sg,
@@ -318,10 +322,12 @@ if triton is not None:
         GROUP: tl.constexpr,
         KIND: tl.constexpr,
         HAS_PQS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
     ):
         """One activation row, CUDA cores. KIND 0 int8_wo, 1 int8_sq, 2 int4. Each program owns ``ROWS``
         weight rows (int4: packed rows, two output rows each) and walks K in ``BLOCK_K`` steps of
-        ``GROUP``-wide slices (int4: one scale per row per slice)."""
+        ``GROUP``-wide slices (int4: one scale per row per slice). ``SPLIT_K`` > 1: program ``(i, s)`` walks
+        the ``K_SPLIT`` columns from ``s * K_SPLIT`` and stores its float32 sums, scaled, in ``P[s]``."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rmask = rows < N_ROWS
         w_rows = W + rows.to(tl.int64)[:, None] * stride_w  # int64: rows x K may pass 2^31
@@ -329,7 +335,17 @@ if triton is not None:
         acc_hi = tl.zeros([ROWS, GROUP], tl.float32)  # int4: the odd output rows (high nibbles)
         if KIND == 1:
             inv_in_scale = tl.load(INV_IN_SCALE)
-        for k0 in range(0, K, BLOCK_K):
+        if SPLIT_K == 1:
+            k_lo, k_hi = 0, K
+            out = Y
+        else:  # K_SPLIT is a multiple of BLOCK_K: no block straddles two splits
+            k_lo = tl.program_id(1) * K_SPLIT
+            k_hi = tl.minimum(k_lo + K_SPLIT, K)
+            if KIND == 2:
+                out = P + tl.program_id(1) * (2 * N_ROWS)
+            else:
+                out = P + tl.program_id(1) * N_ROWS
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(BLOCK_K // GROUP):
                 offs_k = k0 + j * GROUP + tl.arange(0, GROUP)
                 kmask = offs_k < K
@@ -354,26 +370,28 @@ if triton is not None:
                 else:
                     acc += _i8_to_f32(w) * x[None, :]
         if KIND == 2:
-            tl.store(Y + 2 * rows, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=rmask)
-            tl.store(Y + 2 * rows + 1, tl.sum(acc_hi, axis=1).to(Y.dtype.element_ty), mask=rmask)
-        else:  # int8_wo: the weight scale; int8_sq: input scale x weight scale
+            tl.store(out + 2 * rows, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=rmask)
+            tl.store(out + 2 * rows + 1, tl.sum(acc_hi, axis=1).to(out.dtype.element_ty), mask=rmask)
+        else:  # int8_wo: the weight scale; int8_sq: input scale x weight scale (linear: per split too)
             y = tl.sum(acc, axis=1) * tl.load(S + rows * stride_sn, mask=rmask, other=0.0)
-            tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
+            tl.store(out + rows, y.to(out.dtype.element_ty), mask=rmask)
 
     @triton.jit(
         do_not_specialize=["M"]
-    )  # one compile serves 1..16 rows (Triton would specialize M == 1, M % 16)
+    )  # one compile serves every row count (Triton would specialize M == 1, M % 16)
     def _qmm_kernel(
         X,
         W,
         S,
         Y,
+        P,
         PQS,
         INV_IN_SCALE,
         M,
         N,
         N_ROWS,
         K,
+        K_SPLIT,
         stride_xm,
         stride_w,
         stride_sn,
@@ -387,8 +405,10 @@ if triton is not None:
         BASE_BITS: tl.constexpr,
         BASE: tl.constexpr,
         DOT_F32: tl.constexpr,
+        SPLIT_K: tl.constexpr,
     ):
-        """Up to ``BLOCK_M`` activation rows, tensor cores: ``acc[ROWS, BLOCK_M] += W_tile @ x_tile^T``.
+        """``BLOCK_M`` activation rows (grid axis 0 over M tiles, 1 over weight rows, 2 over K splits as in
+        ``_qgemv_kernel``), tensor cores: ``acc[ROWS, BLOCK_M] += W_tile @ x_tile^T``.
 
         int8_sq: the activations quantized to int8 in the prologue, an int8 x int8 -> int32 dot, exact.
         int4: each nibble as ``BASE + 8 + q`` in the engine dtype (exact), one dot per group for the even
@@ -397,19 +417,24 @@ if triton is not None:
         ``BASE``-offset, two dots, the offsets taken off with ``sum(x)`` at the end, times the row scale.
         """
         dtype = X.dtype.element_ty
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         rmask = rows < N_ROWS
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < M
         w_rows = W + rows.to(tl.int64)[:, None] * stride_w
-        x_rows = X + offs_m[:, None] * stride_xm
+        x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: a long prefill's M x K may pass 2^31
         acc = tl.zeros([ROWS, BLOCK_M], tl.float32)
         acc_hi = tl.zeros([ROWS, BLOCK_M], tl.float32)
         acc_i = tl.zeros([ROWS, BLOCK_M], tl.int32)
         sum_x = tl.zeros([BLOCK_M], tl.float32)
         if KIND == 1:
             inv_in_scale = tl.load(INV_IN_SCALE)
-        for k0 in range(0, K, BLOCK_K):
+        if SPLIT_K == 1:
+            k_lo, k_hi = 0, K
+        else:  # K_SPLIT is a multiple of BLOCK_K (int4: of the group too): no block straddles two splits
+            k_lo = tl.program_id(2) * K_SPLIT
+            k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(BLOCK_K // GROUP):
                 offs_k = k0 + j * GROUP + tl.arange(0, GROUP)
                 kmask = offs_k < K
@@ -442,17 +467,33 @@ if triton is not None:
                         acc_hi += _dot(_nibble_half(w >> 4, BASE_BITS | 8, dtype), xt, DOT_F32)
                         sum_x += part_x
         out_mask = rmask[:, None] & mmask[None, :]
-        y_rows = Y + offs_m[None, :] * N
-        if KIND == 2:
-            tl.store(y_rows + (2 * rows)[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(y_rows + (2 * rows + 1)[:, None], acc_hi.to(Y.dtype.element_ty), mask=out_mask)
+        if SPLIT_K == 1:
+            y_rows = Y + offs_m.to(tl.int64)[None, :] * N
         else:
+            y_rows = P + (tl.program_id(2) * M + offs_m).to(tl.int64)[None, :] * N
+        out_dtype = y_rows.dtype.element_ty
+        if KIND == 2:
+            tl.store(y_rows + (2 * rows)[:, None], acc.to(out_dtype), mask=out_mask)
+            tl.store(y_rows + (2 * rows + 1)[:, None], acc_hi.to(out_dtype), mask=out_mask)
+        else:  # a split's int32 (int8_sq) or offset-corrected sums times the row scale: linear, so per split
             scale = tl.load(S + rows * stride_sn, mask=rmask, other=0.0)
             if KIND == 1:
                 y = acc_i.to(tl.float32) * scale[:, None]
             else:  # 16 (BASE + 8 + h) + (BASE + l) = q + (17 BASE + 128)
                 y = (16.0 * acc_hi + acc - (17.0 * BASE + 128.0) * sum_x[None, :]) * scale[:, None]
-            tl.store(y_rows + rows[:, None], y.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(y_rows + rows[:, None], y.to(out_dtype), mask=out_mask)
+
+    @triton.jit
+    def _split_sum_kernel(P, Y, NUMEL, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """``Y = P[0] + ... + P[SPLIT_K - 1]`` in Y's dtype: split-K's float32 partials, in split order."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < NUMEL
+        part = P + offs
+        acc = tl.load(part, mask=mask, other=0.0)
+        for _ in tl.static_range(1, SPLIT_K):
+            part += NUMEL  # on the pointers: SPLIT_K x NUMEL may pass 2^31
+            acc += tl.load(part, mask=mask, other=0.0)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 # -- decode attention --------------------------------------------------------------------------------
@@ -700,8 +741,8 @@ def _time_gemv(
 
 QUANT_KINDS = ("int8_wo", "int8_sq", "int4")
 _QUANT_KIND_IDS = {"int8_wo": 0, "int8_sq": 1, "int4": 2}
-QMM_BLOCK_M = 16  # rows of activations one tensor-core program takes: the decode batches up to 16
-GEMV, QMM = 0, 1  # ``config[0]``: the CUDA-core GEMV (one row) or the tensor-core kernel (<= 16 rows)
+QMM_BLOCK_M = 16  # rows of activations one tensor-core program takes in the 2-16 row bucket (a decode batch)
+GEMV, QMM = 0, 1  # ``config[0]``: the CUDA-core GEMV (one row) or the tensor-core kernel (any rows)
 # (BLOCK_N output rows, BLOCK_K, num_warps, num_stages) per design and weight kind, raced at build time.
 # Each holds 16-32 weight bytes per thread per load (int4's group-wide slices: BLOCK_N / 2 rows x group
 # bytes over the program's threads), so loads stay 16 bytes wide.
@@ -716,7 +757,28 @@ QMM_CANDIDATES = {
     "int8_sq": ((16, 512, 4, 4), (16, 1024, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 3)),
     "int4": ((32, 256, 4, 4), (32, 512, 4, 4), (32, 1024, 4, 3), (64, 256, 4, 3), (64, 512, 4, 3)),
 }
+# Above 16 rows: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The x tile (BLOCK_M x BLOCK_K in the
+# engine dtype) now outweighs the weight tile, so K steps shrink as BLOCK_M grows (~32-48 KB per stage).
+QMM_M_CANDIDATES = {
+    "int8": (
+        (16, 32, 512, 4, 3),
+        (32, 32, 256, 4, 3),
+        (32, 64, 256, 4, 3),
+        (64, 32, 256, 4, 3),
+        (64, 64, 128, 4, 3),
+        (64, 128, 128, 8, 3),
+    ),
+    "int4": (
+        (16, 64, 512, 4, 3),
+        (32, 64, 256, 4, 3),
+        (32, 128, 256, 8, 3),
+        (64, 64, 128, 4, 3),
+        (64, 128, 128, 8, 3),
+    ),
+}
+SPLIT_KS = (2, 4, 8)  # split-K candidates, for shapes with fewer than ~2 row tiles per SM
 _HALF_BASE = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+_CONFIG_DEFAULTS = (None, None, None, None, None, 1, QMM_BLOCK_M)
 
 
 def quant_key(kind: str, n: int, k: int, group: int = 0) -> str:
@@ -731,22 +793,54 @@ def quant_shape(kind: str, weight: torch.Tensor, scale: torch.Tensor) -> tuple[s
     return kind, weight.shape[0], weight.shape[1], 0
 
 
-def quant_candidates(kind: str, k: int, group: int, m: int) -> list[list[int]]:
-    """Configs ``[design, BLOCK_N, BLOCK_K, num_warps, num_stages]`` that fit a shape, for ``m`` rows (the
-    CUDA-core GEMV only for one row). int4 needs ``BLOCK_K`` a multiple of its group (one scale per slice)."""
+def quant_config(config: list[int]) -> tuple[int, int, int, int, int, int, int]:
+    """``(design, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, BLOCK_M)`` of a recorded config; engines
+    built before split-K and M tiles recorded the first five (SPLIT_K 1, BLOCK_M ``QMM_BLOCK_M``)."""
+    if not 5 <= len(config) <= len(_CONFIG_DEFAULTS):
+        raise ValueError(f"an integer-weight config has 5-7 entries, got {config}")
+    return (*config, *_CONFIG_DEFAULTS[len(config) :])
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (a few under the interpreter, as for split-KV attention)."""
+    if device.type != "cuda":
+        return _sm_count(None)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split_ks(k: int, block_k: int, tiles: int, sms: int) -> list[int]:
+    """Split-K counts worth racing for ``tiles`` programs on ``sms`` SMs: while the grid is under ~2 programs
+    per SM (the card otherwise mostly idle on a decode batch), and only counts that ``qmatmul``'s whole
+    ``BLOCK_K`` steps per split give exactly (others repeat a smaller count)."""
+    steps = triton.cdiv(k, block_k)
+    exact = [s for s in SPLIT_KS if triton.cdiv(steps, triton.cdiv(steps, s)) == s]
+    return [s for s in exact if tiles * s // 2 < 2 * sms]
+
+
+def quant_candidates(kind: str, k: int, group: int, m: int, n: int = 0, sms: int = 0) -> list[list[int]]:
+    """Configs ``[design, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K]`` (tensor-core designs above 16
+    rows add ``BLOCK_M``) that fit a shape, for ``m`` rows (the CUDA-core GEMV only for one row). int4 needs
+    ``BLOCK_K`` a multiple of its group (one scale per slice). With ``n`` and ``sms`` (``sm_count``) given,
+    split-K variants for the configs whose grid leaves the SMs idle."""
+    table: list[tuple[int, int, int, int, int, int]] = []  # design, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    if m == 1:
+        table += [(GEMV, 1, *c) for c in QGEMV_CANDIDATES["int4" if kind == "int4" else "int8"]]
+    if m <= QMM_BLOCK_M:
+        table += [(QMM, QMM_BLOCK_M, *c) for c in QMM_CANDIDATES[kind]]
+    else:
+        table += [(QMM, *c) for c in QMM_M_CANDIDATES["int4" if kind == "int4" else "int8"]]
     out = []
-    for design, table in (
-        (GEMV, QGEMV_CANDIDATES["int4" if kind == "int4" else "int8"]),
-        (QMM, QMM_CANDIDATES[kind]),
-    ):
-        if design == GEMV and m != 1:
+    for design, block_m, block_n, block_k, warps, stages in table:
+        if kind == "int4" and (block_k % group or k % group):
             continue
-        for block_n, block_k, warps, stages in table:
-            if kind == "int4" and (block_k % group or k % group):
-                continue
-            if block_k > max(_next_pow2(k), 64):
-                continue
-            out.append([design, block_n, block_k, warps, stages])
+        if block_k > max(_next_pow2(k), 64) or (design == QMM and block_m > max(_next_pow2(m), 16)):
+            continue
+        config = [design, block_n, block_k, warps, stages, 1] + ([block_m] if m > QMM_BLOCK_M else [])
+        out.append(config)
+        if n and sms:
+            rows = block_n // 2 if kind == "int4" else block_n
+            tiles = triton.cdiv(n // (2 if kind == "int4" else 1), rows) * triton.cdiv(m, block_m)
+            out += [[*config[:5], s, *config[6:]] for s in _split_ks(k, block_k, tiles, sms)]
     return out
 
 
@@ -765,33 +859,40 @@ def qmatmul(
     weight scale ``[N]``, int8_sq input scale x weight scale ``[N]``, int4 the group scales ``[N, K/group]``
     (any strides: ``QuantLinear`` keeps them group-major). int8_sq quantizes ``x`` (after
     ``pre_quant_scale``) as ``round(x * inv_input_scale).clamp(-128, 127)``. ``config``: see
-    ``quant_candidates``; the CUDA-core GEMV takes one row, the tensor-core kernel up to ``QMM_BLOCK_M``."""
+    ``quant_config``; the CUDA-core GEMV takes one row, the tensor-core kernel any number in ``BLOCK_M``
+    tiles. ``SPLIT_K`` > 1 sums float32 partials over K ranges (a ``[SPLIT_K, M, N]`` workspace) in one
+    more small kernel."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     kid = _QUANT_KIND_IDS[kind]
     int4 = kind == "int4"
     n = weight.shape[0] * (2 if int4 else 1)
-    design, block_n, block_k, warps, stages = config
+    design, block_n, block_k, warps, stages, split_k, block_m = quant_config(config)
     group = k // scale.shape[1] if int4 else block_k
     rows = block_n // 2 if int4 else block_n
     stride_sg = scale.stride(1) if int4 else 0
+    # whole BLOCK_K steps per split (so whole int4 groups); a short K may leave fewer splits than asked
+    k_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    splits = triton.cdiv(k, k_split)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
     pqs = pre_quant_scale if pre_quant_scale is not None else x
     inv = inv_input_scale if inv_input_scale is not None else scale
-    grid = (triton.cdiv(weight.shape[0], rows),)
     if design == GEMV:
         if m != 1:
             raise ValueError(f"the CUDA-core GEMV takes one row, got {m}")
-        _qgemv_kernel[grid](
+        _qgemv_kernel[(triton.cdiv(weight.shape[0], rows), splits)](
             x,
             weight,
             scale,
             y,
+            part,
             pqs,
             inv,
             weight.shape[0],
             k,
+            k_split,
             weight.stride(0),
             scale.stride(0),
             stride_sg,
@@ -800,40 +901,47 @@ def qmatmul(
             GROUP=group,
             KIND=kid,
             HAS_PQS=pre_quant_scale is not None,
+            SPLIT_K=splits,
             num_warps=warps,
             num_stages=stages,
         )
-        return y
-    if m > QMM_BLOCK_M:
-        raise ValueError(f"the tensor-core kernel takes at most {QMM_BLOCK_M} rows, got {m}")
-    base_bits, base = _HALF_BASE[x.dtype]
-    _qmm_kernel[grid](
-        x,
-        weight,
-        scale,
-        y,
-        pqs,
-        inv,
-        m,
-        n,
-        weight.shape[0],
-        k,
-        x.stride(0),
-        weight.stride(0),
-        scale.stride(0),
-        stride_sg,
-        BLOCK_M=QMM_BLOCK_M,
-        ROWS=rows,
-        BLOCK_K=block_k,
-        GROUP=group,
-        KIND=kid,
-        HAS_PQS=pre_quant_scale is not None,
-        BASE_BITS=base_bits,
-        BASE=base,
-        DOT_F32=interpreting(),
-        num_warps=warps,
-        num_stages=stages,
-    )
+    else:
+        base_bits, base = _HALF_BASE[x.dtype]
+        _qmm_kernel[(triton.cdiv(m, block_m), triton.cdiv(weight.shape[0], rows), splits)](
+            x,
+            weight,
+            scale,
+            y,
+            part,
+            pqs,
+            inv,
+            m,
+            n,
+            weight.shape[0],
+            k,
+            k_split,
+            x.stride(0),
+            weight.stride(0),
+            scale.stride(0),
+            stride_sg,
+            BLOCK_M=block_m,
+            ROWS=rows,
+            BLOCK_K=block_k,
+            GROUP=group,
+            KIND=kid,
+            HAS_PQS=pre_quant_scale is not None,
+            BASE_BITS=base_bits,
+            BASE=base,
+            DOT_F32=interpreting(),
+            SPLIT_K=splits,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    if splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](
+            part, y, m * n, SPLIT_K=splits, BLOCK=block, num_warps=4
+        )
     return y
 
 

@@ -12,11 +12,12 @@ midpoint one quantization step.
 
 On CUDA (and under Triton's interpreter in tests) the integer kinds run ``kernels.qmatmul`` where the
 engine's ``program.gemv`` names a kernel for the weight's shape and the row count (``tune_quant``, at
-build time): one row (batch-1 decode) and up to 16 rows read the int8/int4 weights as stored. SmoothQuant
-above 16 rows runs ``torch._int_mm`` (int8 x int8 -> int32, cuBLAS; it takes more than 16 rows). int4 may
-also run torch's tinygemm (``kernels.int4pack_mm``, the packed copy made once at load) at any row count,
-and the weight-only kinds above 16 rows may dequantize in one Triton pass before cuBLAS
-(``kernels.dequantize``); a row bucket no kernel serves dequantizes the weight in each call, as before.
+build time): the Triton kernels read the int8/int4 weights as stored at any row count (split-K where a
+decode batch's grid would leave SMs idle, M tiles above 16 rows). SmoothQuant above 16 rows may run
+``torch._int_mm`` (int8 x int8 -> int32, cuBLAS; it takes more than 16 rows). int4 may also run torch's
+tinygemm (``kernels.int4pack_mm``, the packed copy made once at load) at any row count, and the
+weight-only kinds above 16 rows may dequantize in one Triton pass before cuBLAS (``kernels.dequantize``);
+a row bucket no kernel serves dequantizes the weight in each call, as before.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ class QuantLinear(nn.Module):
 
     def _option(self, rows: int) -> list[int] | str | None:
         """The build's choice for ``rows`` activation rows: ``m1``, ``m16`` (2-16), ``m64`` (17-64, where the
-        build tuned it) and ``large`` (the rest)."""
+        build tuned it: engines built before it for the int8 kinds have ``large`` serve these rows too) and
+        ``large`` (the rest)."""
         if rows == 1:
             return self.quant.get("m1")
         if rows <= kernels.QMM_BLOCK_M:
@@ -276,9 +278,8 @@ class QuantLinear(nn.Module):
 
 # -- build-time choice of the integer-weight kernels per weight shape ---------------------------------------
 
-# the rows each bucket is timed at: m1 one row, m16 2-16, m64 17-64 (int4), large the rest (int4: prefill)
-TUNE_ROWS = {"m1": 1, "m16": kernels.QMM_BLOCK_M, "m64": 64, "large": 64}
-INT4_LARGE_ROWS = 512
+# the rows each bucket is timed at: m1 one row, m16 2-16, m64 17-64, large the rest (a prefill)
+TUNE_ROWS = {"m1": 1, "m16": kernels.QMM_BLOCK_M, "m64": 64, "large": 512}
 INT4_BUCKETS = ("m1", "m16", "m64", "large")
 TUNE_MAX_ERR = 2e-2  # a candidate further than this from the torch path (of the output range) is never chosen
 _TUNED: dict[tuple, dict] = {}  # (kind, N, K, group, device, dtype) -> times: one race per shape per process
@@ -306,8 +307,8 @@ def tune_quant(
     report: dict | None = None,
 ) -> dict[str, dict[str, list[int] | str | None]]:
     """For each integer-weight shape ``(kind, N, K, group)`` (``kernels.quant_shape``): the fastest way to
-    run one row (``m1``), 2-16 rows (``m16``, timed at 16), int4's 17-64 (``m64``, timed at 64) and the
-    rest (``large``: timed at 64, int4 at ``INT4_LARGE_ROWS``): a ``kernels.qmatmul`` config, a named
+    run one row (``m1``), 2-16 rows (``m16``), 17-64 (``m64``) and the rest (``large``), each timed at its
+    ``TUNE_ROWS``: a ``kernels.qmatmul`` config (``kernels.quant_config``: split-K, M tiles), a named
     option (``kernels.TINYGEMM``, ``FUSED``, ``DEQUANT``, ``INT_MM``) or ``None`` for the torch path
     (dequantize, then cuBLAS). Each candidate runs through ``QuantLinear`` itself, is checked against the
     torch path's output first (a wrong compile is never chosen) and timed as a chain over enough distinct
@@ -340,7 +341,9 @@ def tune_quant(
 def _label(option: list[int] | str | None) -> str:
     if option is None or isinstance(option, str):
         return option or "torch"
-    return ("gemv:" if option[0] == kernels.GEMV else "qmm:") + "x".join(map(str, option[1:]))
+    design, block_n, block_k, warps, stages, split_k, block_m = kernels.quant_config(option)
+    label = ("gemv:" if design == kernels.GEMV else "qmm:") + f"{block_n}x{block_k}x{warps}x{stages}"
+    return label + (f"/k{split_k}" if split_k > 1 else "") + (f"/m{block_m}" if len(option) > 6 else "")
 
 
 def _random_quant(kind: str, n: int, k: int, group: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -364,17 +367,22 @@ def _buckets(
     extra = [o for o in (kernels.TINYGEMM,) if kind == "int4" and _servable(o, shape, device, dtype)]
     # Inductor-fused GEMV for the int8 kinds (int4 has tinygemm): one compile per shape at build time
     fused = [kernels.FUSED] if device.type == "cuda" and kind != "int4" else []
-    buckets = {
-        "m1": [None, *kernels.quant_candidates(kind, k, group, 1), *extra, *fused],
-        "m16": [None, *kernels.quant_candidates(kind, k, group, kernels.QMM_BLOCK_M), *extra],
-    }
+    sms = kernels.sm_count(device)
+
+    def configs(bucket: str) -> list[list[int]]:
+        return kernels.quant_candidates(kind, k, group, TUNE_ROWS[bucket], n, sms)
+
     if kind == "int8_sq" and n % 8 == 0 and k % 8 == 0:
-        buckets["large"] = [None, kernels.INT_MM]
-    elif kind == "int4":
-        buckets["m64"] = buckets["large"] = [None, *extra, kernels.DEQUANT]
+        whole = [kernels.INT_MM]
     else:
-        buckets["large"] = [None, kernels.DEQUANT]
-    return buckets
+        whole = [*extra, kernels.DEQUANT] if kind == "int4" else [kernels.DEQUANT]
+    # above 16 rows the M-tiled Triton kernel races the whole-weight GEMMs: the measurement decides
+    return {
+        "m1": [None, *configs("m1"), *extra, *fused],
+        "m16": [None, *configs("m16"), *extra],
+        "m64": [None, *whole, *configs("m64")],
+        "large": [None, *whole, *configs("large")],
+    }
 
 
 def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -387,8 +395,7 @@ def _time_quant(kind: str, n: int, k: int, group: int, device: torch.device, dty
         "meta": {"kind": kind, "n": n, "k": k, "group": group, "bytes": weight_bytes, "copies": copies}
     }
     for bucket, options in _buckets(kind, n, k, group, device, dtype).items():
-        rows = INT4_LARGE_ROWS if kind == "int4" and bucket == "large" else TUNE_ROWS[bucket]
-        x = torch.randn(rows, k, device=device, dtype=dtype)
+        x = torch.randn(TUNE_ROWS[bucket], k, device=device, dtype=dtype)
         reference = None
         timed = out[bucket] = {}
         for option in options:
