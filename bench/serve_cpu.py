@@ -279,13 +279,16 @@ def sweep_url_per_level(server: KilnServe, levels: list[int], args: list[str], e
 def fake_worker(argv: list[str]) -> None:
     """A stand-in engine process speaking kiln.serve.wire: it admits every request and every ``--step-ms``
     makes one token for each running one (up to 64), sleeping in between, so that only the HTTP process
-    works."""
+    works. A step that admits requests first stalls ``--prefill-ms`` per request joining (a GPU prefill's
+    cost, which is what a burst arriving in several waves pays several times) and sends their first
+    tokens."""
     import select
 
     from kiln.serve.wire import FrameReader, Steps, json_frame, steps_frame
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-ms", type=float, required=True)
+    parser.add_argument("--prefill-ms", type=float, default=0.0, help="per request a prefill admits")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("engine_dir")
     args = parser.parse_args(argv)
@@ -308,7 +311,13 @@ def fake_worker(argv: list[str]) -> None:
                     return
                 if "add" in frame:
                     add = frame["add"]
-                    waiting.append((add["id"], [add["sampling"]["max_new_tokens"], add["arrived"]]))
+                    state = [
+                        add["sampling"]["max_new_tokens"],
+                        add["arrived"],
+                        add.get("sent", 0.0),
+                        time.perf_counter(),
+                    ]
+                    waiting.append((add["id"], state))
                     admitted.append([add["id"], None])
                 if "cancel" in frame:
                     running.pop(frame["cancel"], None)
@@ -320,10 +329,28 @@ def fake_worker(argv: list[str]) -> None:
         now = time.perf_counter()
         if now < next_step or not (running or waiting):
             continue
-        while waiting and len(running) < 64:
-            request_id, state = waiting.pop(0)
-            running[request_id] = state
         ids, tokens, times, finish = [], [], [], bytearray()
+        joining = waiting[: 64 - len(running)]
+        del waiting[: len(joining)]
+        if joining and args.prefill_ms:
+            time.sleep(len(joining) * args.prefill_ms / 1000)
+            done = time.perf_counter()
+            prefilled = [[s[3] - s[2], now - s[3], done - now] for _, s in joining]
+            for request_id, state in joining:
+                state[0] -= 1
+                ids.append(request_id)
+                tokens.append(rng.randrange(17, MICRO["vocab_size"]))
+                times.append(done - state[1])
+                finish.append(1 if state[0] <= 0 else 0)
+            sock.sendall(
+                steps_frame(
+                    Steps(len(running), len(waiting), 0, ids, tokens, times, bytes(finish), [len(ids)])
+                )
+                + json_frame({"prefilled": prefilled})
+            )
+            ids, tokens, times, finish = [], [], [], bytearray()
+            now = next_step = done  # the decode was stalled meanwhile: its pace resumes from here
+        running.update((request_id, state) for request_id, state in joining if state[0] > 0)
         for request_id, state in list(running.items()):
             state[0] -= 1
             ids.append(request_id)
@@ -346,11 +373,16 @@ def front_end(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-ms", type=float, required=True)
+    parser.add_argument("--prefill-ms", type=float, default=0.0)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("engine_dir", type=Path)
     args = parser.parse_args(argv)
     engine = EngineProcess.start(
-        args.engine_dir, worker=[sys.executable, __file__, "fake-worker", "--step-ms", str(args.step_ms)]
+        args.engine_dir,
+        worker=[
+            *(sys.executable, __file__, "fake-worker"),
+            *("--step-ms", str(args.step_ms), "--prefill-ms", str(args.prefill_ms)),
+        ],
     )
     serve_engine(
         engine,

@@ -100,7 +100,13 @@ def build_engine(work: Path, tokenizer: Path, tiny: bool, max_batch_size: int = 
         target = Target(
             name="cpu",
             dtype="float32",
-            limits={"max_batch_size": max_batch_size, "max_input_len": 256, "max_seq_len": 512},
+            # one prefill may take a full batch of 128-token prompts, as the GPU target's 8192
+            limits={
+                "max_batch_size": max_batch_size,
+                "max_input_len": 256,
+                "max_seq_len": 512,
+                "max_num_tokens": 128 * max_batch_size,
+            },
         )
     else:
         model, target = engine_gpu.build_hf(), engine_gpu.target()
@@ -401,14 +407,15 @@ def first_token_breakdown(before: dict[str, float], after: dict[str, float]) -> 
     return out
 
 
-def breakdown_table(rows: list[dict]) -> list[str]:
-    """The markdown table of ``first_token_breakdown`` rows (one per level)."""
+def breakdown_table(rows: list[dict], counted: str = "its warm-up round included") -> list[str]:
+    """The markdown table of ``first_token_breakdown`` rows (one per level); ``counted``: which of a
+    level's requests the scrapes around it saw."""
     if not rows:
         return []
     lines = [
         "Before the first token (from the server's /metrics; mean / p90 ms, p90 a bucket bound): HTTP "
         "process (arrival to submit frame written), wire (to the engine process reading it), queue (to its "
-        "prefill starting), prefill; and the prefills a level's requests took (warm-up round included).",
+        f"prefill starting), prefill; and the prefills a level's requests took ({counted}).",
         "",
         "| concurrency | HTTP ms | wire ms | queue ms | prefill ms | prefills / requests "
         "| requests per prefill |",

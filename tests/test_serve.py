@@ -329,7 +329,10 @@ def test_openai_client_completions_and_chat_equal_kiln_generate(
     """Greedy completions and chat, streamed and not, through the real openai client: the text `kiln generate`
     prints, one SSE chunk per token, usage in every response."""
     client = server.client()
-    for prompt in PROMPTS[:3]:
+    from kiln.serve.app import THREAD_CHARS
+
+    long_prompt = "Once upon a time " + "-" * THREAD_CHARS  # tokenized on the server's tokenizer thread
+    for prompt in [*PROMPTS[:3], long_prompt]:
         generated = runner.invoke(
             app, ["generate", str(engine_dir), "--prompt", prompt, "--max-new-tokens", "12", "--json"]
         )
@@ -377,6 +380,11 @@ def test_openai_client_completions_and_chat_equal_kiln_generate(
     assert len([c for c in stream if c.choices]) == 1 + len(
         expected["token_ids"]
     )  # role chunk + one per token
+    long_messages = [{"role": "user", "content": long_prompt}]
+    long_chat = client.chat.completions.create(
+        model=server.model, messages=long_messages, max_tokens=2, temperature=0
+    )
+    assert long_chat.usage.prompt_tokens == len(codec.encode_chat(long_messages))
 
 
 def test_sampling_fields_stop_strings_and_stop_token_ids(
