@@ -276,6 +276,45 @@ def test_rust_decode_stream_sends_the_same_pieces_as_the_windowed_decode(codec) 
     assert [fast.push(t) for t in ids] + [fast.finish()] == [slow.push(t) for t in ids] + [slow.finish()]
 
 
+def test_tokenizer_thread_encodes_what_queued_meanwhile_as_one_batch(codec, monkeypatch) -> None:
+    """Text queued while the tokenizer thread works comes back to the loop in one callback (one submit
+    write, one prefill), each request with its own ids or its own error."""
+    import asyncio
+
+    from kiln.serve import app as serve_app
+
+    settled: list[int] = []
+    real_settle = serve_app._settle
+    monkeypatch.setattr(serve_app, "_settle", lambda done: (settled.append(len(done)), real_settle(done)))
+    gate = threading.Event()
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} " + "-" * 300 + f" #{i}" for i in range(12)]
+
+    def first(text: str) -> list[int]:  # holds the thread until the other eleven are queued
+        gate.wait(30)
+        return codec.encode_prompt(text)
+
+    def refuse(_text: str) -> list[int]:
+        raise ValueError("no chat template")
+
+    async def burst() -> list:
+        thread = serve_app.TokenizerThread()
+        try:
+            head = asyncio.ensure_future(thread.encode(first, texts[0]))
+            await asyncio.sleep(0.05)  # the thread took it and waits
+            rest = [asyncio.ensure_future(thread.encode(codec.encode_prompt, t)) for t in texts[1:]]
+            bad = asyncio.ensure_future(thread.encode(refuse, "x"))
+            await asyncio.sleep(0)
+            gate.set()
+            return await asyncio.gather(head, *rest, bad, return_exceptions=True)
+        finally:
+            thread.close()
+
+    *ids, error = asyncio.run(burst())
+    assert ids == [codec.encode_prompt(t) for t in texts]
+    assert isinstance(error, ValueError) and "no chat template" in str(error)
+    assert settled == [1, 12]
+
+
 def test_frames_between_the_http_and_engine_processes_survive_any_split() -> None:
     from kiln.serve.wire import FrameReader, Steps, json_frame, steps_frame
 

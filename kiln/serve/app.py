@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -71,10 +72,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.loop = engine
         self.draining = False
-        # long prompts of a burst are tokenized one after another here, off the loop; an encode here and one
-        # on the loop share the Rust tokenizer read-only (transformers changes its truncation / padding
-        # settings only for a call that asks for others, and kiln's never do)
-        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenize")
+        self.tokenizer_thread = TokenizerThread()
         self.created = S.now()
         for name in ("max_batch_size", "max_input_len", "max_seq_len"):
             self.metrics.limit.labels(name).set(getattr(engine, name))
@@ -123,7 +121,7 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
         finally:
             state.loop.abort_all("server stopped")
             state.loop.stop()
-            state.tokenizer_thread.shutdown(wait=False)
+            state.tokenizer_thread.close()
 
     app = FastAPI(title="kiln serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.kiln = state
@@ -278,9 +276,61 @@ interpreter lock, so the event loop serves the other requests meanwhile (a 600-c
 async def _tokenized(
     state: ServerState, encode: Callable[[Any], list[int]], text: Any, chars: int
 ) -> list[int]:
-    if chars < THREAD_CHARS:
-        return encode(text)
-    return await asyncio.get_running_loop().run_in_executor(state.tokenizer_thread, encode, text)
+    return encode(text) if chars < THREAD_CHARS else await state.tokenizer_thread.encode(encode, text)
+
+
+class TokenizerThread:
+    """Tokenizes long text off the event loop, on one thread, in batches: what is queued while it works is
+    the next batch, and a batch's results reach the loop in one callback, so their requests' submit frames
+    go out in one write and one prefill can take them (one at a time, a burst would reach the engine in as
+    many waves as the thread has results).
+
+    An encode here and one on the loop share the Rust tokenizer read-only: transformers changes its
+    truncation / padding settings only for a call that asks for others, and kiln's never do."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenize")
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Callable[[Any], list[int]], Any, asyncio.Future]] = []
+        self._running = False
+
+    async def encode(self, encode: Callable[[Any], list[int]], text: Any) -> list[int]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._queue.append((encode, text, future))
+            start, self._running = not self._running, True
+        if start:
+            self._pool.submit(self._run, loop)
+        return await future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._running = False
+                    return
+            done = []
+            for encode, text, future in batch:
+                try:
+                    done.append((future, encode(text), None))
+                except Exception as exc:  # the request's own error (e.g. no chat template), raised there
+                    done.append((future, None, exc))
+            loop.call_soon_threadsafe(_settle, done)
+
+
+def _settle(done: list[tuple[asyncio.Future, Any, Exception | None]]) -> None:
+    for future, result, error in done:
+        if future.cancelled():  # the client left meanwhile
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
 
 def _check_common(state: ServerState, body: S._Sampling) -> None:
