@@ -187,7 +187,21 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x)
+        return self._finish(self._matmul(x))
+
+    def fp8_input_scale(self) -> torch.Tensor | None:
+        """The ``inv_input_scale`` an already-quantized input of ``forward_quantized`` must use, where this
+        layer's GEMM can take one (FP8 on ``_scaled_mm``, no pre-quant scale); else None."""
+        if self.kind == "fp8" and self.scaled_mm and self.pre_quant_scale is None:
+            return self.inv_input_scale
+        return None
+
+    def forward_quantized(self, xq: torch.Tensor) -> torch.Tensor:
+        """``forward`` of an input the caller quantized with ``fp8_input_scale`` (fused into the op that
+        made it: one pass fewer over the activations)."""
+        return self._finish(self._fp8_gemm(xq))
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
         if self.reduce is not None:
             y = self.reduce(y)
         return y if self.bias is None else y + self.bias

@@ -19,7 +19,7 @@ from torch import nn
 
 from kiln.engine.torch import kernels
 from kiln.engine.torch.fused import on_cuda
-from kiln.engine.torch.linear import FP8_MAX, QuantLinear
+from kiln.engine.torch.linear import FP8_MAX, QuantLinear, _fp8_quantize
 from kiln.engine.torch.moe import SLOTS, MoE, StackedExperts
 from kiln.engine.torch.parallel import PipelineParallel, TensorParallel
 from kiln.engine.torch.spec import ModelSpec, rope_inv_freq
@@ -119,6 +119,28 @@ def _activation(name: str):
 def _gate(act: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
     """The gated MLP's ``act(gate) * up`` (SwiGLU, or GeGLU with tanh GELU)."""
     return _activation(name)(act) * up
+
+
+@on_cuda
+def _rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor) -> torch.Tensor:
+    """``_rms_norm`` and the FP8 input quantization of the linear it feeds, in one kernel on CUDA."""
+    return _fp8_quantize(_rms_norm(x, weight, eps), inv_scale)
+
+
+@on_cuda
+def _gate_fp8(act: torch.Tensor, up: torch.Tensor, name: str, inv_scale: torch.Tensor) -> torch.Tensor:
+    """``_gate`` and the FP8 input quantization of the down projection, in one kernel on CUDA (in a
+    prefill of 8192 tokens apart they took 0.6 ms of a layer's 4.5 ms on an H200)."""
+    return _fp8_quantize(_gate(act, up, name), inv_scale)
+
+
+def _fuses_quant(x: torch.Tensor, linear: QuantLinear | None) -> torch.Tensor | None:
+    """The FP8 input scale to fuse into the op that makes ``linear``'s input: eager CUDA passes over more
+    than one row (the compiled decode step fuses by itself; one row takes the GEMV, quantizing in its
+    prologue); else None."""
+    if linear is None or not x.is_cuda or x.shape[0] < 2 or torch.compiler.is_compiling():
+        return None
+    return linear.fp8_input_scale()
 
 
 def _attend(
@@ -239,6 +261,8 @@ class DecoderLayer(nn.Module):
         return _rms_norm(x, weight, self.eps)
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
+        if (inv := _fuses_quant(h, self.qkv)) is not None:
+            return self.qkv.forward_quantized(_rms_norm_fp8(h, self.input_norm, self.eps, inv))
         x = self._norm(h, self.input_norm)
         return self.qkv(x) if self.qkv is not None else torch.cat([lin(x) for lin in self.q_k_v], dim=-1)
 
@@ -261,15 +285,21 @@ class DecoderLayer(nn.Module):
         return h + (out if self.post_attention_norm is None else self._norm(out, self.post_attention_norm))
 
     def _mlp(self, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        x = self._norm(h, self.post_norm)
         if self.moe is not None:
-            out = self.moe(x, decode)
+            out = self.moe(self._norm(h, self.post_norm), decode)
         else:
-            if self.gate_up is not None:
-                act, up = self.gate_up(x).chunk(2, dim=-1)
+            if (inv := _fuses_quant(h, self.gate_up)) is not None:
+                gate_up = self.gate_up.forward_quantized(_rms_norm_fp8(h, self.post_norm, self.eps, inv))
+                act, up = gate_up.chunk(2, dim=-1)
+            elif self.gate_up is not None:
+                act, up = self.gate_up(self._norm(h, self.post_norm)).chunk(2, dim=-1)
             else:
+                x = self._norm(h, self.post_norm)
                 act, up = self.fc(x), self.gate(x)
-            out = self.proj(_gate(act, up, self.act))
+            if (inv := _fuses_quant(act, self.proj)) is not None:
+                out = self.proj.forward_quantized(_gate_fp8(act, up, self.act, inv))
+            else:
+                out = self.proj(_gate(act, up, self.act))
         return h + (out if self.post_mlp_norm is None else self._norm(out, self.post_mlp_norm))
 
     def prefill(
