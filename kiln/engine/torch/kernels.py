@@ -835,7 +835,15 @@ def quant_candidates(kind: str, k: int, group: int, m: int, n: int = 0, sms: int
             continue
         if block_k > max(_next_pow2(k), 64) or (design == QMM and block_m > max(_next_pow2(m), 16)):
             continue
+        if kind == "int8_wo" and design == QMM:
+            # Triton 3.6 miscompiles its pipelined loop on an H200: num_stages 3 left the torch path by up to
+            # 1.7x the output range (BLOCK_M 64, or split-K at BLOCK_K 256), num_stages 1 never did
+            # (bench/results/engine_gpu_qmm_sweep_h200.json); the build's race would drop such a config, so
+            # no engine ran one, but it would waste the race's time
+            stages = 1
         config = [design, block_n, block_k, warps, stages, 1] + ([block_m] if m > QMM_BLOCK_M else [])
+        if config in out:
+            continue
         out.append(config)
         if n and sms:
             rows = block_n // 2 if kind == "int4" else block_n
