@@ -887,63 +887,41 @@ def qmatmul(
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
     pqs = pre_quant_scale if pre_quant_scale is not None else x
     inv = inv_input_scale if inv_input_scale is not None else scale
+    # the two kernels share their leading pointers and their meta-parameters
+    head = (x, weight, scale, y, part, pqs, inv)
+    meta = dict(
+        ROWS=rows,
+        BLOCK_K=block_k,
+        GROUP=group,
+        KIND=kid,
+        HAS_PQS=pre_quant_scale is not None,
+        SPLIT_K=splits,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    strides = (weight.stride(0), scale.stride(0), stride_sg)
     if design == GEMV:
         if m != 1:
             raise ValueError(f"the CUDA-core GEMV takes one row, got {m}")
-        _qgemv_kernel[(triton.cdiv(weight.shape[0], rows), splits)](
-            x,
-            weight,
-            scale,
-            y,
-            part,
-            pqs,
-            inv,
-            weight.shape[0],
-            k,
-            k_split,
-            weight.stride(0),
-            scale.stride(0),
-            stride_sg,
-            ROWS=rows,
-            BLOCK_K=block_k,
-            GROUP=group,
-            KIND=kid,
-            HAS_PQS=pre_quant_scale is not None,
-            SPLIT_K=splits,
-            num_warps=warps,
-            num_stages=stages,
-        )
+        grid = (triton.cdiv(weight.shape[0], rows), splits)
+        _qgemv_kernel[grid](*head, weight.shape[0], k, k_split, *strides, **meta)
     else:
         base_bits, base = _HALF_BASE[x.dtype]
-        _qmm_kernel[(triton.cdiv(m, block_m), triton.cdiv(weight.shape[0], rows), splits)](
-            x,
-            weight,
-            scale,
-            y,
-            part,
-            pqs,
-            inv,
+        grid = (triton.cdiv(m, block_m), triton.cdiv(weight.shape[0], rows), splits)
+        _qmm_kernel[grid](
+            *head,
             m,
             n,
             weight.shape[0],
             k,
             k_split,
             x.stride(0),
-            weight.stride(0),
-            scale.stride(0),
-            stride_sg,
+            *strides,
             BLOCK_M=block_m,
-            ROWS=rows,
-            BLOCK_K=block_k,
-            GROUP=group,
-            KIND=kid,
-            HAS_PQS=pre_quant_scale is not None,
             BASE_BITS=base_bits,
             BASE=base,
             DOT_F32=interpreting(),
-            SPLIT_K=splits,
-            num_warps=warps,
-            num_stages=stages,
+            **meta,
         )
     if splits > 1:
         block = 1024
