@@ -11,9 +11,10 @@ kernels per weight shape and records them in ``program.gemv``) and loaded with t
 
 Per recipe and shape: batch-1 decode tok/s, bytes one step reads (the weight copy each linear's kernel
 reads, its scales, the K/V up to each position) and their share of the read bandwidth measured in the same
-run; end-to-end tok/s at concurrency 8 and 64; at 8B a ``torch.profiler`` kernel table of one batch-1 step
-(top kernels, GEMV share). 1B integer recipes also run the old program (the integer-kernel choices
-removed: the torch path, the whole weight dequantized per call), and validation's ``recommend`` picks
+run; end-to-end tok/s at concurrency 8 and 64; at 8B a ``torch.profiler`` kernel table of one batch-1
+step and of one batch-8 step (top kernels, GEMV share). 1B integer recipes also run the old program (the
+integer-kernel choices removed: the torch path, the whole weight dequantized per call), and validation's
+``recommend`` picks
 the fastest recipe from the old and the new numbers. HF transformers (static cache + torch.compile) on the
 8B bf16 weights last, if the time budget is left.
 
@@ -155,18 +156,21 @@ def decode_bytes(engine, batch: int) -> dict:
     return out
 
 
-def kernel_profile(engine, out_dir: Path, name: str, length: int = 128, steps: int = 5) -> dict:
-    """Kernels of ``steps`` replayed batch-1 decode steps (``torch.profiler``): the top rows per step and the
-    GEMV share; the full table written to ``out_dir/name``."""
+def kernel_profile(
+    engine, out_dir: Path, name: str, length: int = 128, steps: int = 5, batch: int = 1
+) -> dict:
+    """Kernels of ``steps`` replayed decode steps of ``batch`` rows (``torch.profiler``): the top rows per
+    step and the GEMV share; the full table written to ``out_dir/name``."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.device.type == "cuda"
-    engine._inputs[0, :1], engine._inputs[1, :1] = 1, length - 40
+    rows_in = engine._batch([batch - 1])  # the graph bucket that serves ``batch`` rows
+    engine._inputs[0, :rows_in], engine._inputs[1, :rows_in] = 1, length - 40
     with torch.inference_mode():
-        engine._decode(1, length)
+        engine._decode(rows_in, length)
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                engine._decode(1, length)
+                engine._decode(rows_in, length)
             if cuda:
                 torch.cuda.synchronize()
     rows = []
@@ -184,13 +188,14 @@ def kernel_profile(engine, out_dir: Path, name: str, length: int = 128, steps: i
     total = sum(r["us"] for r in rows)
     gemv = sum(r["us"] for r in rows if any(h in r["kernel"].lower() for h in GEMV_HINTS))
     lines = [
-        f"{name}: {total:.1f} us of kernels per batch-1 step, GEMV/GEMM {gemv:.1f} us",
+        f"{name}: {total:.1f} us of kernels per batch-{batch} step, GEMV/GEMM {gemv:.1f} us",
         f"{'us/step':>9} {'calls':>6}  kernel",
     ]
     lines += [f"{r['us']:9.1f} {r['calls']:6.1f}  {r['kernel']}" for r in rows[:40]]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
     return {
+        "batch": batch,
         "kernel_us_per_step": round(total, 1),
         "gemv_us_per_step": round(gemv, 1),
         "gemv_share": round(gemv / total, 3) if total else None,
@@ -242,6 +247,15 @@ def measure(
             read_bps,
             decode_bytes(engine, conc)["bytes_per_step"],
         )
+        if profile_dir is not None and conc == concurrencies[0]:  # a small batch's step (its graph built now)
+            row["profile_small"] = run.stage(
+                f"{tag}/profile_c{conc}",
+                kernel_profile,
+                engine,
+                profile_dir,
+                f"{tag.replace('/', '_')}_c{conc}",
+                batch=conc,
+            )
     return row
 
 
@@ -543,11 +557,14 @@ def write_markdown(r: dict, path: Path) -> None:
             lines.append(line)
         lines.append("")
         for recipe in RECIPES:
-            prof = _get(rows, recipe, "new", "profile")
-            if prof:
+            for key in ("profile", "profile_small"):
+                prof = _get(rows, recipe, "new", key)
+                if not prof:
+                    continue
+                what = f"one batch-{prof.get('batch', 1)} step"
                 top = "; ".join(f"{t['kernel'][:60]} {t['us']} us x{t['calls']}" for t in prof["top"][:5])
                 lines.append(
-                    f"- {recipe} profile (one batch-1 step): {prof['kernel_us_per_step']} us of kernels, "
+                    f"- {recipe} profile ({what}): {prof['kernel_us_per_step']} us of kernels, "
                     f"GEMV/GEMM {prof['gemv_us_per_step']} us ({100 * (prof['gemv_share'] or 0):.0f}%), "
                     f"{prof['kernels_per_step']} kernels; top: {top} (`profiles/{prof['table']}`)"
                 )
