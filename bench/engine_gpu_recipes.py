@@ -14,9 +14,8 @@ reads, its scales, the K/V up to each position) and their share of the read band
 run; end-to-end tok/s at concurrency 8 and 64; at 8B a ``torch.profiler`` kernel table of one batch-1
 step and of one batch-8 step (top kernels, GEMV share). 1B integer recipes also run the old program (the
 integer-kernel choices removed: the torch path, the whole weight dequantized per call), and validation's
-``recommend`` picks
-the fastest recipe from the old and the new numbers. HF transformers (static cache + torch.compile) on the
-8B bf16 weights last, if the time budget is left.
+``recommend`` picks the fastest recipe from the old and the new numbers. HF transformers (static cache +
+torch.compile) on the 8B bf16 weights last, if the time budget is left.
 
 Stages run in priority order and each recipe only when the budget left covers its estimate; what does
 not fit is recorded as skipped.
