@@ -366,3 +366,23 @@ def test_mistral_and_qwen2_run_from_kiln_quantize_like_hf(tmp_path: Path, archit
         engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16))])[0].token_ids
         == expected.tolist()
     )
+
+
+def test_prefill_attention_never_takes_cudnn(unquantized, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's SDPA (torch's first choice on SM90+) builds a plan for every new shape, and admission waves
+    give each prefill a new (sequences, length): every SDPA call of a prefill runs with cuDNN switched off,
+    and the switch is restored after."""
+    _, _, engine = unquantized
+    seen: list[bool] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    engine.logits(token_ids(20))  # one sequence
+    packed = torch.tensor(token_ids(5) + token_ids(7, seed=4))
+    engine.model.prefill(packed, None, None, last_only=True, lengths=[5, 7])  # a packed wave
+    assert len(seen) >= 2 * engine.model.spec.num_layers and not any(seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()

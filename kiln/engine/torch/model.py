@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kiln.engine.torch import kernels
 from kiln.engine.torch.fused import on_cuda
@@ -73,6 +74,12 @@ class KVCache:
             return k, v
         k_scale, v_scale = self.scales[layer]
         return _from_fp8_cache(k, k_scale, self.dtype), _from_fp8_cache(v, v_scale, self.dtype)
+
+
+# A prefill's attention never goes to cuDNN, torch's first choice on SM90+: cuDNN builds an execution plan for
+# every new shape (hundreds of ms each, as public reports on H100/B200 measured), and a prefill's (sequences,
+# length) changes with every admission wave. Flash (causal, GQA) or memory-efficient (masks) need no plans.
+PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # one kernel each on CUDA: eager, a prefill's FP8 cache round trip is five passes over its K and V
@@ -571,7 +578,17 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor | None:
         """Logits for sequences packed in ``tokens [T]`` (``lengths``; default one sequence), writing each
         one's K/V into its cache slot. ``last_only``: ``[n_seq, vocab]``, each sequence's last position."""
-        lengths = lengths or [tokens.shape[0]]
+        with sdpa_kernel(PREFILL_SDPA):
+            return self._prefill(tokens, cache, slots, last_only, lengths or [tokens.shape[0]])
+
+    def _prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None,
+        slots: list[int] | None,
+        last_only: bool,
+        lengths: list[int],
+    ) -> torch.Tensor | None:
         device = tokens.device
         if len(lengths) == 1:  # the common single-prompt case: slices, no index tensors (TTFT)
             n = tokens.shape[0]
