@@ -75,42 +75,47 @@ def run_check(*args: str, device: str = "cpu", module: str = "tests.fixtures.ker
     return proc.stdout
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "batch", "fp8"), ATTENTION_CASES)
-def test_decode_attention_matches_torch_path(heads: int, kv_heads: int, batch: int, fp8: int) -> None:
-    out = run_check("attention", str(heads), str(kv_heads), str(batch), str(fp8))
-    assert f"heads={heads}/{kv_heads} batch={batch}" in out
+def joined(cases: list[tuple[str, ...]]) -> list[str]:
+    """``cases`` as one check process's argv (``NAME ARGS... + NAME ARGS...``): a start costs ~10 s."""
+    argv: list[str] = []
+    for case in cases:
+        argv += [*case, "+"]
+    return argv[:-1]
 
 
 # key blocks larger and smaller than the split chunk's unit (32 keys): the chunks' key masks, not the block
 # shape, bound what each program reads, so every launch shape the GPU race picks gives the same answer
-@pytest.mark.parametrize(("case", "launch"), [((9, 3, 1, 0), "64,4,3"), ((8, 2, 5, 1), "16,2,1")])
-def test_decode_attention_any_launch_shape(case: tuple[int, ...], launch: str) -> None:
-    out = run_check("attention", *map(str, case), launch)
-    assert f"launch=({launch.replace(',', ', ')})" in out
+LAUNCH_CASES = [((9, 3, 1, 0), "64,4,3"), ((8, 2, 5, 1), "16,2,1")]
 
 
-@pytest.mark.parametrize(("fp8", "pre_quant_scale"), GEMV_CASES)
-def test_gemv_matches_torch_path(fp8: int, pre_quant_scale: int) -> None:
-    assert "rel_err" in run_check("gemv", str(fp8), str(pre_quant_scale))
+def test_decode_attention_matches_torch_path() -> None:
+    cases = [("attention", *map(str, c)) for c in ATTENTION_CASES]
+    cases += [("attention", *map(str, c), launch) for c, launch in LAUNCH_CASES]
+    out = run_check(*joined(cases))
+    for heads, kv_heads, batch, _ in ATTENTION_CASES:
+        assert f"heads={heads}/{kv_heads} batch={batch}" in out
+    for _, launch in LAUNCH_CASES:
+        assert f"launch=({launch.replace(',', ', ')})" in out
 
 
-@pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "design"), QUANT_CASES)
-def test_integer_weight_kernels_match_torch_path(
-    kind: str, group: int, rows: int, pre_quant_scale: int, design: str
-) -> None:
-    out = run_check("quant", kind, str(group), str(rows), str(pre_quant_scale), design)
-    assert f"quant {kind} group={group} m={rows}" in out
+def test_gemv_matches_torch_path() -> None:
+    out = run_check(*joined([("gemv", *map(str, c)) for c in GEMV_CASES]))
+    assert out.count("rel_err") == len(GEMV_CASES)
+
+
+def test_integer_weight_kernels_match_torch_path() -> None:
+    out = run_check(*joined([("quant", *map(str, c)) for c in QUANT_CASES]))
+    for kind, group, rows, _, _ in QUANT_CASES:
+        assert f"quant {kind} group={group} m={rows}" in out
 
 
 QUANT_OPTIONS = "tests.fixtures.quant_option_checks"
 
 
-@pytest.mark.parametrize(("kind", "group", "rows", "pre_quant_scale", "option"), QUANT_OPTION_CASES)
-def test_quant_options_match_torch_path(
-    kind: str, group: int, rows: int, pre_quant_scale: int, option: str
-) -> None:
-    out = run_check("option", kind, str(group), str(rows), str(pre_quant_scale), option, module=QUANT_OPTIONS)
-    assert f"quant option {option} {kind} group={group} m={rows}" in out
+def test_quant_options_match_torch_path() -> None:
+    out = run_check(*joined([("option", *map(str, c)) for c in QUANT_OPTION_CASES]), module=QUANT_OPTIONS)
+    for kind, group, rows, _, option in QUANT_OPTION_CASES:
+        assert f"quant option {option} {kind} group={group} m={rows}" in out
 
 
 @pytest.mark.parametrize("check", ["tinygemm_only", "compiled", "race"])
