@@ -141,11 +141,11 @@ def _gate_fp8(act: torch.Tensor, up: torch.Tensor, name: str, inv_scale: torch.T
     return _fp8_quantize(_gate(act, up, name), inv_scale)
 
 
-def _fuses_quant(x: torch.Tensor, linear: QuantLinear | None) -> torch.Tensor | None:
+def _fuses_quant(x: torch.Tensor, linear: QuantLinear) -> torch.Tensor | None:
     """The FP8 input scale to fuse into the op that makes ``linear``'s input: eager CUDA passes over more
     than one row (the compiled decode step fuses by itself; one row takes the GEMV, quantizing in its
     prologue); else None."""
-    if linear is None or not x.is_cuda or x.shape[0] < 2 or torch.compiler.is_compiling():
+    if not x.is_cuda or x.shape[0] < 2 or torch.compiler.is_compiling():
         return None
     return linear.fp8_input_scale()
 
@@ -267,11 +267,17 @@ class DecoderLayer(nn.Module):
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, weight, self.eps)
 
+    def _normed_linear(self, h: torch.Tensor, weight: torch.Tensor, linear: QuantLinear) -> torch.Tensor:
+        """``linear(norm(h))``, the norm fused with ``linear``'s FP8 input quantization where that pays."""
+        if (inv := _fuses_quant(h, linear)) is not None:
+            return linear.forward_quantized(_rms_norm_fp8(h, weight, self.eps, inv))
+        return linear(self._norm(h, weight))
+
     def _project(self, h: torch.Tensor) -> torch.Tensor:
-        if (inv := _fuses_quant(h, self.qkv)) is not None:
-            return self.qkv.forward_quantized(_rms_norm_fp8(h, self.input_norm, self.eps, inv))
+        if self.qkv is not None:
+            return self._normed_linear(h, self.input_norm, self.qkv)
         x = self._norm(h, self.input_norm)
-        return self.qkv(x) if self.qkv is not None else torch.cat([lin(x) for lin in self.q_k_v], dim=-1)
+        return torch.cat([lin(x) for lin in self.q_k_v], dim=-1)
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q, k, v of fused projections, q and k through their norms (Qwen3, Gemma 3) if any."""
@@ -295,11 +301,8 @@ class DecoderLayer(nn.Module):
         if self.moe is not None:
             out = self.moe(self._norm(h, self.post_norm), decode)
         else:
-            if (inv := _fuses_quant(h, self.gate_up)) is not None:
-                gate_up = self.gate_up.forward_quantized(_rms_norm_fp8(h, self.post_norm, self.eps, inv))
-                act, up = gate_up.chunk(2, dim=-1)
-            elif self.gate_up is not None:
-                act, up = self.gate_up(self._norm(h, self.post_norm)).chunk(2, dim=-1)
+            if self.gate_up is not None:
+                act, up = self._normed_linear(h, self.post_norm, self.gate_up).chunk(2, dim=-1)
             else:
                 x = self._norm(h, self.post_norm)
                 act, up = self.fc(x), self.gate(x)
