@@ -10,11 +10,12 @@ bf16 engine built as ``bench/engine_gpu.py`` builds it, for ``n`` prompts of 128
 - ``host_ms``: until ``DecoderModel.prefill`` returns (what Python and the launches cost; the device runs
   behind it);
 - ``wall_ms``: until the device is done too;
-- ``gpu_ms``: the device's own time (CUDA events around the call);
+- ``gpu_ms``: CUDA events around the call (the same as ``wall_ms`` when the device waits for the host);
+- ``kernel_ms``: the kernels' own time, from a profile of one call (what the device needed);
 - ``admit_ms``: the scheduler's whole admission (``Scheduler.step`` with n queued requests: prefill, the
   first tokens' sampling, their trip to the host), as a served request's TTFT sees it.
 
-Then a profile of one prefill at n = 1 and n = 32: the host's top ops by self CPU time. Writes
+The profiles' tables (host's top ops by self CPU time) of n = 1 and n = 32 are kept. Writes
 ``engine_gpu_prefill.json`` and ``.md`` (and the profile tables) into ``--out``.
 
     python bench/engine_gpu_prefill.py --out $OUT
@@ -86,7 +87,8 @@ def _time_admission(engine, n: int, repeats: int) -> float:
     return round(statistics.median(times), 2)
 
 
-def _profile(engine, n: int, out: Path) -> str:
+def _profile(engine, n: int, out: Path) -> float:
+    """The kernels' time of one prefill of ``n`` prompts, ms (its table kept for n = 1 and 32)."""
     from torch.profiler import ProfilerActivity, profile
 
     prompts = engine_gpu.prompts(n, LENGTH, seed=7)
@@ -97,9 +99,12 @@ def _profile(engine, n: int, out: Path) -> str:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             engine.model.prefill(tokens, engine.cache, list(range(n)), last_only=True, lengths=[LENGTH] * n)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
-    (out / f"engine_gpu_prefill_profile_n{n}.txt").write_text(table)
-    return table
+    averages = prof.key_averages()
+    if n in (1, 32):
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+        (out / f"engine_gpu_prefill_profile_n{n}.txt").write_text(table)
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    return round(sum(e.self_device_time_total for e in kernels) / 1e3, 2)
 
 
 def main() -> None:
@@ -123,23 +128,24 @@ def main() -> None:
         for n in (1, 8, 32, 64):
             level = _time_prefill(engine, n, args.repeats)
             level["admit_ms"] = _time_admission(engine, n, args.repeats)
+            level["kernel_ms"] = _profile(engine, n, args.out)
             result["levels"][n] = level
             print(n, level, flush=True)
-        for n in (1, 32):
-            print(_profile(engine, n, args.out)[:6000], flush=True)
         engine.close()
     (args.out / "engine_gpu_prefill.json").write_text(json.dumps(result, indent=2))
     rows = [
-        "| prompts x 128 tokens | host ms (until prefill returns) | wall ms | GPU ms | admission ms |",
-        "| --- | --- | --- | --- | --- |",
+        "| prompts x 128 tokens | host ms (until prefill returns) | wall ms | GPU events ms | kernels ms "
+        "| admission ms |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for n, v in result["levels"].items():
-        rows.append(f"| {n} | {v['host_ms']} | {v['wall_ms']} | {v['gpu_ms']} | {v['admit_ms']} |")
+        rows.append(
+            f"| {n} | {v['host_ms']} | {v['wall_ms']} | {v['gpu_ms']} | {v['kernel_ms']} | {v['admit_ms']} |"
+        )
     (args.out / "engine_gpu_prefill.md").write_text(
         f"# admission prefill, host vs device ({result['device']}, torch {result['torch']})\n\n"
-        "Command: `python bench/engine_gpu_prefill.py --out $OUT`; random-weight Llama-3.2-1B shape, bf16.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        "Command: `python bench/engine_gpu_prefill.py --out $OUT`; random-weight Llama-3.2-1B shape, "
+        "bf16.\n\n" + "\n".join(rows) + "\n"
     )
     print("\n".join(rows))
 
