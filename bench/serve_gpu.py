@@ -17,7 +17,9 @@ one after the other on the same prompts, both through ``kiln.validation.perf.swe
   processes), with the CPU the server's two processes spent per generated token.
 
 With ``--fast-site DIR`` (httptools and uvloop installed there, what ``uvicorn[standard]`` adds) a second
-server runs with DIR on its PYTHONPATH, so uvicorn picks them, and the sweep over HTTP is repeated.
+server runs with DIR on its PYTHONPATH, so uvicorn picks them, and the sweep over HTTP is repeated; with
+``--no-wait-too`` one runs with ``--batch-wait-ms 0`` (an idle engine never waits for a burst's
+stragglers: the before of that setting).
 ``--budget-s`` bounds the run: a stage that would start past it is skipped and recorded. Writes
 ``serve_gpu.json`` (after every stage) and ``serve_gpu.md`` into ``--out``.
 
@@ -182,6 +184,11 @@ def main() -> None:
     )
     parser.add_argument("--fast-site", type=Path, help="a dir with httptools + uvloop for a second server")
     parser.add_argument(
+        "--no-wait-too",
+        action="store_true",
+        help="a second server with --batch-wait-ms 0 (the idle engine never waits for a burst: before/after)",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="a 2-layer model on the CPU: the run's logic only"
     )
     parser.add_argument("--render", type=Path, help="only rewrite serve_gpu.md from this serve_gpu.json")
@@ -258,17 +265,21 @@ def main() -> None:
             **settings,
         ).to_dict()
 
-    variants = [("plain", server_env)]
+    variants: list[tuple[str, dict[str, str], tuple[str, ...]]] = [("plain", server_env, ())]
+    if args.no_wait_too:
+        variants.append(("no-wait", server_env, ("--batch-wait-ms", "0")))
     if args.fast_site:
-        variants.append(("fast", {**server_env, "PYTHONPATH": os.pathsep.join([str(args.fast_site), site])}))
+        fast_env = {**server_env, "PYTHONPATH": os.pathsep.join([str(args.fast_site), site])}
+        variants.append(("fast", fast_env, ()))
     r["engine"], r["servers"] = {}, {}
-    for name, env in variants:
+    for name, env, server_args in variants:
         server = run.stage(
             f"start_server_{name}",
             KilnServe,
             engine_dir,
             env,
             work / f"serve-{name}.log",
+            *server_args,
             timeout_s=max(60.0, args.budget_s - run.elapsed()),
             needs_s=30 if name != "plain" else 0,
         )

@@ -342,6 +342,54 @@ def test_frames_between_the_http_and_engine_processes_survive_any_split() -> Non
         ) == (3, 1, 700, [4, 9, 4], [17, 2, 99], [0.25, 0.5, 0.75], bytes([0, 2, 1]), [2, 1])
 
 
+def _prefill_waves(engine, batch_wait_s: float, arriving: int, late_s: float) -> list[int]:
+    """Requests per prefill when the engine process's loop (``kiln.serve.worker.serve``, on a thread over a
+    socket pair) gets one add saying ``arriving`` more are coming, then the rest ``late_s`` later."""
+    import socket
+
+    from kiln.serve.wire import FrameReader, json_frame
+    from kiln.serve.worker import serve
+
+    ours, theirs = socket.socketpair()
+    worker = threading.Thread(target=serve, args=(engine, theirs), daemon=True)
+    worker.start()
+
+    def add(i: int, coming: int) -> bytes:
+        sampling = {"max_new_tokens": 2}
+        now = time.perf_counter()
+        item = {"id": i, "prompt": [5, 6 + i], "sampling": sampling, "arrived": now, "sent": now}
+        return json_frame({"add": {**item, "arriving": coming}})
+
+    ours.sendall(json_frame({"settings": {"batch_wait_s": batch_wait_s}}) + add(0, arriving))
+    time.sleep(late_s)
+    ours.sendall(b"".join(add(i, arriving - i) for i in range(1, arriving + 1)))
+    reader, waves, finished = FrameReader(), [], 0
+    ours.settimeout(60)
+    while finished < arriving + 1:
+        for frame in reader.feed(ours.recv(1 << 16)):
+            if isinstance(frame, dict) and "prefilled" in frame:
+                waves.append(len(frame["prefilled"]))
+            elif not isinstance(frame, dict):
+                finished += sum(1 for f in frame.finish if f)
+    ours.sendall(json_frame({"stop": True}))
+    worker.join(30)
+    ours.close()
+    return waves
+
+
+def test_idle_engine_waits_for_requests_still_arriving_so_a_burst_is_one_prefill(engine, one_thread) -> None:
+    """An add that says more requests reached the server makes an idle engine wait for them (bounded by
+    --batch-wait-ms): one prefill of the burst instead of a first small one that the rest queue behind;
+    with nothing said to be coming, or a wait of 0, the first request is prefilled at once."""
+    assert _prefill_waves(engine, batch_wait_s=5.0, arriving=3, late_s=0.3) == [4]
+    assert _prefill_waves(engine, batch_wait_s=0.0, arriving=3, late_s=0.3) == [1, 3]
+    assert _prefill_waves(engine, batch_wait_s=5.0, arriving=0, late_s=0.0) == [1]
+    # the wait is bounded: what is said to be coming but never comes delays the first by batch_wait_s
+    t0 = time.perf_counter()
+    assert _prefill_waves(engine, batch_wait_s=0.2, arriving=3, late_s=1.0) == [1, 3]
+    assert time.perf_counter() - t0 < 5
+
+
 # --- one shared server: API key, default queue --------------------------------------------------------------
 
 

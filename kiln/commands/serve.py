@@ -60,6 +60,13 @@ def serve_command(
     drain_timeout: float = typer.Option(
         30.0, "--drain-timeout", min=0.0, help="seconds admitted requests get to finish after SIGTERM/SIGINT"
     ),
+    batch_wait_ms: float = typer.Option(
+        5.0,
+        "--batch-wait-ms",
+        min=0.0,
+        help="how long an idle engine may wait for requests already reaching the server, so that a burst "
+        "is prefilled together (0: never wait)",
+    ),
     log_requests: bool = typer.Option(
         False, "--log-requests", help="log prompts and completions (off: never)"
     ),
@@ -98,6 +105,7 @@ def serve_command(
             max_body_bytes=max_body_bytes,
             log_requests=log_requests,
             drain_timeout_s=drain_timeout,
+            batch_wait_s=batch_wait_ms / 1e3,
         )
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
         limits = manifest.limits

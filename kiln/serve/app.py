@@ -41,7 +41,8 @@ from kiln.serve.text import TextCodec, TextStream
 
 log = logging.getLogger("kiln.serve")
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = (*GENERATION_PATHS, "/v1/models", "/health", "/metrics")
 RAW_SEND = "kiln.send"
 """Scope key of the server's own ``send`` (what streamed body messages are written with)."""
 ARRIVED = "kiln.arrived"
@@ -62,6 +63,9 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     log_requests: bool = False
     drain_timeout_s: float = 30.0
+    batch_wait_s: float = 0.005
+    """How long an idle engine may wait for requests that reached the server but are not handed on yet, so
+    that a burst is prefilled together (0: never)."""
 
 
 class ServerState:
@@ -115,7 +119,7 @@ def create_app(engine: EngineProcess, codec: TextCodec, settings: ServeSettings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await state.loop.attach(state.metrics, settings.max_waiting)
+        await state.loop.attach(state.metrics, settings.max_waiting, settings.batch_wait_s)
         try:
             yield
         finally:
@@ -694,9 +698,14 @@ def _guard(app: FastAPI, state: ServerState, generation: dict[str, Route]) -> Gu
             await send(message)
 
         scope[RAW_SEND] = send
+        generation = path in GENERATION_PATHS and scope.get("method") == "POST"
+        if generation:
+            state.loop.expect(arrived)
         try:
             await _guarded(scope, receive, counting_send, path)
         finally:
+            if generation:
+                state.loop.forget(arrived)  # refused before it was submitted: not coming after all
             state.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
 
     async def _guarded(

@@ -117,6 +117,10 @@ class EngineProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._outbox: list[bytes | dict[str, Any]] = []
+        # generation requests that reached the server and are not handed on yet (arrival time -> count):
+        # each add tells the engine how many more are coming, so an idle engine can wait for a burst
+        self._arriving: dict[float, int] = {}
+        self._arriving_total = 0
 
     @classmethod
     def start(cls, engine_dir: Path, *, worker: list[str] | None = None) -> EngineProcess:
@@ -165,12 +169,24 @@ class EngineProcess:
             raise
 
     # -- asyncio side ------------------------------------------------------------------------------
-    async def attach(self, metrics: ServerMetrics, max_waiting: int) -> None:
-        """Start reading the engine's frames on the running loop."""
+    async def attach(self, metrics: ServerMetrics, max_waiting: int, batch_wait_s: float = 0.0) -> None:
+        """Start reading the engine's frames on the running loop; ``batch_wait_s``: how long an idle engine
+        may wait for requests still on their way here (``--batch-wait-ms``)."""
         self.metrics, self.max_waiting = metrics, max_waiting
         self.capacity = self.max_batch_size + max_waiting
         self._loop = asyncio.get_running_loop()
         self._transport, _ = await self._loop.create_unix_connection(lambda: _Wire(self), sock=self._sock)
+        self._send(json_frame({"settings": {"batch_wait_s": batch_wait_s}}))
+
+    def expect(self, arrived: float) -> None:
+        """A generation request arrived at ``arrived``: until it is submitted (or ``forget``), the engine is
+        told it is coming."""
+        self._arriving[arrived] = self._arriving.get(arrived, 0) + 1
+        self._arriving_total += 1
+
+    def forget(self, arrived: float) -> None:
+        """The request that arrived at ``arrived`` is submitted or answered: no longer coming."""
+        self._arriving_total -= self._arriving.pop(arrived, 0)
 
     @property
     def in_flight(self) -> int:
@@ -189,6 +205,7 @@ class EngineProcess:
             )
         assert self._loop is not None and self._transport is not None
         request_id, self._next_id = self._next_id, self._next_id + 1
+        self.forget(arrived)
         stream = TokenStream(request_id, arrived, len(request.prompt_token_ids), self._loop)
         self._requests[request_id] = stream
         # framed when written (``_flush``), so that it carries the time it left this process
@@ -233,6 +250,7 @@ class EngineProcess:
         for item in items:
             if isinstance(item, dict):
                 item["sent"] = sent
+                item["arriving"] = self._arriving_total
                 if submit_time is not None:
                     submit_time.observe(sent - item["arrived"])
                 item = json_frame({"add": item})

@@ -6,7 +6,9 @@ that the HTTP process's per-token work (parsing, detokenizing, one SSE write per
 holds the interpreter lock the decode loop needs; this process does nothing per token but pack it.
 
 Three threads: the main one owns the scheduler (takes new requests and cancellations between steps, checks
-each against the engine's limits and answers at once, then steps); a reader turns incoming frames into
+each against the engine's limits and answers at once, then steps; an idle engine told that more requests
+have reached the server than it handed on waits for them, up to ``batch_wait_s``, so that a burst is one
+prefill, not a first small one that the rest queue behind); a reader turns incoming frames into
 that inbox; a sender writes what the steps produced, coalescing every token made since its last write into
 one frame, so a step costs one write however many requests it served. After start-up SIGINT and SIGTERM
 are ignored: the HTTP process drains, then says stop (or closes the socket: this process then exits).
@@ -65,6 +67,22 @@ class _Inbox:
     adds: list[dict[str, Any]] = field(default_factory=list)
     cancels: list[int] = field(default_factory=list)
     stopping: bool = False
+    batch_wait_s: float = 0.0  # the HTTP process's --batch-wait-ms (its "settings" frame)
+
+    def more_coming(self, room: int) -> bool:
+        """Whether the newest add said requests are still on their way in the HTTP process and ``room``
+        slots could take them."""
+        return bool(self.adds) and self.adds[-1].get("arriving", 0) > 0 and len(self.adds) < room
+
+
+def _gather(inbox: _Inbox, wake: threading.Condition, room: int) -> None:
+    """Wait (``wake`` held) while more requests are coming, at most ``inbox.batch_wait_s``."""
+    deadline = time.perf_counter() + inbox.batch_wait_s
+    while inbox.more_coming(room) and not inbox.stopping:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        wake.wait(left)
 
 
 class _Sender:
@@ -156,6 +174,8 @@ def serve(engine: Any, sock: socket.socket) -> int:
                         inbox.cancels.append(frame["cancel"])
                     elif "stop" in frame:
                         inbox.stopping = True
+                    elif "settings" in frame:
+                        inbox.batch_wait_s = float(frame["settings"].get("batch_wait_s", 0.0))
                 wake.notify()
             if not data:
                 return
@@ -195,6 +215,9 @@ def serve(engine: Any, sock: socket.socket) -> int:
                 wake.wait()
             if inbox.stopping:
                 break
+            if inbox.batch_wait_s > 0 and not scheduler.has_work:
+                # nothing runs, so waiting delays no one's tokens: only these first arrivals' TTFT, bounded
+                _gather(inbox, wake, scheduler.concurrency)
             adds, cancels = inbox.adds, set(inbox.cancels)
             inbox.adds, inbox.cancels = [], []
         answers = []
