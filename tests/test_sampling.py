@@ -99,13 +99,13 @@ def _race_check(name: str, device: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("name", ["distribution", "seeded"])
+@pytest.mark.parametrize("name", ["distribution", "seeded", "thresholds"])
 def test_device_race_under_the_interpreter(name: str) -> None:
     assert "race" in _race_check(name, "cpu")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["distribution", "seeded"])
+@pytest.mark.parametrize("name", ["distribution", "seeded", "thresholds"])
 def test_device_race_on_cuda(name: str) -> None:
     import torch
 
