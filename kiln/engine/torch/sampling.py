@@ -244,6 +244,12 @@ def sort_filter(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     return scores.scatter(1, order, sorted_scores)
 
 
+def _block(vocab: int, widest: int) -> int:
+    """A kernel's vocabulary tile: ``widest``, or the power of two covering a smaller vocabulary (tests' tiny
+    rows: the interpreter's time grows with the tile, not with the vocabulary)."""
+    return min(widest, max(16, kernels.triton.next_power_of_2(vocab)))
+
+
 def _thresholds(
     scores: torch.Tensor, top_k: list[int], top_p: list[float], radix: int | None = None
 ) -> torch.Tensor:
@@ -264,7 +270,9 @@ def _thresholds(
     p = torch.tensor(top_p, dtype=torch.float32).to(scores.device, non_blocking=True)
     out = torch.empty(n, dtype=torch.float32, device=scores.device)
     scores = scores.contiguous()
-    _threshold_kernel[(n,)](scores, k, p, out, vocab, scores.stride(0), BLOCK_V=512, RADIX=radix, num_warps=4)
+    block = _block(vocab, 512)
+    stride = scores.stride(0)
+    _threshold_kernel[(n,)](scores, k, p, out, vocab, stride, BLOCK_V=block, RADIX=radix, num_warps=4)
     return out
 
 
@@ -292,6 +300,14 @@ def _race(
     out = torch.empty(n, dtype=torch.long, device=scores.device)
     scores = scores.contiguous()
     _race_kernel[(n,)](
-        scores, thresholds, keys[0], keys[1], out, vocab, scores.stride(0), BLOCK_V=1024, num_warps=4
+        scores,
+        thresholds,
+        keys[0],
+        keys[1],
+        out,
+        vocab,
+        scores.stride(0),
+        BLOCK_V=_block(vocab, 1024),
+        num_warps=4,
     )
     return out
