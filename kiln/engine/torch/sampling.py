@@ -75,56 +75,49 @@ if kernels.triton is not None:
         return tl.where(key <= 0x007FFFFF, float("-inf"), bits.to(tl.float32, bitcast=True))
 
     @kernels.triton.jit
-    def _select_count(SCORES, row, stride, V, k, BLOCK_V: tl.constexpr, RADIX: tl.constexpr):
-        """The ordered key of the row's ``k``-th largest score, by radix select (most significant digit
-        first): each pass counts the entries that match the prefix fixed so far in each bucket of the next
-        digit and fixes the digit of the bucket where the count from the top reaches ``k``."""
+    def _select(
+        SCORES,
+        row,
+        stride,
+        V,
+        floor,
+        top,
+        target,
+        MASS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        RADIX: tl.constexpr,
+    ):
+        """The largest ordered key whose entries at or above it (among those with key >= ``floor``) weigh
+        ``target`` or more, by radix select, the most significant digit first: each pass weighs the entries
+        that match the prefix fixed so far in each bucket of the next digit and fixes the digit of the bucket
+        where the weight from the top reaches ``target``. The weight of an entry is 1 (top-k: ``target`` = k
+        gives the k-th largest score) or with ``MASS`` ``exp(s - top)`` (top-p's crossing score), float32
+        sums either way (counts exact to 2^24 entries)."""
         BUCKETS: tl.constexpr = 1 << RADIX
-        # bucket j holds digit BUCKETS - 1 - j, so a plain cumsum over j counts from the top
-        buckets = tl.arange(0, BUCKETS)
-        prefix = tl.full([], 0, tl.uint32)
-        for i in tl.static_range(32 // RADIX):
-            shift: tl.constexpr = 32 - RADIX * (i + 1)
-            counts = tl.zeros([BUCKETS], tl.int32)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                key = _ordered_key(tl.load(SCORES + row * stride + offs, mask=offs < V, other=0.0))
-                # the prefix has zeros in the digit at shift: a match leaves only that digit
-                live = (offs < V) & (((key ^ prefix) >> shift) < BUCKETS)
-                j = (BUCKETS - 1 - ((key >> shift) & (BUCKETS - 1))).to(tl.int32)
-                hit = (j[:, None] == buckets[None, :]) & live[:, None]
-                counts += tl.sum(hit.to(tl.int32), axis=0)
-            cum = tl.cumsum(counts, axis=0)
-            pick = tl.minimum(tl.sum((cum < k).to(tl.int32), axis=0), BUCKETS - 1)
-            k -= tl.sum(tl.where(buckets < pick, counts, 0), axis=0)
-            prefix = prefix | ((BUCKETS - 1 - pick).to(tl.uint32) << shift)
-        return prefix
-
-    @kernels.triton.jit
-    def _select_mass(SCORES, row, stride, V, floor, top, target, BLOCK_V: tl.constexpr, RADIX: tl.constexpr):
-        """The ordered key of the crossing score of top-p: the largest key whose entries at or above it
-        (among those with key >= ``floor``) hold mass ``sum exp(s - top)`` >= ``target``, by the same radix
-        select as ``_select_count`` with mass in place of count (float32 sums)."""
-        BUCKETS: tl.constexpr = 1 << RADIX
+        # bucket j holds digit BUCKETS - 1 - j, so a plain cumsum over j weighs from the top
         buckets = tl.arange(0, BUCKETS)
         prefix = tl.full([], 0, tl.uint32)
         above = tl.full([], 0.0, tl.float32)
         for i in tl.static_range(32 // RADIX):
             shift: tl.constexpr = 32 - RADIX * (i + 1)
-            mass = tl.zeros([BUCKETS], tl.float32)
+            weights = tl.zeros([BUCKETS], tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + tl.arange(0, BLOCK_V)
                 score = tl.load(SCORES + row * stride + offs, mask=offs < V, other=float("-inf"))
                 key = _ordered_key(score)
+                # the prefix has zeros in the digit at shift: a match leaves only that digit
                 live = (offs < V) & (key >= floor) & (((key ^ prefix) >> shift) < BUCKETS)
-                weight = tl.where(live, tl.exp(score - top), 0.0)
+                if MASS:
+                    weight = tl.where(live, tl.exp(score - top), 0.0)
+                else:
+                    weight = tl.where(live, 1.0, 0.0)
                 j = (BUCKETS - 1 - ((key >> shift) & (BUCKETS - 1))).to(tl.int32)
                 hit = (j[:, None] == buckets[None, :]) & live[:, None]
-                mass += tl.sum(tl.where(hit, weight[:, None], 0.0), axis=0)
-            cum = above + tl.cumsum(mass, axis=0)
+                weights += tl.sum(tl.where(hit, weight[:, None], 0.0), axis=0)
+            cum = above + tl.cumsum(weights, axis=0)
             # no bucket reaching the target (float32 rounding near the end) takes the lowest: keeps more
             pick = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), BUCKETS - 1)
-            above += tl.sum(tl.where(buckets < pick, mass, 0.0), axis=0)
+            above += tl.sum(tl.where(buckets < pick, weights, 0.0), axis=0)
             prefix = prefix | ((BUCKETS - 1 - pick).to(tl.uint32) << shift)
         return prefix
 
@@ -138,7 +131,7 @@ if kernels.triton is not None:
         p = tl.load(P + row)
         floor = tl.full([], 0, tl.uint32)
         if k < V:
-            floor = _select_count(SCORES, row, stride, V, k, BLOCK_V, RADIX)
+            floor = _select(SCORES, row, stride, V, floor, 0.0, k.to(tl.float32), False, BLOCK_V, RADIX)
         if p < 1.0:
             best = tl.full([BLOCK_V], float("-inf"), tl.float32)
             for v0 in range(0, V, BLOCK_V):
@@ -154,7 +147,7 @@ if kernels.triton is not None:
                 live = (offs < V) & (_ordered_key(score) >= floor)
                 total += tl.where(live, tl.exp(score - top), 0.0)
             target = p * tl.sum(total, axis=0)
-            floor = _select_mass(SCORES, row, stride, V, floor, top, target, BLOCK_V, RADIX)
+            floor = _select(SCORES, row, stride, V, floor, top, target, True, BLOCK_V, RADIX)
         tl.store(THRESH + row, _key_score(floor))
 
 
