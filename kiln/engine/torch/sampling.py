@@ -18,17 +18,24 @@ most significant digit first), and the race treats scores below ``t`` as -inf, s
 written. The sort of every full row it replaces (then softmax, cumsum, masked_fill, scatter) made a step of
 256 sampled rows at a 128,256 vocabulary take 12.35 ms against a greedy step's 7.21 ms on an H200. Where
 equal scores straddle the top-p boundary the kernel keeps the whole tie (the sort an arbitrary part of it).
-The CPU path still sorts (``sort_filter``).
+The CPU path still sorts (``sort_filter``), and so does a device where the kernel fails a one-time probe
+against the sort (``thresholds_work``: a compiler that rejects or miscompiles it costs speed, not requests).
+Its first H200 compile was rejected (a constexpr rebound in an unrolled loop, fixed since); its speed there
+is not measured yet (``bench/engine_gpu_sampler.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from kiln.engine.base import SamplingParams
 from kiln.engine.torch import kernels
+
+log = logging.getLogger(__name__)
+_THRESHOLDS_OK: dict[str, bool] = {}  # device -> whether the threshold kernel passed its probe there
 
 if kernels.triton is not None:
     import triton.language as tl
@@ -99,7 +106,9 @@ if kernels.triton is not None:
         prefix = tl.full([], 0, tl.uint32)
         above = tl.full([], 0.0, tl.float32)
         for i in tl.static_range(32 // RADIX):
-            shift: tl.constexpr = 32 - RADIX * (i + 1)
+            # a plain name: Triton's compiler refuses to rebind a constexpr in an unrolled loop (the
+            # interpreter allows it; found on an H200)
+            shift = 32 - RADIX * (i + 1)
             weights = tl.zeros([BUCKETS], tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + tl.arange(0, BLOCK_V)
@@ -201,7 +210,11 @@ def sample(
     top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in chosen]
     filtered = min(top_k) < vocab or min(top_p) < 1.0
     if race_on_device(device):
-        thresholds = _thresholds(scores, top_k, top_p) if filtered else None
+        thresholds = None
+        if filtered and thresholds_work(device):
+            thresholds = _thresholds(scores, top_k, top_p)
+        elif filtered:
+            scores = sort_filter(scores, top_k, top_p)
         return tokens.index_copy(0, index, _race(scores, [generators[i] for i in rows], thresholds))
     if filtered:
         scores = sort_filter(scores, top_k, top_p)
@@ -235,6 +248,28 @@ def sort_filter(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
         )  # keep the crossing token
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return scores.scatter(1, order, sorted_scores)
+
+
+def thresholds_work(device: torch.device) -> bool:
+    """Whether the threshold kernel compiles here and keeps exactly what ``sort_filter`` keeps on a probe
+    (top-k, top-p and both over random rows); checked once per device. Where it does not, filtered rows
+    take the sort (correct, slower) and a warning says why: the kernel is new, and a Triton compiler that
+    rejects or miscompiles it must cost speed, never a request."""
+    key = str(device)
+    if key not in _THRESHOLDS_OK:
+        g = torch.Generator().manual_seed(0)
+        scores = (torch.randn(4, 3000, generator=g) * 3).to(device)
+        top_k, top_p = [3000, 20, 3000, 50], [float("inf"), float("inf"), 0.9, 0.8]
+        try:
+            kept = scores >= _thresholds(scores, top_k, top_p)[:, None]
+            ok = torch.equal(kept, sort_filter(scores, top_k, top_p) > float("-inf"))
+            why = "its kept sets differ from the sort's on the probe"
+        except Exception as exc:  # a compiler error names itself; the sort path still serves
+            ok, why = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+        if not ok:
+            log.warning("sampling on %s: top-k/top-p threshold kernel not used (%s); rows sort", key, why)
+        _THRESHOLDS_OK[key] = ok
+    return _THRESHOLDS_OK[key]
 
 
 def _block(vocab: int, widest: int) -> int:
