@@ -36,7 +36,10 @@ _FINISH_CODE = {name: code for code, name in enumerate(FINISH)}
 
 
 def warm_up(engine: Any) -> None:
-    """One short generation (and on CUDA one at the full batch) so the first request is not the slow one."""
+    """One short generation (and on CUDA one at the full batch, then one prefill of ``max_num_tokens``) so
+    the first request is not the slow one: on CUDA a prefill that large takes the compiled fused steps
+    (``FUSE_MIN_ELEMENTS``), which would otherwise compile, or load from Inductor's cache, under the first
+    burst (likely the one-time ~0.45 s stall of bench/results/serve_gpu_h200_batch_wait.md)."""
     from kiln.engine.base import GenerationRequest, SamplingParams
 
     sizes = [1] if engine.device.type == "cpu" else sorted({1, engine.max_batch_size})
@@ -44,6 +47,10 @@ def warm_up(engine: Any) -> None:
         engine.generate(
             [GenerationRequest([0] * min(4, engine.max_input_len), SamplingParams(max_new_tokens=2))] * size
         )
+    if engine.device.type == "cuda":
+        length = min(engine.max_input_len, engine.max_seq_len - 1)
+        burst = max(1, min(engine.max_batch_size, engine.max_num_tokens // length))
+        engine.generate([GenerationRequest([0] * length, SamplingParams(max_new_tokens=1))] * burst)
 
 
 def load(engine_dir: Path) -> Any:
