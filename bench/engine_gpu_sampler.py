@@ -40,8 +40,7 @@ def _sorted_then_race(logits: torch.Tensor, params: list[SamplingParams], stream
     vocab = logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     scores = logits.float() / temperature[:, None]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+    top_k, top_p = sampling.filter_bounds(params, vocab)
     if min(top_k) < vocab or min(top_p) < 1.0:
         scores = sampling.sort_filter(scores, top_k, top_p)
     return sampling._race(scores, streams)

@@ -205,9 +205,7 @@ def sample(
     index = torch.tensor(rows, device=device)
     temperature = torch.tensor([p.temperature for p in chosen], device=device)
     scores = logits.index_select(0, index).float() / temperature[:, None]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
-    # top_p 1 disables the filter outright: a cumulative sum can reach 1.0 before the last token in float32
-    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in chosen]
+    top_k, top_p = filter_bounds(chosen, vocab)
     filtered = min(top_k) < vocab or min(top_p) < 1.0
     if race_on_device(device):
         thresholds = None
@@ -229,6 +227,15 @@ def sample(
     # exponential_ may return 0 on some builds; a tiny floor keeps p / E finite (p = 0 stays 0)
     race = torch.softmax(scores, dim=-1) / noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     return tokens.index_copy(0, index, torch.argmax(race, dim=-1))
+
+
+def filter_bounds(params: list[SamplingParams], vocab: int) -> tuple[list[int], list[float]]:
+    """Each row's top-k and top-p as the filters take them: top_k ``vocab`` and top_p ``inf`` where a row
+    has none (top_p 1 disables the filter outright: a cumulative sum can reach 1.0 before the last token in
+    float32)."""
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+    return top_k, top_p
 
 
 def sort_filter(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
