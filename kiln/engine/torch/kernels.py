@@ -163,29 +163,37 @@ if triton is not None:
         if (pos >= start) & (pos < start + chunk):  # the one program whose chunk holds pos writes the token
             tl.store(KC + cache + pos * stride_cs + offs_d, k_store)
             tl.store(VC + cache + pos * stride_cs + offs_d, v_store)
-        # keys < pos come from the cache; pos itself from registers (no other program reads it this launch)
-        end = tl.minimum(start + chunk, pos + 1)
+        # Keys < pos come from the cache, straight into the dots; pos itself joins from registers after the
+        # loop. Merging it into its tile (a select on the loaded K and V) kept the tiles out of the dots'
+        # operand path: the FP8 cache, half the bytes, read no faster than bf16's (engine_gpu_attention).
+        old_end = tl.minimum(start + chunk, pos)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(start, old_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            old = offs_n < tl.minimum(end, pos)
+            old = offs_n < old_end
             kv_ptr = cache + offs_n[:, None] * stride_cs + offs_d[None, :]
             k = tl.load(KC + kv_ptr, mask=old[:, None], other=0.0)
             v = tl.load(VC + kv_ptr, mask=old[:, None], other=0.0)
             if FP8_KV:
                 k, v = k.to(tl.float16), v.to(tl.float16)
-            is_new = (offs_n == pos)[:, None]
-            k = tl.where(is_new, k_new[None, :], k)
-            v = tl.where(is_new, v_new[None, :], v)
             scores = _dot(q, tl.trans(k), DOT_F32) * score_scale
-            scores = tl.where((offs_n < end)[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            scores = tl.where(old[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every tile holds a key < pos
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+            m_i = m_new
+        if (pos >= start) & (pos < start + chunk):
+            # p rounded to the value dtype as the tiles' dot operand is, products and sums in float32
+            score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * score_scale
+            m_new = tl.maximum(m_i, score)
+            alpha = tl.exp(m_i - m_new)
+            p_new = tl.exp(score - m_new).to(v_new.dtype).to(tl.float32)
+            l_i = l_i * alpha + tl.exp(score - m_new)
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
         if FP8_KV:
             acc = acc * v_scale
