@@ -1,11 +1,12 @@
-"""The sampler's cost per decode step on one CUDA GPU: the sort-free device threshold + race against the
-sort-based filter it replaced (run by hand; not a test).
+"""The sampler's cost per decode step on one CUDA GPU: ``sample()`` (top-k thresholds by ``torch.topk``, or
+the sort where a row has top-p alone) against the sort-based filter + the same race (run by hand; not a
+test).
 
 A sampled step of 256 rows at a 128,256 vocabulary took 12.35 ms against a greedy step's 7.21 ms on an H200
 (Llama-3.1-8B shape, FP8; bench/results/engine_throughput_gpu_h200.md), the difference the filter's sort of
 every full row. Here ``sample()`` alone is timed on random logits for 1, 64 and 256 rows: temperature only,
-top-p 0.95, top-k 50 and both, each against ``sort_filter`` + the same race (what the device path ran
-before). CUDA events around 20 calls after 3 of warm-up. Writes ``engine_gpu_sampler.json`` and ``.md``.
+top-p 0.95, top-k 50 and both, each against ``sort_filter`` + the same race. CUDA events around 20 calls
+after 3 of warm-up. Writes ``engine_gpu_sampler.json`` and ``.md``.
 
     python bench/engine_gpu_sampler.py --out $OUT
 """
@@ -82,7 +83,7 @@ def main() -> None:
     result = {"device": device, "torch": torch.__version__, "vocab": VOCAB, "rows": rows}
     (args.out / "engine_gpu_sampler.json").write_text(json.dumps(result, indent=2))
     table = [
-        "| rows | filter | sample() ms (device threshold + race) | sort filter + race ms (before) |",
+        "| rows | filter | sample() ms (top-k thresholds or sort, + race) | sort filter + race ms (before) |",
         "| --- | --- | --- | --- |",
     ] + [f"| {r['rows']} | {r['filter']} | {r['sample_ms']} | {r['sort_then_race_ms']} |" for r in rows]
     (args.out / "engine_gpu_sampler.md").write_text(

@@ -11,17 +11,12 @@ against a greedy step's 7.6 ms on an H200, bench/results/engine_throughput_gpu_h
 their Philox keys from the default generator. Elsewhere (CPU) a seeded row fills its noise from its own
 ``torch.Generator``.
 
-The top-k / top-p filter on the device is a sort-free threshold: one Triton kernel finds per row the score
-``t`` whose kept set ``score >= t`` is the row's top-k then top-p, by radix selects over the order-preserving
-uint32 image of the scores (a count a bucket for top-k, a mass ``exp(s - max)`` a bucket for top-p, the
-most significant digit first), and the race treats scores below ``t`` as -inf, so no filtered copy is
-written. The sort of every full row it replaces (then softmax, cumsum, masked_fill, scatter) made a step of
-256 sampled rows at a 128,256 vocabulary take 12.35 ms against a greedy step's 7.21 ms on an H200. Where
-equal scores straddle the top-p boundary the kernel keeps the whole tie (the sort an arbitrary part of it).
-The CPU path still sorts (``sort_filter``), and so does a device where the kernel fails a one-time probe
-against the sort (``thresholds_work``: a compiler that rejects or miscompiles it costs speed, not requests).
-Its first H200 compile was rejected (a constexpr rebound in an unrolled loop, fixed since); its speed there
-is not measured yet (``bench/engine_gpu_sampler.py``).
+The top-k / top-p filter gives the race a per-row threshold ``t`` (the kept set is ``score >= t``), so no
+filtered copy of the scores is written. Where every filtered row has a top-k of at most ``TOPK_LIMIT``,
+``torch.topk`` of the widest k gives it: the k-th score (its ties stay, as the sort keeps them), and top-p
+decided over those k in order. Other rows (top-p alone, or a wide k) sort the whole row (``sort_filter``,
+the CPU path too). A sort-free radix-select kernel over whole rows, tried before, measured slower than the
+sort on an H200 at 1, 64 and 256 rows (bench/results/engine_gpu_sampler_h200_radix.md) and was removed.
 """
 
 from __future__ import annotations
@@ -35,7 +30,8 @@ from kiln.engine.base import SamplingParams
 from kiln.engine.torch import kernels
 
 log = logging.getLogger(__name__)
-_THRESHOLDS_OK: dict[str, bool] = {}  # device -> whether the threshold kernel passed its probe there
+# the widest top-k the device filter takes by torch.topk (its cost grows with k; past it rows sort)
+TOPK_LIMIT = 1024
 
 if kernels.triton is not None:
     import triton.language as tl
@@ -66,98 +62,6 @@ if kernels.triton is not None:
             where = tl.where(better, offs, where)
         top = tl.max(best, axis=0)
         tl.store(OUT + row, tl.min(tl.where(best == top, where, V), axis=0).to(tl.int64))
-
-    @kernels.triton.jit
-    def _ordered_key(score):
-        """The uint32 image of a float32 that orders as the float does: sign bit flipped for positives, all
-        bits for negatives (-inf is 0x007FFFFF, +inf 0xFF800000)."""
-        bits = score.to(tl.uint32, bitcast=True)
-        return tl.where(bits >= 0x80000000, ~bits, bits | 0x80000000)
-
-    @kernels.triton.jit
-    def _key_score(key):
-        """The float32 of an ordered key; keys below that of -inf (negative NaNs, never a real threshold)
-        read as -inf."""
-        bits = tl.where(key >= 0x80000000, key & 0x7FFFFFFF, ~key)
-        return tl.where(key <= 0x007FFFFF, float("-inf"), bits.to(tl.float32, bitcast=True))
-
-    @kernels.triton.jit
-    def _select(
-        SCORES,
-        row,
-        stride,
-        V,
-        floor,
-        top,
-        target,
-        MASS: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        RADIX: tl.constexpr,
-    ):
-        """The largest ordered key whose entries at or above it (among those with key >= ``floor``) weigh
-        ``target`` or more, by radix select, the most significant digit first: each pass weighs the entries
-        that match the prefix fixed so far in each bucket of the next digit and fixes the digit of the bucket
-        where the weight from the top reaches ``target``. The weight of an entry is 1 (top-k: ``target`` = k
-        gives the k-th largest score) or with ``MASS`` ``exp(s - top)`` (top-p's crossing score), float32
-        sums either way (counts exact to 2^24 entries)."""
-        BUCKETS: tl.constexpr = 1 << RADIX
-        # bucket j holds digit BUCKETS - 1 - j, so a plain cumsum over j weighs from the top
-        buckets = tl.arange(0, BUCKETS)
-        prefix = tl.full([], 0, tl.uint32)
-        above = tl.full([], 0.0, tl.float32)
-        for i in tl.static_range(32 // RADIX):
-            # a plain name: Triton's compiler refuses to rebind a constexpr in an unrolled loop (the
-            # interpreter allows it; found on an H200)
-            shift = 32 - RADIX * (i + 1)
-            weights = tl.zeros([BUCKETS], tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                score = tl.load(SCORES + row * stride + offs, mask=offs < V, other=float("-inf"))
-                key = _ordered_key(score)
-                # the prefix has zeros in the digit at shift: a match leaves only that digit
-                live = (offs < V) & (key >= floor) & (((key ^ prefix) >> shift) < BUCKETS)
-                if MASS:
-                    weight = tl.where(live, tl.exp(score - top), 0.0)
-                else:
-                    weight = tl.where(live, 1.0, 0.0)
-                j = (BUCKETS - 1 - ((key >> shift) & (BUCKETS - 1))).to(tl.int32)
-                hit = (j[:, None] == buckets[None, :]) & live[:, None]
-                weights += tl.sum(tl.where(hit, weight[:, None], 0.0), axis=0)
-            cum = above + tl.cumsum(weights, axis=0)
-            # no bucket reaching the target (float32 rounding near the end) takes the lowest: keeps more
-            pick = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), BUCKETS - 1)
-            above += tl.sum(tl.where(buckets < pick, weights, 0.0), axis=0)
-            prefix = prefix | ((BUCKETS - 1 - pick).to(tl.uint32) << shift)
-        return prefix
-
-    @kernels.triton.jit
-    def _threshold_kernel(SCORES, K, P, THRESH, V, stride, BLOCK_V: tl.constexpr, RADIX: tl.constexpr):
-        """One row per program: the score ``t`` whose kept set ``score >= t`` is the row's top-k (ties with
-        the k-th stay), then the top-p of those (the crossing token and every score equal to it stay);
-        -inf where the row has no filter. No sort: radix selects over the row, a few passes each."""
-        row = tl.program_id(0)
-        k = tl.load(K + row)
-        p = tl.load(P + row)
-        floor = tl.full([], 0, tl.uint32)
-        if k < V:
-            floor = _select(SCORES, row, stride, V, floor, 0.0, k.to(tl.float32), False, BLOCK_V, RADIX)
-        if p < 1.0:
-            best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                best = tl.maximum(
-                    best, tl.load(SCORES + row * stride + offs, mask=offs < V, other=float("-inf"))
-                )
-            top = tl.max(best, axis=0)
-            total = tl.zeros([BLOCK_V], tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                score = tl.load(SCORES + row * stride + offs, mask=offs < V, other=float("-inf"))
-                live = (offs < V) & (_ordered_key(score) >= floor)
-                total += tl.where(live, tl.exp(score - top), 0.0)
-            target = p * tl.sum(total, axis=0)
-            floor = _select(SCORES, row, stride, V, floor, top, target, True, BLOCK_V, RADIX)
-        tl.store(THRESH + row, _key_score(floor))
 
 
 @dataclass
@@ -209,8 +113,8 @@ def sample(
     filtered = min(top_k) < vocab or min(top_p) < 1.0
     if race_on_device(device):
         thresholds = None
-        if filtered and thresholds_work(device):
-            thresholds = _thresholds(scores, top_k, top_p)
+        if filtered and max(top_k) <= TOPK_LIMIT:
+            thresholds = topk_thresholds(scores, top_k, top_p)
         elif filtered:
             scores = sort_filter(scores, top_k, top_p)
         return tokens.index_copy(0, index, _race(scores, [generators[i] for i in rows], thresholds))
@@ -257,58 +161,30 @@ def sort_filter(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     return scores.scatter(1, order, sorted_scores)
 
 
-def thresholds_work(device: torch.device) -> bool:
-    """Whether the threshold kernel compiles here and keeps exactly what ``sort_filter`` keeps on a probe
-    (top-k, top-p and both over random rows); checked once per device. Where it does not, filtered rows
-    take the sort (correct, slower) and a warning says why: the kernel is new, and a Triton compiler that
-    rejects or miscompiles it must cost speed, never a request."""
-    key = str(device)
-    if key not in _THRESHOLDS_OK:
-        g = torch.Generator().manual_seed(0)
-        scores = (torch.randn(4, 3000, generator=g) * 3).to(device)
-        top_k, top_p = [3000, 20, 3000, 50], [float("inf"), float("inf"), 0.9, 0.8]
-        try:
-            kept = scores >= _thresholds(scores, top_k, top_p)[:, None]
-            ok = torch.equal(kept, sort_filter(scores, top_k, top_p) > float("-inf"))
-            why = "its kept sets differ from the sort's on the probe"
-        except Exception as exc:  # a compiler error names itself; the sort path still serves
-            ok, why = False, f"{type(exc).__name__}: {str(exc)[:300]}"
-        if not ok:
-            log.warning("sampling on %s: top-k/top-p threshold kernel not used (%s); rows sort", key, why)
-        _THRESHOLDS_OK[key] = ok
-    return _THRESHOLDS_OK[key]
+def topk_thresholds(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Per row of ``scores [n, vocab]`` the score ``t`` whose kept set ``score >= t`` is the row's top-k, then
+    top-p, from ``torch.topk`` of the widest k (every ``top_k`` a real one, at most the vocabulary).
+
+    It keeps what ``sort_filter`` keeps but for ties: where equal scores straddle the top-p boundary the sort
+    keeps an arbitrary part of the tie and this the whole tie; and where the k-th score's ties make the kept
+    set larger than k, top-p weighs the k best (the sort all of them)."""
+    device = scores.device
+    values = torch.topk(scores, max(top_k), dim=-1).values  # descending
+    k = torch.tensor(top_k, device=device)[:, None]
+    floor = values.gather(1, k - 1)[:, 0]
+    if min(top_p) < 1.0:
+        ranked = values.masked_fill(torch.arange(values.shape[1], device=device)[None, :] >= k, float("-inf"))
+        probs = torch.softmax(ranked, dim=-1)
+        keep = probs.cumsum(-1) - probs < torch.tensor(top_p, device=device)[:, None]  # a prefix of each row
+        last = keep.sum(-1, keepdim=True).clamp_min(1) - 1  # the crossing token's rank
+        floor = torch.maximum(floor, values.gather(1, last)[:, 0])
+    return floor
 
 
 def _block(vocab: int, widest: int) -> int:
     """A kernel's vocabulary tile: ``widest``, or the power of two covering a smaller vocabulary (tests' tiny
     rows: the interpreter's time grows with the tile, not with the vocabulary)."""
     return min(widest, max(16, kernels.triton.next_power_of_2(vocab)))
-
-
-def _thresholds(
-    scores: torch.Tensor, top_k: list[int], top_p: list[float], radix: int | None = None
-) -> torch.Tensor:
-    """Per row of ``scores [n, vocab]`` (float32) the score ``t`` whose kept set ``score >= t`` is the row's
-    top-k then top-p (-inf: no filter), by one Triton kernel (``_threshold_kernel``), no sort.
-
-    It keeps what ``sort_filter`` keeps with two differences: where equal scores straddle the top-p
-    boundary the sort keeps an arbitrary part of the tie and this the whole tie; and the crossing is decided
-    on float32 mass sums in another order than the sort's float32 cumsum, so the two can differ where that
-    rounding decides the crossing (a cumulative mass within float32 rounding of top_p).
-
-    ``radix`` bits a pass: 4 on a GPU (16 buckets a pass keep the one-hot tile small), 8 under the
-    interpreter (half the passes: a pass costs ~10 ms a row there, whatever its width)."""
-    if radix is None:
-        radix = 8 if kernels.interpreting() else 4
-    n, vocab = scores.shape
-    k = torch.tensor(top_k, dtype=torch.int32).to(scores.device, non_blocking=True)
-    p = torch.tensor(top_p, dtype=torch.float32).to(scores.device, non_blocking=True)
-    out = torch.empty(n, dtype=torch.float32, device=scores.device)
-    scores = scores.contiguous()
-    block = _block(vocab, 512)
-    stride = scores.stride(0)
-    _threshold_kernel[(n,)](scores, k, p, out, vocab, stride, BLOCK_V=block, RADIX=radix, num_warps=4)
-    return out
 
 
 def _race(
