@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kiln.engine.torch import kernels  # noqa: E402
 
 HEADS, KV_HEADS, HEAD = 32, 8, 128
-LAUNCHES = [(n, w, s) for n in (32, 64, 128) for w, s in ((2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 2), (8, 3))]
+LAUNCHES = [
+    (n, w, s) for n in (32, 64, 128) for w, s in ((2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 2), (8, 3))
+]
 CASES = list(itertools.product((0, 1), (1, 64, 256), (256, 1152)))  # (fp8 cache, batch, attended length)
 
 
